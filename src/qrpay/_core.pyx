@@ -1,0 +1,442 @@
+# The compiled hot path: token signing and verification below the GIL, the
+# issuer-signature cache, and libsodium reached through PyNaCl's own copy.
+# _ref.py is the same API in pure Python; both pass the same tests.
+
+import os
+import threading
+
+import nacl.bindings  # noqa: F401  (importing it runs sodium_init once)
+import numpy as np
+from nacl._sodium import ffi as _ffi, lib as _lib
+
+from qrpay.errors import InvalidArgument, InvalidKey
+from qrpay.format import TAG_CRED, TAG_TOKEN
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
+from libc.string cimport memcmp, memcpy
+
+
+cdef uintptr_t _address(str name) except 0:
+    # The function pointer PyNaCl's cffi module holds: the libsodium it loaded.
+    return <uintptr_t>int(_ffi.cast("uintptr_t", _ffi.addressof(_lib, name)))
+
+
+cdef sign_open_fn _sign_open = <sign_open_fn>_address("crypto_sign_open")
+cdef sign_fn _sign = <sign_fn>_address("crypto_sign")
+cdef valid_point_fn _valid_point = <valid_point_fn>_address("crypto_core_ed25519_is_valid_point")
+
+cdef uint8_t _TAG_CRED[TAG_LEN]
+cdef uint8_t _TAG_TOKEN[TAG_LEN]
+cdef bytes _tag_cred = TAG_CRED
+cdef bytes _tag_token = TAG_TOKEN
+memcpy(_TAG_CRED, <const char *>_tag_cred, TAG_LEN)
+memcpy(_TAG_TOKEN, <const char *>_tag_token, TAG_LEN)
+
+
+cdef inline uint16_t load_u16(const uint8_t *p) noexcept nogil:
+    return p[0] | (<uint16_t>p[1] << 8)
+
+
+cdef inline uint32_t load_u32(const uint8_t *p) noexcept nogil:
+    return p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24)
+
+
+cdef inline uint64_t load_u64(const uint8_t *p) noexcept nogil:
+    return load_u32(p) | (<uint64_t>load_u32(p + 4) << 32)
+
+
+cdef inline void store_u32(uint8_t *p, uint32_t v) noexcept nogil:
+    p[0] = v & 0xFF
+    p[1] = (v >> 8) & 0xFF
+    p[2] = (v >> 16) & 0xFF
+    p[3] = (v >> 24) & 0xFF
+
+
+cdef bint verify_cred_signature(const uint8_t *issuer_pk, const uint8_t *cred) noexcept nogil:
+    # libsodium only has combined mode here: sm = signature || tag || body.
+    cdef uint8_t sm[SIG_LEN + TAG_LEN + CRED_BODY_LEN]
+    memcpy(sm, cred + CRED_ISSUER_SIG, SIG_LEN)
+    memcpy(sm + SIG_LEN, _TAG_CRED, TAG_LEN)
+    memcpy(sm + SIG_LEN + TAG_LEN, cred, CRED_BODY_LEN)
+    return _sign_open(NULL, NULL, sm, sizeof(sm), issuer_pk) == 0
+
+
+cdef bint verify_device_signature(const uint8_t *tok) noexcept nogil:
+    # The device key comes from the credential, whose issuer checked the point
+    # (is_valid_point) before signing it; libsodium rejects small-order and
+    # non-canonical keys again on every verify.
+    cdef uint8_t sm[SIG_LEN + MAX_SIGNED]
+    memcpy(sm, tok + TOKEN_DEVICE_SIG, SIG_LEN)
+    memcpy(sm + SIG_LEN, _TAG_TOKEN, TAG_LEN)
+    memcpy(sm + SIG_LEN + TAG_LEN, tok, TOKEN_BODY_LEN)
+    return _sign_open(NULL, NULL, sm, sizeof(sm), tok + CRED_DEVICE_KEY) == 0
+
+
+cdef int build_token(const uint8_t *cred, const uint8_t *sk, uint32_t issued_at,
+                     uint32_t counter, uint8_t scene, uint8_t *out) noexcept nogil:
+    cdef uint8_t m[MAX_SIGNED]
+    cdef uint8_t sm[SIG_LEN + MAX_SIGNED]
+    memcpy(out, cred, CRED_LEN)
+    store_u32(out + TOKEN_ISSUED_AT, issued_at)
+    store_u32(out + TOKEN_COUNTER, counter)
+    out[TOKEN_SCENE] = scene
+    memcpy(m, _TAG_TOKEN, TAG_LEN)
+    memcpy(m + TAG_LEN, out, TOKEN_BODY_LEN)
+    if _sign(sm, NULL, m, MAX_SIGNED, sk) != 0:
+        return -1
+    memcpy(out + TOKEN_DEVICE_SIG, sm, SIG_LEN)
+    return 0
+
+
+cdef int final_checks(const uint8_t *tok, int64_t now, int64_t max_age,
+                      int64_t skew) noexcept nogil:
+    # Runs only after both signatures held: these fields are now trusted.
+    cdef int64_t issued_at = load_u32(tok + TOKEN_ISSUED_AT)
+    cdef uint8_t scene = tok[TOKEN_SCENE]
+    if now < <int64_t>load_u32(tok + CRED_NOT_BEFORE):
+        return R_CREDENTIAL_NOT_YET_VALID
+    if now > <int64_t>load_u32(tok + CRED_NOT_AFTER):
+        return R_CREDENTIAL_EXPIRED
+    if issued_at > now + skew:
+        return R_TOKEN_FROM_FUTURE
+    if issued_at < now - max_age - skew:
+        return R_TOKEN_STALE
+    if scene >= 16 or not ((load_u16(tok + CRED_SCENES) >> scene) & 1):
+        return R_SCENE_NOT_ALLOWED
+    return R_OK
+
+
+cdef inline uint64_t slot_hash(const uint8_t *cred, uint64_t key) noexcept nogil:
+    return ((load_u64(cred + CRED_ISSUER_SIG) ^ key) * <uint64_t>0x9E3779B97F4A7C15) >> 29
+
+
+def _split(work, Py_ssize_t n, int threads):
+    # Work items are interleaved (i = t, t + T, ...) so cold and warm tokens
+    # spread evenly; the calling thread takes share 0.
+    cdef int t, count = max(1, min(threads, n))
+    workers = [threading.Thread(target=work, args=(t, count)) for t in range(1, count)]
+    for w in workers:
+        w.start()
+    work(0, count)
+    for w in workers:
+        w.join()
+
+
+cdef class _Batch:
+    # Per-token working state of one verify_many call (fields in _core.pxd).
+    pass
+
+
+cdef class Verifier:
+    def __cinit__(self, trust_rows, Py_ssize_t cache_size=65536):
+        rows = list(trust_rows)
+        cdef Py_ssize_t i, n_sets = 1
+        cdef bytes pk
+        if cache_size < CACHE_WAYS:
+            raise InvalidArgument(f"cache_size must be at least {CACHE_WAYS}")
+        while n_sets * CACHE_WAYS < cache_size:
+            n_sets *= 2
+        self.trust = <TrustEntry *>PyMem_Malloc(max(1, len(rows)) * sizeof(TrustEntry))
+        self.cache = <CacheEntry *>PyMem_Calloc(n_sets * CACHE_WAYS, sizeof(CacheEntry))
+        self.victim = <uint8_t *>PyMem_Calloc(n_sets, 1)
+        if self.trust == NULL or self.cache == NULL or self.victim == NULL:
+            raise MemoryError()
+        self.set_mask = n_sets - 1
+        self.hash_key = int.from_bytes(os.urandom(8), "little")
+        for i, (kid, pk, not_before, not_after, roles) in enumerate(rows):
+            if len(pk) != PK_LEN:
+                raise InvalidKey("a trusted public key must be 32 bytes")
+            self.trust[i].kid = kid
+            memcpy(self.trust[i].pk, <const char *>pk, PK_LEN)
+            self.trust[i].not_before = not_before
+            self.trust[i].not_after = not_after
+            self.trust[i].roles = roles
+        self.n_trust = len(rows)
+
+    def __dealloc__(self):
+        PyMem_Free(self.trust)
+        PyMem_Free(self.cache)
+        PyMem_Free(self.victim)
+
+    @property
+    def cache_capacity(self):
+        return (self.set_mask + 1) * CACHE_WAYS
+
+    cdef int header_check(self, const uint8_t *tok, Py_ssize_t length,
+                          int64_t now, Py_ssize_t *key_index) noexcept nogil:
+        cdef Py_ssize_t i
+        cdef uint32_t kid
+        if length != TOKEN_LEN:
+            return R_WRONG_LENGTH
+        if tok[0] != VERSION:
+            return R_UNSUPPORTED_VERSION
+        kid = load_u32(tok + CRED_KID)
+        for i in range(self.n_trust):
+            if self.trust[i].kid == kid:
+                key_index[0] = i
+                if not (self.trust[i].roles & ROLE_CREDENTIALS):
+                    return R_ISSUER_KEY_ROLE
+                if now < self.trust[i].not_before or now > self.trust[i].not_after:
+                    return R_ISSUER_KEY_NOT_VALID
+                return R_OK
+        return R_UNKNOWN_KID
+
+    cdef Py_ssize_t cache_find(self, const uint8_t *cred) noexcept nogil:
+        # The key is every byte of the credential, signature included: a forged
+        # credential differs somewhere and cannot hit an honest entry.
+        cdef Py_ssize_t base = (slot_hash(cred, self.hash_key) & self.set_mask) * CACHE_WAYS
+        cdef Py_ssize_t w
+        for w in range(CACHE_WAYS):
+            if self.cache[base + w].used and memcmp(self.cache[base + w].cred, cred, CRED_LEN) == 0:
+                return base + w
+        return -1
+
+    cdef void cache_put(self, const uint8_t *cred) noexcept nogil:
+        cdef Py_ssize_t s = slot_hash(cred, self.hash_key) & self.set_mask
+        cdef Py_ssize_t base = s * CACHE_WAYS
+        cdef Py_ssize_t w, slot = -1
+        if self.cache_find(cred) >= 0:
+            return
+        for w in range(CACHE_WAYS):
+            if not self.cache[base + w].used:
+                slot = base + w
+                break
+        if slot < 0:
+            slot = base + self.victim[s]
+            self.victim[s] = (self.victim[s] + 1) % CACHE_WAYS
+        memcpy(self.cache[slot].cred, cred, CRED_LEN)
+        self.cache[slot].used = 1
+
+    def verify_one(self, bytes token, int64_t now, int64_t max_age, int64_t skew):
+        cdef const uint8_t *tok = <const uint8_t *>PyBytes_AS_STRING(token)
+        cdef Py_ssize_t key_index = -1
+        cdef int reason = self.header_check(tok, PyBytes_GET_SIZE(token), now, &key_index)
+        cdef bint cached, cred_ok = True, dev_ok = False
+        if reason != R_OK:
+            return reason
+        with nogil:
+            with self.lock:
+                cached = self.cache_find(tok) >= 0
+                if cached:
+                    self.hits += 1
+                else:
+                    self.misses += 1
+            if not cached:
+                cred_ok = verify_cred_signature(self.trust[key_index].pk, tok)
+            if cred_ok:
+                dev_ok = verify_device_signature(tok)
+                if not cached:
+                    with self.lock:
+                        self.cache_put(tok)
+        if not cred_ok:
+            return R_BAD_ISSUER_SIGNATURE
+        if not dev_ok:
+            return R_BAD_DEVICE_SIGNATURE
+        return final_checks(tok, now, max_age, skew)
+
+    def verify_many(self, const uint8_t[:, ::1] tokens, const int64_t[::1] lengths,
+                    int64_t now, int64_t max_age, int64_t skew, int threads=1):
+        cdef Py_ssize_t n = tokens.shape[0]
+        if tokens.shape[1] != TOKEN_LEN or lengths.shape[0] != n:
+            raise InvalidArgument(f"tokens must be an (n, {TOKEN_LEN}) uint8 array with n lengths")
+        reasons = np.zeros(n, dtype=np.uint8)
+        cdef _Batch b = _Batch()
+        b.n = n
+        b.tokens = tokens
+        b.lengths = lengths
+        b.reasons = reasons
+        b.key_index = np.full(n, -1, dtype=np.int64)
+        b.leader = np.full(n, -1, dtype=np.int64)
+        b.cred_ok = np.zeros(n, dtype=np.uint8)
+        b.dev_ok = np.zeros(n, dtype=np.uint8)
+        cdef int64_t[::1] pending = np.full(_pow2_at_least(2 * n), -1, dtype=np.int64)
+        with nogil:
+            with self.lock:
+                self._plan(b, pending, now)
+        _split(lambda t, count: self._verify_share(b, t, count), n, threads)
+        with nogil:
+            with self.lock:
+                self._conclude(b, now, max_age, skew)
+        return reasons
+
+    cdef void _plan(self, _Batch b, int64_t[::1] pending, int64_t now) noexcept nogil:
+        # Header checks and cache lookups; an uncached credential seen twice in
+        # one batch is verified once (its first token leads, the rest wait on it).
+        cdef Py_ssize_t i, j, ki, mask = pending.shape[0] - 1
+        cdef const uint8_t *tok
+        cdef uint64_t h
+        for i in range(b.n):
+            tok = &b.tokens[i, 0]
+            b.reasons[i] = self.header_check(tok, b.lengths[i], now, &ki)
+            if b.reasons[i] != R_OK:
+                continue
+            b.key_index[i] = ki
+            if self.cache_find(tok) >= 0:
+                self.hits += 1
+                continue
+            h = slot_hash(tok, self.hash_key) & mask
+            while True:
+                j = pending[h]
+                if j < 0:
+                    pending[h] = i
+                    b.leader[i] = i
+                    self.misses += 1
+                    break
+                if memcmp(&b.tokens[j, 0], tok, CRED_LEN) == 0:
+                    b.leader[i] = j
+                    self.hits += 1
+                    break
+                h = (h + 1) & mask
+
+    def _verify_share(self, _Batch b, Py_ssize_t start, Py_ssize_t step):
+        cdef Py_ssize_t i = start
+        cdef const uint8_t *tok
+        with nogil:
+            while i < b.n:
+                if b.reasons[i] == R_OK:
+                    tok = &b.tokens[i, 0]
+                    if b.leader[i] == i:
+                        b.cred_ok[i] = verify_cred_signature(self.trust[b.key_index[i]].pk, tok)
+                    if b.leader[i] != i or b.cred_ok[i]:
+                        b.dev_ok[i] = verify_device_signature(tok)
+                i += step
+
+    cdef void _conclude(self, _Batch b, int64_t now, int64_t max_age, int64_t skew) noexcept nogil:
+        cdef Py_ssize_t i, lead
+        for i in range(b.n):
+            if b.reasons[i] != R_OK:
+                continue
+            lead = b.leader[i]
+            if lead >= 0 and not b.cred_ok[lead]:
+                b.reasons[i] = R_BAD_ISSUER_SIGNATURE
+                continue
+            if lead == i:
+                self.cache_put(&b.tokens[i, 0])
+            if not b.dev_ok[i]:
+                b.reasons[i] = R_BAD_DEVICE_SIGNATURE
+                continue
+            b.reasons[i] = final_checks(&b.tokens[i, 0], now, max_age, skew)
+
+
+cdef Py_ssize_t _pow2_at_least(Py_ssize_t n) noexcept:
+    cdef Py_ssize_t p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def make_token(bytes credential, bytes secret_key, uint32_t issued_at, uint32_t counter,
+               uint8_t scene):
+    if PyBytes_GET_SIZE(credential) != CRED_LEN:
+        raise InvalidArgument(f"a credential is {CRED_LEN} bytes")
+    if PyBytes_GET_SIZE(secret_key) != SK_LEN:
+        raise InvalidKey(f"a signing key is {SK_LEN} bytes")
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, TOKEN_LEN)
+    cdef uint8_t *o = <uint8_t *>PyBytes_AS_STRING(out)
+    cdef const uint8_t *c = <const uint8_t *>PyBytes_AS_STRING(credential)
+    cdef const uint8_t *k = <const uint8_t *>PyBytes_AS_STRING(secret_key)
+    cdef int rc
+    with nogil:
+        rc = build_token(c, k, issued_at, counter, scene, o)
+    if rc != 0:
+        raise InvalidKey("libsodium refused to sign")
+    return out
+
+
+cdef class _SignBatch:
+    cdef const uint8_t[:, ::1] creds
+    cdef const uint8_t[:, ::1] keys
+    cdef const uint32_t[::1] issued_at
+    cdef const uint32_t[::1] counters
+    cdef const uint8_t[::1] scenes
+    cdef uint8_t[:, ::1] out
+    cdef Py_ssize_t n
+    cdef int failed
+
+    def share(self, Py_ssize_t start, Py_ssize_t step):
+        cdef Py_ssize_t i = start
+        with nogil:
+            while i < self.n:
+                if build_token(&self.creds[i, 0], &self.keys[i, 0], self.issued_at[i],
+                               self.counters[i], self.scenes[i], &self.out[i, 0]) != 0:
+                    self.failed = 1
+                i += step
+
+
+def make_tokens(const uint8_t[:, ::1] credentials, const uint8_t[:, ::1] secret_keys,
+                const uint32_t[::1] issued_at, const uint32_t[::1] counters,
+                const uint8_t[::1] scenes, int threads=1):
+    cdef Py_ssize_t n = credentials.shape[0]
+    if credentials.shape[1] != CRED_LEN or secret_keys.shape[1] != SK_LEN:
+        raise InvalidArgument(f"credentials must be (n, {CRED_LEN}) and keys (n, {SK_LEN})")
+    if not (secret_keys.shape[0] == issued_at.shape[0] == counters.shape[0] == scenes.shape[0] == n):
+        raise InvalidArgument("every input needs one row per token")
+    out = np.empty((n, TOKEN_LEN), dtype=np.uint8)
+    cdef _SignBatch b = _SignBatch()
+    b.creds, b.keys, b.issued_at, b.counters, b.scenes = credentials, secret_keys, issued_at, counters, scenes
+    b.out = out
+    b.n = n
+    _split(b.share, n, threads)
+    if b.failed:
+        raise InvalidKey("libsodium refused to sign")
+    return out
+
+
+def sign_detached(bytes secret_key, bytes message):
+    if PyBytes_GET_SIZE(secret_key) != SK_LEN:
+        raise InvalidKey(f"a signing key is {SK_LEN} bytes")
+    cdef Py_ssize_t mlen = PyBytes_GET_SIZE(message)
+    cdef uint8_t *sm = <uint8_t *>PyMem_Malloc(SIG_LEN + mlen)
+    cdef const uint8_t *m = <const uint8_t *>PyBytes_AS_STRING(message)
+    cdef const uint8_t *k = <const uint8_t *>PyBytes_AS_STRING(secret_key)
+    cdef int rc
+    if sm == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            rc = _sign(sm, NULL, m, mlen, k)
+        if rc != 0:
+            raise InvalidKey("libsodium refused to sign")
+        return PyBytes_FromStringAndSize(<char *>sm, SIG_LEN)
+    finally:
+        PyMem_Free(sm)
+
+
+def verify_detached(bytes public_key, bytes message, bytes signature):
+    if PyBytes_GET_SIZE(public_key) != PK_LEN:
+        raise InvalidKey(f"a public key is {PK_LEN} bytes")
+    if PyBytes_GET_SIZE(signature) != SIG_LEN:
+        return False
+    cdef Py_ssize_t mlen = PyBytes_GET_SIZE(message)
+    cdef uint8_t *sm = <uint8_t *>PyMem_Malloc(SIG_LEN + mlen)
+    cdef const uint8_t *pk = <const uint8_t *>PyBytes_AS_STRING(public_key)
+    cdef int rc
+    if sm == NULL:
+        raise MemoryError()
+    memcpy(sm, PyBytes_AS_STRING(signature), SIG_LEN)
+    memcpy(sm + SIG_LEN, PyBytes_AS_STRING(message), mlen)
+    with nogil:
+        rc = _sign_open(NULL, NULL, sm, SIG_LEN + mlen, pk)
+    PyMem_Free(sm)
+    return rc == 0
+
+
+def is_valid_point(bytes point):
+    if PyBytes_GET_SIZE(point) != PK_LEN:
+        return False
+    return _valid_point(<const uint8_t *>PyBytes_AS_STRING(point)) == 1
+
+
+# Layout constants as the C code sees them, for the contract test.
+LAYOUT = {
+    "VERSION": VERSION, "CRED_KID": CRED_KID, "CRED_ACCOUNT": CRED_ACCOUNT,
+    "CRED_SERIAL": CRED_SERIAL, "CRED_DEVICE_KEY": CRED_DEVICE_KEY,
+    "CRED_NOT_BEFORE": CRED_NOT_BEFORE, "CRED_NOT_AFTER": CRED_NOT_AFTER,
+    "CRED_LIMIT": CRED_LIMIT, "CRED_SCENES": CRED_SCENES, "CRED_BODY_LEN": CRED_BODY_LEN,
+    "CRED_ISSUER_SIG": CRED_ISSUER_SIG, "CRED_LEN": CRED_LEN,
+    "TOKEN_ISSUED_AT": TOKEN_ISSUED_AT, "TOKEN_COUNTER": TOKEN_COUNTER,
+    "TOKEN_SCENE": TOKEN_SCENE, "TOKEN_BODY_LEN": TOKEN_BODY_LEN,
+    "TOKEN_DEVICE_SIG": TOKEN_DEVICE_SIG, "TOKEN_LEN": TOKEN_LEN,
+}

@@ -1,0 +1,76 @@
+"""Credentials: what an issuer signs for one device of one account."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Iterable
+
+from qrpay.errors import MalformedCredential
+from qrpay.format import CRED_LEN, CRED_STRUCT, VERSION
+
+
+class Scene(enum.IntEnum):
+    """Where a token is used. The value is the bit in a credential's scene set."""
+
+    BUS = 0
+    FERRY = 1
+    METRO = 2
+    CLINIC = 3
+    CANTEEN = 4
+    LIBRARY = 5
+    RETAIL = 6
+
+
+ALL_SCENES = frozenset(Scene)
+
+
+def scenes_to_mask(scenes: Iterable[Scene]) -> int:
+    mask = 0
+    for scene in scenes:
+        mask |= 1 << Scene(scene)
+    return mask
+
+
+def mask_to_scenes(mask: int) -> frozenset[Scene]:
+    return frozenset(s for s in Scene if mask >> s & 1)
+
+
+_KNOWN_MASK = scenes_to_mask(Scene)
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """A parsed credential. Parsing does not check the issuer signature:
+    `TrustStore.verify_credential` or token verification does."""
+
+    kid: bytes
+    account: int
+    serial: int
+    device_key: bytes
+    not_before: int
+    not_after: int
+    limit: int
+    scenes: frozenset[Scene]
+    signature: bytes
+    raw: bytes
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Credential:
+        raw = bytes(data)
+        if len(raw) != CRED_LEN:
+            raise MalformedCredential(f"a credential is {CRED_LEN} bytes, got {len(raw)}")
+        (version, kid, account, serial, device_key, not_before, not_after, limit, mask,
+         signature) = CRED_STRUCT.unpack(raw)
+        if version != VERSION:
+            raise MalformedCredential(f"unsupported credential version {version}")
+        if mask & ~_KNOWN_MASK or not mask:
+            raise MalformedCredential(f"credential scene set {mask:#x} is empty or unknown")
+        return cls(kid, account, serial, device_key, not_before, not_after, limit,
+                   mask_to_scenes(mask), signature, raw)
+
+    def to_bytes(self) -> bytes:
+        return self.raw
+
+    def allows(self, scene: Scene) -> bool:
+        return scene in self.scenes

@@ -1,0 +1,163 @@
+"""One exception hierarchy and one Reason enum, shared by the core and Python.
+
+The compiled core and its pure-Python twin return a Reason code (a small int)
+and never raise for a rejected token; `raise_for` is the one place that turns a
+code into an exception. Every exception carries `.reason`, so a caller can tell
+an expired token from a forged one without parsing messages.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NoReturn
+
+
+class Reason(enum.IntEnum):
+    """Why a token was accepted (OK) or rejected. Values are stable: they are
+    stored in journals and returned in batch arrays."""
+
+    OK = 0
+    # Token shape, in check order.
+    WRONG_LENGTH = 1
+    UNSUPPORTED_VERSION = 2
+    UNKNOWN_KID = 3
+    ISSUER_KEY_ROLE = 4
+    ISSUER_KEY_NOT_VALID = 5
+    BAD_ISSUER_SIGNATURE = 6
+    BAD_DEVICE_SIGNATURE = 7
+    CREDENTIAL_NOT_YET_VALID = 8
+    CREDENTIAL_EXPIRED = 9
+    TOKEN_FROM_FUTURE = 10
+    TOKEN_STALE = 11
+    SCENE_NOT_ALLOWED = 12
+    # Inputs that are not tokens.
+    MALFORMED_TEXT = 30
+    INVALID_KEY = 31
+    INVALID_ARGUMENT = 32
+    BAD_SIGNATURE = 33
+    MALFORMED_CREDENTIAL = 34
+
+
+class QrPayError(Exception):
+    """Base of every error qrpay raises on purpose."""
+
+    reason: Reason = Reason.INVALID_ARGUMENT
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.reason.name.lower().replace("_", " "))
+
+
+class InvalidArgument(QrPayError, ValueError):
+    reason = Reason.INVALID_ARGUMENT
+
+
+class InvalidKey(QrPayError, ValueError):
+    """A key's bytes or text are the wrong length, role or not a safe point."""
+
+    reason = Reason.INVALID_KEY
+
+
+class BadSignature(QrPayError, ValueError):
+    """A signature does not verify."""
+
+    reason = Reason.BAD_SIGNATURE
+
+
+class MalformedCredential(QrPayError, ValueError):
+    reason = Reason.MALFORMED_CREDENTIAL
+
+
+class TokenRejected(QrPayError, ValueError):
+    """A token failed verification; `.reason` says which check."""
+
+
+class MalformedToken(TokenRejected):
+    """The bytes are not a token this library can read."""
+
+    reason = Reason.WRONG_LENGTH
+
+
+class WrongLength(MalformedToken):
+    reason = Reason.WRONG_LENGTH
+
+
+class UnsupportedVersion(MalformedToken):
+    reason = Reason.UNSUPPORTED_VERSION
+
+
+class MalformedText(MalformedToken):
+    """The text form has a wrong prefix or is not valid Base45."""
+
+    reason = Reason.MALFORMED_TEXT
+
+
+class UnknownKeyId(TokenRejected):
+    reason = Reason.UNKNOWN_KID
+
+
+class IssuerKeyRole(TokenRejected):
+    """The kid names a trusted key that may not issue credentials."""
+
+    reason = Reason.ISSUER_KEY_ROLE
+
+
+class IssuerKeyNotValid(TokenRejected):
+    """The issuer key is outside its validity window."""
+
+    reason = Reason.ISSUER_KEY_NOT_VALID
+
+
+class BadIssuerSignature(TokenRejected, BadSignature):
+    reason = Reason.BAD_ISSUER_SIGNATURE
+
+
+class BadDeviceSignature(TokenRejected, BadSignature):
+    reason = Reason.BAD_DEVICE_SIGNATURE
+
+
+class CredentialNotValid(TokenRejected):
+    """The credential is outside its validity window."""
+
+
+class CredentialNotYetValid(CredentialNotValid):
+    reason = Reason.CREDENTIAL_NOT_YET_VALID
+
+
+class CredentialExpired(CredentialNotValid):
+    reason = Reason.CREDENTIAL_EXPIRED
+
+
+class TokenNotFresh(TokenRejected):
+    """issued_at is outside the freshness window."""
+
+
+class TokenFromFuture(TokenNotFresh):
+    reason = Reason.TOKEN_FROM_FUTURE
+
+
+class TokenStale(TokenNotFresh):
+    reason = Reason.TOKEN_STALE
+
+
+class SceneNotAllowed(TokenRejected):
+    reason = Reason.SCENE_NOT_ALLOWED
+
+
+_BY_REASON: dict[Reason, type[QrPayError]] = {}
+for _cls in (
+    WrongLength, UnsupportedVersion, UnknownKeyId, IssuerKeyRole, IssuerKeyNotValid,
+    BadIssuerSignature, BadDeviceSignature, CredentialNotYetValid, CredentialExpired,
+    TokenFromFuture, TokenStale, SceneNotAllowed, MalformedText, InvalidKey,
+    InvalidArgument, BadSignature, MalformedCredential,
+):
+    _BY_REASON[_cls.reason] = _cls
+
+
+def error_class(reason: int) -> type[QrPayError]:
+    """The exception class raised for a reason code."""
+    return _BY_REASON[Reason(reason)]
+
+
+def raise_for(reason: int, message: str | None = None) -> NoReturn:
+    """The one place a core reason code becomes an exception."""
+    raise error_class(reason)(message)

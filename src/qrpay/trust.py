@@ -1,0 +1,124 @@
+"""The issuer keys a verifier trusts, by kid, each with a window and roles."""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from qrpay._impl import core
+from qrpay.credential import Credential
+from qrpay.errors import (
+    BadIssuerSignature, InvalidArgument, IssuerKeyNotValid, IssuerKeyRole, UnknownKeyId,
+)
+from qrpay.format import CRED_BODY_LEN, TAG_CRED, U32_MAX, kid_to_int
+from qrpay.keys import IssuerKey, IssuerPublicKey
+
+
+class Role(enum.IntFlag):
+    """What a trusted issuer key may sign."""
+
+    CREDENTIALS = 1
+    DENY_LIST = 2
+    SCORECARD = 4
+
+
+@dataclass(frozen=True, slots=True)
+class TrustedKey:
+    key: IssuerPublicKey
+    not_before: int
+    not_after: int
+    roles: Role
+
+    @property
+    def kid(self) -> bytes:
+        return self.key.kid
+
+    def valid_at(self, now: int) -> bool:
+        return self.not_before <= now <= self.not_after
+
+
+class TrustStore:
+    """Issuer public keys by kid. Verification through a store shares one
+    bounded cache of credentials whose issuer signature already verified;
+    changing the store empties the cache."""
+
+    def __init__(self, cache_size: int = 65536) -> None:
+        if cache_size < 4:
+            raise InvalidArgument("cache_size must be at least 4")
+        self._keys: dict[bytes, TrustedKey] = {}
+        self._cache_size = cache_size
+        self._verifier: Any = None
+        self._lock = threading.Lock()
+
+    def add(
+        self,
+        key: IssuerPublicKey | IssuerKey,
+        not_before: int = 0,
+        not_after: int = U32_MAX,
+        roles: Role = Role.CREDENTIALS,
+    ) -> TrustedKey:
+        public = key.public if isinstance(key, IssuerKey) else key
+        if not isinstance(public, IssuerPublicKey):
+            raise InvalidArgument("a trust store holds issuer public keys")
+        if not_after < not_before:
+            raise InvalidArgument("not_after is before not_before")
+        existing = self._keys.get(public.kid)
+        if existing is not None and existing.key != public:
+            raise InvalidArgument(f"kid {public.kid.hex()} already names another key")
+        entry = TrustedKey(public, not_before, not_after, Role(roles))
+        with self._lock:
+            self._keys[public.kid] = entry
+            self._verifier = None
+        return entry
+
+    def remove(self, kid: bytes) -> None:
+        with self._lock:
+            if self._keys.pop(bytes(kid), None) is None:
+                raise UnknownKeyId(f"no trusted key with kid {bytes(kid).hex()}")
+            self._verifier = None
+
+    def get(self, kid: bytes) -> TrustedKey:
+        try:
+            return self._keys[bytes(kid)]
+        except KeyError:
+            raise UnknownKeyId(f"no trusted key with kid {bytes(kid).hex()}") from None
+
+    def __contains__(self, kid: object) -> bool:
+        return isinstance(kid, bytes) and kid in self._keys
+
+    def __iter__(self) -> Iterator[TrustedKey]:
+        return iter(list(self._keys.values()))
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def verifier(self) -> Any:
+        """The core verifier for the current keys (built on first use)."""
+        with self._lock:
+            if self._verifier is None:
+                rows = [(kid_to_int(t.kid), t.key.to_bytes(), t.not_before, t.not_after,
+                         int(t.roles)) for t in self._keys.values()]
+                self._verifier = core.Verifier(rows, self._cache_size)
+            return self._verifier
+
+    def cache_stats(self) -> tuple[int, int]:
+        """(hits, misses) of the credential cache since the store last changed."""
+        v = self.verifier()
+        return int(v.hits), int(v.misses)
+
+    def verify_credential(self, credential: Credential, now: int,
+                          role: Role = Role.CREDENTIALS) -> TrustedKey:
+        """Check a credential's issuer: known kid, role, window, signature."""
+        trusted = self.get(credential.kid)
+        if not trusted.roles & role:
+            raise IssuerKeyRole()
+        if not trusted.valid_at(now):
+            raise IssuerKeyNotValid()
+        if not core.verify_detached(trusted.key.to_bytes(),
+                                    TAG_CRED + credential.raw[:CRED_BODY_LEN],
+                                    credential.signature):
+            raise BadIssuerSignature()
+        return trusted
