@@ -4,21 +4,21 @@ QRPAY_NO_EXTENSIONS=1 is set or the extension is not built."""
 from __future__ import annotations
 
 import os
-from types import ModuleType
+from typing import TYPE_CHECKING
 
-core: ModuleType
+__all__ = ["backend", "core"]
+
 backend: str
 
-if os.environ.get("QRPAY_NO_EXTENSIONS", "") not in ("", "0"):
+if TYPE_CHECKING:
+    # Type checkers read the compiled core's stubs (_core.pyi); _ref matches them.
+    from qrpay import _core as core  # noqa: F401
+elif os.environ.get("QRPAY_NO_EXTENSIONS", "") not in ("", "0"):
     from qrpay import _ref as core
-
-    backend = "python"
 else:
     try:
-        from qrpay import _core as core
-
-        backend = "cython"
+        from qrpay import _core as core  # noqa: F401
     except ImportError:  # not built (an sdist install without a compiler)
         from qrpay import _ref as core
 
-        backend = "python"
+backend = "python" if core.__name__.endswith("_ref") else "cython"

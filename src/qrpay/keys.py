@@ -103,9 +103,8 @@ class PublicKey:
             raise BadSignature()
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and hmac.compare_digest(
-            self._raw, other._raw  # type: ignore[attr-defined]
-        )
+        return isinstance(other, PublicKey) and type(other) is type(self) and (
+            hmac.compare_digest(self._raw, other._raw))
 
     def __hash__(self) -> int:
         return hash((type(self), self._raw))

@@ -16,7 +16,7 @@ _VALUE = {c: i for i, c in enumerate(ALPHABET)}
 
 def b45encode(data: bytes) -> str:
     """Base45-encode bytes (RFC 9285)."""
-    out = []
+    out: list[str] = []
     for i in range(0, len(data) - 1, 2):
         n = data[i] * 256 + data[i + 1]
         n, c = divmod(n, 45)

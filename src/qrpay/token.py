@@ -98,7 +98,7 @@ class BatchResult:
 
     @property
     def ok(self) -> npt.NDArray[np.bool_]:
-        return self.reasons == Reason.OK
+        return np.equal(self.reasons, Reason.OK)
 
     def __len__(self) -> int:
         return len(self.reasons)
@@ -183,7 +183,7 @@ class TokenGenerator:
         if not 0 <= issued_at <= U32_MAX:
             raise InvalidArgument("issued_at must fit in 32 bits")
         self._counter += 1
-        return core.make_token(self._credential, self._secret, issued_at, self._counter,  # type: ignore[no-any-return]
+        return core.make_token(self._credential, self._secret, issued_at, self._counter,
                                int(scene))
 
     def make_text(self, scene: Scene, now: float | None = None) -> str:
@@ -213,8 +213,8 @@ def generate_batch(credentials: Sequence[Credential], device_keys: Sequence[Devi
     masks = creds[:, CRED_SCENES].astype(np.int64) | (creds[:, CRED_SCENES + 1].astype(np.int64) << 8)
     if np.any((masks >> scene_arr) & 1 == 0):
         raise InvalidArgument("every scene must be one its credential allows")
-    issued = _u32_column("now", _now(now) if now is None or np.isscalar(now) else now, n, U32_MAX)
-    return core.make_tokens(creds, keys, issued.astype(np.uint32),  # type: ignore[no-any-return]
+    issued = _u32_column("now", now if isinstance(now, np.ndarray) else _now(now), n, U32_MAX)
+    return core.make_tokens(creds, keys, issued.astype(np.uint32),
                             _u32_column("counters", counters, n, U32_MAX).astype(np.uint32),
                             scene_arr.astype(np.uint8), threads)
 

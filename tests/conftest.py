@@ -1,0 +1,63 @@
+"""Shared fixtures. The whole suite runs once per backend: plain `pytest` tests
+the compiled core, `QRPAY_NO_EXTENSIONS=1 pytest` the pure-Python twin (the
+README's test command runs both)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+import qrpay
+from qrpay import Credential, DeviceKey, IssuerKey, Scene, TokenGenerator, TrustStore
+
+DATA = Path(__file__).parent / "data"
+
+# Hypothesis: a quick default, a thorough profile on request (HYPOTHESIS_PROFILE=slow).
+settings.register_profile("default", max_examples=100, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("slow", max_examples=2000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+NOW = 1_800_000_000  # a fixed clock: 2027-01-15T08:00:00Z
+
+
+def pytest_report_header() -> str:
+    return f"qrpay backend: {qrpay.backend}"
+
+
+@pytest.fixture
+def now() -> int:
+    return NOW
+
+
+@pytest.fixture
+def issuer() -> IssuerKey:
+    return IssuerKey(bytes(range(32)))
+
+
+@pytest.fixture
+def device() -> DeviceKey:
+    return DeviceKey(bytes(range(32, 64)))
+
+
+@pytest.fixture
+def trust(issuer: IssuerKey) -> TrustStore:
+    store = TrustStore()
+    store.add(issuer)
+    return store
+
+
+@pytest.fixture
+def credential(issuer: IssuerKey, device: DeviceKey) -> Credential:
+    return issuer.issue(account=1001, device_public=device.public, limit=5000,
+                        scenes=[Scene.BUS, Scene.METRO, Scene.CLINIC],
+                        not_before=NOW - 86400, not_after=NOW + 30 * 86400, serial=77)
+
+
+@pytest.fixture
+def generator(credential: Credential, device: DeviceKey) -> TokenGenerator:
+    return TokenGenerator(credential, device)
