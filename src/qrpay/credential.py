@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -32,7 +33,9 @@ def scenes_to_mask(scenes: Iterable[Scene]) -> int:
     return mask
 
 
+@functools.lru_cache(maxsize=1024)
 def mask_to_scenes(mask: int) -> frozenset[Scene]:
+    # Cached: every verified token decodes its credential's scene set.
     return frozenset(s for s in Scene if mask >> s & 1)
 
 

@@ -33,6 +33,7 @@ DEFAULT_SKEW = 30
 """Seconds the phone's and the gateway's clocks may disagree, either way."""
 
 TokenInput = Union[bytes, bytearray, memoryview, str]
+_SCENE_BY_VALUE = {int(s): s for s in Scene}
 
 
 def _now(now: float | None) -> int:
@@ -66,7 +67,7 @@ class VerifiedToken:
         (_v, kid, account, serial, device_key, not_before, not_after, limit, mask,
          _sig) = CRED_STRUCT.unpack_from(raw)
         issued_at, counter, scene = TOKEN_FIELDS_STRUCT.unpack_from(raw, CRED_LEN)
-        return cls(account, serial, counter, issued_at, Scene(scene), limit,
+        return cls(account, serial, counter, issued_at, _SCENE_BY_VALUE[scene], limit,
                    mask_to_scenes(mask), not_before, not_after, kid, device_key, raw)
 
 
