@@ -84,7 +84,8 @@ def test_mypy_accepts_the_package_and_a_typical_caller(tmp_path: Path) -> None:
             code: qrpay.Reason = exc.reason
     """))
     run = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(PACKAGE), str(caller)],
+        # -p: the package as installed, stubs and py.typed included.
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "-p", "qrpay", "-m", "caller"],
         capture_output=True, text=True, cwd=tmp_path,
     )
     assert run.returncode == 0, run.stdout + run.stderr
