@@ -440,3 +440,25 @@ LAYOUT = {
     "TOKEN_SCENE": TOKEN_SCENE, "TOKEN_BODY_LEN": TOKEN_BODY_LEN,
     "TOKEN_DEVICE_SIG": TOKEN_DEVICE_SIG, "TOKEN_LEN": TOKEN_LEN,
 }
+
+
+cdef inline bint _bsearch(const uint64_t[::1] hay, uint64_t value) noexcept nogil:
+    cdef Py_ssize_t lo = 0, hi = hay.shape[0], mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if hay[mid] < value:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo < hay.shape[0] and hay[lo] == value
+
+
+def sorted_contains(const uint64_t[::1] haystack, const uint64_t[::1] needles):
+    # Deny-list lookups: haystack is sorted ascending (DenyList guarantees it).
+    cdef Py_ssize_t i, n = needles.shape[0]
+    out = np.zeros(n, dtype=np.bool_)
+    cdef uint8_t[::1] o = out.view(np.uint8)
+    with nogil:
+        for i in range(n):
+            o[i] = _bsearch(haystack, needles[i])
+    return out

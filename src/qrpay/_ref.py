@@ -265,3 +265,11 @@ def is_valid_point(point: bytes) -> bool:
         return False
     return bool(sodium.crypto_core_ed25519_is_valid_point(point))
 
+
+
+def sorted_contains(haystack: Any, needles: Any) -> np.ndarray[Any, np.dtype[np.bool_]]:
+    hay = np.asarray(haystack, dtype=np.uint64)
+    values = np.asarray(needles, dtype=np.uint64)
+    at = np.minimum(np.searchsorted(hay, values), max(len(hay) - 1, 0))
+    return np.asarray(hay[at] == values, dtype=np.bool_) if len(hay) else np.zeros(
+        len(values), dtype=np.bool_)

@@ -30,12 +30,25 @@ class Reason(enum.IntEnum):
     TOKEN_FROM_FUTURE = 10
     TOKEN_STALE = 11
     SCENE_NOT_ALLOWED = 12
+    # Gateway checks after verification, in check order.
+    REVOKED = 13
+    SCENE_MISMATCH = 14
+    ALREADY_ACCEPTED = 15
+    OVER_TRANSACTION_CAP = 16
+    DENY_LIST_STALE = 17
+    OVER_OFFLINE_LIMIT = 18
+    TOO_MANY_OFFLINE_USES = 19
+    # Gateway conditions that refuse every scan until fixed.
+    CLOCK_UNTRUSTED = 20
+    JOURNAL_UNAVAILABLE = 21
     # Inputs that are not tokens.
     MALFORMED_TEXT = 30
     INVALID_KEY = 31
     INVALID_ARGUMENT = 32
     BAD_SIGNATURE = 33
     MALFORMED_CREDENTIAL = 34
+    MALFORMED_MESSAGE = 35
+    STALE_UPDATE = 36
 
 
 class QrPayError(Exception):
@@ -143,12 +156,83 @@ class SceneNotAllowed(TokenRejected):
     reason = Reason.SCENE_NOT_ALLOWED
 
 
+class ScanRefused(QrPayError, ValueError):
+    """A verified token that this gateway may not accept; `.reason` says why."""
+
+
+class Revoked(ScanRefused):
+    """The credential's serial is on the deny list."""
+
+    reason = Reason.REVOKED
+
+
+class SceneMismatch(ScanRefused):
+    """The token was made for another scene than the one scanning it."""
+
+    reason = Reason.SCENE_MISMATCH
+
+
+class AlreadyAccepted(ScanRefused):
+    """This (credential serial, counter) was accepted before: a replay."""
+
+    reason = Reason.ALREADY_ACCEPTED
+
+
+class OverTransactionCap(ScanRefused):
+    reason = Reason.OVER_TRANSACTION_CAP
+
+
+class DenyListStale(ScanRefused):
+    """The deny list is older than the policy allows and the amount is above
+    the stricter cap that applies then."""
+
+    reason = Reason.DENY_LIST_STALE
+
+
+class OverOfflineLimit(ScanRefused):
+    """The account's offline spend since the last acknowledged upload would
+    exceed its credential's limit."""
+
+    reason = Reason.OVER_OFFLINE_LIMIT
+
+
+class TooManyOfflineUses(ScanRefused):
+    reason = Reason.TOO_MANY_OFFLINE_USES
+
+
+class ClockUntrusted(QrPayError, RuntimeError):
+    """The clock is behind the gateway's persisted time floor."""
+
+    reason = Reason.CLOCK_UNTRUSTED
+
+
+class JournalUnavailable(QrPayError, OSError):
+    """The journal cannot be written (disk full, read-only, corrupt): nothing
+    is accepted that could not be journaled."""
+
+    reason = Reason.JOURNAL_UNAVAILABLE
+
+
+class MalformedMessage(QrPayError, ValueError):
+    """A msgpack document (batch, deny list) is not one this library reads."""
+
+    reason = Reason.MALFORMED_MESSAGE
+
+
+class StaleUpdate(QrPayError, ValueError):
+    """An update (deny list) is not newer than what is already applied."""
+
+    reason = Reason.STALE_UPDATE
+
+
 _BY_REASON: dict[Reason, type[QrPayError]] = {}
 for _cls in (
     WrongLength, UnsupportedVersion, UnknownKeyId, IssuerKeyRole, IssuerKeyNotValid,
     BadIssuerSignature, BadDeviceSignature, CredentialNotYetValid, CredentialExpired,
     TokenFromFuture, TokenStale, SceneNotAllowed, MalformedText, InvalidKey,
-    InvalidArgument, BadSignature, MalformedCredential,
+    InvalidArgument, BadSignature, MalformedCredential, Revoked, SceneMismatch,
+    AlreadyAccepted, OverTransactionCap, DenyListStale, OverOfflineLimit, TooManyOfflineUses,
+    ClockUntrusted, JournalUnavailable, MalformedMessage, StaleUpdate,
 ):
     _BY_REASON[_cls.reason] = _cls
 

@@ -1,0 +1,94 @@
+"""Deny lists: credential serials a gateway must refuse, signed by an issuer
+key with the DENY_LIST role and versioned so that only a newer list replaces
+an older one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from qrpay._impl import core
+from qrpay.errors import InvalidArgument, IssuerKeyNotValid, IssuerKeyRole, MalformedMessage
+from qrpay.format import KID_LEN, TAG_DENY, U32_MAX, U64_MAX
+from qrpay.keys import IssuerKey
+from qrpay.trust import Role, TrustStore
+from qrpay.wire import body_map, sign_document, split_document, verify_document
+
+FORMAT_VERSION = 1
+_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "v": int, "kid": bytes, "version": int, "issued_at": int, "serials": bytes,
+}
+
+
+@dataclass(frozen=True)
+class DenyList:
+    """A verified deny list. `serials` is sorted, unique, uint64."""
+
+    version: int
+    issued_at: int
+    kid: bytes
+    serials: npt.NDArray[np.uint64] = field(repr=False)
+    raw: bytes = field(repr=False)
+
+    def __len__(self) -> int:
+        return len(self.serials)
+
+    def contains(self, serials: npt.ArrayLike) -> npt.NDArray[np.bool_]:
+        """For each serial, whether it is denied (lookups in the core)."""
+        return core.sorted_contains(self.serials, np.ascontiguousarray(serials, dtype=np.uint64))
+
+    def __contains__(self, serial: object) -> bool:
+        if not isinstance(serial, int) or not 0 <= serial <= U64_MAX:
+            return False
+        return bool(self.contains(np.array([serial], dtype=np.uint64))[0])
+
+    @classmethod
+    def empty(cls) -> DenyList:
+        """No list yet: version 0, which any signed list replaces."""
+        return cls(0, 0, b"", np.zeros(0, dtype=np.uint64), b"")
+
+    @classmethod
+    def load(cls, data: bytes, trust: TrustStore, now: int | None = None) -> DenyList:
+        """Parse and verify a signed deny list; raises BadSignature,
+        MalformedMessage, UnknownKeyId, IssuerKeyRole or IssuerKeyNotValid.
+        The signing key must be valid at `now` (default: the list's issued_at)."""
+        body, signature = split_document(data)
+        doc = body_map(body, _FIELDS, max_bin=8 * 50_000_000)
+        if doc["v"] != FORMAT_VERSION:
+            raise MalformedMessage(f"unsupported deny list format {doc['v']}")
+        if len(doc["kid"]) != KID_LEN:
+            raise MalformedMessage("deny list kid is 4 bytes")
+        trusted = trust.get(doc["kid"])
+        if not trusted.roles & Role.DENY_LIST:
+            raise IssuerKeyRole("this issuer key may not sign deny lists")
+        if not trusted.valid_at(doc["issued_at"] if now is None else now):
+            raise IssuerKeyNotValid()
+        verify_document(trusted.key, TAG_DENY, body, signature)
+        packed = doc["serials"]
+        if len(packed) % 8:
+            raise MalformedMessage("deny list serials are 8 bytes each")
+        serials = np.frombuffer(packed, dtype="<u8").astype(np.uint64)
+        if len(serials) > 1 and not np.all(serials[1:] > serials[:-1]):
+            raise MalformedMessage("deny list serials must be sorted and unique")
+        if not 0 < doc["version"] <= U64_MAX or not 0 <= doc["issued_at"] <= U32_MAX:
+            raise MalformedMessage("deny list version or time out of range")
+        return cls(doc["version"], doc["issued_at"], doc["kid"], serials, bytes(data))
+
+
+def sign_deny_list(key: IssuerKey, version: int, serials: Iterable[int], issued_at: int) -> bytes:
+    """A signed deny list document (the key needs the DENY_LIST role where it
+    is trusted)."""
+    if not isinstance(version, int) or not 0 < version <= U64_MAX:
+        raise InvalidArgument("a deny list version is a positive integer")
+    if not isinstance(issued_at, int) or not 0 <= issued_at <= U32_MAX:
+        raise InvalidArgument("issued_at must fit in 32 bits")
+    values = sorted(set(int(s) for s in serials))
+    if values and (values[0] < 0 or values[-1] > U64_MAX):
+        raise InvalidArgument("serials are unsigned 64-bit")
+    packed = np.asarray(values, dtype="<u8").tobytes()
+    return sign_document(key, TAG_DENY, {"v": FORMAT_VERSION, "kid": key.kid,
+                                         "version": version, "issued_at": issued_at,
+                                         "serials": packed})

@@ -1,0 +1,371 @@
+"""The offline gateway (the scanner on a bus, the clinic desk).
+
+It verifies tokens through the core's batch path, applies the deny list,
+scene, replay and offline-credit checks in the order of docs/GATEWAY.md,
+journals every accepted payment durably (one commit per batch), and exports
+signed upload batches for settlement. All its state is rebuilt from the
+journal when it opens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Union
+
+import numpy as np
+import numpy.typing as npt
+
+from qrpay.credential import Scene
+from qrpay.denylist import DenyList
+from qrpay.errors import (
+    ClockUntrusted, InvalidArgument, JournalUnavailable, MalformedText, Reason, StaleUpdate,
+    raise_for,
+)
+from qrpay.format import TAG_BATCH, U32_MAX
+from qrpay.journal import Batch, Journal, Record
+from qrpay.keys import GatewayKey
+from qrpay.qr import decode_text
+from qrpay.token import DEFAULT_MAX_AGE, DEFAULT_SKEW, verify_batch
+from qrpay.trust import TrustStore
+from qrpay.wire import sign_document
+
+BATCH_FORMAT = 1
+JOURNAL_FILE = "journal.sqlite3"
+
+ScanInput = Union[bytes, bytearray, memoryview, str]
+
+DEFAULT_TRANSACTION_CAPS: Mapping[Scene, int] = {
+    Scene.BUS: 1_000, Scene.FERRY: 3_000, Scene.METRO: 1_500, Scene.CLINIC: 50_000,
+    Scene.CANTEEN: 5_000, Scene.LIBRARY: 2_000, Scene.RETAIL: 20_000,
+}
+
+
+@dataclass(frozen=True)
+class GatewayPolicy:
+    """What a gateway accepts offline. Amounts are minor units (fen, cents),
+    times seconds. docs/GATEWAY.md explains each knob."""
+
+    max_age: int = DEFAULT_MAX_AGE
+    skew: int = DEFAULT_SKEW
+    transaction_caps: Mapping[Scene, int] = field(
+        default_factory=lambda: dict(DEFAULT_TRANSACTION_CAPS))
+    max_offline_uses: int = 30
+    clock_tolerance: int = 5
+    deny_list_max_age: int | None = 2 * 86_400
+    stale_transaction_cap: int = 300
+
+    def __post_init__(self) -> None:
+        for name in ("max_age", "skew", "clock_tolerance", "stale_transaction_cap"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument(f"{name} must be zero or more")
+        if self.max_offline_uses < 1:
+            raise InvalidArgument("max_offline_uses must be at least 1")
+        if self.deny_list_max_age is not None and self.deny_list_max_age < 0:
+            raise InvalidArgument("deny_list_max_age must be zero or more, or None")
+        if set(self.transaction_caps) != set(Scene):
+            raise InvalidArgument("transaction_caps needs a cap for every scene")
+        if any(cap < 0 for cap in self.transaction_caps.values()):
+            raise InvalidArgument("transaction caps must be zero or more")
+
+    @property
+    def replay_window(self) -> int:
+        # A token stays fresh for at most max_age + 2 * skew after it is scanned,
+        # so a replay can only get past freshness within this window.
+        return self.max_age + 2 * self.skew + self.clock_tolerance
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """An acknowledged payment: it is in the journal (committed) when you hold this."""
+
+    gateway: str
+    record: int
+    account: int
+    serial: int
+    counter: int
+    amount: int
+    scene: Scene
+    gateway_time: int
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """Per-token outcome of scan_batch: reason codes (0 = accepted) and the
+    receipt of every accepted token (None where rejected)."""
+
+    reasons: npt.NDArray[np.uint8]
+    receipts: list[Receipt | None]
+
+    @property
+    def ok(self) -> npt.NDArray[np.bool_]:
+        return np.equal(self.reasons, Reason.OK)
+
+    def __len__(self) -> int:
+        return len(self.reasons)
+
+
+@dataclass
+class _Spend:
+    amount: int = 0
+    uses: int = 0
+
+
+class Gateway:
+    """A scanner's verifier and journal. Open one per directory; one process
+    owns a directory at a time."""
+
+    def __init__(self, directory: str | Path, key: GatewayKey, trust: TrustStore,
+                 policy: GatewayPolicy | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        if not isinstance(key, GatewayKey):
+            raise InvalidArgument("a gateway signs with a GatewayKey")
+        self.directory = Path(directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise JournalUnavailable(f"cannot create {self.directory}: {exc}") from exc
+        self.key = key
+        self.trust = trust
+        self.policy = policy or GatewayPolicy()
+        self._clock = clock
+        self.id = key.kid.hex()
+        self._journal = Journal(self.directory / JOURNAL_FILE)
+        owner = self._journal.get("gateway_key")
+        if owner is None:
+            self._journal.set("gateway_key", key.public.to_bytes())
+        elif owner != key.public.to_bytes():
+            self._journal.close()
+            raise InvalidArgument("this journal belongs to another gateway key")
+        self._rebuild()
+
+    # -- state -------------------------------------------------------------------------
+
+    def _rebuild(self) -> None:
+        """Replay and spend state from the journal (the single source of truth)."""
+        j = self._journal
+        self._floor = j.get_int("time_floor")
+        batches = j.batches()
+        self._acked_through = max((b.last for b in batches if b.acked), default=0)
+        self._exported_through = max((b.last for b in batches), default=0)
+        self._next_batch = max((b.seq for b in batches), default=0) + 1
+        self._next_record = j.next_record_seq()
+        self._accepted: dict[tuple[int, int], Record] = {}
+        self._spend: dict[int, _Spend] = {}
+        since = self._floor - self.policy.replay_window
+        for r in j.records(after_seq=self._acked_through, since_time=since):
+            self._accepted[(r.serial, r.counter)] = r
+            if r.seq > self._acked_through:
+                s = self._spend.setdefault(r.account, _Spend())
+                s.amount += r.amount
+                s.uses += 1
+        raw = j.get("deny_list")
+        self.deny_list = DenyList.empty()
+        if isinstance(raw, bytes):
+            # It verified when applied; check it again against today's trust store.
+            self.deny_list = DenyList.load(raw, self.trust)
+
+    @property
+    def time_floor(self) -> int:
+        return self._floor
+
+    def offline_spend(self, account: int) -> tuple[int, int]:
+        """(amount, uses) of `account` on this gateway since the last ack."""
+        s = self._spend.get(account, _Spend())
+        return s.amount, s.uses
+
+    def _trusted_now(self, now: float | None) -> int:
+        t = int(self._clock() if now is None else now)
+        if t < self._floor - self.policy.clock_tolerance:
+            raise ClockUntrusted(f"clock reads {t}, below the trusted floor {self._floor}")
+        return t
+
+    # -- deny list ---------------------------------------------------------------------
+
+    def update_deny_list(self, data: bytes, now: float | None = None) -> DenyList:
+        """Apply a signed deny list if it verifies and is newer than the one in
+        force; otherwise raise (BadSignature, StaleUpdate, ...) and keep the old."""
+        t = self._trusted_now(now)
+        new = DenyList.load(data, self.trust, t)
+        if new.version <= self.deny_list.version:
+            raise StaleUpdate(f"deny list version {new.version} is not newer than "
+                              f"{self.deny_list.version}")
+        self._journal.set("deny_list", new.raw)
+        self.deny_list = new
+        return new
+
+    def deny_list_stale(self, now: int) -> bool:
+        limit = self.policy.deny_list_max_age
+        return limit is not None and now - self.deny_list.issued_at > limit
+
+    # -- scanning ----------------------------------------------------------------------
+
+    def scan(self, token: ScanInput, amount: int, scene: Scene,
+             now: float | None = None) -> Receipt:
+        """Scan one token for `amount`; return its receipt once journaled, or
+        raise the typed error of the first check that failed."""
+        result = self.scan_batch([token], [amount], scene, now)
+        receipt = result.receipts[0]
+        if receipt is None:
+            raise_for(int(result.reasons[0]))
+        return receipt
+
+    def scan_batch(self, tokens: Sequence[ScanInput], amounts: Sequence[int] | npt.ArrayLike,
+                   scene: Scene, now: float | None = None) -> ScanResult:
+        """Scan many tokens with one journal commit. Never raises per token;
+        raises ClockUntrusted or JournalUnavailable for the whole batch (then
+        nothing in it was accepted)."""
+        t = self._trusted_now(now)
+        scene = Scene(scene)
+        n = len(tokens)
+        amount_arr = np.asarray(amounts)
+        if amount_arr.shape != (n,) or (n and amount_arr.dtype.kind not in "iu"):
+            raise InvalidArgument("one integer amount per token")
+        if n and (amount_arr.min() <= 0 or amount_arr.max() > U32_MAX):
+            raise InvalidArgument("amounts are positive minor units below 2**32")
+        raw, text_bad = _as_bytes(tokens)
+        checked = verify_batch(raw, self.trust, t, max_age=self.policy.max_age,
+                               skew=self.policy.skew)
+        reasons = checked.reasons.copy()
+        reasons[text_bad] = Reason.MALFORMED_TEXT
+        ok = reasons == Reason.OK
+        reasons[ok & self.deny_list.contains(checked.serial)] = Reason.REVOKED
+        reasons[(reasons == Reason.OK) & (checked.scene != scene)] = Reason.SCENE_MISMATCH
+
+        receipts: list[Receipt | None] = [None] * n
+        new: list[Record] = []
+        fresh: dict[tuple[int, int], Record] = {}
+        pending: dict[int, _Spend] = {}
+        cap = self.policy.transaction_caps[scene]
+        stale_cap = self.policy.stale_transaction_cap if self.deny_list_stale(t) else None
+        seq = self._next_record
+        for i in np.flatnonzero(reasons == Reason.OK):
+            serial, counter = int(checked.serial[i]), int(checked.counter[i])
+            amount, account = int(amount_arr[i]), int(checked.account[i])
+            prior = self._accepted.get((serial, counter)) or fresh.get((serial, counter))
+            if prior is not None:
+                if prior.token == raw[i]:  # a double tap: the first receipt, no charge
+                    receipts[i] = self._receipt(prior, duplicate=True)
+                else:
+                    reasons[i] = Reason.ALREADY_ACCEPTED
+                continue
+            if amount > cap:
+                reasons[i] = Reason.OVER_TRANSACTION_CAP
+                continue
+            if stale_cap is not None and amount > stale_cap:
+                reasons[i] = Reason.DENY_LIST_STALE
+                continue
+            spent = self._spend.get(account, _Spend())
+            extra = pending.setdefault(account, _Spend())
+            if spent.amount + extra.amount + amount > int(checked.limit[i]):
+                reasons[i] = Reason.OVER_OFFLINE_LIMIT
+                continue
+            if spent.uses + extra.uses + 1 > self.policy.max_offline_uses:
+                reasons[i] = Reason.TOO_MANY_OFFLINE_USES
+                continue
+            record = Record(seq, serial, counter, account, amount, int(scene), t, raw[i])
+            seq += 1
+            extra.amount += amount
+            extra.uses += 1
+            fresh[(serial, counter)] = record
+            new.append(record)
+            receipts[i] = self._receipt(record)
+
+        floor = max(self._floor, t)
+        if new:
+            self._journal.append(new, {"time_floor": floor})  # the acknowledgement point
+        # Only now, after the commit, does memory change.
+        self._floor = floor
+        self._next_record = seq
+        self._accepted.update(fresh)
+        for account, extra in pending.items():
+            s = self._spend.setdefault(account, _Spend())
+            s.amount += extra.amount
+            s.uses += extra.uses
+        return ScanResult(reasons, receipts)
+
+    def _receipt(self, r: Record, duplicate: bool = False) -> Receipt:
+        return Receipt(self.id, r.seq, r.account, r.serial, r.counter, r.amount,
+                       Scene(r.scene), r.gateway_time, duplicate)
+
+    # -- upload ------------------------------------------------------------------------
+
+    def export_batch(self, max_records: int = 1000, now: float | None = None) -> bytes | None:
+        """The next signed upload batch (msgpack), or None if nothing is
+        waiting. Until it is acked, calling again returns the same bytes."""
+        if max_records < 1:
+            raise InvalidArgument("max_records must be at least 1")
+        waiting = [b for b in self._journal.batches() if not b.acked]
+        if waiting:
+            return waiting[0].body
+        records = self._journal.records(after_seq=self._exported_through, limit=max_records)
+        if not records:
+            return None
+        seq = self._next_batch
+        body = sign_document(self.key, TAG_BATCH, {
+            "v": BATCH_FORMAT, "gateway": self.key.public.to_bytes(), "seq": seq,
+            "first": records[0].seq, "last": records[-1].seq,
+            "created_at": int(self._clock() if now is None else now),
+            "records": [[r.seq, r.token, r.amount, r.scene, r.gateway_time] for r in records],
+        })
+        self._journal.add_batch(Batch(seq, records[0].seq, records[-1].seq, body, False))
+        self._next_batch = seq + 1
+        self._exported_through = records[-1].seq
+        return body
+
+    def ack(self, batch_seq: int) -> None:
+        """Settlement has batch `batch_seq`: its records stop counting against
+        the offline caps. Acking an acked batch again changes nothing."""
+        batch = next((b for b in self._journal.batches() if b.seq == batch_seq), None)
+        if batch is None:
+            raise InvalidArgument(f"no exported batch {batch_seq}")
+        if batch.acked:
+            return
+        self._journal.ack_batch(batch_seq)
+        for r in self._journal.records(after_seq=batch.first - 1,
+                                       limit=batch.last - batch.first + 1):
+            s = self._spend.get(r.account)
+            if s is not None:
+                s.amount -= r.amount
+                s.uses -= 1
+                if s.uses == 0:
+                    del self._spend[r.account]
+        self._acked_through = max(self._acked_through, batch.last)
+
+    def records(self) -> list[Record]:
+        """Every journaled record, in order (for audits and tests)."""
+        return self._journal.records()
+
+    def close(self) -> None:
+        self._journal.close()
+
+    def __enter__(self) -> Gateway:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def _as_bytes(tokens: Sequence[ScanInput]) -> tuple[list[bytes], npt.NDArray[np.bool_]]:
+    """Token bytes, decoding text forms; a text that does not decode becomes
+    an empty token flagged in the mask (reported as MALFORMED_TEXT)."""
+    out: list[bytes] = []
+    bad = np.zeros(len(tokens), dtype=np.bool_)
+    for i, t in enumerate(tokens):
+        if isinstance(t, str):
+            try:
+                out.append(decode_text(t))
+            except MalformedText:
+                out.append(b"")
+                bad[i] = True
+        elif isinstance(t, (bytes, bytearray, memoryview)):
+            out.append(bytes(t))
+        else:
+            raise InvalidArgument("tokens are bytes or their text form")
+    return out, bad
+

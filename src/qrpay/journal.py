@@ -1,0 +1,203 @@
+"""The gateway's journal: the single source of truth for what it accepted.
+
+SQLite (stdlib) in WAL mode with synchronous=FULL: a transaction that
+committed survives a crash or a power cut. Every accepted scan is a row;
+uploads are rows of `batches`. Any SQLite or OS failure becomes
+JournalUnavailable, and the transaction that hit it is rolled back whole.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from qrpay.errors import JournalUnavailable
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS records (
+    seq INTEGER PRIMARY KEY,
+    serial INTEGER NOT NULL,
+    counter INTEGER NOT NULL,
+    account INTEGER NOT NULL,
+    amount INTEGER NOT NULL,
+    scene INTEGER NOT NULL,
+    gateway_time INTEGER NOT NULL,
+    token BLOB NOT NULL,
+    UNIQUE (serial, counter)
+);
+CREATE INDEX IF NOT EXISTS records_by_time ON records (gateway_time);
+CREATE TABLE IF NOT EXISTS batches (
+    seq INTEGER PRIMARY KEY,
+    first INTEGER NOT NULL,
+    last INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    acked INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+_I64 = 1 << 63
+
+
+def to_sql(value: int) -> int:
+    """A uint64 as SQLite's signed 64-bit INTEGER (two's complement)."""
+    return value - (1 << 64) if value >= _I64 else value
+
+
+def from_sql(value: int) -> int:
+    return value + (1 << 64) if value < 0 else value
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    seq: int
+    serial: int
+    counter: int
+    account: int
+    amount: int
+    scene: int
+    gateway_time: int
+    token: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    seq: int
+    first: int
+    last: int
+    body: bytes
+    acked: bool
+
+
+class Journal:
+    """One SQLite file. Not shared between processes: the gateway owns it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None,
+                                       check_same_thread=False, timeout=5.0)
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise JournalUnavailable(f"journal cannot use WAL mode (got {mode})")
+            self._db.execute("PRAGMA synchronous=FULL")
+            check = self._db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise JournalUnavailable(f"journal is corrupt: {check}")
+            with self.transaction() as db:
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    db.execute(statement)
+                found = self._get("schema_version")
+                if found is None:
+                    self._set("schema_version", SCHEMA_VERSION)
+                elif found != SCHEMA_VERSION:
+                    raise JournalUnavailable(f"journal schema {found} is not {SCHEMA_VERSION}")
+        except sqlite3.Error as exc:
+            raise JournalUnavailable(f"journal {self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT; on any error, roll back and raise
+        JournalUnavailable. Returning means the commit is durable."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise JournalUnavailable(f"journal: {exc}") from exc
+        try:
+            yield self._db
+            self._db.execute("COMMIT")
+        except BaseException as exc:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # the transaction is already gone
+            if isinstance(exc, (sqlite3.Error, OSError)):
+                raise JournalUnavailable(f"journal: {exc}") from exc
+            raise
+
+    def _get(self, key: str) -> object:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def _set(self, key: str, value: object) -> None:
+        self._db.execute("INSERT INTO meta(key, value) VALUES (?, ?) "
+                         "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
+
+    def get(self, key: str) -> object:
+        try:
+            return self._get(key)
+        except sqlite3.Error as exc:
+            raise JournalUnavailable(f"journal: {exc}") from exc
+
+    def get_int(self, key: str, default: int = 0) -> int:
+        value = self.get(key)
+        return value if isinstance(value, int) else default
+
+    def set(self, key: str, value: object) -> None:
+        with self.transaction():
+            self._set(key, value)
+
+    def next_record_seq(self) -> int:
+        return self._query_one("SELECT COALESCE(MAX(seq), 0) + 1 FROM records")
+
+    def append(self, records: Sequence[Record], meta: dict[str, object]) -> None:
+        """Write records and meta values in one durable transaction."""
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO records(seq, serial, counter, account, amount, scene, gateway_time,"
+                " token) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(r.seq, to_sql(r.serial), r.counter, to_sql(r.account), r.amount, r.scene,
+                  r.gateway_time, r.token) for r in records])
+            for key, value in meta.items():
+                self._set(key, value)
+
+    def records(self, after_seq: int = 0, limit: int = -1, since_time: int | None = None
+                ) -> list[Record]:
+        """Records with seq > after_seq (and, if given, gateway_time >= since_time
+        as an alternative), in seq order."""
+        if since_time is None:
+            sql = "SELECT * FROM records WHERE seq > ? ORDER BY seq LIMIT ?"
+            args: tuple[int, ...] = (after_seq, limit)
+        else:
+            sql = ("SELECT * FROM records WHERE seq > ? OR gateway_time >= ? "
+                   "ORDER BY seq LIMIT ?")
+            args = (after_seq, since_time, limit)
+        try:
+            rows = self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise JournalUnavailable(f"journal: {exc}") from exc
+        return [Record(seq, from_sql(serial), counter, from_sql(account), amount, scene, t, tok)
+                for seq, serial, counter, account, amount, scene, t, tok in rows]
+
+    def count(self) -> int:
+        return self._query_one("SELECT COUNT(*) FROM records")
+
+    def batches(self) -> list[Batch]:
+        try:
+            rows = self._db.execute("SELECT seq, first, last, body, acked FROM batches "
+                                    "ORDER BY seq").fetchall()
+        except sqlite3.Error as exc:
+            raise JournalUnavailable(f"journal: {exc}") from exc
+        return [Batch(s, f, la, b, bool(a)) for s, f, la, b, a in rows]
+
+    def add_batch(self, batch: Batch) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO batches(seq, first, last, body, acked) VALUES (?, ?, ?, ?, 0)",
+                       (batch.seq, batch.first, batch.last, batch.body))
+
+    def ack_batch(self, seq: int) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE batches SET acked = 1 WHERE seq = ?", (seq,))
+
+    def _query_one(self, sql: str) -> int:
+        try:
+            return int(self._db.execute(sql).fetchone()[0])
+        except sqlite3.Error as exc:
+            raise JournalUnavailable(f"journal: {exc}") from exc
