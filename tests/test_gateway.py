@@ -1,0 +1,357 @@
+"""Gateway: every refusal reason, the deny list, trusted time, upload and
+journal failures. (Crash durability: test_gateway_crash.py; random sequences
+against a model: test_gateway_stateful.py.)"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qrpay import (
+    Credential, DeviceKey, GatewayKey, IssuerKey, Reason, Role, Scene, TokenGenerator,
+    TrustStore, errors, encode_text,
+)
+from qrpay._impl import core
+from qrpay.denylist import DenyList, sign_deny_list
+from qrpay.format import TAG_BATCH
+from qrpay.gateway import DEFAULT_TRANSACTION_CAPS, Gateway, GatewayPolicy
+from qrpay.wire import body_map, split_document, unpack_strict
+
+
+@pytest.fixture
+def deny_trust(issuer: IssuerKey) -> TrustStore:
+    store = TrustStore()
+    store.add(issuer, roles=Role.CREDENTIALS | Role.DENY_LIST)
+    return store
+
+
+@pytest.fixture
+def gateway_key() -> GatewayKey:
+    return GatewayKey(bytes(range(64, 96)))
+
+
+def open_gateway(path: Path, key: GatewayKey, trust: TrustStore, **policy: object) -> Gateway:
+    return Gateway(path, key, trust, GatewayPolicy(**policy))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def gateway(tmp_path: Path, gateway_key: GatewayKey, deny_trust: TrustStore,
+            issuer: IssuerKey, now: int) -> Gateway:
+    gw = open_gateway(tmp_path / "gw", gateway_key, deny_trust)
+    gw.update_deny_list(sign_deny_list(issuer, 1, [], now), now)
+    return gw
+
+
+def refusal(gw: Gateway, token: bytes | str, amount: int, scene: Scene, now: int) -> Reason:
+    with pytest.raises(errors.QrPayError) as info:
+        gw.scan(token, amount, scene, now)
+    return info.value.reason
+
+
+# -- accepted ----------------------------------------------------------------------------
+
+def test_scan_returns_a_journaled_receipt(gateway: Gateway, generator: TokenGenerator,
+                                          now: int) -> None:
+    receipt = gateway.scan(generator.make_text(Scene.BUS, now), 200, Scene.BUS, now)
+    assert (receipt.account, receipt.serial, receipt.counter, receipt.amount) == (1001, 77, 1, 200)
+    assert receipt.gateway == gateway.id and not receipt.duplicate
+    [record] = gateway.records()
+    assert record.seq == receipt.record and record.amount == 200 and record.gateway_time == now
+    assert gateway.offline_spend(1001) == (200, 1)
+
+
+def test_double_tap_returns_the_first_receipt_and_charges_nothing(
+        gateway: Gateway, generator: TokenGenerator, now: int) -> None:
+    token = generator.make(Scene.BUS, now)
+    first = gateway.scan(token, 200, Scene.BUS, now)
+    again = gateway.scan(token, 200, Scene.BUS, now + 2)
+    assert again.duplicate and dataclasses.replace(again, duplicate=False) == first
+    assert len(gateway.records()) == 1 and gateway.offline_spend(1001) == (200, 1)
+
+
+# -- each refusal ---------------------------------------------------------------------------
+
+def test_replay_with_other_bytes_is_already_accepted(gateway: Gateway, credential: Credential,
+                                                     device: DeviceKey, now: int) -> None:
+    gateway.scan(core.make_token(credential.raw, device._secret, now, 5, Scene.BUS), 100,
+                 Scene.BUS, now)
+    clone = core.make_token(credential.raw, device._secret, now + 1, 5, Scene.BUS)
+    with pytest.raises(errors.AlreadyAccepted):
+        gateway.scan(clone, 100, Scene.BUS, now + 1)
+
+
+def test_revoked_credential(gateway: Gateway, issuer: IssuerKey, generator: TokenGenerator,
+                            now: int) -> None:
+    gateway.update_deny_list(sign_deny_list(issuer, 2, [77, 5, 900], now), now)
+    assert refusal(gateway, generator.make(Scene.BUS, now), 100, Scene.BUS,
+                   now) == Reason.REVOKED
+
+
+def test_scene_mismatch(gateway: Gateway, generator: TokenGenerator, now: int) -> None:
+    with pytest.raises(errors.SceneMismatch):
+        gateway.scan(generator.make(Scene.METRO, now), 100, Scene.BUS, now)
+
+
+def test_transaction_cap_per_scene(gateway: Gateway, generator: TokenGenerator, now: int) -> None:
+    cap = DEFAULT_TRANSACTION_CAPS[Scene.BUS]
+    assert refusal(gateway, generator.make(Scene.BUS, now), cap + 1, Scene.BUS,
+                   now) == Reason.OVER_TRANSACTION_CAP
+    assert gateway.scan(generator.make(Scene.BUS, now), cap, Scene.BUS, now).amount == cap
+
+
+def test_offline_limit_is_cumulative_until_ack(gateway: Gateway, generator: TokenGenerator,
+                                               now: int) -> None:
+    # The credential's limit is 5000; clinic visits are capped at 50000 each.
+    gateway.scan(generator.make(Scene.CLINIC, now), 3000, Scene.CLINIC, now)
+    gateway.scan(generator.make(Scene.CLINIC, now), 2000, Scene.CLINIC, now)
+    with pytest.raises(errors.OverOfflineLimit):
+        gateway.scan(generator.make(Scene.CLINIC, now), 1, Scene.CLINIC, now)
+    batch = gateway.export_batch(now=now)
+    assert batch is not None
+    gateway.ack(1)
+    assert gateway.offline_spend(1001) == (0, 0)
+    assert gateway.scan(generator.make(Scene.CLINIC, now), 1, Scene.CLINIC, now).amount == 1
+
+
+def test_too_many_offline_uses(tmp_path: Path, gateway_key: GatewayKey, trust: TrustStore,
+                               generator: TokenGenerator, now: int) -> None:
+    gw = open_gateway(tmp_path, gateway_key, trust, max_offline_uses=2, deny_list_max_age=None)
+    gw.scan(generator.make(Scene.BUS, now), 10, Scene.BUS, now)
+    gw.scan(generator.make(Scene.BUS, now), 10, Scene.BUS, now)
+    assert refusal(gw, generator.make(Scene.BUS, now), 10, Scene.BUS,
+                   now) == Reason.TOO_MANY_OFFLINE_USES
+
+
+def test_stale_deny_list_applies_the_stricter_cap(tmp_path: Path, gateway_key: GatewayKey,
+                                                  deny_trust: TrustStore, issuer: IssuerKey,
+                                                  generator: TokenGenerator, now: int) -> None:
+    gw = open_gateway(tmp_path, gateway_key, deny_trust, deny_list_max_age=3600,
+                      stale_transaction_cap=300)
+    # No list at all is as stale as it gets.
+    assert refusal(gw, generator.make(Scene.BUS, now), 301, Scene.BUS,
+                   now) == Reason.DENY_LIST_STALE
+    assert gw.scan(generator.make(Scene.BUS, now), 300, Scene.BUS, now).amount == 300
+    gw.update_deny_list(sign_deny_list(issuer, 1, [], now - 3600), now)
+    assert gw.scan(generator.make(Scene.BUS, now), 301, Scene.BUS, now).amount == 301
+    later = now + 1
+    with pytest.raises(errors.DenyListStale):
+        gw.scan(generator.make(Scene.BUS, later), 301, Scene.BUS, later)
+
+
+def test_verification_errors_pass_through(gateway: Gateway, generator: TokenGenerator,
+                                          now: int) -> None:
+    token = bytearray(generator.make(Scene.BUS, now))
+    token[150] ^= 1
+    assert refusal(gateway, bytes(token), 100, Scene.BUS, now) == Reason.BAD_DEVICE_SIGNATURE
+    assert refusal(gateway, generator.make(Scene.BUS, now - 600), 100, Scene.BUS,
+                   now) == Reason.TOKEN_STALE
+    assert refusal(gateway, "QP:not base45!", 100, Scene.BUS, now) == Reason.MALFORMED_TEXT
+    assert gateway.records() == []
+
+
+def test_scan_batch_reports_each_token_and_commits_once(gateway: Gateway, credential: Credential,
+                                                        device: DeviceKey,
+                                                        generator: TokenGenerator,
+                                                        now: int) -> None:
+    good = [generator.make(Scene.BUS, now) for _ in range(3)]
+    clone = core.make_token(credential.raw, device._secret, now + 1, 2, Scene.BUS)
+    tokens: list[bytes | str] = [good[0], encode_text(good[1]), good[2], clone, good[0],
+                                 b"short", generator.make(Scene.METRO, now)]
+    result = gateway.scan_batch(tokens, [100, 100, 100, 100, 100, 100, 100], Scene.BUS, now)
+    assert [Reason(r) for r in result.reasons] == [
+        Reason.OK, Reason.OK, Reason.OK, Reason.ALREADY_ACCEPTED, Reason.OK,
+        Reason.WRONG_LENGTH, Reason.SCENE_MISMATCH]
+    receipts = result.receipts
+    assert receipts[4] is not None and receipts[4].duplicate
+    assert receipts[0] is not None and receipts[4].record == receipts[0].record
+    assert [r is None for r in receipts] == [False, False, False, True, False, True, True]
+    assert len(gateway.records()) == 3 and gateway.offline_spend(1001) == (300, 3)
+    assert list(result.ok) == [True, True, True, False, True, False, False]
+
+
+def test_bad_amounts_and_inputs(gateway: Gateway, generator: TokenGenerator, now: int) -> None:
+    token = generator.make(Scene.BUS, now)
+    for amounts in ([0], [-5], [2**32], [1.5], [1, 2]):
+        with pytest.raises(errors.InvalidArgument):
+            gateway.scan_batch([token], amounts, Scene.BUS, now)
+    with pytest.raises(errors.InvalidArgument):
+        gateway.scan_batch([12345], [1], Scene.BUS, now)  # type: ignore[list-item]
+    assert gateway.records() == []
+
+
+def test_policy_is_validated() -> None:
+    with pytest.raises(errors.InvalidArgument):
+        GatewayPolicy(max_offline_uses=0)
+    with pytest.raises(errors.InvalidArgument):
+        GatewayPolicy(transaction_caps={Scene.BUS: 100})
+    with pytest.raises(errors.InvalidArgument):
+        GatewayPolicy(skew=-1)
+
+
+# -- trusted time ------------------------------------------------------------------------------
+
+def test_clock_going_back_below_the_floor_is_refused(tmp_path: Path, gateway_key: GatewayKey,
+                                                     trust: TrustStore,
+                                                     generator: TokenGenerator,
+                                                     now: int) -> None:
+    gw = open_gateway(tmp_path, gateway_key, trust, clock_tolerance=5, deny_list_max_age=None)
+    gw.scan(generator.make(Scene.BUS, now), 100, Scene.BUS, now)
+    gw.scan(generator.make(Scene.BUS, now - 5), 100, Scene.BUS, now - 5)  # within tolerance
+    with pytest.raises(errors.ClockUntrusted):
+        gw.scan(generator.make(Scene.BUS, now - 6), 100, Scene.BUS, now - 6)
+    gw.close()
+    reopened = open_gateway(tmp_path, gateway_key, trust, deny_list_max_age=None)
+    assert reopened.time_floor == now  # the floor is persisted with the journal
+    with pytest.raises(errors.ClockUntrusted):
+        reopened.scan_batch([generator.make(Scene.BUS, now - 60)], [100], Scene.BUS, now - 60)
+
+
+# -- deny list --------------------------------------------------------------------------------
+
+def test_deny_list_only_newer_and_valid_lists_apply(gateway: Gateway, issuer: IssuerKey,
+                                                    now: int) -> None:
+    gateway.update_deny_list(sign_deny_list(issuer, 5, [1, 2], now), now)
+    with pytest.raises(errors.StaleUpdate):
+        gateway.update_deny_list(sign_deny_list(issuer, 5, [3], now), now)
+    with pytest.raises(errors.StaleUpdate):
+        gateway.update_deny_list(sign_deny_list(issuer, 4, [3], now), now)
+    rogue = IssuerKey.generate()
+    with pytest.raises(errors.UnknownKeyId):
+        gateway.update_deny_list(sign_deny_list(rogue, 9, [3], now), now)
+    signed = sign_deny_list(issuer, 9, [3], now)
+    _body, signature = split_document(signed)
+    with pytest.raises(errors.BadSignature):
+        gateway.update_deny_list(signed.replace(signature, bytes(64)), now)
+    assert gateway.deny_list.version == 5 and 1 in gateway.deny_list and 3 not in gateway.deny_list
+
+
+def test_deny_list_needs_the_deny_list_role(tmp_path: Path, gateway_key: GatewayKey,
+                                            trust: TrustStore, issuer: IssuerKey,
+                                            now: int) -> None:
+    gw = open_gateway(tmp_path, gateway_key, trust)  # issuer trusted for credentials only
+    with pytest.raises(errors.IssuerKeyRole):
+        gw.update_deny_list(sign_deny_list(issuer, 1, [1], now), now)
+
+
+def test_deny_list_survives_restart(tmp_path: Path, gateway_key: GatewayKey,
+                                    deny_trust: TrustStore, issuer: IssuerKey, now: int) -> None:
+    gw = open_gateway(tmp_path, gateway_key, deny_trust)
+    gw.update_deny_list(sign_deny_list(issuer, 3, [2**64 - 1, 10], now), now)
+    gw.close()
+    again = open_gateway(tmp_path, gateway_key, deny_trust)
+    assert again.deny_list.version == 3 and len(again.deny_list) == 2
+    assert list(again.deny_list.contains([10, 11, 2**64 - 1])) == [True, False, True]
+
+
+@pytest.mark.parametrize("data", [b"", b"\x92", b"\x92\xc4\x01x\xc4\x01y", b"\xc1" * 10])
+def test_malformed_deny_lists(gateway: Gateway, data: bytes, now: int) -> None:
+    with pytest.raises(errors.MalformedMessage):
+        gateway.update_deny_list(data, now)
+
+
+def test_deny_list_document_checks(deny_trust: TrustStore, issuer: IssuerKey) -> None:
+    with pytest.raises(errors.InvalidArgument):
+        sign_deny_list(issuer, 0, [], 1)
+    with pytest.raises(errors.InvalidArgument):
+        sign_deny_list(issuer, 1, [-1], 1)
+    assert len(DenyList.empty()) == 0 and 5 not in DenyList.empty()
+
+
+# -- upload -----------------------------------------------------------------------------------
+
+def test_export_is_stable_until_ack_and_signed(gateway: Gateway, gateway_key: GatewayKey,
+                                               generator: TokenGenerator, now: int) -> None:
+    assert gateway.export_batch(now=now) is None
+    tokens = [generator.make(Scene.BUS, now) for _ in range(5)]
+    gateway.scan_batch(tokens, [10] * 5, Scene.BUS, now)
+    first = gateway.export_batch(max_records=3, now=now)
+    assert first is not None and gateway.export_batch(max_records=3, now=now + 50) == first
+    body, signature = split_document(first)
+    gateway_key.public.verify(TAG_BATCH + body, signature)
+    doc = unpack_strict(body)
+    assert (doc["seq"], doc["first"], doc["last"]) == (1, 1, 3)
+    assert [r[1] for r in doc["records"]] == tokens[:3]
+    gateway.ack(1)
+    gateway.ack(1)  # again: nothing changes
+    second = gateway.export_batch(max_records=3, now=now)
+    assert second is not None and unpack_strict(split_document(second)[0])["first"] == 4
+    assert len(gateway.records()) == 5  # nothing deleted
+    with pytest.raises(errors.InvalidArgument):
+        gateway.ack(99)
+    with pytest.raises(errors.InvalidArgument):
+        gateway.export_batch(max_records=0)
+    assert set(body_map(body, {k: object for k in doc})) == set(doc)
+
+
+def test_state_is_rebuilt_from_the_journal(tmp_path: Path, gateway_key: GatewayKey,
+                                           trust: TrustStore, credential: Credential,
+                                           device: DeviceKey, generator: TokenGenerator,
+                                           now: int) -> None:
+    gw = open_gateway(tmp_path, gateway_key, trust, deny_list_max_age=None)
+    token = generator.make(Scene.BUS, now)
+    gw.scan(token, 400, Scene.BUS, now)
+    gw.close()
+    gw = open_gateway(tmp_path, gateway_key, trust, deny_list_max_age=None)
+    assert gw.offline_spend(1001) == (400, 1)
+    clone = core.make_token(credential.raw, device._secret, now + 1, 1, Scene.BUS)
+    with pytest.raises(errors.AlreadyAccepted):
+        gw.scan(clone, 400, Scene.BUS, now + 1)
+    assert gw.scan(token, 400, Scene.BUS, now + 1).duplicate
+
+
+def test_journal_belongs_to_one_gateway_key(tmp_path: Path, gateway_key: GatewayKey,
+                                            trust: TrustStore) -> None:
+    open_gateway(tmp_path, gateway_key, trust).close()
+    with pytest.raises(errors.InvalidArgument):
+        open_gateway(tmp_path, GatewayKey.generate(), trust)
+
+
+# -- journal failures -------------------------------------------------------------------------
+
+def test_full_disk_refuses_and_accepts_nothing(tmp_path: Path, gateway_key: GatewayKey,
+                                               trust: TrustStore, generator: TokenGenerator,
+                                               now: int) -> None:
+    gateway = open_gateway(tmp_path, gateway_key, trust, max_offline_uses=1000,
+                           deny_list_max_age=None)
+    gateway.scan(generator.make(Scene.BUS, now), 100, Scene.BUS, now)
+    db = gateway._journal._db
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count={pages}")  # SQLite answers SQLITE_FULL from here on
+    tokens = [generator.make(Scene.BUS, now) for _ in range(200)]
+    with pytest.raises(errors.JournalUnavailable):
+        gateway.scan_batch(tokens, [1] * 200, Scene.BUS, now)
+    assert len(gateway.records()) == 1 and gateway.offline_spend(1001) == (100, 1)
+    db.execute("PRAGMA max_page_count=1073741823")  # space again: the same tokens go through
+    assert gateway.scan_batch(tokens, [1] * 200, Scene.BUS, now).ok.all()
+
+
+def test_read_only_journal_refuses(gateway: Gateway, generator: TokenGenerator, now: int) -> None:
+    gateway._journal._db.execute("PRAGMA query_only=ON")
+    with pytest.raises(errors.JournalUnavailable):
+        gateway.scan(generator.make(Scene.BUS, now), 100, Scene.BUS, now)
+    gateway._journal._db.execute("PRAGMA query_only=OFF")
+    assert gateway.records() == []
+
+
+def test_corrupt_journal_is_unavailable(tmp_path: Path, gateway_key: GatewayKey,
+                                        trust: TrustStore) -> None:
+    (tmp_path / "journal.sqlite3").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(errors.JournalUnavailable):
+        open_gateway(tmp_path, gateway_key, trust)
+
+
+def test_directory_that_cannot_be_created(tmp_path: Path, gateway_key: GatewayKey,
+                                          trust: TrustStore) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(errors.JournalUnavailable):
+        open_gateway(tmp_path / "file" / "gw", gateway_key, trust)
+
+
+def test_deny_lookups_agree_with_numpy() -> None:
+    rng = np.random.default_rng(5)
+    hay = np.unique(rng.integers(0, 2**63, size=1000, dtype=np.uint64))
+    needles = np.concatenate([hay[::7], rng.integers(0, 2**63, size=500, dtype=np.uint64)])
+    assert np.array_equal(core.sorted_contains(hay, needles), np.isin(needles, hay))
