@@ -9,13 +9,17 @@ against a TrustStore. `qrpay.backend` says whether the compiled core
 from qrpay._impl import backend
 from qrpay._version import __version__
 from qrpay.credential import ALL_SCENES, Credential, Scene
+from qrpay.denylist import DenyList, sign_deny_list
 from qrpay.errors import (
-    BadDeviceSignature, BadIssuerSignature, BadSignature, CredentialExpired,
-    CredentialNotValid, CredentialNotYetValid, InvalidArgument, InvalidKey,
-    IssuerKeyNotValid, IssuerKeyRole, MalformedCredential, MalformedText, MalformedToken,
-    QrPayError, Reason, SceneNotAllowed, TokenFromFuture, TokenNotFresh, TokenRejected,
-    TokenStale, UnknownKeyId, UnsupportedVersion, WrongLength,
+    AlreadyAccepted, BadDeviceSignature, BadIssuerSignature, BadSignature, ClockUntrusted,
+    CredentialExpired, CredentialNotValid, CredentialNotYetValid, DenyListStale,
+    InvalidArgument, InvalidKey, IssuerKeyNotValid, IssuerKeyRole, JournalUnavailable,
+    MalformedCredential, MalformedMessage, MalformedText, MalformedToken, OverOfflineLimit,
+    OverTransactionCap, QrPayError, Reason, Revoked, SceneMismatch, SceneNotAllowed,
+    ScanRefused, StaleUpdate, TokenFromFuture, TokenNotFresh, TokenRejected, TokenStale,
+    TooManyOfflineUses, UnknownKeyId, UnsupportedVersion, WrongLength,
 )
+from qrpay.gateway import Gateway, GatewayPolicy, Receipt, ScanResult
 from qrpay.format import TOKEN_LEN
 from qrpay.keys import (
     DeviceKey, DevicePublicKey, GatewayKey, GatewayPublicKey, IssuerKey, IssuerPublicKey,
@@ -29,6 +33,10 @@ from qrpay.token import (
 from qrpay.trust import Role, TrustedKey, TrustStore
 
 __all__ = [
+    "AlreadyAccepted", "ClockUntrusted", "DenyList", "DenyListStale", "Gateway",
+    "GatewayPolicy", "JournalUnavailable", "MalformedMessage", "OverOfflineLimit",
+    "OverTransactionCap", "Receipt", "Revoked", "ScanRefused", "ScanResult", "SceneMismatch",
+    "StaleUpdate", "TooManyOfflineUses", "sign_deny_list",
     "ALL_SCENES", "DEFAULT_MAX_AGE", "DEFAULT_SKEW", "TOKEN_LEN",
     "BadDeviceSignature", "BadIssuerSignature", "BadSignature", "BatchResult",
     "Credential", "CredentialExpired", "CredentialNotValid", "CredentialNotYetValid",
