@@ -229,6 +229,8 @@ def test_public_key_verify_raises_bad_signature(issuer: IssuerKey) -> None:
         issuer.public.verify(b"messagE", signature)
     with pytest.raises(errors.BadSignature):
         issuer.public.verify(b"message", signature[:63])
+    with pytest.raises(errors.InvalidArgument):
+        issuer.public.verify(3, signature)  # type: ignore[arg-type]
 
 
 # -- issuing --------------------------------------------------------------------------------

@@ -80,6 +80,7 @@ cdef struct CacheEntry:
 cdef class _Batch:
     cdef const uint8_t[:, ::1] tokens
     cdef const int64_t[::1] lengths
+    cdef const int64_t[::1] now
     cdef uint8_t[::1] reasons
     cdef int64_t[::1] key_index
     cdef int64_t[::1] leader      # -1: credential cached; i: verifies it; j: waits on j
@@ -102,5 +103,5 @@ cdef class Verifier:
                           int64_t now, Py_ssize_t *key_index) noexcept nogil
     cdef Py_ssize_t cache_find(self, const uint8_t *cred) noexcept nogil
     cdef void cache_put(self, const uint8_t *cred) noexcept nogil
-    cdef void _plan(self, _Batch b, int64_t[::1] pending, int64_t now) noexcept nogil
-    cdef void _conclude(self, _Batch b, int64_t now, int64_t max_age, int64_t skew) noexcept nogil
+    cdef void _plan(self, _Batch b, int64_t[::1] pending) noexcept nogil
+    cdef void _conclude(self, _Batch b, int64_t max_age, int64_t skew) noexcept nogil

@@ -22,7 +22,7 @@ class Verifier:
         self,
         tokens: npt.NDArray[np.uint8],
         lengths: npt.NDArray[np.int64],
-        now: int,
+        now: int | npt.NDArray[np.int64],
         max_age: int,
         skew: int,
         threads: int = 1,

@@ -237,7 +237,9 @@ cdef class Verifier:
         return final_checks(tok, now, max_age, skew)
 
     def verify_many(self, const uint8_t[:, ::1] tokens, const int64_t[::1] lengths,
-                    int64_t now, int64_t max_age, int64_t skew, int threads=1):
+                    now, int64_t max_age, int64_t skew, int threads=1):
+        # `now` is one time for the batch or one per token (settlement re-verifies
+        # each record at the gateway time it was scanned).
         cdef Py_ssize_t n = tokens.shape[0]
         if tokens.shape[1] != TOKEN_LEN or lengths.shape[0] != n:
             raise InvalidArgument(f"tokens must be an (n, {TOKEN_LEN}) uint8 array with n lengths")
@@ -246,6 +248,7 @@ cdef class Verifier:
         b.n = n
         b.tokens = tokens
         b.lengths = lengths
+        b.now = _times(now, n)
         b.reasons = reasons
         b.key_index = np.full(n, -1, dtype=np.int64)
         b.leader = np.full(n, -1, dtype=np.int64)
@@ -254,14 +257,14 @@ cdef class Verifier:
         cdef int64_t[::1] pending = np.full(_pow2_at_least(2 * n), -1, dtype=np.int64)
         with nogil:
             with self.lock:
-                self._plan(b, pending, now)
+                self._plan(b, pending)
         _split(lambda t, count: self._verify_share(b, t, count), n, threads)
         with nogil:
             with self.lock:
-                self._conclude(b, now, max_age, skew)
+                self._conclude(b, max_age, skew)
         return reasons
 
-    cdef void _plan(self, _Batch b, int64_t[::1] pending, int64_t now) noexcept nogil:
+    cdef void _plan(self, _Batch b, int64_t[::1] pending) noexcept nogil:
         # Header checks and cache lookups; an uncached credential seen twice in
         # one batch is verified once (its first token leads, the rest wait on it).
         cdef Py_ssize_t i, j, ki, mask = pending.shape[0] - 1
@@ -269,7 +272,7 @@ cdef class Verifier:
         cdef uint64_t h
         for i in range(b.n):
             tok = &b.tokens[i, 0]
-            b.reasons[i] = self.header_check(tok, b.lengths[i], now, &ki)
+            b.reasons[i] = self.header_check(tok, b.lengths[i], b.now[i], &ki)
             if b.reasons[i] != R_OK:
                 continue
             b.key_index[i] = ki
@@ -303,7 +306,7 @@ cdef class Verifier:
                         b.dev_ok[i] = verify_device_signature(tok)
                 i += step
 
-    cdef void _conclude(self, _Batch b, int64_t now, int64_t max_age, int64_t skew) noexcept nogil:
+    cdef void _conclude(self, _Batch b, int64_t max_age, int64_t skew) noexcept nogil:
         cdef Py_ssize_t i, lead
         for i in range(b.n):
             if b.reasons[i] != R_OK:
@@ -317,7 +320,14 @@ cdef class Verifier:
             if not b.dev_ok[i]:
                 b.reasons[i] = R_BAD_DEVICE_SIGNATURE
                 continue
-            b.reasons[i] = final_checks(&b.tokens[i, 0], now, max_age, skew)
+            b.reasons[i] = final_checks(&b.tokens[i, 0], b.now[i], max_age, skew)
+
+
+def _times(now, Py_ssize_t n):
+    times = np.asarray(now)
+    if times.dtype.kind not in "iu" or times.ndim > 1 or (times.ndim == 1 and len(times) != n):
+        raise InvalidArgument("now is an integer, or one integer per token")
+    return np.ascontiguousarray(np.broadcast_to(times, (n,)), dtype=np.int64)
 
 
 cdef Py_ssize_t _pow2_at_least(Py_ssize_t n) noexcept:

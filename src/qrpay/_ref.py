@@ -144,13 +144,17 @@ class Verifier:
             return int(Reason.BAD_DEVICE_SIGNATURE)
         return int(_final_checks(token, now, max_age, skew))
 
-    def verify_many(self, tokens: Any, lengths: Any, now: int, max_age: int, skew: int,
+    def verify_many(self, tokens: Any, lengths: Any, now: Any, max_age: int, skew: int,
                     threads: int = 1) -> np.ndarray[Any, np.dtype[np.uint8]]:
         tokens = np.ascontiguousarray(tokens, dtype=np.uint8)
         lengths = np.ascontiguousarray(lengths, dtype=np.int64)
         n = tokens.shape[0]
         if tokens.ndim != 2 or tokens.shape[1] != TOKEN_LEN or lengths.shape[0] != n:
             raise InvalidArgument(f"tokens must be an (n, {TOKEN_LEN}) uint8 array with n lengths")
+        times = np.asarray(now)
+        if times.dtype.kind not in "iu" or times.ndim > 1 or (times.ndim == 1 and len(times) != n):
+            raise InvalidArgument("now is an integer, or one integer per token")
+        nows = [int(t) for t in np.broadcast_to(times, (n,))]
         rows = [tokens[i].tobytes() for i in range(n)]
         reasons = np.zeros(n, dtype=np.uint8)
         key_index = [-1] * n
@@ -163,7 +167,7 @@ class Verifier:
                 if lengths[i] != TOKEN_LEN:
                     reasons[i] = Reason.WRONG_LENGTH
                     continue
-                reasons[i], key_index[i] = self._header_check(tok, now)
+                reasons[i], key_index[i] = self._header_check(tok, nows[i])
                 if reasons[i] != Reason.OK:
                     continue
                 cred = tok[:CRED_LEN]
@@ -199,7 +203,7 @@ class Verifier:
                 if not dev_ok[i]:
                     reasons[i] = Reason.BAD_DEVICE_SIGNATURE
                     continue
-                reasons[i] = _final_checks(tok, now, max_age, skew)
+                reasons[i] = _final_checks(tok, nows[i], max_age, skew)
         return reasons
 
 

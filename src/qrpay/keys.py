@@ -26,6 +26,7 @@ from qrpay.format import (
 )
 
 _KID_PERSON = b"qrpay-kid-v1"
+_BYTES = (bytes, bytearray, memoryview)
 
 P = TypeVar("P", bound="PublicKey")
 S = TypeVar("S", bound="SigningKey")
@@ -99,6 +100,9 @@ class PublicKey:
 
     def verify(self, message: bytes, signature: bytes) -> None:
         """Check an Ed25519 signature over exactly `message`; raise BadSignature."""
+        if not isinstance(message, _BYTES) or not isinstance(signature, _BYTES):
+            # bytes(3) would be three zero bytes: never convert anything else.
+            raise InvalidArgument("message and signature are bytes")
         if not core.verify_detached(self._raw, bytes(message), bytes(signature)):
             raise BadSignature()
 

@@ -130,16 +130,19 @@ def as_token_array(tokens: Sequence[bytes] | npt.NDArray[np.uint8]
 
 
 def verify_batch(tokens: Sequence[bytes] | npt.NDArray[np.uint8], trust: TrustStore,
-                 now: float | None = None, *, max_age: int = DEFAULT_MAX_AGE,
-                 skew: int = DEFAULT_SKEW, threads: int = 1) -> BatchResult:
+                 now: float | npt.NDArray[np.integer[Any]] | None = None, *,
+                 max_age: int = DEFAULT_MAX_AGE, skew: int = DEFAULT_SKEW,
+                 threads: int = 1) -> BatchResult:
     """Verify many tokens at once, split across `threads` with the GIL
-    released. Never raises for a bad token: see `BatchResult.reasons`."""
+    released. `now` is one time for all, or an array with one time per token.
+    Never raises for a bad token: see `BatchResult.reasons`."""
     _check_window(max_age, skew)
     if threads < 1:
         raise InvalidArgument("threads must be at least 1")
     array, lengths = as_token_array(tokens)
-    reasons = np.asarray(trust.verifier().verify_many(array, lengths, _now(now), max_age,
-                                                      skew, threads))
+    times = now if isinstance(now, np.ndarray) else _now(now)
+    reasons = np.asarray(trust.verifier().verify_many(array, lengths, times, max_age, skew,
+                                                      threads))
     fields = array.view(TOKEN_DTYPE).reshape(-1)
     rejected = reasons != Reason.OK
 
