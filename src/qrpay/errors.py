@@ -49,6 +49,8 @@ class Reason(enum.IntEnum):
     MALFORMED_CREDENTIAL = 34
     MALFORMED_MESSAGE = 35
     STALE_UPDATE = 36
+    UNKNOWN_GATEWAY = 37
+    STORE_UNAVAILABLE = 38
 
 
 class QrPayError(Exception):
@@ -225,6 +227,18 @@ class StaleUpdate(QrPayError, ValueError):
     reason = Reason.STALE_UPDATE
 
 
+class UnknownGateway(QrPayError, ValueError):
+    """A batch signed by a gateway key that settlement does not know."""
+
+    reason = Reason.UNKNOWN_GATEWAY
+
+
+class StoreUnavailable(QrPayError, OSError):
+    """The settlement store cannot be read or written."""
+
+    reason = Reason.STORE_UNAVAILABLE
+
+
 _BY_REASON: dict[Reason, type[QrPayError]] = {}
 for _cls in (
     WrongLength, UnsupportedVersion, UnknownKeyId, IssuerKeyRole, IssuerKeyNotValid,
@@ -232,7 +246,8 @@ for _cls in (
     TokenFromFuture, TokenStale, SceneNotAllowed, MalformedText, InvalidKey,
     InvalidArgument, BadSignature, MalformedCredential, Revoked, SceneMismatch,
     AlreadyAccepted, OverTransactionCap, DenyListStale, OverOfflineLimit, TooManyOfflineUses,
-    ClockUntrusted, JournalUnavailable, MalformedMessage, StaleUpdate,
+    ClockUntrusted, JournalUnavailable, MalformedMessage, StaleUpdate, UnknownGateway,
+    StoreUnavailable,
 ):
     _BY_REASON[_cls.reason] = _cls
 

@@ -1,0 +1,159 @@
+"""The settlement kernel: who is charged and what is fraud, over numpy arrays.
+
+No Python loop per transaction: everything is sort, group and compare over
+whole columns, so the same function can run per account partition on a
+distributed engine. Inputs are the records of every ingested batch in arrival
+order; the output is derived state, recomputed from the records alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+# One row per journaled scan as settlement stores it (little-endian, packed).
+RECORD_DTYPE = np.dtype([
+    ("record", "<u8"),        # the gateway's record number
+    ("serial", "<u8"),
+    ("counter", "<u4"),
+    ("account", "<u8"),
+    ("amount", "<u4"),
+    ("scene", "u1"),
+    ("reason", "u1"),         # re-verification result, 0 = valid
+    ("gateway_time", "<u4"),
+    ("issued_at", "<u4"),
+    ("limit", "<u4"),
+    ("token_id", "<u8"),      # first 8 bytes of the device signature
+])
+
+Mask = npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True)
+class LedgerResult:
+    """Per-record verdicts (masks over the input rows) and per-window spend."""
+
+    charged: Mask          # the first valid occurrence of each (serial, counter)
+    double_spend: Mask     # the same token again, at another gateway
+    duplicate: Mask        # the same token again, at the same gateway
+    clone: Mask            # another token with a (serial, counter) already used
+    backwards: Mask        # a counter lower than an earlier-issued token's
+    invalid: Mask          # failed re-verification: the gateway should not have accepted it
+    over_serial: npt.NDArray[np.uint64]   # overspend: credential serial,
+    over_window: npt.NDArray[np.int64]    # period index (gateway_time // period),
+    over_spent: npt.NDArray[np.int64]     # charged amount in that window,
+    over_limit: npt.NDArray[np.int64]     # and the credential's limit
+
+
+def settle(records: npt.NDArray[np.void], gateway: npt.NDArray[np.int64],
+           period: int) -> LedgerResult:
+    """Classify every record. `records` is RECORD_DTYPE in arrival order,
+    `gateway` the index of the gateway each came from."""
+    n = len(records)
+    serial = records["serial"]
+    counter = records["counter"]
+    token_id = records["token_id"]
+    invalid = records["reason"] != 0
+    valid = ~invalid
+
+    # Group valid records by (serial, counter); arrival order breaks ties, so
+    # the first occurrence to arrive is the one charged, whatever came later.
+    arrival = np.arange(n)
+    order = np.lexsort((arrival, counter, serial))
+    order = order[valid[order]]
+    s, c = serial[order], counter[order]
+    starts = np.ones(len(order), dtype=np.bool_)
+    starts[1:] = (s[1:] != s[:-1]) | (c[1:] != c[:-1])
+    group = np.cumsum(starts) - 1
+    first = order[starts][group]             # for each row: the charged row of its group
+    repeat = order[~starts]
+    first_of_repeat = first[~starts]
+    same_token = token_id[repeat] == token_id[first_of_repeat]
+    same_gateway = gateway[repeat] == gateway[first_of_repeat]
+
+    charged = np.zeros(n, dtype=np.bool_)
+    charged[order[starts]] = True
+    double_spend = np.zeros(n, dtype=np.bool_)
+    double_spend[repeat[same_token & ~same_gateway]] = True
+    duplicate = np.zeros(n, dtype=np.bool_)
+    duplicate[repeat[same_token & same_gateway]] = True
+    clone = np.zeros(n, dtype=np.bool_)
+    clone[repeat[~same_token]] = True
+
+    # A phone's counter rises with issued_at: a token whose counter is below
+    # one issued strictly earlier on the same credential comes from a second
+    # device running a copy of it.
+    backwards = np.zeros(n, dtype=np.bool_)
+    charged_rows = np.flatnonzero(charged)
+    issued = records["issued_at"][charged_rows]
+    rows = charged_rows[np.lexsort((counter[charged_rows], issued, serial[charged_rows]))]
+    backwards[rows[_below_earlier_max(serial[rows], records["issued_at"][rows],
+                                      counter[rows].astype(np.int64))]] = True
+
+    over = _overspend(records[charged_rows], period)
+    return LedgerResult(charged, double_spend, duplicate, clone, backwards, invalid, *over)
+
+
+def _below_earlier_max(serial: npt.NDArray[np.uint64], issued: npt.NDArray[np.uint32],
+                       counter: npt.NDArray[np.int64]) -> Mask:
+    """Rows sorted by (serial, issued_at, counter): whether each counter is
+    below the largest counter of the same serial issued strictly earlier."""
+    if len(serial) == 0:
+        return np.zeros(0, dtype=np.bool_)
+    new_serial = np.r_[True, serial[1:] != serial[:-1]]
+    new_time = new_serial | np.r_[True, issued[1:] != issued[:-1]]
+    at = np.flatnonzero(new_time)                       # one group per (serial, second)
+    group_max = np.maximum.reduceat(counter, at)
+    serial_of_group = np.cumsum(new_serial[at]) - 1
+    # Running max within each serial: lift each serial above all earlier ones.
+    lift = serial_of_group * (int(counter.max()) + 1)
+    running = np.maximum.accumulate(group_max + lift) - lift
+    earlier = np.r_[-1, running[:-1]]
+    earlier[new_serial[at]] = -1                        # nothing before a serial's first second
+    row_group = np.cumsum(new_time) - 1
+    return np.asarray(counter < earlier[row_group], dtype=np.bool_)
+
+
+def _overspend(charged: npt.NDArray[np.void], period: int
+               ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64],
+                          npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    window = charged["gateway_time"].astype(np.int64) // period
+    order = np.lexsort((window, charged["serial"]))
+    s, w = charged["serial"][order], window[order]
+    starts = np.ones(len(order), dtype=np.bool_)
+    starts[1:] = (s[1:] != s[:-1]) | (w[1:] != w[:-1])
+    idx = np.flatnonzero(starts)
+    spent = np.add.reduceat(charged["amount"][order].astype(np.int64), idx) if len(idx) else (
+        np.zeros(0, dtype=np.int64))
+    # A credential's limit is one value; the largest seen is the most generous reading.
+    limit = np.maximum.reduceat(charged["limit"][order].astype(np.int64), idx) if len(idx) else (
+        np.zeros(0, dtype=np.int64))
+    over = spent > limit
+    return s[idx][over], w[idx][over], spent[over], limit[over]
+
+
+def sequence_gaps(record_numbers: npt.NDArray[np.uint64]) -> list[tuple[int, int]]:
+    """Missing record numbers of one gateway as inclusive (from, to) ranges,
+    counting from 1."""
+    seen = np.unique(record_numbers.astype(np.int64))
+    expected_next = np.r_[1, seen[:-1] + 1] if len(seen) else np.zeros(0, dtype=np.int64)
+    gap = seen > expected_next
+    return [(int(a), int(b)) for a, b in zip(expected_next[gap], seen[gap] - 1)]
+
+
+def totals_by_account(records: npt.NDArray[np.void], mask: Mask
+                      ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64],
+                                 npt.NDArray[np.int64]]:
+    """(account, amount, count) of the masked records, accounts ascending;
+    exact integer sums."""
+    account = records["account"][mask]
+    order = np.argsort(account, kind="stable")
+    account = account[order]
+    amount = records["amount"][mask][order].astype(np.int64)
+    if len(account) == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return account, empty, empty
+    at = np.flatnonzero(np.r_[True, account[1:] != account[:-1]])
+    return account[at], np.add.reduceat(amount, at), np.diff(np.r_[at, len(account)])

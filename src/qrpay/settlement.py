@@ -1,0 +1,394 @@
+"""Settlement: turn gateway uploads into charges and catch what no single
+offline gateway can see (docs/SETTLEMENT.md).
+
+`ingest` applies a signed batch atomically and idempotently; every token in
+it is verified again. The verdicts (charged, double spend, clone, overspend)
+are derived from all stored records by the vectorised kernel in ledger.py.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from qrpay.credential import Scene
+from qrpay.denylist import DenyList, sign_deny_list
+from qrpay.errors import (
+    InvalidArgument, MalformedMessage, Reason, StoreUnavailable, UnknownGateway,
+)
+from qrpay.format import (
+    PUBLIC_KEY_LEN, TAG_BATCH, TOKEN_DEVICE_SIG, TOKEN_DTYPE, TOKEN_LEN, U32_MAX,
+)
+from qrpay.keys import GatewayPublicKey, IssuerKey
+from qrpay.ledger import RECORD_DTYPE, LedgerResult, sequence_gaps, settle, totals_by_account
+from qrpay.token import DEFAULT_MAX_AGE, DEFAULT_SKEW, as_token_array, verify_batch
+from qrpay.trust import TrustStore
+from qrpay.wire import body_map, split_document, verify_document
+
+STORE_FILE = "settlement.sqlite3"
+MAX_RECORDS_PER_BATCH = 100_000
+_BATCH_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "v": int, "gateway": bytes, "seq": int, "first": int, "last": int, "created_at": int,
+    "records": list,
+}
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS gateways (id TEXT PRIMARY KEY, public BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS batches (
+    arrival INTEGER PRIMARY KEY,
+    gateway TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    digest BLOB NOT NULL,
+    first INTEGER NOT NULL,
+    last INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    records BLOB NOT NULL,
+    tokens BLOB NOT NULL,
+    UNIQUE (gateway, seq)
+);
+CREATE TABLE IF NOT EXISTS deny_lists (version INTEGER PRIMARY KEY, document BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS repayments (
+    id INTEGER PRIMARY KEY, account INTEGER NOT NULL, amount INTEGER NOT NULL,
+    paid_at INTEGER NOT NULL
+)
+"""
+
+
+class IngestStatus(str, enum.Enum):
+    APPLIED = "applied"     # new: stored, in one transaction
+    EXISTS = "exists"       # the same batch again: nothing changed
+    CONFLICT = "conflict"   # same (gateway, seq) or records, other content: nothing changed
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    status: IngestStatus
+    gateway: str
+    seq: int
+    records: int
+    invalid: int = 0   # records whose token failed re-verification
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One fraud or integrity finding. `kind` is one of: double_spend, clone,
+    overspend, invalid_token, duplicate_record, sequence_gap."""
+
+    kind: str
+    serial: int = 0
+    account: int = 0
+    counter: int = 0
+    gateways: tuple[str, ...] = ()
+    records: tuple[tuple[str, int], ...] = ()
+    amount: int = 0          # the amount involved, or for overspend the amount over
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Report:
+    """Charges per account (for the bank debit) and every finding."""
+
+    accounts: npt.NDArray[np.uint64]
+    amounts: npt.NDArray[np.int64]
+    counts: npt.NDArray[np.int64]
+    findings: list[Finding] = field(default_factory=list)
+    records: int = 0
+    charged_total: int = 0
+    rejected_total: int = 0
+
+    def of_kind(self, kind: str) -> list[Finding]:
+        return [f for f in self.findings if f.kind == kind]
+
+    def flagged_serials(self) -> set[int]:
+        """Credentials to deny: caught in a double spend, a clone or an overspend."""
+        return {f.serial for f in self.findings
+                if f.kind in ("double_spend", "clone", "overspend")}
+
+    def charge_of(self, account: int) -> int:
+        at = np.searchsorted(self.accounts, np.uint64(account))
+        hit = at < len(self.accounts) and self.accounts[at] == account
+        return int(self.amounts[at]) if hit else 0
+
+
+class Settlement:
+    """The settlement store (an SQLite file in `directory`) with the registry
+    of gateway keys and the issuer trust store used to re-verify tokens."""
+
+    def __init__(self, directory: str | Path, trust: TrustStore,
+                 gateways: Iterable[GatewayPublicKey] = (), *, period: int = 86_400,
+                 max_age: int = DEFAULT_MAX_AGE, skew: int = DEFAULT_SKEW,
+                 threads: int = 1) -> None:
+        if period < 1 or max_age < 0 or skew < 0 or threads < 1:
+            raise InvalidArgument("period and threads are positive, max_age and skew >= 0")
+        self.directory = Path(directory)
+        self.trust = trust
+        self.period = period
+        self.max_age = max_age
+        self.skew = skew
+        self.threads = threads
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.directory / STORE_FILE, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreUnavailable(f"settlement store {self.directory}: {exc}") from exc
+        with self._transaction() as db:
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(statement)
+        for key in gateways:
+            self.register_gateway(key)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"settlement store: {exc}") from exc
+        try:
+            yield self._db
+            self._db.execute("COMMIT")
+        except BaseException as exc:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            if isinstance(exc, (sqlite3.Error, OSError)):
+                raise StoreUnavailable(f"settlement store: {exc}") from exc
+            raise
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        try:
+            return self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"settlement store: {exc}") from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- gateways ----------------------------------------------------------------------
+
+    def register_gateway(self, key: GatewayPublicKey) -> str:
+        if not isinstance(key, GatewayPublicKey):
+            raise InvalidArgument("gateways are registered by their GatewayPublicKey")
+        gateway_id = key.kid.hex()
+        with self._transaction() as db:
+            db.execute("INSERT INTO gateways(id, public) VALUES (?, ?) ON CONFLICT(id) "
+                       "DO NOTHING", (gateway_id, key.to_bytes()))
+        return gateway_id
+
+    def _gateway_key(self, public: bytes) -> tuple[str, GatewayPublicKey]:
+        if len(public) != PUBLIC_KEY_LEN:
+            raise MalformedMessage("gateway key is 32 bytes")
+        rows = self._query("SELECT id FROM gateways WHERE public = ?", (public,))
+        if not rows:
+            raise UnknownGateway("batch from a gateway that is not registered")
+        return rows[0][0], GatewayPublicKey(public)
+
+    # -- ingest ------------------------------------------------------------------------
+
+    def ingest(self, data: bytes) -> IngestResult:
+        """Apply one signed upload batch. Raises MalformedMessage,
+        UnknownGateway or BadSignature for a batch that is rejected whole."""
+        body, signature = split_document(data)
+        doc = body_map(body, _BATCH_FIELDS, max_array=MAX_RECORDS_PER_BATCH, max_bin=4096)
+        if doc["v"] != 1:
+            raise MalformedMessage(f"unsupported batch format {doc['v']}")
+        gateway_id, gateway_key = self._gateway_key(doc["gateway"])
+        verify_document(gateway_key, TAG_BATCH, body, signature)
+        seq, first, last = doc["seq"], doc["first"], doc["last"]
+        records, tokens = _parse_records(doc["records"], first, last)
+        if seq < 1:
+            raise MalformedMessage("batch seq starts at 1")
+        digest = hashlib.blake2b(body, digest_size=32).digest()
+
+        existing = self._query("SELECT digest FROM batches WHERE gateway = ? AND seq = ?",
+                               (gateway_id, seq))
+        if existing:
+            status = IngestStatus.EXISTS if existing[0][0] == digest else IngestStatus.CONFLICT
+            return IngestResult(status, gateway_id, seq, len(records))
+        overlap = self._query("SELECT 1 FROM batches WHERE gateway = ? AND first <= ? "
+                              "AND last >= ?", (gateway_id, last, first))
+        if overlap:  # the same record numbers under another batch number
+            return IngestResult(IngestStatus.CONFLICT, gateway_id, seq, len(records))
+
+        # A gateway can be compromised: every token is verified again, at the
+        # time the gateway says it scanned it.
+        checked = verify_batch(tokens, self.trust, records["gateway_time"].astype(np.int64),
+                               max_age=self.max_age, skew=self.skew, threads=self.threads)
+        reasons = checked.reasons.copy()
+        fields = tokens.view(TOKEN_DTYPE).reshape(-1)
+        valid = reasons == Reason.OK
+        reasons[valid & (fields["scene"] != records["scene"])] = Reason.SCENE_MISMATCH
+        records["reason"] = reasons
+        for name in ("serial", "counter", "account", "issued_at", "limit"):
+            records[name] = fields[name]
+        records["token_id"] = tokens[:, TOKEN_DEVICE_SIG:TOKEN_DEVICE_SIG + 8].copy().view(
+            "<u8").reshape(-1)
+        try:
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT INTO batches(gateway, seq, digest, first, last, created_at, "
+                    "records, tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (gateway_id, seq, digest, first, last, doc["created_at"],
+                     records.tobytes(), tokens.tobytes()))
+        except StoreUnavailable as exc:
+            if isinstance(exc.__cause__, sqlite3.IntegrityError):  # lost a race: same batch
+                return self.ingest(data)
+            raise
+        return IngestResult(IngestStatus.APPLIED, gateway_id, seq, len(records),
+                            int(np.count_nonzero(reasons != Reason.OK)))
+
+    # -- outputs -----------------------------------------------------------------------
+
+    def _load(self) -> tuple[npt.NDArray[np.void], npt.NDArray[np.int64], list[str],
+                             list[tuple[str, int, int, int]]]:
+        rows = self._query("SELECT gateway, seq, first, last, records FROM batches "
+                           "ORDER BY arrival")
+        names = sorted({r[0] for r in rows})
+        index = {name: i for i, name in enumerate(names)}
+        parts = [np.frombuffer(r[4], dtype=RECORD_DTYPE) for r in rows]
+        records = np.concatenate(parts) if parts else np.zeros(0, dtype=RECORD_DTYPE)
+        gateway = np.repeat(np.array([index[r[0]] for r in rows], dtype=np.int64),
+                            [len(p) for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+        return records, gateway, names, [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def report(self) -> Report:
+        """Charges and findings over everything ingested so far."""
+        records, gateway, names, batches = self._load()
+        result = settle(records, gateway, self.period)
+        accounts, amounts, counts = totals_by_account(records, result.charged)
+        findings = _findings(records, gateway, names, result)
+        findings += _gaps(records, gateway, names, batches)
+        return Report(accounts, amounts, counts, findings, len(records),
+                      int(amounts.sum()), int(records["amount"][~result.charged].astype(
+                          np.int64).sum()))
+
+    def deny_list(self) -> DenyList | None:
+        rows = self._query("SELECT document FROM deny_lists ORDER BY version DESC LIMIT 1")
+        return DenyList.load(rows[0][0], self.trust) if rows else None
+
+    def publish_deny_list(self, key: IssuerKey, issued_at: int) -> tuple[bytes, list[int]]:
+        """Sign the next deny list: the previous one plus every credential now
+        flagged. Returns the document and the serials it adds (the delta)."""
+        previous = self.deny_list()
+        old = {int(s) for s in previous.serials} if previous is not None else set()
+        flagged = self.report().flagged_serials()
+        version = (previous.version if previous is not None else 0) + 1
+        document = sign_deny_list(key, version, old | flagged, issued_at)
+        with self._transaction() as db:
+            db.execute("INSERT INTO deny_lists(version, document) VALUES (?, ?)",
+                       (version, document))
+        return document, sorted(flagged - old)
+
+    def record_repayment(self, account: int, amount: int, paid_at: int) -> None:
+        """A repayment event: part of the account history that scoring reads."""
+        for name, value, top in (("account", account, 2**63 - 1), ("amount", amount, 2**62),
+                                 ("paid_at", paid_at, U32_MAX)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
+                raise InvalidArgument(f"{name} must be a non-negative integer")
+        with self._transaction() as db:
+            db.execute("INSERT INTO repayments(account, amount, paid_at) VALUES (?, ?, ?)",
+                       (account, amount, paid_at))
+
+    def repayments(self, account: int | None = None) -> list[tuple[int, int, int]]:
+        """(account, amount, paid_at) rows, oldest first."""
+        if account is None:
+            rows = self._query("SELECT account, amount, paid_at FROM repayments ORDER BY id")
+        else:
+            rows = self._query("SELECT account, amount, paid_at FROM repayments "
+                               "WHERE account = ? ORDER BY id", (account,))
+        return [(int(a), int(m), int(p)) for a, m, p in rows]
+
+    def batch_count(self) -> int:
+        return int(self._query("SELECT COUNT(*) FROM batches")[0][0])
+
+
+def _parse_records(items: list[Any], first: int, last: int
+                   ) -> tuple[npt.NDArray[np.void], npt.NDArray[np.uint8]]:
+    if not items or last - first + 1 != len(items) or first < 1:
+        raise MalformedMessage("a batch holds records first..last, one each, from 1")
+    records = np.zeros(len(items), dtype=RECORD_DTYPE)
+    tokens: list[bytes] = []
+    for i, item in enumerate(items):
+        if (not isinstance(item, list) or len(item) != 5 or not isinstance(item[1], bytes)
+                or not all(isinstance(v, int) and not isinstance(v, bool)
+                           for v in (item[0], item[2], item[3], item[4]))):
+            raise MalformedMessage("a record is [seq, token, amount, scene, gateway_time]")
+        seq, token, amount, scene, at = item
+        if seq != first + i or not 0 < amount <= U32_MAX or not 0 <= at <= U32_MAX:
+            raise MalformedMessage(f"record {i} has a field out of range")
+        if scene not in Scene.__members__.values() or len(token) > 2 * TOKEN_LEN:
+            raise MalformedMessage(f"record {i} has an unknown scene or an oversized token")
+        records[i]["record"] = seq
+        records[i]["amount"] = amount
+        records[i]["scene"] = scene
+        records[i]["gateway_time"] = at
+        tokens.append(token)
+    array, lengths = as_token_array(tokens)
+    if np.any(lengths != TOKEN_LEN):
+        array[lengths != TOKEN_LEN] = 0  # kept as rows the core rejects as malformed
+    return records, array
+
+
+def _findings(records: npt.NDArray[np.void], gateway: npt.NDArray[np.int64], names: list[str],
+              result: LedgerResult) -> list[Finding]:
+    """Turn the kernel's masks into findings (a loop over flagged rows only)."""
+    key_of_first: dict[tuple[int, int], int] = {
+        (int(s), int(c)): int(i) for i, s, c in zip(
+            np.flatnonzero(result.charged), records["serial"][result.charged],
+            records["counter"][result.charged])}
+    found: list[Finding] = []
+
+    def where(i: int) -> tuple[str, int]:
+        return names[gateway[i]], int(records["record"][i])
+
+    for kind, mask in (("double_spend", result.double_spend), ("clone", result.clone),
+                       ("duplicate_record", result.duplicate)):
+        for i in np.flatnonzero(mask):
+            r = records[i]
+            first = key_of_first[(int(r["serial"]), int(r["counter"]))]
+            found.append(Finding(kind, int(r["serial"]), int(r["account"]), int(r["counter"]),
+                                 (names[gateway[first]], names[gateway[i]]),
+                                 (where(first), where(int(i))), int(r["amount"])))
+    for i in np.flatnonzero(result.backwards):
+        r = records[i]
+        found.append(Finding("clone", int(r["serial"]), int(r["account"]), int(r["counter"]),
+                             (names[gateway[i]],), (where(int(i)),), int(r["amount"]),
+                             "counter went backwards"))
+    for i in np.flatnonzero(result.invalid):
+        r = records[i]
+        found.append(Finding("invalid_token", int(r["serial"]), int(r["account"]),
+                             int(r["counter"]), (names[gateway[i]],), (where(int(i)),),
+                             int(r["amount"]), Reason(int(r["reason"])).name))
+    accounts = {int(s): int(a) for s, a in zip(records["serial"], records["account"])}
+    for serial, window, spent, limit in zip(result.over_serial, result.over_window,
+                                            result.over_spent, result.over_limit):
+        found.append(Finding("overspend", int(serial), accounts[int(serial)], 0, (), (),
+                             int(spent - limit),
+                             f"spent {int(spent)} of limit {int(limit)} in period {int(window)}"))
+    return found
+
+
+def _gaps(records: npt.NDArray[np.void], gateway: npt.NDArray[np.int64], names: list[str],
+          batches: list[tuple[str, int, int, int]]) -> list[Finding]:
+    found = []
+    for g, name in enumerate(names):
+        for start, end in sequence_gaps(records["record"][gateway == g]):
+            found.append(Finding("sequence_gap", gateways=(name,),
+                                 detail=f"records {start}..{end} missing"))
+        seqs = sorted(seq for gw, seq, _f, _l in batches if gw == name)
+        for start, end in sequence_gaps(np.array(seqs, dtype=np.uint64)):
+            found.append(Finding("sequence_gap", gateways=(name,),
+                                 detail=f"batches {start}..{end} missing"))
+    return found
