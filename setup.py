@@ -24,7 +24,7 @@ extensions = [
     Extension(
         "qrpay._core",
         ["src/qrpay/_core.pyx"],
-        extra_compile_args=["-O2"] if not DEBUG else ["-O0", "-g"],
+        extra_compile_args=["-O3"] if not DEBUG else ["-O0", "-g"],
     )
 ]
 

@@ -14,7 +14,10 @@ from qrpay import (
     verify, verify_batch,
 )
 from qrpay._impl import core
-from qrpay.format import CRED_LIMIT, CRED_LEN, TOKEN_ISSUED_AT, TOKEN_LEN
+from qrpay.format import (
+    CRED_BODY_LEN, CRED_LEN, CRED_LIMIT, CRED_STRUCT, TAG_CRED, TOKEN_ISSUED_AT, TOKEN_LEN,
+    VERSION,
+)
 
 SMALL_ORDER_POINT = bytes(32)  # the encoding 0: y = 0, a point of order 4
 NON_CANONICAL = b"\xed" + b"\xff" * 30 + b"\x7f"  # y = p: not reduced mod p
@@ -220,6 +223,33 @@ def test_unsafe_public_keys_are_rejected(bad: bytes) -> None:
 def test_corrupt_key_text(text: str) -> None:
     with pytest.raises(errors.InvalidKey):
         IssuerKey.from_secret_text(text)
+
+
+def test_key_text_has_exactly_one_spelling() -> None:
+    key = IssuerKey(bytes(range(32)))
+    text = key.secret_text()
+    body = text.rpartition(":")[2]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    # 32 bytes are 43 characters: the last one's two low bits are unused.
+    spare_bits = body[:-1] + alphabet[alphabet.index(body[-1]) ^ 1]
+    for variant in [text + "=", text[:-2] + "!!" + text[-2:], text.replace("-", "+"),
+                    text.replace("_", "/"), text.rpartition(":")[0] + ":" + spare_bits]:
+        if variant != text:
+            with pytest.raises(errors.InvalidKey):
+                IssuerKey.from_secret_text(variant)
+    assert IssuerKey.from_secret_text(text).public == key.public
+
+
+def test_unknown_scene_bits_never_admit_a_token(issuer: IssuerKey, device: DeviceKey,
+                                                trust: TrustStore, now: int) -> None:
+    # A credential signed with a scene bit this version does not know (bit 7).
+    body = CRED_STRUCT.pack(VERSION, issuer.kid, 1, 2, device.public.to_bytes(), 0,
+                            2**32 - 1, 100, 0x81, b"")[:CRED_BODY_LEN]
+    cred = body + issuer._sign(TAG_CRED, body)
+    token = core.make_token(cred, device._secret, now, 1, 7)
+    assert reason_of(token, trust, now) == Reason.SCENE_NOT_ALLOWED
+    assert verify_batch([token], trust, now).reasons[0] == Reason.SCENE_NOT_ALLOWED
+    assert verify(core.make_token(cred, device._secret, now, 2, 0), trust, now).scene == Scene.BUS
 
 
 def test_public_key_verify_raises_bad_signature(issuer: IssuerKey) -> None:

@@ -40,6 +40,7 @@ cdef enum:
     # Largest message signed here: tag || token body.
     MAX_SIGNED = TAG_LEN + TOKEN_BODY_LEN
     CACHE_WAYS = 4
+    SCENE_COUNT = 7   # Scene values 0..6; a credential's other bits never admit a token
 
 # Reason codes: the values of errors.Reason.
 cdef enum:

@@ -46,3 +46,16 @@ def sorted_contains(
     haystack: npt.NDArray[np.uint64], needles: npt.NDArray[np.uint64]
 ) -> npt.NDArray[np.bool_]: ...
 def _split(work: Any, n: int, threads: int) -> None: ...
+def score_rows(
+    X: npt.NDArray[np.floating[Any]],
+    edges: npt.NDArray[np.float64],
+    edge_off: npt.NDArray[np.int64],
+    points: npt.NDArray[np.int32],
+    point_off: npt.NDArray[np.int64],
+    specials: npt.NDArray[np.float64],
+    special_off: npt.NDArray[np.int64],
+    best: npt.NDArray[np.int32],
+    base: int,
+    k: int,
+    threads: int = 1,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int16]]: ...

@@ -14,7 +14,7 @@ from qrpay.format import TAG_CRED, TAG_TOKEN
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memcmp, memcpy
 
 
@@ -103,7 +103,7 @@ cdef int final_checks(const uint8_t *tok, int64_t now, int64_t max_age,
         return R_TOKEN_FROM_FUTURE
     if issued_at < now - max_age - skew:
         return R_TOKEN_STALE
-    if scene >= 16 or not ((load_u16(tok + CRED_SCENES) >> scene) & 1):
+    if scene >= SCENE_COUNT or not ((load_u16(tok + CRED_SCENES) >> scene) & 1):
         return R_SCENE_NOT_ALLOWED
     return R_OK
 
@@ -210,6 +210,7 @@ cdef class Verifier:
         self.cache[slot].used = 1
 
     def verify_one(self, bytes token, int64_t now, int64_t max_age, int64_t skew):
+        _check_policy(now, max_age, skew)
         cdef const uint8_t *tok = <const uint8_t *>PyBytes_AS_STRING(token)
         cdef Py_ssize_t key_index = -1
         cdef int reason = self.header_check(tok, PyBytes_GET_SIZE(token), now, &key_index)
@@ -243,6 +244,7 @@ cdef class Verifier:
         cdef Py_ssize_t n = tokens.shape[0]
         if tokens.shape[1] != TOKEN_LEN or lengths.shape[0] != n:
             raise InvalidArgument(f"tokens must be an (n, {TOKEN_LEN}) uint8 array with n lengths")
+        _check_policy(0, max_age, skew)
         reasons = np.zeros(n, dtype=np.uint8)
         cdef _Batch b = _Batch()
         b.n = n
@@ -323,11 +325,25 @@ cdef class Verifier:
             b.reasons[i] = final_checks(&b.tokens[i, 0], b.now[i], max_age, skew)
 
 
+# Largest max_age / skew (2**32 s) and `now` (2**40): C enums are too narrow.
+cdef int64_t MAX_WINDOW = 1LL << 32
+cdef int64_t MAX_TIME = 1LL << 40
+
+
+def _check_policy(int64_t now, int64_t max_age, int64_t skew):
+    # Bounds that keep now - max_age - skew and now + skew inside int64.
+    if not (0 <= now <= MAX_TIME and 0 <= max_age <= MAX_WINDOW and 0 <= skew <= MAX_WINDOW):
+        raise InvalidArgument(f"now must be in [0, 2**40], max_age and skew in [0, 2**32]")
+
+
 def _times(now, Py_ssize_t n):
     times = np.asarray(now)
     if times.dtype.kind not in "iu" or times.ndim > 1 or (times.ndim == 1 and len(times) != n):
         raise InvalidArgument("now is an integer, or one integer per token")
-    return np.ascontiguousarray(np.broadcast_to(times, (n,)), dtype=np.int64)
+    times = np.ascontiguousarray(np.broadcast_to(times, (n,)), dtype=np.int64)
+    if n and (times.min() < 0 or times.max() > MAX_TIME):
+        raise InvalidArgument("now must be in [0, 2**40]")
+    return times
 
 
 cdef Py_ssize_t _pow2_at_least(Py_ssize_t n) noexcept:
@@ -448,7 +464,7 @@ LAYOUT = {
     "CRED_ISSUER_SIG": CRED_ISSUER_SIG, "CRED_LEN": CRED_LEN,
     "TOKEN_ISSUED_AT": TOKEN_ISSUED_AT, "TOKEN_COUNTER": TOKEN_COUNTER,
     "TOKEN_SCENE": TOKEN_SCENE, "TOKEN_BODY_LEN": TOKEN_BODY_LEN,
-    "TOKEN_DEVICE_SIG": TOKEN_DEVICE_SIG, "TOKEN_LEN": TOKEN_LEN,
+    "TOKEN_DEVICE_SIG": TOKEN_DEVICE_SIG, "TOKEN_LEN": TOKEN_LEN, "SCENE_COUNT": SCENE_COUNT,
 }
 
 
@@ -472,3 +488,142 @@ def sorted_contains(const uint64_t[::1] haystack, const uint64_t[::1] needles):
         for i in range(n):
             o[i] = _bsearch(haystack, needles[i])
     return out
+
+
+# -- scorecard kernel ----------------------------------------------------------------
+# A card arrives as flat arrays: per feature f, its bin edges in
+# edges[edge_off[f]:edge_off[f+1]] (numeric bin b holds edges[b-1] <= v < edges[b]),
+# its points in points[point_off[f]:point_off[f+1]] laid out as numeric bins, then
+# the missing bin, then one bin per special code (specials[special_off[f]:...]).
+
+ctypedef fused real:
+    float
+    double
+
+
+cdef struct FeatureView:
+    const double *edges
+    const double *specials
+    const int32_t *points
+    Py_ssize_t n_edges
+    Py_ssize_t n_specials
+    int32_t best
+
+
+cdef struct Card:
+    const FeatureView *features
+    Py_ssize_t n_features
+    int64_t base
+    int k
+
+
+cdef inline int32_t points_of(const FeatureView *f, double v) noexcept nogil:
+    cdef Py_ssize_t j, b = 0
+    if v != v:
+        return f.points[f.n_edges + 1]                  # the missing bin
+    for j in range(f.n_specials):
+        if v == f.specials[j]:
+            return f.points[f.n_edges + 2 + j]          # this special code's bin
+    for j in range(f.n_edges):
+        b += v >= f.edges[j]                            # few edges: a branch-free count
+    return f.points[b]
+
+
+cdef void score_range(const real[:, :] X, const Card *card, int64_t *scores,
+                      int16_t *reasons, Py_ssize_t start, Py_ssize_t end) noexcept nogil:
+    cdef Py_ssize_t i, f, r, slot, k = card.k
+    cdef int64_t total
+    cdef int32_t pts, loss
+    cdef int32_t top_loss[8]
+    cdef int16_t top_feature[8]
+    cdef const FeatureView *feature
+    for i in range(start, end):
+        total = card.base
+        for r in range(k):
+            top_loss[r] = 0
+            top_feature[r] = -1
+        for f in range(card.n_features):
+            feature = &card.features[f]
+            pts = points_of(feature, <double>X[i, f])
+            total += pts
+            loss = feature.best - pts
+            if k and loss > top_loss[k - 1]:
+                # Keep the k largest losses, earlier feature first on ties.
+                slot = k - 1
+                while slot > 0 and loss > top_loss[slot - 1]:
+                    top_loss[slot] = top_loss[slot - 1]
+                    top_feature[slot] = top_feature[slot - 1]
+                    slot -= 1
+                top_loss[slot] = loss
+                top_feature[slot] = <int16_t>f
+        scores[i] = total
+        for r in range(k):
+            reasons[i * k + r] = top_feature[r]
+
+
+cdef class _ScoreJob:
+    cdef Card card
+    cdef FeatureView *views
+    cdef object keep            # the arrays the views point into
+    cdef int64_t[::1] scores
+    cdef int16_t[:, ::1] reasons
+    cdef object X
+    cdef Py_ssize_t n
+
+    def __dealloc__(self):
+        PyMem_Free(self.views)
+
+    def share(self, Py_ssize_t t, Py_ssize_t count):
+        # Contiguous row blocks: each thread streams its own part of X.
+        cdef Py_ssize_t start = self.n * t // count, end = self.n * (t + 1) // count
+        cdef int16_t *reasons = &self.reasons[0, 0] if self.card.k else NULL
+        cdef const double[:, :] x64
+        cdef const float[:, :] x32
+        if self.X.dtype == np.float64:
+            x64 = self.X
+            with nogil:
+                score_range(x64, &self.card, &self.scores[0], reasons, start, end)
+        else:
+            x32 = self.X
+            with nogil:
+                score_range(x32, &self.card, &self.scores[0], reasons, start, end)
+
+
+def score_rows(X, const double[::1] edges, const int64_t[::1] edge_off,
+               const int32_t[::1] points, const int64_t[::1] point_off,
+               const double[::1] specials, const int64_t[::1] special_off,
+               const int32_t[::1] best, int64_t base, int k, int threads=1):
+    cdef Py_ssize_t f, n = X.shape[0], n_features = edge_off.shape[0] - 1
+    if X.ndim != 2 or X.shape[1] != n_features or X.dtype not in (np.float32, np.float64):
+        raise InvalidArgument(f"X must be a 2-D float32/float64 array with {n_features} columns")
+    if not 0 <= k <= min(8, n_features) or best.shape[0] != n_features:
+        raise InvalidArgument("k must be between 0 and the number of features (at most 8)")
+    if special_off.shape[0] != n_features + 1 or point_off.shape[0] != n_features + 1:
+        raise InvalidArgument("one offset per feature, plus one")
+    cdef _ScoreJob job = _ScoreJob()
+    job.views = <FeatureView *>PyMem_Malloc(max(1, n_features) * sizeof(FeatureView))
+    if job.views == NULL:
+        raise MemoryError()
+    for f in range(n_features):
+        job.views[f].n_edges = edge_off[f + 1] - edge_off[f]
+        job.views[f].n_specials = special_off[f + 1] - special_off[f]
+        if point_off[f + 1] - point_off[f] != job.views[f].n_edges + 2 + job.views[f].n_specials:
+            raise InvalidArgument("each feature needs points for its bins, missing and specials")
+        job.views[f].edges = &edges[edge_off[f]] if job.views[f].n_edges else NULL
+        job.views[f].specials = &specials[special_off[f]] if job.views[f].n_specials else NULL
+        job.views[f].points = &points[point_off[f]]
+        job.views[f].best = best[f]
+    scores = np.empty(n, dtype=np.int64)
+    reasons = np.full((n, k), -1, dtype=np.int16)
+    job.keep = (edges, points, specials)
+    job.X = X
+    job.n = n
+    job.scores = scores if n else np.zeros(1, dtype=np.int64)
+    job.reasons = reasons if n and k else np.full((1, 1), -1, dtype=np.int16)
+    job.card.features = job.views
+    job.card.n_features = n_features
+    job.card.base = base
+    job.card.k = k
+    if n:
+        _split(job.share, n, threads)
+    return scores, reasons

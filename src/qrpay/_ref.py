@@ -16,7 +16,7 @@ from nacl.exceptions import BadSignatureError
 from qrpay.errors import InvalidArgument, InvalidKey, Reason
 from qrpay.format import (
     CRED_BODY_LEN, CRED_DEVICE_KEY, CRED_ISSUER_SIG, CRED_KID, CRED_LEN,
-    CRED_NOT_AFTER, CRED_NOT_BEFORE, CRED_SCENES, PUBLIC_KEY_LEN, SECRET_KEY_LEN,
+    CRED_NOT_AFTER, CRED_NOT_BEFORE, CRED_SCENES, PUBLIC_KEY_LEN, SCENE_COUNT, SECRET_KEY_LEN,
     SIGNATURE_LEN, TAG_CRED, TAG_TOKEN, TOKEN_BODY_LEN, TOKEN_COUNTER, TOKEN_DEVICE_SIG,
     TOKEN_FIELDS_STRUCT, TOKEN_ISSUED_AT, TOKEN_LEN, TOKEN_SCENE, VERSION,
 )
@@ -60,9 +60,18 @@ def _final_checks(tok: bytes, now: int, max_age: int, skew: int) -> int:
     if issued_at < now - max_age - skew:
         return Reason.TOKEN_STALE
     scenes = int.from_bytes(tok[CRED_SCENES:CRED_SCENES + 2], "little")
-    if scene >= 16 or not (scenes >> scene) & 1:
+    if scene >= SCENE_COUNT or not (scenes >> scene) & 1:
         return Reason.SCENE_NOT_ALLOWED
     return Reason.OK
+
+
+MAX_WINDOW = 2**32
+MAX_TIME = 2**40
+
+
+def _check_policy(now: int, max_age: int, skew: int) -> None:
+    if not (0 <= now <= MAX_TIME and 0 <= max_age <= MAX_WINDOW and 0 <= skew <= MAX_WINDOW):
+        raise InvalidArgument("now must be in [0, 2**40], max_age and skew in [0, 2**32]")
 
 
 def _split(work: Callable[[int, int], None], n: int, threads: int) -> None:
@@ -124,6 +133,7 @@ class Verifier:
         self._cache[cred] = None
 
     def verify_one(self, token: bytes, now: int, max_age: int, skew: int) -> int:
+        _check_policy(now, max_age, skew)
         reason, key_index = self._header_check(token, now)
         if reason != Reason.OK:
             return int(reason)
@@ -151,10 +161,13 @@ class Verifier:
         n = tokens.shape[0]
         if tokens.ndim != 2 or tokens.shape[1] != TOKEN_LEN or lengths.shape[0] != n:
             raise InvalidArgument(f"tokens must be an (n, {TOKEN_LEN}) uint8 array with n lengths")
+        _check_policy(0, max_age, skew)
         times = np.asarray(now)
         if times.dtype.kind not in "iu" or times.ndim > 1 or (times.ndim == 1 and len(times) != n):
             raise InvalidArgument("now is an integer, or one integer per token")
         nows = [int(t) for t in np.broadcast_to(times, (n,))]
+        if any(not 0 <= t <= MAX_TIME for t in nows):
+            raise InvalidArgument("now must be in [0, 2**40]")
         rows = [tokens[i].tobytes() for i in range(n)]
         reasons = np.zeros(n, dtype=np.uint8)
         key_index = [-1] * n
@@ -277,3 +290,34 @@ def sorted_contains(haystack: Any, needles: Any) -> np.ndarray[Any, np.dtype[np.
     at = np.minimum(np.searchsorted(hay, values), max(len(hay) - 1, 0))
     return np.asarray(hay[at] == values, dtype=np.bool_) if len(hay) else np.zeros(
         len(values), dtype=np.bool_)
+
+
+def score_rows(X: Any, edges: Any, edge_off: Any, points: Any, point_off: Any, specials: Any,
+               special_off: Any, best: Any, base: int, k: int, threads: int = 1
+               ) -> tuple[np.ndarray[Any, np.dtype[np.int64]], np.ndarray[Any, np.dtype[np.int16]]]:
+    n_features = len(edge_off) - 1
+    if (not isinstance(X, np.ndarray) or X.ndim != 2 or X.shape[1] != n_features
+            or X.dtype not in (np.float32, np.float64)):
+        raise InvalidArgument(f"X must be a 2-D float32/float64 array with {n_features} columns")
+    if not 0 <= k <= min(8, n_features) or len(best) != n_features:
+        raise InvalidArgument("k must be between 0 and the number of features (at most 8)")
+    n = X.shape[0]
+    gained = np.zeros((n, n_features), dtype=np.int64)
+    for f in range(n_features):
+        v = X[:, f].astype(np.float64)
+        e = edges[edge_off[f]:edge_off[f + 1]]
+        codes = specials[special_off[f]:special_off[f + 1]]
+        pts = points[point_off[f]:point_off[f + 1]].astype(np.int64)
+        bins = np.searchsorted(e, v, side="right")
+        for j, code in enumerate(codes[::-1]):  # the first matching code wins
+            bins[v == code] = len(e) + 2 + (len(codes) - 1 - j)
+        bins[np.isnan(v)] = len(e) + 1
+        gained[:, f] = pts[bins]
+    scores = base + gained.sum(axis=1)
+    reasons = np.full((n, k), -1, dtype=np.int16)
+    if k:
+        loss = np.asarray(best, dtype=np.int64)[None, :] - gained
+        order = np.argsort(-loss, axis=1, kind="stable")[:, :k]
+        top = np.take_along_axis(loss, order, axis=1)
+        reasons[:] = np.where(top > 0, order, -1)
+    return scores.astype(np.int64), reasons

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from qrpay.errors import MalformedCredential
-from qrpay.format import CRED_LEN, CRED_STRUCT, VERSION
+from qrpay.format import CRED_LEN, CRED_STRUCT, SCENE_COUNT, VERSION
 
 
 class Scene(enum.IntEnum):
@@ -40,6 +40,7 @@ def mask_to_scenes(mask: int) -> frozenset[Scene]:
 
 
 _KNOWN_MASK = scenes_to_mask(Scene)
+assert len(Scene) == SCENE_COUNT
 
 
 @dataclass(frozen=True, slots=True)

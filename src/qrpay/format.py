@@ -43,6 +43,8 @@ TOKEN_BODY_LEN: Final = 140  # what the device signs, after TAG_TOKEN
 TOKEN_DEVICE_SIG: Final = 140  # 64 bytes
 TOKEN_LEN: Final = 204
 
+SCENE_COUNT: Final = 7  # Scene values are 0..6 (credential.Scene)
+
 U32_MAX: Final = 0xFFFF_FFFF
 U64_MAX: Final = 0xFFFF_FFFF_FFFF_FFFF
 

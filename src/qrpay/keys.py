@@ -42,10 +42,15 @@ def _b64(data: bytes) -> str:
 
 
 def _unb64(text: str) -> bytes:
+    # Strict: the unpadded URL-safe alphabet only, and only the one text that
+    # encodes these bytes (no padding, no stray characters, no spare bits).
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        data = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
     except (binascii.Error, ValueError) as exc:
         raise InvalidKey("key text is not base64url") from exc
+    if "=" in text or "+" in text or "/" in text or _b64(data) != text:
+        raise InvalidKey("key text is not canonical base64url")
+    return data
 
 
 def _parse_text(text: str, expected: str) -> bytes:

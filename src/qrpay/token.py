@@ -41,8 +41,8 @@ def _now(now: float | None) -> int:
 
 
 def _check_window(max_age: int, skew: int) -> None:
-    if max_age < 0 or skew < 0:
-        raise InvalidArgument("max_age and skew are seconds, zero or more")
+    if not (0 <= max_age <= 2**32 and 0 <= skew <= 2**32):
+        raise InvalidArgument("max_age and skew are seconds in [0, 2**32]")
 
 
 @dataclass(frozen=True, slots=True)

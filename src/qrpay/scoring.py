@@ -1,0 +1,352 @@
+"""Scorecards: score accounts in the compiled core, explain each score with
+reason codes, and turn scores into offline credit limits (docs/SCORING.md).
+
+A card is per feature: bin edges, a missing bin, bins for special codes, and
+integer points per bin; score = base points + the points of each feature's
+bin. `Scorecard.fit` (scorefit.py) learns one from history.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import msgpack  # type: ignore[import-untyped]
+import numpy as np
+import numpy.typing as npt
+
+from qrpay._impl import core
+from qrpay.credential import Credential, Scene
+from qrpay.errors import InvalidArgument, MalformedMessage
+from qrpay.format import TAG_CARD
+from qrpay.keys import DevicePublicKey, IssuerKey
+from qrpay.trust import Role, TrustStore
+from qrpay.wire import body_map, sign_document, split_document, unpack_strict, verify_document
+
+CARD_FORMAT = 1
+MAX_FEATURES = 64
+
+
+@dataclass(frozen=True)
+class FeatureBins:
+    """One feature of a card. Numeric bin b holds edges[b-1] <= x < edges[b]
+    (the first and last bins are open-ended, so every number, +-inf included,
+    falls in exactly one); NaN takes the missing bin; a value equal to a
+    special code takes that code's bin, before any numeric bin."""
+
+    name: str
+    edges: tuple[float, ...]
+    points: tuple[int, ...]                      # one per numeric bin: len(edges) + 1
+    missing_points: int
+    specials: tuple[tuple[float, int], ...] = ()  # (code, points)
+    woe: tuple[float, ...] = ()                  # fit diagnostics, not used to score
+    iv: float = 0.0
+    trend: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name or len(self.name) > 64:
+            raise InvalidArgument("a feature name is 1-64 characters")
+        if any(math.isnan(e) for e in self.edges) or list(self.edges) != sorted(set(self.edges)):
+            raise InvalidArgument(f"{self.name}: edges must be strictly increasing numbers")
+        if len(self.points) != len(self.edges) + 1:
+            raise InvalidArgument(f"{self.name}: one point value per numeric bin")
+        codes = [c for c, _ in self.specials]
+        if any(math.isnan(c) for c in codes) or len(set(codes)) != len(codes):
+            raise InvalidArgument(f"{self.name}: special codes are distinct numbers")
+        for p in (*self.points, self.missing_points, *(p for _, p in self.specials)):
+            if not isinstance(p, int) or isinstance(p, bool) or abs(p) > 1_000_000:
+                raise InvalidArgument(f"{self.name}: points are integers")
+
+    @property
+    def best_points(self) -> int:
+        return max((*self.points, self.missing_points, *(p for _, p in self.specials)))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "edges": list(self.edges), "points": list(self.points),
+                "missing_points": self.missing_points,
+                "specials": [[c, p] for c, p in self.specials], "woe": list(self.woe),
+                "iv": self.iv, "trend": self.trend}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FeatureBins:
+        try:
+            return cls(str(d["name"]), tuple(float(e) for e in d["edges"]),
+                       tuple(int(p) for p in d["points"]), int(d["missing_points"]),
+                       tuple((float(c), int(p)) for c, p in d["specials"]),
+                       tuple(float(w) for w in d["woe"]), float(d["iv"]), str(d["trend"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MalformedMessage(f"not a card feature: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Scorecard:
+    """A versioned scorecard. `score` and `explain` run in the compiled core."""
+
+    features: tuple[FeatureBins, ...]
+    base_points: int
+    version: int = 1
+    scaling: Mapping[str, float] = field(default_factory=dict)   # base_score, base_odds, pdo
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0 < len(self.features) <= MAX_FEATURES:
+            raise InvalidArgument(f"a card has 1-{MAX_FEATURES} features")
+        names = [f.name for f in self.features]
+        if len(set(names)) != len(names):
+            raise InvalidArgument("feature names must be distinct")
+        if not isinstance(self.base_points, int) or not isinstance(self.version, int):
+            raise InvalidArgument("base_points and version are integers")
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.features)
+
+    def _run(self, X: npt.ArrayLike, k: int, threads: int
+             ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int16]]:
+        array = _as_matrix(X, len(self.features))
+        if threads < 1:
+            raise InvalidArgument("threads must be at least 1")
+        f = self._flat
+        return core.score_rows(array, f.edges, f.edge_off, f.points, f.point_off, f.specials,
+                               f.special_off, f.best, self.base_points, k, threads)
+
+    @functools.cached_property
+    def _flat(self) -> _FlatCard:
+        return _flatten(self)
+
+    def score(self, X: npt.ArrayLike, threads: int = 1) -> npt.NDArray[np.int64]:
+        """Scores for the rows of X (n x features; float32 or float64, C or
+        Fortran order; other inputs are converted once)."""
+        return self._run(X, 0, threads)[0]
+
+    def explain(self, X: npt.ArrayLike, k: int = 3, threads: int = 1
+                ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int16]]:
+        """Scores and, per row, the k features that cost it the most points
+        against their best bin (feature indices, most costly first; -1 where
+        fewer than k features lost points). Same pass as `score`."""
+        if not 0 <= k <= min(8, len(self.features)):
+            raise InvalidArgument("k must be between 0 and min(8, number of features)")
+        return self._run(X, k, threads)
+
+    def reason_names(self, reasons: npt.NDArray[np.int16]) -> list[list[str]]:
+        names = self.feature_names
+        return [[names[i] for i in row if i >= 0] for row in reasons.tolist()]
+
+    # -- documents -----------------------------------------------------------------
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"format": CARD_FORMAT, "version": self.version, "base_points": self.base_points,
+                "scaling": dict(self.scaling), "metadata": dict(self.metadata),
+                "features": [f.as_dict() for f in self.features]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Scorecard:
+        if not isinstance(d, Mapping) or d.get("format") != CARD_FORMAT:
+            raise MalformedMessage("not a qrpay scorecard (format 1)")
+        try:
+            return cls(tuple(FeatureBins.from_dict(f) for f in d["features"]),
+                       int(d["base_points"]), int(d["version"]), dict(d["scaling"]),
+                       dict(d["metadata"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MalformedMessage(f"not a scorecard: {exc}") from None
+
+    def to_json(self) -> str:
+        """Canonical JSON: sorted keys, no spaces, shortest float repr."""
+        return json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"),
+                          allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> Scorecard:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise MalformedMessage(f"card JSON: {exc}") from None
+
+    def canonical_bytes(self) -> bytes:
+        """The bytes an issuer signs: the canonical JSON, UTF-8."""
+        return self.to_json().encode("utf-8")
+
+    def to_msgpack(self) -> bytes:
+        return msgpack.packb(json.loads(self.to_json()), use_bin_type=True)  # type: ignore[no-any-return]
+
+    @classmethod
+    def from_msgpack(cls, data: bytes) -> Scorecard:
+        return cls.from_dict(unpack_strict(data, max_map=16, max_array=10_000))
+
+    @property
+    def card_id(self) -> str:
+        """Short content id: which card produced a limit."""
+        return hashlib.blake2b(self.canonical_bytes(), digest_size=8).hexdigest()
+
+    def sign(self, key: IssuerKey) -> bytes:
+        """A signed card document (the issuer needs Role.SCORECARD to be trusted for it)."""
+        return sign_document(key, TAG_CARD, {"v": CARD_FORMAT, "kid": key.kid,
+                                             "card": self.canonical_bytes()})
+
+    @classmethod
+    def load_signed(cls, data: bytes, trust: TrustStore) -> Scorecard:
+        body, signature = split_document(data)
+        doc = body_map(body, {"v": int, "kid": bytes, "card": bytes}, max_bin=16 * 1024 * 1024)
+        trusted = trust.get(doc["kid"])
+        if not trusted.roles & Role.SCORECARD:
+            raise MalformedMessage("this issuer key may not sign scorecards")
+        verify_document(trusted.key, TAG_CARD, body, signature)
+        return cls.from_json(doc["card"].decode("utf-8"))
+
+
+class _FlatCard(NamedTuple):
+    """The card as the kernel reads it (see score_rows in _core.pyx)."""
+
+    edges: npt.NDArray[np.float64]
+    edge_off: npt.NDArray[np.int64]
+    points: npt.NDArray[np.int32]
+    point_off: npt.NDArray[np.int64]
+    specials: npt.NDArray[np.float64]
+    special_off: npt.NDArray[np.int64]
+    best: npt.NDArray[np.int32]
+
+
+def _flatten(card: Scorecard) -> _FlatCard:
+    edges: list[float] = []
+    points: list[int] = []
+    specials: list[float] = []
+    edge_off, point_off, special_off = [0], [0], [0]
+    for f in card.features:
+        edges += f.edges
+        points += [*f.points, f.missing_points, *(p for _, p in f.specials)]
+        specials += [c for c, _ in f.specials]
+        edge_off.append(len(edges))
+        point_off.append(len(points))
+        special_off.append(len(specials))
+    return _FlatCard(
+        np.array(edges, dtype=np.float64), np.array(edge_off, dtype=np.int64),
+        np.array(points, dtype=np.int32), np.array(point_off, dtype=np.int64),
+        np.array(specials, dtype=np.float64), np.array(special_off, dtype=np.int64),
+        np.array([f.best_points for f in card.features], dtype=np.int32))
+
+
+def _as_matrix(X: npt.ArrayLike, n_features: int) -> npt.NDArray[np.floating[Any]]:
+    array = np.asarray(X)
+    if array.dtype not in (np.float32, np.float64):
+        if array.dtype.kind not in "iuf":
+            raise InvalidArgument("X must be numeric")
+        array = array.astype(np.float64)
+    if array.ndim != 2 or array.shape[1] != n_features:
+        raise InvalidArgument(f"X must be (rows, {n_features})")
+    return array
+
+
+# -- limits --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LimitBand:
+    min_score: int
+    limits: Mapping[Scene, int]   # offline credit limit per scene, minor units; 0 = not allowed
+
+
+@dataclass(frozen=True)
+class LimitPolicy:
+    """Score bands to offline credit limits per scene. A score below every
+    band's min_score gets no credit at all."""
+
+    bands: tuple[LimitBand, ...]
+
+    def __post_init__(self) -> None:
+        scores = [b.min_score for b in self.bands]
+        if not self.bands or scores != sorted(set(scores)):
+            raise InvalidArgument("bands need strictly increasing min_score")
+        for band in self.bands:
+            if any(v < 0 or v > 0xFFFF_FFFF for v in band.limits.values()):
+                raise InvalidArgument("limits are minor units in [0, 2**32)")
+
+    def limits(self, scores: npt.ArrayLike) -> dict[Scene, npt.NDArray[np.int64]]:
+        """Per scene, the limit of each score (0 below the cut-off)."""
+        s = np.asarray(scores)
+        band = np.searchsorted([b.min_score for b in self.bands], s, side="right") - 1
+        out = {}
+        for scene in Scene:
+            table = np.array([0] + [b.limits.get(scene, 0) for b in self.bands], dtype=np.int64)
+            out[scene] = table[band + 1]
+        return out
+
+    def terms(self, score: int) -> tuple[int, frozenset[Scene]]:
+        """What a credential gets at this score: one offline limit (the band's
+        largest) and the scenes with a non-zero limit. (0, {}) = no credit."""
+        per_scene = {scene: int(v[0]) for scene, v in self.limits([score]).items()}
+        scenes = frozenset(s for s, v in per_scene.items() if v > 0)
+        return max(per_scene.values()), scenes
+
+    def issue(self, issuer: IssuerKey, account: int, device_public: DevicePublicKey | bytes,
+              score: int, not_before: int, not_after: int) -> Credential | None:
+        """A credential on this policy's terms, or None below the cut-off."""
+        limit, scenes = self.terms(score)
+        if not scenes:
+            return None
+        return issuer.issue(account, device_public, limit, scenes, not_before, not_after)
+
+
+# -- drift ---------------------------------------------------------------------------------
+
+def psi(expected: npt.ArrayLike, actual: npt.ArrayLike, bins: int = 10,
+        epsilon: float = 1e-4) -> float:
+    """Population stability index of `actual` against `expected`, over
+    quantile bins of `expected` (NaN in a bin of its own)."""
+    e = np.asarray(expected, dtype=np.float64)
+    a = np.asarray(actual, dtype=np.float64)
+    if len(e) == 0 or len(a) == 0 or bins < 1:
+        raise InvalidArgument("psi needs two non-empty samples and bins >= 1")
+    finite = e[~np.isnan(e)]
+    edges = np.unique(np.quantile(finite, np.linspace(0, 1, bins + 1)[1:-1])) if len(
+        finite) else np.zeros(0)
+
+    def shares(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        idx = np.where(np.isnan(x), len(edges) + 1, np.searchsorted(edges, x, side="right"))
+        counts = np.bincount(idx, minlength=len(edges) + 2).astype(np.float64)
+        return np.maximum(counts / len(x), epsilon)
+
+    pe, pa = shares(e), shares(a)
+    return float(np.sum((pa - pe) * np.log(pa / pe)))
+
+
+def feature_psi(card: Scorecard, expected: npt.ArrayLike, actual: npt.ArrayLike
+                ) -> dict[str, float]:
+    """PSI per feature over the card's own bins (missing and specials included)."""
+    E = _as_matrix(expected, len(card.features))
+    A = _as_matrix(actual, len(card.features))
+    out = {}
+    for f, feature in enumerate(card.features):
+        def bins(col: npt.NDArray[Any], feat: FeatureBins = feature) -> npt.NDArray[np.int64]:
+            v = col.astype(np.float64)
+            idx = np.searchsorted(np.array(feat.edges), v, side="right")
+            for j, (code, _p) in enumerate(feat.specials):
+                idx = np.where(v == code, len(feat.edges) + 2 + j, idx)
+            return np.where(np.isnan(v), len(feat.edges) + 1, idx)
+        size = len(feature.edges) + 2 + len(feature.specials)
+        pe = np.maximum(np.bincount(bins(E[:, f]), minlength=size) / len(E), 1e-4)
+        pa = np.maximum(np.bincount(bins(A[:, f]), minlength=size) / len(A), 1e-4)
+        out[feature.name] = float(np.sum((pa - pe) * np.log(pa / pe)))
+    return out
+
+
+def auc(scores: npt.ArrayLike, bad: npt.ArrayLike) -> float:
+    """Area under the ROC curve of `scores` ranking goods (bad == 0) above bads."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(bad).astype(bool)
+    n_bad, n_good = int(y.sum()), int((~y).sum())
+    if n_bad == 0 or n_good == 0:
+        raise InvalidArgument("auc needs both goods and bads")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_s = s[order]
+    # Average ranks over ties.
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_s)) + 1]
+    ends = np.r_[starts[1:], len(s)]
+    avg = (starts + ends - 1) / 2.0 + 1
+    ranks[order] = np.repeat(avg, ends - starts)
+    good_rank_sum = ranks[~y].sum()
+    return float((good_rank_sum - n_good * (n_good + 1) / 2) / (n_good * n_bad))
