@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import functools
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ def mask_to_scenes(mask: int) -> frozenset[Scene]:
     return frozenset(s for s in Scene if mask >> s & 1)
 
 
+TEXT_PREFIX = "qrpay:credential:"
 _KNOWN_MASK = scenes_to_mask(Scene)
 assert len(Scene) == SCENE_COUNT
 
@@ -75,6 +78,21 @@ class Credential:
 
     def to_bytes(self) -> bytes:
         return self.raw
+
+    def to_text(self) -> str:
+        """'qrpay:credential:' + unpadded base64url, for files and provisioning."""
+        return TEXT_PREFIX + base64.urlsafe_b64encode(self.raw).rstrip(b"=").decode("ascii")
+
+    @classmethod
+    def from_text(cls, text: str) -> Credential:
+        if not isinstance(text, str) or not text.strip().startswith(TEXT_PREFIX):
+            raise MalformedCredential(f"a credential text starts with {TEXT_PREFIX!r}")
+        body = text.strip()[len(TEXT_PREFIX):]
+        try:
+            raw = base64.b64decode(body + "=" * (-len(body) % 4), altchars=b"-_", validate=True)
+        except (binascii.Error, ValueError):
+            raise MalformedCredential("credential text is not base64url") from None
+        return cls.from_bytes(raw)
 
     def allows(self, scene: Scene) -> bool:
         return scene in self.scenes

@@ -278,12 +278,15 @@ class Settlement:
         rows = self._query("SELECT document FROM deny_lists ORDER BY version DESC LIMIT 1")
         return DenyList.load(rows[0][0], self.trust) if rows else None
 
-    def publish_deny_list(self, key: IssuerKey, issued_at: int) -> tuple[bytes, list[int]]:
-        """Sign the next deny list: the previous one plus every credential now
-        flagged. Returns the document and the serials it adds (the delta)."""
+    def publish_deny_list(self, key: IssuerKey, issued_at: int,
+                          revoke: Iterable[int] = ()) -> tuple[bytes, list[int]]:
+        """Sign the next deny list: the previous one, every credential now
+        flagged, and any serials the issuer revokes for its own reasons (a
+        lost phone, a closed account). Returns the document and the serials
+        it adds (the delta)."""
         previous = self.deny_list()
         old = {int(s) for s in previous.serials} if previous is not None else set()
-        flagged = self.report().flagged_serials()
+        flagged = self.report().flagged_serials() | {int(s) for s in revoke}
         version = (previous.version if previous is not None else 0) + 1
         document = sign_deny_list(key, version, old | flagged, issued_at)
         with self._transaction() as db:
