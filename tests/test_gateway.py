@@ -355,3 +355,79 @@ def test_deny_lookups_agree_with_numpy() -> None:
     hay = np.unique(rng.integers(0, 2**63, size=1000, dtype=np.uint64))
     needles = np.concatenate([hay[::7], rng.integers(0, 2**63, size=500, dtype=np.uint64)])
     assert np.array_equal(core.sorted_contains(hay, needles), np.isin(needles, hay))
+
+
+# -- review fixes ------------------------------------------------------------------------------
+
+def test_one_process_per_directory(tmp_path: Path, gateway_key: GatewayKey,
+                                   trust: TrustStore) -> None:
+    first = open_gateway(tmp_path, gateway_key, trust)
+    with pytest.raises(errors.JournalUnavailable, match="in use"):
+        open_gateway(tmp_path, gateway_key, trust)
+    first.close()
+    open_gateway(tmp_path, gateway_key, trust).close()  # released on close
+
+
+def test_a_refused_batch_does_not_move_the_time_floor(gateway: Gateway,
+                                                      generator: TokenGenerator,
+                                                      now: int) -> None:
+    gateway.scan(generator.make(Scene.BUS, now), 100, Scene.BUS, now)
+    far_future = now + 10 * 86_400  # a clock that jumped ahead, refusing everything
+    result = gateway.scan_batch([b"junk"], [100], Scene.BUS, far_future)
+    assert not result.ok.any() and gateway.time_floor == now
+    assert gateway.scan(generator.make(Scene.BUS, now + 1), 100, Scene.BUS, now + 1).amount == 100
+
+
+def test_a_deny_list_from_the_future_is_refused(gateway: Gateway, issuer: IssuerKey,
+                                                now: int) -> None:
+    with pytest.raises(errors.StaleUpdate):
+        gateway.update_deny_list(sign_deny_list(issuer, 7, [1], now + 3600), now)
+    assert gateway.deny_list.version == 1
+
+
+def test_unknown_scene_is_invalid_argument(gateway: Gateway, generator: TokenGenerator,
+                                           now: int) -> None:
+    with pytest.raises(errors.InvalidArgument):
+        gateway.scan_batch([generator.make(Scene.BUS, now)], [1], 99, now)  # type: ignore[arg-type]
+
+
+def test_stored_deny_list_still_denies_after_its_key_leaves_the_trust_store(
+        tmp_path: Path, gateway_key: GatewayKey, issuer: IssuerKey, generator: TokenGenerator,
+        now: int) -> None:
+    both = TrustStore()
+    both.add(issuer, roles=Role.CREDENTIALS | Role.DENY_LIST)
+    gw = open_gateway(tmp_path, gateway_key, both)
+    gw.update_deny_list(sign_deny_list(issuer, 4, [77], now), now)
+    gw.close()
+    credentials_only = TrustStore()
+    credentials_only.add(issuer, roles=Role.CREDENTIALS)
+    reopened = open_gateway(tmp_path, gateway_key, credentials_only)
+    assert reopened.deny_list.version == 4
+    assert refusal(reopened, generator.make(Scene.BUS, now), 100, Scene.BUS,
+                   now) == Reason.REVOKED
+
+
+def test_tampered_stored_deny_list_makes_the_journal_unavailable(
+        tmp_path: Path, gateway_key: GatewayKey, deny_trust: TrustStore, issuer: IssuerKey,
+        now: int) -> None:
+    gw = open_gateway(tmp_path, gateway_key, deny_trust)
+    gw.update_deny_list(sign_deny_list(issuer, 2, [77], now), now)
+    raw = gw.deny_list.raw
+    gw._journal.set("deny_list", raw[:-1] + bytes([raw[-1] ^ 1]))
+    gw.close()
+    with pytest.raises(errors.JournalUnavailable):
+        open_gateway(tmp_path, gateway_key, deny_trust)
+
+
+def test_ack_forgets_old_replay_state_but_freshness_still_refuses(
+        tmp_path: Path, gateway_key: GatewayKey, trust: TrustStore,
+        generator: TokenGenerator, now: int) -> None:
+    gw = open_gateway(tmp_path, gateway_key, trust, deny_list_max_age=None)
+    token = generator.make(Scene.BUS, now)
+    gw.scan(token, 100, Scene.BUS, now)
+    later = now + 3600
+    gw.scan(generator.make(Scene.BUS, later), 100, Scene.BUS, later)
+    gw.export_batch(now=later)
+    gw.ack(1)
+    assert len(gw._accepted) == 1  # the old record left memory, the recent one stayed
+    assert refusal(gw, token, 100, Scene.BUS, later) == Reason.TOKEN_STALE

@@ -11,7 +11,10 @@ import numpy as np
 import numpy.typing as npt
 
 from qrpay._impl import core
-from qrpay.errors import InvalidArgument, IssuerKeyNotValid, IssuerKeyRole, MalformedMessage
+from qrpay.errors import (
+    BadSignature, InvalidArgument, IssuerKeyNotValid, IssuerKeyRole, JournalUnavailable,
+    MalformedMessage, UnknownKeyId,
+)
 from qrpay.format import KID_LEN, TAG_DENY, U32_MAX, U64_MAX
 from qrpay.keys import IssuerKey
 from qrpay.trust import Role, TrustStore
@@ -56,7 +59,7 @@ class DenyList:
         MalformedMessage, UnknownKeyId, IssuerKeyRole or IssuerKeyNotValid.
         The signing key must be valid at `now` (default: the list's issued_at)."""
         body, signature = split_document(data)
-        doc = body_map(body, _FIELDS, max_bin=8 * 50_000_000)
+        doc = body_map(body, _FIELDS)  # a document is at most 64 MiB: ~8.3M serials
         if doc["v"] != FORMAT_VERSION:
             raise MalformedMessage(f"unsupported deny list format {doc['v']}")
         if len(doc["kid"]) != KID_LEN:
@@ -76,6 +79,24 @@ class DenyList:
         if not 0 < doc["version"] <= U64_MAX or not 0 <= doc["issued_at"] <= U32_MAX:
             raise MalformedMessage("deny list version or time out of range")
         return cls(doc["version"], doc["issued_at"], doc["kid"], serials, bytes(data))
+
+
+    @classmethod
+    def reload(cls, data: bytes, trust: TrustStore) -> DenyList:
+        """A list this gateway verified when it applied it, read back from its
+        journal. If today's trust store no longer vouches for the key (rotated
+        out, role removed), the list still denies what it denied: denying more
+        is the safe side. A tampered or unreadable list is JournalUnavailable."""
+        try:
+            return cls.load(data, trust)
+        except (UnknownKeyId, IssuerKeyRole, IssuerKeyNotValid):
+            body, _signature = split_document(data)
+            doc = body_map(body, _FIELDS)
+            serials = np.frombuffer(doc["serials"], dtype="<u8").astype(np.uint64)
+            return cls(doc["version"], doc["issued_at"], doc["kid"], np.unique(serials),
+                       bytes(data))
+        except (BadSignature, MalformedMessage) as exc:
+            raise JournalUnavailable(f"the stored deny list does not verify: {exc}") from exc
 
 
 def sign_deny_list(key: IssuerKey, version: int, serials: Iterable[int], issued_at: int) -> bytes:

@@ -14,7 +14,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Union
+from typing import IO, Union
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 import numpy as np
 import numpy.typing as npt
@@ -35,6 +40,7 @@ from qrpay.wire import sign_document
 
 BATCH_FORMAT = 1
 JOURNAL_FILE = "journal.sqlite3"
+LOCK_FILE = "gateway.lock"
 
 ScanInput = Union[bytes, bytearray, memoryview, str]
 
@@ -134,12 +140,13 @@ class Gateway:
         self.policy = policy or GatewayPolicy()
         self._clock = clock
         self.id = key.kid.hex()
+        self._lock = _lock_directory(self.directory)
         self._journal = Journal(self.directory / JOURNAL_FILE)
         owner = self._journal.get("gateway_key")
         if owner is None:
             self._journal.set("gateway_key", key.public.to_bytes())
         elif owner != key.public.to_bytes():
-            self._journal.close()
+            self.close()
             raise InvalidArgument("this journal belongs to another gateway key")
         self._rebuild()
 
@@ -149,10 +156,8 @@ class Gateway:
         """Replay and spend state from the journal (the single source of truth)."""
         j = self._journal
         self._floor = j.get_int("time_floor")
-        batches = j.batches()
-        self._acked_through = max((b.last for b in batches if b.acked), default=0)
-        self._exported_through = max((b.last for b in batches), default=0)
-        self._next_batch = max((b.seq for b in batches), default=0) + 1
+        last_batch, self._exported_through, self._acked_through = j.batch_summary()
+        self._next_batch = last_batch + 1
         self._next_record = j.next_record_seq()
         self._accepted: dict[tuple[int, int], Record] = {}
         self._spend: dict[int, _Spend] = {}
@@ -166,8 +171,7 @@ class Gateway:
         raw = j.get("deny_list")
         self.deny_list = DenyList.empty()
         if isinstance(raw, bytes):
-            # It verified when applied; check it again against today's trust store.
-            self.deny_list = DenyList.load(raw, self.trust)
+            self.deny_list = DenyList.reload(raw, self.trust)
 
     @property
     def time_floor(self) -> int:
@@ -191,6 +195,9 @@ class Gateway:
         force; otherwise raise (BadSignature, StaleUpdate, ...) and keep the old."""
         t = self._trusted_now(now)
         new = DenyList.load(data, self.trust, t)
+        if new.issued_at > t + self.policy.skew:
+            # A list from the future would look fresh for too long.
+            raise StaleUpdate(f"deny list issued at {new.issued_at}, after now ({t})")
         if new.version <= self.deny_list.version:
             raise StaleUpdate(f"deny list version {new.version} is not newer than "
                               f"{self.deny_list.version}")
@@ -220,7 +227,10 @@ class Gateway:
         raises ClockUntrusted or JournalUnavailable for the whole batch (then
         nothing in it was accepted)."""
         t = self._trusted_now(now)
-        scene = Scene(scene)
+        try:
+            scene = Scene(scene)
+        except ValueError:
+            raise InvalidArgument(f"unknown scene {scene!r}") from None
         n = len(tokens)
         amount_arr = np.asarray(amounts)
         if amount_arr.shape != (n,) or (n and amount_arr.dtype.kind not in "iu"):
@@ -241,12 +251,19 @@ class Gateway:
         fresh: dict[tuple[int, int], Record] = {}
         pending: dict[int, _Spend] = {}
         cap = self.policy.transaction_caps[scene]
+        scene_value = int(scene)
         stale_cap = self.policy.stale_transaction_cap if self.deny_list_stale(t) else None
+        max_uses = self.policy.max_offline_uses
         seq = self._next_record
-        for i in np.flatnonzero(reasons == Reason.OK):
-            serial, counter = int(checked.serial[i]), int(checked.counter[i])
-            amount, account = int(amount_arr[i]), int(checked.account[i])
-            prior = self._accepted.get((serial, counter)) or fresh.get((serial, counter))
+        # Plain Python ints, converted once per column rather than per token.
+        serials, counters = checked.serial.tolist(), checked.counter.tolist()
+        accounts, limits, amount_list = (checked.account.tolist(), checked.limit.tolist(),
+                                         amount_arr.tolist())
+        no_spend = _Spend()
+        for i in np.flatnonzero(reasons == Reason.OK).tolist():
+            key = (serials[i], counters[i])
+            amount, account = amount_list[i], accounts[i]
+            prior = self._accepted.get(key) or fresh.get(key)
             if prior is not None:
                 if prior.token == raw[i]:  # a double tap: the first receipt, no charge
                     receipts[i] = self._receipt(prior, duplicate=True)
@@ -259,27 +276,32 @@ class Gateway:
             if stale_cap is not None and amount > stale_cap:
                 reasons[i] = Reason.DENY_LIST_STALE
                 continue
-            spent = self._spend.get(account, _Spend())
-            extra = pending.setdefault(account, _Spend())
-            if spent.amount + extra.amount + amount > int(checked.limit[i]):
+            spent = self._spend.get(account, no_spend)
+            extra = pending.get(account)
+            if extra is None:
+                extra = pending[account] = _Spend()
+            if spent.amount + extra.amount + amount > limits[i]:
                 reasons[i] = Reason.OVER_OFFLINE_LIMIT
                 continue
-            if spent.uses + extra.uses + 1 > self.policy.max_offline_uses:
+            if spent.uses + extra.uses + 1 > max_uses:
                 reasons[i] = Reason.TOO_MANY_OFFLINE_USES
                 continue
-            record = Record(seq, serial, counter, account, amount, int(scene), t, raw[i])
+            record = Record(seq, key[0], key[1], account, amount, scene_value, t, raw[i])
             seq += 1
             extra.amount += amount
             extra.uses += 1
-            fresh[(serial, counter)] = record
+            fresh[key] = record
             new.append(record)
-            receipts[i] = self._receipt(record)
+            receipts[i] = Receipt(self.id, record.seq, account, key[0], key[1], amount, scene,
+                                  t)
 
-        floor = max(self._floor, t)
         if new:
-            self._journal.append(new, {"time_floor": floor})  # the acknowledgement point
+            # The acknowledgement point. The floor moves only with a commit, so a
+            # refused-only batch read on a wrong clock cannot lock the gateway out.
+            floor = max(self._floor, t)
+            self._journal.append(new, {"time_floor": floor})
+            self._floor = floor
         # Only now, after the commit, does memory change.
-        self._floor = floor
         self._next_record = seq
         self._accepted.update(fresh)
         for account, extra in pending.items():
@@ -299,7 +321,7 @@ class Gateway:
         waiting. Until it is acked, calling again returns the same bytes."""
         if max_records < 1:
             raise InvalidArgument("max_records must be at least 1")
-        waiting = [b for b in self._journal.batches() if not b.acked]
+        waiting = self._journal.batches("acked = 0")
         if waiting:
             return waiting[0].body
         records = self._journal.records(after_seq=self._exported_through, limit=max_records)
@@ -320,7 +342,8 @@ class Gateway:
     def ack(self, batch_seq: int) -> None:
         """Settlement has batch `batch_seq`: its records stop counting against
         the offline caps. Acking an acked batch again changes nothing."""
-        batch = next((b for b in self._journal.batches() if b.seq == batch_seq), None)
+        found = self._journal.batches("seq = ?", (batch_seq,))
+        batch = found[0] if found else None
         if batch is None:
             raise InvalidArgument(f"no exported batch {batch_seq}")
         if batch.acked:
@@ -335,6 +358,12 @@ class Gateway:
                 if s.uses == 0:
                     del self._spend[r.account]
         self._acked_through = max(self._acked_through, batch.last)
+        # Acked records older than the replay window can no longer pass the
+        # freshness check, so they need no place in memory.
+        horizon = self._floor - self.policy.replay_window
+        for key in [k for k, r in self._accepted.items()
+                    if r.seq <= self._acked_through and r.gateway_time < horizon]:
+            del self._accepted[key]
 
     def records(self) -> list[Record]:
         """Every journaled record, in order (for audits and tests)."""
@@ -342,6 +371,9 @@ class Gateway:
 
     def close(self) -> None:
         self._journal.close()
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the lock
+            self._lock = None
 
     def __enter__(self) -> Gateway:
         return self
@@ -349,6 +381,22 @@ class Gateway:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _lock_directory(directory: Path) -> IO[bytes] | None:
+    """One process per gateway directory: a second opener fails at once."""
+    if fcntl is None:  # pragma: no cover - not POSIX
+        return None
+    try:
+        handle = open(directory / LOCK_FILE, "ab")
+    except OSError as exc:
+        raise JournalUnavailable(f"cannot open {directory / LOCK_FILE}: {exc}") from exc
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise JournalUnavailable(f"{directory} is in use by another gateway process") from None
+    return handle
 
 
 def _as_bytes(tokens: Sequence[ScanInput]) -> tuple[list[bytes], npt.NDArray[np.bool_]]:

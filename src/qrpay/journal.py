@@ -179,13 +179,23 @@ class Journal:
     def count(self) -> int:
         return self._query_one("SELECT COUNT(*) FROM records")
 
-    def batches(self) -> list[Batch]:
+    def batches(self, where: str = "1", args: tuple[int, ...] = ()) -> list[Batch]:
         try:
             rows = self._db.execute("SELECT seq, first, last, body, acked FROM batches "
-                                    "ORDER BY seq").fetchall()
+                                    f"WHERE {where} ORDER BY seq", args).fetchall()
         except sqlite3.Error as exc:
             raise JournalUnavailable(f"journal: {exc}") from exc
         return [Batch(s, f, la, b, bool(a)) for s, f, la, b, a in rows]
+
+    def batch_summary(self) -> tuple[int, int, int]:
+        """(highest batch seq, last record exported, last record acked)."""
+        try:
+            row = self._db.execute(
+                "SELECT COALESCE(MAX(seq), 0), COALESCE(MAX(last), 0), "
+                "COALESCE(MAX(CASE WHEN acked THEN last END), 0) FROM batches").fetchone()
+        except sqlite3.Error as exc:
+            raise JournalUnavailable(f"journal: {exc}") from exc
+        return int(row[0]), int(row[1]), int(row[2])
 
     def add_batch(self, batch: Batch) -> None:
         with self.transaction() as db:

@@ -36,8 +36,14 @@ TokenInput = Union[bytes, bytearray, memoryview, str]
 _SCENE_BY_VALUE = {int(s): s for s in Scene}
 
 
+MAX_TIME = 2**40  # the core's bound on `now` (keeps its arithmetic in int64)
+
+
 def _now(now: float | None) -> int:
-    return int(time.time()) if now is None else int(now)
+    t = int(time.time()) if now is None else int(now)
+    if not 0 <= t <= MAX_TIME:
+        raise InvalidArgument(f"now must be Unix seconds in [0, 2**40], got {t}")
+    return t
 
 
 def _check_window(max_age: int, skew: int) -> None:

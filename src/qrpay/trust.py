@@ -63,6 +63,9 @@ class TrustStore:
         public = key.public if isinstance(key, IssuerKey) else key
         if not isinstance(public, IssuerPublicKey):
             raise InvalidArgument("a trust store holds issuer public keys")
+        for name, value in (("not_before", not_before), ("not_after", not_after)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 2**40:
+                raise InvalidArgument(f"{name} must be Unix seconds in [0, 2**40]")
         if not_after < not_before:
             raise InvalidArgument("not_after is before not_before")
         existing = self._keys.get(public.kid)
