@@ -3,15 +3,22 @@
 Run them explicitly; plain `pytest` only collects tests/ (pyproject's
 testpaths = ["tests"]):
 
-    python -m pytest benchmarks            # full run: ~1 s per benchmark, ~10 s in all
+    python -m pytest benchmarks            # full run: ~1 s per benchmark, ~12 s in all
     python -m pytest benchmarks -q --benchmark-min-rounds=3 --benchmark-max-time=0.05
-                                           # short CI mode (.ci/run): ~1.5 s
-    python -m pytest benchmarks --benchmark-max-time=3   # steadier medians, ~35 s
+                                           # short CI mode (.ci/run): ~2 s
+    python -m pytest benchmarks --benchmark-max-time=3   # steadier medians, ~45 s
 
 (--benchmark-max-time caps each benchmark's measuring time in seconds and
 --benchmark-min-rounds sets a floor on rounds; both are pytest-benchmark 5
 options. --benchmark-json=FILE also saves tokens/s and cache counters, which
 the batch and cache benchmarks put in extra_info.)
+
+The gateway benchmarks (test_bench_gateway.py) compare Gateway.scan_batch,
+journal included, with verify_batch alone on the same tokens, and time single
+Gateway.scan calls (median and p99, which pytest-benchmark does not report, in
+extra_info["latency_us"] and in the summary). Their journal goes to pytest's
+tmp_path unless QRPAY_BENCH_JOURNAL_DIR names a directory on the storage to
+measure: a commit is an fsync, so the figures depend on that storage.
 
 The baseline is libsodium reached through PyNaCl (`nacl.bindings.crypto_sign_open`
 and `nacl.bindings.crypto_sign`) on the very messages the core signs and checks:
@@ -147,6 +154,8 @@ TARGETS = (
            f"per-token median, threads=1 / threads=2 (batch of {BATCH}, warm cache)"),
     Target("token generation", "make", "raw_sign", 1.15, True,
            "TokenGenerator.make / one raw crypto_sign"),
+    Target("gateway journal overhead", "scan_batch", "gateway_verify_batch", 1.20, True,
+           f"Gateway.scan_batch (journal) / verify_batch alone, same {BATCH} tokens, threads=1"),
 )
 
 # Extra figures printed for context (never PASS/MISS).
@@ -161,10 +170,14 @@ LABELS = {
     "make": "TokenGenerator.make",
     "generate_batch_t1": f"qrpay.generate_batch x{BATCH}, threads=1",
     "generate_batch_t2": f"qrpay.generate_batch x{BATCH}, threads=2",
+    "gateway_verify_batch": f"qrpay.verify_batch x{BATCH}, gateway tokens",
+    "scan_batch": f"Gateway.scan_batch x{BATCH}, one commit",
+    "scan": "Gateway.scan x1, one commit",
 }
 PER_CALL_ITEMS = {  # tokens handled per benchmarked call
     "verify_batch_t1": BATCH, "verify_batch_t2": BATCH,
     "generate_batch_t1": BATCH, "generate_batch_t2": BATCH,
+    "gateway_verify_batch": BATCH, "scan_batch": BATCH,
 }
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -199,10 +212,12 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         _failed_keys.add(bench_key(report.nodeid.rpartition("::")[2]))
 
 
-def _collect(config: pytest.Config) -> tuple[dict[str, float], set[str]]:
-    """Per-item median seconds by key, and the keys whose test failed."""
+def _collect(config: pytest.Config) -> tuple[dict[str, float], set[str], dict[str, dict]]:
+    """Per-item median seconds by key, the keys whose test failed, and each
+    benchmark's extra_info by key."""
     session = getattr(config, "_benchmarksession", None)
     medians: dict[str, float] = {}
+    extras: dict[str, dict] = {}
     broken = set(_failed_keys)
     for bench in getattr(session, "benchmarks", []) if session else []:
         key = bench_key(bench.name)
@@ -210,7 +225,8 @@ def _collect(config: pytest.Config) -> tuple[dict[str, float], set[str]]:
             broken.add(key)
         elif key not in broken and bench.stats and bench.stats.rounds:
             medians[key] = bench.stats.median / PER_CALL_ITEMS.get(key, 1)
-    return medians, broken
+            extras[key] = dict(bench.extra_info)
+    return medians, broken, extras
 
 
 def _us(seconds: float) -> str:
@@ -219,7 +235,7 @@ def _us(seconds: float) -> str:
 
 @pytest.hookimpl(trylast=True)  # after pytest-benchmark's own table
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-    medians, broken = _collect(config)
+    medians, broken, extras = _collect(config)
     if not medians and not broken:
         return  # benchmarks skipped or disabled, or none collected
     tr = terminalreporter
@@ -259,6 +275,67 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     if "generate_batch_t1" in medians and "raw_sign" in medians:
         info.append(f"generate_batch threads=1 per token / one raw sign: "
                     f"{medians['generate_batch_t1'] / medians['raw_sign']:.3f}")
+    latency = extras.get("scan", {}).get("latency_us")
+    if "scan" in medians and latency:
+        info.append(f"Gateway.scan latency: median {latency['median']:.1f} us, "
+                    f"p99 {latency['p99']:.1f} us, max {latency['max']:.1f} us "
+                    f"({latency['samples']} calls, journal on "
+                    f"{extras['scan'].get('journal_fs', '?')})")
+    if "scan_batch" in medians and "scan" in medians:
+        info.append(f"Gateway.scan_batch per token / one Gateway.scan (group commit): "
+                    f"{medians['scan_batch'] / medians['scan']:.3f}")
     for line in info:
         tr.write_line(f"  info   {line}")
     tr.write_line("(a MISS does not fail the run: timings on a shared machine are noisy)")
+
+
+# --------------------------------------------------------------------------
+# Settlement (test_bench_settlement.py). A self-contained section: it adds one
+# target and its labels, and wraps the summary above to print the totals.
+#
+# Target: the bookkeeping for 1,000,000 transactions (ledger.settle +
+# ledger.totals_by_account over 1M records) at most 5% of verifying their
+# signatures once each (verify_batch threads=1 on 2,000 real tokens, warm
+# credential cache: one Ed25519 verify per token, scaled to 1,000,000). Both
+# medians are divided per transaction, so the ratio is the ratio of the totals.
+# The section adds about 10 s to a run (building the 1M-row day, and one
+# Settlement.report() over a store holding it).
+
+SETTLEMENT_RECORDS = 1_000_000
+SETTLEMENT_SAMPLE = 2_000
+TARGETS = TARGETS + (
+    Target("settlement bookkeeping", "settlement_kernel_1m", "settlement_verify_baseline",
+           0.05, True, "per transaction: settle + totals_by_account over 1M records / one "
+           "Ed25519 verify (verify_batch threads=1, warm cache)"),
+)
+LABELS.update({
+    "settlement_kernel_1m": "ledger.settle + totals_by_account (of 1M records)",
+    "settlement_verify_baseline": f"qrpay.verify_batch x{SETTLEMENT_SAMPLE:,}, threads=1 (baseline)",
+})
+PER_CALL_ITEMS.update({"settlement_kernel_1m": SETTLEMENT_RECORDS,
+                       "settlement_verify_baseline": SETTLEMENT_SAMPLE})
+
+_summary_before_settlement = pytest_terminal_summary
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    _summary_before_settlement(terminalreporter, exitstatus, config)
+    medians, broken, extras = _collect(config)
+    lines = []
+    kernel, verify = medians.get("settlement_kernel_1m"), medians.get("settlement_verify_baseline")
+    if kernel is not None and verify is not None:
+        lines.append(f"settlement, {SETTLEMENT_RECORDS:,} transactions: bookkeeping "
+                     f"{kernel * SETTLEMENT_RECORDS:.3f} s vs verifying each once "
+                     f"{verify * SETTLEMENT_RECORDS:.1f} s ({verify * 1e6:.2f} us x "
+                     f"{SETTLEMENT_RECORDS:,}) = {100 * kernel / verify:.2f}% (target <= 5%)")
+    if "settlement_report_1m" in broken:
+        lines.append("Settlement.report() over 1M stored records: ERROR (benchmark test failed)")
+    elif "settlement_report_1m" in medians:
+        extra = extras.get("settlement_report_1m", {})
+        lines.append(f"Settlement.report() over {SETTLEMENT_RECORDS:,} stored records "
+                     f"({extra.get('batches', '?')} batches, {extra.get('store_mb', '?')} MB): "
+                     f"{medians['settlement_report_1m']:.2f} s, of which the SQLite read "
+                     f"{extra.get('store_read_s', '?')} s (a figure, not a target)")
+    for line in lines:
+        terminalreporter.write_line(f"  info   {line}")
