@@ -1,4 +1,5 @@
-"""The command line: `qrpay simulate` and argument errors."""
+"""The command line: every subcommand, its bad inputs, messages and exit codes,
+and `qrpay simulate` (with a planted miss that must fail the run)."""
 
 from __future__ import annotations
 
@@ -7,46 +8,313 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from qrpay import cli, simulate
+from qrpay import Credential, Scene, cli, qrimage, simulate
+from qrpay.synthetic import histories
 
+NOW = 1_800_000_000
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = cli.main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Path | str]:
+    found: dict[str, Path | str] = {}
+    for role in ("issuer", "device", "gateway"):
+        path = tmp_path / f"{role}.key"
+        code, out, _ = run(capsys, "keys", "new", role, "--out", str(path))
+        assert code == 0 and out.startswith(f"qrpay:{role}-public:")
+        found[role] = path
+        found[f"{role}_public"] = out.strip()
+    return found
+
+
+@pytest.fixture
+def credential(tmp_path: Path, keys: dict[str, Path | str],
+               capsys: pytest.CaptureFixture[str]) -> Path:
+    path = tmp_path / "cred.txt"
+    code, out, _ = run(capsys, "issue", "--issuer-key", str(keys["issuer"]), "--device-public",
+                       str(keys["device_public"]), "--account", "42", "--limit", "5000",
+                       "--scenes", "bus,metro", "--not-before", str(NOW - 60), "--out", str(path))
+    assert code == 0
+    assert Credential.from_text(out.strip()).account == 42
+    return path
+
+
+def make_token(capsys: pytest.CaptureFixture[str], keys: dict[str, Path | str],
+               credential: Path, tmp_path: Path, now: int = NOW, *extra: str) -> str:
+    code, out, err = run(capsys, "token", "--credential", str(credential), "--device-key",
+                         str(keys["device"]), "--scene", "bus", "--now", str(now),
+                         "--counter-file", str(tmp_path / "counter"), *extra)
+    assert code == 0, err
+    return out.strip().splitlines()[-1]
+
+
+def gateway_args(tmp_path: Path, keys: dict[str, Path | str]) -> list[str]:
+    return ["--gateway-dir", str(tmp_path / "gw"), "--gateway-key", str(keys["gateway"]),
+            "--issuer-public", str(keys["issuer_public"])]
+
+
+# -- keys ---------------------------------------------------------------------------------
+
+def test_keys_new_and_public(tmp_path: Path, keys: dict[str, Path | str],
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    path = Path(keys["issuer"])
+    assert path.stat().st_mode & 0o777 == 0o600
+    code, out, _ = run(capsys, "keys", "public", str(path))
+    assert code == 0 and out.strip() == keys["issuer_public"]
+    code, _, err = run(capsys, "keys", "new", "issuer", "--out", str(path))
+    assert code == 2 and "--force" in err
+    assert run(capsys, "keys", "new", "issuer", "--out", str(path), "--force")[0] == 0
+
+
+def test_corrupt_and_missing_keys(tmp_path: Path, keys: dict[str, Path | str],
+                                  credential: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.key"
+    bad.write_text("qrpay:device-secret:not-a-key!!\n")
+    code, _, err = run(capsys, "keys", "public", str(bad))
+    assert code == 2 and "does not hold a qrpay secret key" in err
+    code, _, err = run(capsys, "token", "--credential", str(credential), "--device-key",
+                       str(bad), "--scene", "bus")
+    assert code == 2 and "INVALID_KEY" in err
+    code, _, err = run(capsys, "token", "--credential", str(credential), "--device-key",
+                       str(tmp_path / "missing.key"), "--scene", "bus")
+    assert code == 2 and "not found" in err
+    # A key of the wrong role is refused by its text form.
+    code, _, err = run(capsys, "token", "--credential", str(credential), "--device-key",
+                       str(keys["issuer"]), "--scene", "bus")
+    assert code == 2 and "device-secret" in err
+
+
+# -- issue and token ------------------------------------------------------------------------
+
+def test_issue_needs_terms(keys: dict[str, Path | str],
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "issue", "--issuer-key", str(keys["issuer"]), "--device-public",
+                       str(keys["device_public"]), "--account", "1")
+    assert code == 2 and "--limit" in err
+    code, _, err = run(capsys, "issue", "--issuer-key", str(keys["issuer"]), "--device-public",
+                       "qrpay:device-public:AAAA", "--account", "1", "--limit", "5",
+                       "--scenes", "bus")
+    assert code == 2 and "INVALID_KEY" in err
+    with pytest.raises(SystemExit) as info:
+        cli.main(["issue", "--issuer-key", "x", "--device-public", "y", "--account", "1",
+                  "--scenes", "spaceship"])
+    assert info.value.code == 2 and "unknown scene" in capsys.readouterr().err
+
+
+def test_token_counter_only_goes_up_and_renders(tmp_path: Path, keys: dict[str, Path | str],
+                                                credential: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    first = make_token(capsys, keys, credential, tmp_path)
+    png = tmp_path / "t.png"
+    second = make_token(capsys, keys, credential, tmp_path, NOW, "--png", str(png))
+    assert first.startswith("QP:") and first != second
+    assert (tmp_path / "counter").read_text().strip() == "2"
+    [decoded] = qrimage.decode_image(png)
+    from qrpay import decode_text
+    assert decoded == decode_text(second)
+    code, out, _ = run(capsys, "token", "--credential", str(credential), "--device-key",
+                       str(keys["device"]), "--scene", "bus", "--terminal", "--now", str(NOW))
+    assert code == 0 and "\u2588" in out or "\u2580" in out
+
+
+def test_token_for_a_scene_the_credential_lacks(tmp_path: Path, keys: dict[str, Path | str],
+                                                credential: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "token", "--credential", str(credential), "--device-key",
+                       str(keys["device"]), "--scene", "clinic")
+    assert code == 2 and "does not allow CLINIC" in err
+    bad = tmp_path / "bad-cred.txt"
+    bad.write_text("qrpay:credential:AAAA")
+    code, _, err = run(capsys, "token", "--credential", str(bad), "--device-key",
+                       str(keys["device"]), "--scene", "bus")
+    assert code == 2 and "MALFORMED_CREDENTIAL" in err
+
+
+# -- gateway ----------------------------------------------------------------------------------
+
+def test_scan_export_ack_ingest_report_deny(tmp_path: Path, keys: dict[str, Path | str],
+                                            credential: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    gw = gateway_args(tmp_path, keys)
+    settle = ["--settlement-dir", str(tmp_path / "settle"), "--issuer-public",
+              str(keys["issuer_public"])]
+    # Start with a deny list so the default stale-list cap does not apply.
+    deny0 = tmp_path / "deny0"
+    assert run(capsys, "deny-list", "publish", *settle, "--issuer-key", str(keys["issuer"]),
+               "--out", str(deny0), "--now", str(NOW))[0] == 0
+    code, out, _ = run(capsys, "deny-list", "apply", *gw, "--file", str(deny0), "--now", str(NOW))
+    assert code == 0 and "version 1" in out
+
+    token = make_token(capsys, keys, credential, tmp_path)
+    code, out, err = run(capsys, "scan", *gw, "--text", token, "--amount", "200", "--scene",
+                         "bus", "--now", str(NOW))
+    assert code == 0, err
+    receipt = json.loads(out)
+    assert receipt["account"] == 42 and receipt["amount"] == 200 and not receipt["duplicate"]
+    code, out, _ = run(capsys, "scan", *gw, "--text", token, "--amount", "200", "--scene",
+                       "bus", "--now", str(NOW + 1))
+    assert code == 0 and json.loads(out)["duplicate"]
+    code, _, err = run(capsys, "scan", *gw, "--text", "QP:garbage!", "--amount", "200",
+                       "--scene", "bus", "--now", str(NOW))
+    assert code == 2 and "MALFORMED_TEXT" in err
+    stale = make_token(capsys, keys, credential, tmp_path, NOW - 3600)
+    code, _, err = run(capsys, "scan", *gw, "--text", stale, "--amount", "200", "--scene",
+                       "bus", "--now", str(NOW))
+    assert code == 1 and "TOKEN_STALE" in err
+    png = tmp_path / "scan.png"
+    make_token(capsys, keys, credential, tmp_path, NOW, "--png", str(png))
+    code, out, err = run(capsys, "scan", *gw, "--image", str(png), "--amount", "150",
+                         "--scene", "bus", "--now", str(NOW + 2))
+    assert code == 0 and json.loads(out)["amount"] == 150, err
+
+    batch = tmp_path / "batch1"
+    assert run(capsys, "export", *gw, "--out", str(batch), "--now", str(NOW + 60))[0] == 0
+    ingest = ["ingest", *settle, "--gateway-public", f"qrpay:gateway-public:"
+              f"{str(keys['gateway_public']).rpartition(':')[2]}"]
+    code, out, _ = run(capsys, *ingest, str(batch))
+    assert code == 0 and "applied" in out and "2 records" in out
+    code, out, _ = run(capsys, *ingest, str(batch))
+    assert code == 0 and "exists" in out
+    assert run(capsys, "ack", *gw, "--seq", "1", "--now", str(NOW + 60))[0] == 0
+    code, out, _ = run(capsys, "export", *gw, "--out", str(tmp_path / "b2"), "--now", str(NOW + 61))
+    assert code == 0 and not (tmp_path / "b2").exists()
+
+    code, out, _ = run(capsys, "report", *settle)
+    report = json.loads(out)
+    assert report["charged_total"] == 350 and report["charges"][0]["account"] == 42
+
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"\x92\xc4\x01x")
+    code, _, err = run(capsys, *ingest, str(garbage))
+    assert code == 2 and "MALFORMED_MESSAGE" in err
+    code, _, err = run(capsys, *ingest, str(tmp_path / "nope"))
+    assert code == 2 and "not found" in err
+
+    deny = tmp_path / "deny2"
+    code, _, err = run(capsys, "deny-list", "publish", *settle, "--issuer-key",
+                       str(keys["issuer"]), "--out", str(deny), "--revoke",
+                       str(Credential.from_text(credential.read_text()).serial),
+                       "--now", str(NOW + 100))
+    assert code == 0 and "1 added" in err
+    assert run(capsys, "deny-list", "apply", *gw, "--file", str(deny),
+               "--now", str(NOW + 100))[0] == 0
+    fresh = make_token(capsys, keys, credential, tmp_path, NOW + 100)
+    code, _, err = run(capsys, "scan", *gw, "--text", fresh, "--amount", "200", "--scene",
+                       "bus", "--now", str(NOW + 100))
+    assert code == 1 and "REVOKED" in err
+    code, _, err = run(capsys, "deny-list", "apply", *gw, "--file", str(deny),
+                       "--now", str(NOW + 100))
+    assert code == 1 and "STALE_UPDATE" in err
+
+
+def test_scan_without_trust_or_with_missing_image(tmp_path: Path, keys: dict[str, Path | str],
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "scan", "--gateway-dir", str(tmp_path / "g"), "--gateway-key",
+                       str(keys["gateway"]), "--text", "QP:", "--amount", "1", "--scene", "bus")
+    assert code == 2 and "--issuer-public" in err
+    code, _, err = run(capsys, "scan", *gateway_args(tmp_path, keys), "--image",
+                       str(tmp_path / "none.png"), "--amount", "1", "--scene", "bus")
+    assert code == 2 and "cannot read the image" in err
+
+
+# -- scoring ---------------------------------------------------------------------------------
+
+def test_score_fit_apply_and_issue_from_card(tmp_path: Path, keys: dict[str, Path | str],
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    X, bad, names = histories(3000, seed=4)
+    data = tmp_path / "history.csv"
+    rows = [",".join([*names, "defaulted"])]
+    rows += [",".join(["" if np.isnan(v) else repr(float(v)) for v in x] + [str(int(b))])
+             for x, b in zip(X, bad)]
+    data.write_text("\n".join(rows) + "\n")
+    card = tmp_path / "card.json"
+    code, _, err = run(capsys, "score", "fit", "--data", str(data), "--label", "defaulted",
+                       "--out", str(card))
+    assert code == 0 and "card " in err
+    applied = tmp_path / "features.csv"
+    applied.write_text("\n".join([",".join(names)] + rows[1:][:50]
+                                 ).replace(",0\n", "\n").replace(",1\n", "\n"))
+    lines = [",".join(["" if np.isnan(v) else repr(float(v)) for v in x]) for x in X[:50]]
+    applied.write_text("\n".join([",".join(names), *lines]) + "\n")
+    out_csv = tmp_path / "scores.csv"
+    code, _, err = run(capsys, "score", "apply", "--card", str(card), "--data", str(applied),
+                       "--out", str(out_csv), "--reasons", "2")
+    assert code == 0, err
+    scored = out_csv.read_text().splitlines()
+    assert scored[0] == "score,reason1,reason2" and len(scored) == 51
+    npy = tmp_path / "x.npy"
+    np.save(npy, X[:50])
+    assert run(capsys, "score", "apply", "--card", str(card), "--data", str(npy), "--out",
+               str(tmp_path / "s.npy"))[0] == 0
+    assert np.array_equal(np.load(tmp_path / "s.npy"),
+                          [int(line.split(",")[0]) for line in scored[1:]])
+
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"bands": [{"min_score": -10**6, "limits": {"bus": 3000}}]}))
+    code, out, err = run(capsys, "issue", "--issuer-key", str(keys["issuer"]),
+                         "--device-public", str(keys["device_public"]), "--account", "7",
+                         "--card", str(card), "--policy", str(policy), "--features", lines[0])
+    assert code == 0 and "limit 3000" in err
+    assert Credential.from_text(out.strip()).scenes == frozenset({Scene.BUS})
+
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("a,b\n1,2\n")
+    code, _, err = run(capsys, "score", "apply", "--card", str(card), "--data", str(wrong),
+                       "--out", str(tmp_path / "o.csv"))
+    assert code == 2 and "columns" in err
+    notnum = tmp_path / "notnum.csv"
+    notnum.write_text(",".join(names) + "\n" + ",".join(["x"] * len(names)) + "\n")
+    code, _, err = run(capsys, "score", "apply", "--card", str(card), "--data", str(notnum),
+                       "--out", str(tmp_path / "o.csv"))
+    assert code == 2 and "not a number" in err
+    code, _, err = run(capsys, "score", "fit", "--data", str(data), "--label", "nope",
+                       "--out", str(card))
+    assert code == 2 and "no column" in err
+
+
+# -- simulate -------------------------------------------------------------------------------
 
 def test_simulate_catches_every_planted_attack(tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "report.json"
-    code = cli.main(["simulate", "--citizens", "300", "--trips", "3", "--seed", "7",
-                     "--json", str(out)])
-    printed = capsys.readouterr()
-    assert code == 0, printed.out
+    code, printed, err = run(capsys, "simulate", "--citizens", "600", "--trips", "3",
+                             "--seed", "7", "--json", str(out), "--workdir", str(tmp_path / "w"))
+    assert code == 0, printed
     report = json.loads(out.read_text())
     assert report["ok"] and report["failures"] == []
-    assert report["tokens"] == 300 * 3 + len(report["planted"])
-    assert report["by_reason"]["OK"] == 900
-    assert len(report["planted"]) >= 10 and all(p["caught"] for p in report["planted"])
-    assert "result: OK" in printed.out
-    assert "tokens verified" in printed.err  # progress goes to stderr
+    assert len(report["planted"]) >= 11 and all(p["caught"] for p in report["planted"])
+    assert report["money"]["unaccounted"] == 0
+    assert report["money"]["accepted_at_gateways"] == (report["money"]["charged"]
+                                                        + report["money"]["not_charged_flagged"])
+    assert report["settlement"]["findings"]["overspend"] == 1  # only the planted one
+    assert "result: OK" in printed and "scans at gateways" in err
+    assert (tmp_path / "w" / "settlement" / "settlement.sqlite3").exists()
 
 
-def test_simulate_is_reproducible_with_a_seed() -> None:
-    a = simulate.run(citizens=50, trips=2, seed=3, threads=1, progress=_Null())
-    b = simulate.run(citizens=50, trips=2, seed=3, threads=2, progress=_Null())
-    assert a.by_reason == b.by_reason and a.accepted == b.accepted == 100
+def test_simulate_is_reproducible_with_a_seed(tmp_path: Path) -> None:
+    a = simulate.run(citizens=300, trips=2, seed=3, threads=1, workdir=tmp_path / "a",
+                     progress=_Null())
+    b = simulate.run(citizens=300, trips=2, seed=3, threads=2, workdir=tmp_path / "b",
+                     progress=_Null())
+    assert a.by_reason == b.by_reason and a.money == b.money and a.credit == b.credit
 
 
-def test_simulate_reports_a_missed_attack_as_failure(monkeypatch: pytest.MonkeyPatch) -> None:
-    # If a check were switched off, the run must fail loudly, not report OK.
-    real = simulate._plant
-
-    def plant_with_wrong_expectation(*args: object) -> object:
-        tokens, planted = real(*args)  # type: ignore[arg-type]
-        planted[0].expected = simulate.Reason.OK
-        return tokens, planted
-
-    monkeypatch.setattr(simulate, "_plant", plant_with_wrong_expectation)
-    report = simulate.run(citizens=20, trips=1, seed=1, threads=1, progress=_Null())
-    assert report.failures and "planted" in report.failures[0]
-    assert "FAILED" in simulate.format_report(report)
+def test_simulate_fails_when_a_planted_attack_gets_through(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Without the deny list the revoked account rides: the run must fail loudly.
+    monkeypatch.setattr(simulate._Plants, "before_day", lambda self: None)
+    code, printed, _ = run(capsys, "simulate", "--citizens", "300", "--trips", "2")
+    assert code == 1
+    assert "[MISSED] revoked account" in printed and "result: FAILED" in printed
 
 
 @pytest.mark.parametrize("args", [["simulate", "--citizens", "0"],
@@ -59,15 +327,19 @@ def test_bad_arguments_exit_2(args: list[str], capsys: pytest.CaptureFixture[str
 
 
 def test_unwritable_json_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = cli.main(["simulate", "--citizens", "5", "--json", str(tmp_path / "no" / "r.json")])
-    assert code == 2
-    assert "cannot write" in capsys.readouterr().err
+    code, _, err = run(capsys, "simulate", "--citizens", "200", "--trips", "1", "--json",
+                       str(tmp_path / "no" / "r.json"))
+    assert code == 2 and "cannot write" in err
 
 
-def test_python_dash_m_entry_point() -> None:
-    run = subprocess.run([sys.executable, "-m", "qrpay", "simulate", "--help"],
-                         capture_output=True, text=True)
-    assert run.returncode == 0 and "--citizens" in run.stdout
+@pytest.mark.parametrize("command", [[], ["keys", "new"], ["issue"], ["token"], ["scan"],
+                                     ["export"], ["ack"], ["ingest"], ["report"],
+                                     ["deny-list", "publish"], ["deny-list", "apply"],
+                                     ["score", "fit"], ["score", "apply"], ["simulate"]])
+def test_every_command_has_help(command: list[str]) -> None:
+    run_ = subprocess.run([sys.executable, "-m", "qrpay", *command, "--help"],
+                          capture_output=True, text=True)
+    assert run_.returncode == 0 and "usage: qrpay" in run_.stdout
 
 
 class _Null:

@@ -1,64 +1,563 @@
-"""The `qrpay` command line (also `python -m qrpay`)."""
+"""The `qrpay` command line (also `python -m qrpay`).
+
+Exit codes: 0 done; 1 refused (a token, batch or update that failed a check:
+the message names the reason); 2 bad input (usage, missing or unreadable
+files, corrupt keys, malformed data).
+"""
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import os
 import sys
-from collections.abc import Sequence
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
-from qrpay import simulate
+import numpy as np
+
+from qrpay import qrimage, simulate
+from qrpay.credential import Credential, Scene
+from qrpay.denylist import DenyList
+from qrpay.errors import (
+    BadSignature, InvalidArgument, InvalidKey, MalformedCredential, MalformedMessage,
+    MalformedToken, QrPayError, ScanRefused, StaleUpdate, TokenRejected, UnknownGateway,
+)
+from qrpay.gateway import Gateway
+from qrpay.keys import (
+    DeviceKey, DevicePublicKey, GatewayKey, GatewayPublicKey, IssuerKey, IssuerPublicKey,
+    SigningKey,
+)
+from qrpay.qr import decode_text, encode_text
+from qrpay.scoring import LimitPolicy, Scorecard
+from qrpay.settlement import Settlement
+from qrpay.token import TokenGenerator
+from qrpay.trust import Role, TrustStore
 
 EXIT_OK = 0
-EXIT_FAILED = 1
+EXIT_REFUSED = 1
 EXIT_USAGE = 2
 
+ROLES: dict[str, type[SigningKey]] = {"issuer": IssuerKey, "device": DeviceKey,
+                                      "gateway": GatewayKey}
+# Bad input: it could not be read as what it claims to be.
+_BAD_INPUT = (InvalidKey, InvalidArgument, MalformedCredential, MalformedMessage, MalformedToken)
+# Refusals: the input was well-formed and a check said no.
+_REFUSALS = (TokenRejected, ScanRefused, BadSignature, StaleUpdate, UnknownGateway)
 
-def _positive(text: str) -> int:
+
+class CliError(Exception):
+    """A message for the user and an exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# -- small helpers ------------------------------------------------------------------------
+
+def _read_text(path: str, what: str) -> str:
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+        return Path(path).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise CliError(f"{what} file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"cannot read {what} file {path}: {exc}") from None
 
+
+def _read_bytes(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise CliError(f"{what} file not found: {path}") from None
+    except OSError as exc:
+        raise CliError(f"cannot read {what} file {path}: {exc}") from None
+
+
+def _write_atomic(path: str, data: bytes, private: bool = False) -> None:
+    """Write via a temporary file, fsync and rename: never a half-written file."""
+    target = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".",
+                                   prefix=f".{target.name}.")
+        with os.fdopen(fd, "wb") as out:
+            if private:
+                os.fchmod(out.fileno(), 0o600)
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _key(path: str, cls: type[SigningKey]) -> Any:
+    return cls.from_secret_text(_read_text(path, f"{cls.__name__} key"))
+
+
+def _text_or_file(value: str) -> str:
+    """A key or token given inline, or the path of a file that holds it."""
+    return _read_text(value, "input") if Path(value).is_file() else value
+
+
+def _trust(args: argparse.Namespace) -> TrustStore:
+    if not args.issuer_public:
+        raise CliError("give at least one --issuer-public (text or file)")
+    store = TrustStore()
+    for value in args.issuer_public:
+        store.add(IssuerPublicKey.from_text(_text_or_file(value)),
+                  roles=Role.CREDENTIALS | Role.DENY_LIST | Role.SCORECARD)
+    return store
+
+
+def _scene(text: str) -> Scene:
+    try:
+        return Scene[text.upper()]
+    except KeyError:
+        names = ", ".join(s.name.lower() for s in Scene)
+        raise argparse.ArgumentTypeError(f"unknown scene {text!r} (one of: {names})") from None
+
+
+def _scenes(text: str) -> list[Scene]:
+    return [_scene(part) for part in text.split(",") if part.strip()]
+
+
+def _int(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+        return value
+    return parse
+
+
+def _now(args: argparse.Namespace) -> int | None:
+    return None if args.now is None else int(args.now)
+
+
+def _gateway(args: argparse.Namespace) -> Gateway:
+    return Gateway(args.gateway_dir, _key(args.gateway_key, GatewayKey), _trust(args))
+
+
+def _load_matrix(path: str, label: str | None = None
+                 ) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """Rows from a .npy (2-D float) or a CSV with a header row; empty cells are NaN."""
+    if path.endswith(".npy"):
+        try:
+            X = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise CliError(f"cannot read {path}: {exc}") from None
+        if X.ndim != 2 or X.dtype.kind not in "iuf":
+            raise CliError(f"{path} must hold a 2-D numeric array")
+        names = [f"f{i}" for i in range(X.shape[1])]
+        if label is not None:
+            raise CliError("--label needs a CSV with a header (a .npy has no column names)")
+        return X.astype(np.float64), None, names
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+    except FileNotFoundError:
+        raise CliError(f"data file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"cannot read {path}: {exc}") from None
+    if len(rows) < 2:
+        raise CliError(f"{path} needs a header row and at least one data row")
+    header = rows[0]
+    try:
+        values = np.array([[float(c) if c.strip() else np.nan for c in r] for r in rows[1:]],
+                          dtype=np.float64)
+    except ValueError as exc:
+        raise CliError(f"{path}: not a number: {exc}") from None
+    if values.ndim != 2 or values.shape[1] != len(header):
+        raise CliError(f"{path}: every row needs {len(header)} columns")
+    if label is None:
+        return values, None, header
+    if label not in header:
+        raise CliError(f"{path} has no column {label!r}")
+    col = header.index(label)
+    keep = [i for i in range(len(header)) if i != col]
+    return values[:, keep], values[:, col], [header[i] for i in keep]
+
+
+# -- commands -----------------------------------------------------------------------------
+
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    key = ROLES[args.role].generate()
+    if Path(args.out).exists() and not args.force:
+        raise CliError(f"{args.out} exists; pass --force to replace it")
+    _write_atomic(args.out, (key.secret_text() + "\n").encode(), private=True)
+    print(key._public.to_text())
+    return EXIT_OK
+
+
+def cmd_keys_public(args: argparse.Namespace) -> int:
+    text = _read_text(args.key, "key")
+    for cls in ROLES.values():
+        try:
+            print(cls.from_secret_text(text)._public.to_text())
+            return EXIT_OK
+        except InvalidKey:
+            continue
+    raise CliError(f"{args.key} does not hold a qrpay secret key")
+
+
+def cmd_issue(args: argparse.Namespace) -> int:
+    issuer = _key(args.issuer_key, IssuerKey)
+    public = DevicePublicKey.from_text(_text_or_file(args.device_public))
+    if args.card:
+        card = Scorecard.from_json(_read_text(args.card, "card"))
+        policy = LimitPolicy.from_dict(json.loads(_read_text(args.policy, "policy")))
+        try:
+            features = [float(v) if v.strip() else float("nan")
+                        for v in args.features.split(",")]
+        except ValueError:
+            raise CliError("--features is a comma-separated list of numbers") from None
+        score = int(card.score(np.array([features]))[0])
+        limit, scenes = policy.terms(score)
+        if not scenes:
+            print(f"score {score}: below the cut-off, no offline credit", file=sys.stderr)
+            return EXIT_REFUSED
+        print(f"score {score} with card {card.card_id}: limit {limit}", file=sys.stderr)
+    else:
+        if args.limit is None or not args.scenes:
+            raise CliError("give --limit and --scenes, or --card, --policy and --features")
+        limit, scenes = args.limit, frozenset(args.scenes)
+    start = int(args.not_before)
+    credential = issuer.issue(args.account, public, limit, scenes, start,
+                              start + args.days * 86_400)
+    text = credential.to_text()
+    if args.out:
+        _write_atomic(args.out, (text + "\n").encode())
+    print(text)
+    return EXIT_OK
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    credential = Credential.from_text(_text_or_file(args.credential))
+    device = _key(args.device_key, DeviceKey)
+    counter = 0
+    if args.counter_file and Path(args.counter_file).exists():
+        try:
+            counter = int(_read_text(args.counter_file, "counter"))
+        except ValueError:
+            raise CliError(f"{args.counter_file} does not hold a counter") from None
+    generator = TokenGenerator(credential, device, counter=counter)
+    token = generator.make(args.scene, _now(args))
+    if args.counter_file:  # persisted before the token is shown: it never goes back
+        _write_atomic(args.counter_file, f"{generator.counter}\n".encode())
+    if args.png or args.svg:
+        data = qrimage.render(token, "png" if args.png else "svg")
+        _write_atomic(args.png or args.svg, data if isinstance(data, bytes) else data.encode())
+    if args.terminal:
+        print(qrimage.render(token, "terminal"))
+    print(encode_text(token))
+    return EXIT_OK
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    if args.image:
+        tokens = qrimage.decode_image(args.image)
+        if not tokens:
+            raise CliError(f"no QR code found in {args.image}")
+        token: bytes | str = tokens[0]
+    else:
+        token = _text_or_file(args.text)
+        decode_text(token)  # a malformed text is bad input, not a refusal
+    with _gateway(args) as gateway:
+        receipt = gateway.scan(token, args.amount, args.scene, _now(args))
+    print(json.dumps({"gateway": receipt.gateway, "record": receipt.record,
+                      "account": receipt.account, "serial": receipt.serial,
+                      "counter": receipt.counter, "amount": receipt.amount,
+                      "scene": receipt.scene.name.lower(), "time": receipt.gateway_time,
+                      "duplicate": receipt.duplicate}))
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    with _gateway(args) as gateway:
+        batch = gateway.export_batch(args.max_records, _now(args))
+    if batch is None:
+        print("nothing to upload", file=sys.stderr)
+        return EXIT_OK
+    _write_atomic(args.out, batch)
+    print(f"wrote {args.out} ({len(batch)} bytes)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_ack(args: argparse.Namespace) -> int:
+    with _gateway(args) as gateway:
+        gateway.ack(args.seq)
+    return EXIT_OK
+
+
+def cmd_deny_apply(args: argparse.Namespace) -> int:
+    with _gateway(args) as gateway:
+        applied = gateway.update_deny_list(_read_bytes(args.file, "deny list"), _now(args))
+    print(f"deny list version {applied.version}: {len(applied)} credentials")
+    return EXIT_OK
+
+
+def _settlement(args: argparse.Namespace) -> Settlement:
+    gateways = [GatewayPublicKey.from_text(_text_or_file(v)) for v in args.gateway_public or []]
+    return Settlement(args.settlement_dir, _trust(args), gateways)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    settlement = _settlement(args)
+    worst = EXIT_OK
+    for path in args.batches:
+        try:
+            result = settlement.ingest(_read_bytes(path, "batch"))
+            print(f"{path}: {result.status.value} (gateway {result.gateway}, batch "
+                  f"{result.seq}, {result.records} records, {result.invalid} invalid)")
+            if result.status.value == "conflict":
+                worst = EXIT_REFUSED
+        except (*_BAD_INPUT, *_REFUSALS) as exc:
+            print(f"{path}: rejected: {exc} ({exc.reason.name})", file=sys.stderr)
+            worst = max(worst, EXIT_USAGE if isinstance(exc, _BAD_INPUT) else EXIT_REFUSED)
+    settlement.close()
+    return worst
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    settlement = _settlement(args)
+    report = settlement.report()
+    out = {"records": report.records, "charged_total": report.charged_total,
+           "not_charged_total": report.rejected_total,
+           "charges": [{"account": int(a), "amount": int(m), "count": int(c)}
+                       for a, m, c in zip(report.accounts, report.amounts, report.counts)],
+           "findings": [vars(f) for f in report.findings]}
+    print(json.dumps(out, indent=2, default=list))
+    settlement.close()
+    return EXIT_OK
+
+
+def cmd_deny_publish(args: argparse.Namespace) -> int:
+    settlement = _settlement(args)
+    issuer = _key(args.issuer_key, IssuerKey)
+    now = args.now if args.now is not None else _clock()
+    document, added = settlement.publish_deny_list(issuer, now, revoke=args.revoke or ())
+    _write_atomic(args.out, document)
+    version = DenyList.load(document, settlement.trust).version
+    print(f"deny list version {version}: {len(added)} added", file=sys.stderr)
+    settlement.close()
+    return EXIT_OK
+
+
+def _clock() -> int:
+    return int(time.time())
+
+
+def cmd_score_fit(args: argparse.Namespace) -> int:
+    X, y, names = _load_matrix(args.data, args.label)
+    assert y is not None
+    card = Scorecard.fit(X, y, names, trend=args.trend)
+    _write_atomic(args.out, card.to_json().encode())
+    print(f"card {card.card_id}: {len(names)} features, written to {args.out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_score_apply(args: argparse.Namespace) -> int:
+    card = Scorecard.from_json(_read_text(args.card, "card"))
+    X, _y, names = _load_matrix(args.data)
+    if args.data.endswith(".csv") and tuple(names) != card.feature_names:
+        raise CliError(f"{args.data} columns {names} are not the card's {list(card.feature_names)}")
+    scores, reasons = card.explain(X, k=min(args.reasons, len(card.features)),
+                                   threads=args.threads)
+    if args.out.endswith(".npy"):
+        try:
+            np.save(args.out, scores)
+        except OSError as exc:
+            raise CliError(f"cannot write {args.out}: {exc.strerror}") from None
+    else:
+        lines = ["score," + ",".join(f"reason{i + 1}" for i in range(reasons.shape[1]))]
+        named = card.reason_names(reasons)
+        lines += [",".join([str(int(s)), *r, *[""] * (reasons.shape[1] - len(r))])
+                  for s, r in zip(scores, named)]
+        _write_atomic(args.out, ("\n".join(lines) + "\n").encode())
+    print(f"scored {len(scores):,} rows with card {card.card_id}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    report = simulate.run(args.citizens, args.trips, args.seed, args.threads, args.workdir)
+    print(simulate.format_report(report))
+    if args.json:
+        _write_atomic(args.json, json.dumps(report.as_dict(), indent=2).encode())
+    return EXIT_OK if not report.failures else EXIT_REFUSED
+
+
+# -- parser ---------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="qrpay", description="Offline signed QR payment tokens: issue, generate, verify.")
+        prog="qrpay", description="Offline signed QR payment tokens: keys, credentials, "
+        "tokens, gateways, settlement and credit scoring.",
+        epilog="Exit codes: 0 done, 1 refused by a check, 2 bad input.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def trust_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--issuer-public", action="append", metavar="KEY",
+                       help="a trusted issuer public key (text, or a file holding it); "
+                            "repeat for several")
+
+    def gateway_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--gateway-dir", required=True, help="the gateway's journal directory")
+        p.add_argument("--gateway-key", required=True, help="file with the gateway secret key")
+        trust_args(p)
+        p.add_argument("--now", type=_int(0), help="Unix time to use instead of the clock")
+
+    keys = commands.add_parser("keys", help="make and show keys").add_subparsers(
+        dest="keys_command", required=True, metavar="ACTION")
+    p = keys.add_parser("new", help="generate a key; the secret goes to a file (mode 600), "
+                                    "the public key to stdout")
+    p.add_argument("role", choices=sorted(ROLES))
+    p.add_argument("--out", required=True, help="file for the secret key")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(run=cmd_keys_new)
+    p = keys.add_parser("public", help="print the public key of a secret key file")
+    p.add_argument("key")
+    p.set_defaults(run=cmd_keys_public)
+
+    p = commands.add_parser("issue", help="issue a credential for a device",
+                            description="Sign a credential with an issuer key, from a limit "
+                            "and scenes, or from a scorecard, a limit policy and the "
+                            "account's features.")
+    p.add_argument("--issuer-key", required=True)
+    p.add_argument("--device-public", required=True, help="device public key (text or file)")
+    p.add_argument("--account", required=True, type=_int(0))
+    p.add_argument("--limit", type=_int(0), help="offline credit limit, minor units")
+    p.add_argument("--scenes", type=_scenes, help="comma-separated, e.g. bus,metro")
+    p.add_argument("--card", help="scorecard JSON (with --policy and --features)")
+    p.add_argument("--policy", help="limit policy JSON: {\"bands\": [...]}")
+    p.add_argument("--features", help="the account's feature values, comma-separated")
+    p.add_argument("--not-before", type=_int(0), default=None,
+                   help="Unix time the credential starts (default: now)")
+    p.add_argument("--days", type=_int(1), default=30, help="validity in days (default 30)")
+    p.add_argument("--out", help="also write the credential text to this file")
+    p.set_defaults(run=cmd_issue)
+
+    p = commands.add_parser("token", help="make a token on the phone (text form, or a QR)")
+    p.add_argument("--credential", required=True, help="credential text or file")
+    p.add_argument("--device-key", required=True)
+    p.add_argument("--scene", required=True, type=_scene)
+    p.add_argument("--counter-file", help="keeps the counter between runs (it only goes up)")
+    p.add_argument("--now", type=_int(0))
+    p.add_argument("--png", help="also render the QR code to this PNG file")
+    p.add_argument("--svg", help="also render the QR code to this SVG file")
+    p.add_argument("--terminal", action="store_true", help="also draw the QR in the terminal")
+    p.set_defaults(run=cmd_token)
+
+    p = commands.add_parser("scan", help="scan a token into a gateway (prints the receipt)")
+    gateway_args(p)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="the token's text form (or a file holding it)")
+    source.add_argument("--image", help="a QR image to decode (needs the qr extra)")
+    p.add_argument("--amount", required=True, type=_int(1), help="minor units")
+    p.add_argument("--scene", required=True, type=_scene, help="this gateway's scene")
+    p.set_defaults(run=cmd_scan)
+
+    p = commands.add_parser("export", help="write the gateway's next signed upload batch")
+    gateway_args(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-records", type=_int(1), default=1000)
+    p.set_defaults(run=cmd_export)
+
+    p = commands.add_parser("ack", help="record that settlement has a batch")
+    gateway_args(p)
+    p.add_argument("--seq", required=True, type=_int(1))
+    p.set_defaults(run=cmd_ack)
+
+    deny = commands.add_parser("deny-list", help="publish or apply deny lists").add_subparsers(
+        dest="deny_command", required=True, metavar="ACTION")
+    p = deny.add_parser("apply", help="apply a signed deny list to a gateway")
+    gateway_args(p)
+    p.add_argument("--file", required=True)
+    p.set_defaults(run=cmd_deny_apply)
+
+    def settlement_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--settlement-dir", required=True)
+        trust_args(p)
+        p.add_argument("--gateway-public", action="append", metavar="KEY",
+                       help="register a gateway public key (text or file); repeatable")
+
+    p = deny.add_parser("publish", help="sign the next deny list from settlement's findings")
+    settlement_args(p)
+    p.add_argument("--issuer-key", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--revoke", type=_int(0), action="append", help="also deny this serial")
+    p.add_argument("--now", type=_int(0))
+    p.set_defaults(run=cmd_deny_publish)
+
+    p = commands.add_parser("ingest", help="ingest upload batches into settlement")
+    settlement_args(p)
+    p.add_argument("batches", nargs="+")
+    p.set_defaults(run=cmd_ingest)
+
+    p = commands.add_parser("report", help="print settlement's charges and findings (JSON)")
+    settlement_args(p)
+    p.set_defaults(run=cmd_report)
+
+    score = commands.add_parser("score", help="fit and apply scorecards").add_subparsers(
+        dest="score_command", required=True, metavar="ACTION")
+    p = score.add_parser("fit", help="fit a card from a CSV with a 0/1 label column")
+    p.add_argument("--data", required=True)
+    p.add_argument("--label", required=True, help="the column with 1 = defaulted")
+    p.add_argument("--trend", default="auto", choices=["auto", "increasing", "decreasing"])
+    p.add_argument("--out", required=True, help="card JSON")
+    p.set_defaults(run=cmd_score_fit)
+    p = score.add_parser("apply", help="score rows of a CSV or .npy with a card")
+    p.add_argument("--card", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="CSV of score and reasons, or .npy of scores")
+    p.add_argument("--reasons", type=_int(0), default=3)
+    p.add_argument("--threads", type=_int(1), default=1)
+    p.set_defaults(run=cmd_score_apply)
+
     sim = commands.add_parser(
         "simulate", help="run a city's day end to end on embedded defaults",
-        description="Issue credentials to synthetic citizens, make their tokens offline, "
-                    "verify them at gateways, plant attacks and report whether each was "
-                    "caught. Exits 1 if any planted attack is missed or an honest token "
-                    "is rejected.")
-    sim.add_argument("--citizens", type=_positive, default=20_000,
+        description="Score synthetic citizens, issue credentials, scan tokens at offline "
+                    "gateways all day with planted fraud, upload, settle, and report. Exits 1 "
+                    "if a planted attack is missed or the money does not add up.")
+    sim.add_argument("--citizens", type=_int(1), default=20_000,
                      help="number of citizens (default: %(default)s)")
-    sim.add_argument("--trips", type=_positive, default=4,
+    sim.add_argument("--trips", type=_int(1), default=4,
                      help="rides per citizen in the day (default: %(default)s)")
     sim.add_argument("--seed", type=int, default=1, help="random seed (default: %(default)s)")
-    sim.add_argument("--threads", type=_positive, default=2,
-                     help="threads for signing and verifying (default: %(default)s)")
+    sim.add_argument("--threads", type=_int(1), default=2,
+                     help="threads for signing, verifying and scoring (default: %(default)s)")
+    sim.add_argument("--workdir", help="keep journals and the settlement store here "
+                                       "(default: a temporary directory)")
     sim.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
+    sim.set_defaults(run=cmd_simulate)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "simulate":
-        report = simulate.run(args.citizens, args.trips, args.seed, args.threads)
-        print(simulate.format_report(report))
-        if args.json:
-            try:
-                with open(args.json, "w", encoding="utf-8") as out:
-                    json.dump(report.as_dict(), out, indent=2)
-            except OSError as exc:
-                print(f"qrpay: cannot write {args.json}: {exc.strerror}", file=sys.stderr)
-                return EXIT_USAGE
-        return EXIT_OK if not report.failures else EXIT_FAILED
-    return EXIT_USAGE  # pragma: no cover  (argparse requires a command)
+    if getattr(args, "not_before", "unset") is None:
+        args.not_before = _clock()
+    try:
+        return int(args.run(args))
+    except CliError as exc:
+        print(f"qrpay: error: {exc}", file=sys.stderr)
+        return exc.code
+    except _BAD_INPUT as exc:
+        print(f"qrpay: error: {exc} ({exc.reason.name})", file=sys.stderr)
+        return EXIT_USAGE
+    except _REFUSALS as exc:
+        print(f"qrpay: refused: {exc} ({exc.reason.name})", file=sys.stderr)
+        return EXIT_REFUSED
+    except QrPayError as exc:
+        print(f"qrpay: error: {exc} ({exc.reason.name})", file=sys.stderr)
+        return EXIT_REFUSED
 
 
 if __name__ == "__main__":  # pragma: no cover

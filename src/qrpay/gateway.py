@@ -139,7 +139,7 @@ class Gateway:
         self.trust = trust
         self.policy = policy or GatewayPolicy()
         self._clock = clock
-        self.id = key.kid.hex()
+        self.id = key.public.gateway_id
         self._lock = _lock_directory(self.directory)
         self._journal = Journal(self.directory / JOURNAL_FILE)
         owner = self._journal.get("gateway_key")

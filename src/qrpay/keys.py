@@ -136,6 +136,13 @@ class GatewayPublicKey(PublicKey):
     role = "gateway"
     __slots__ = ()
 
+    @property
+    def gateway_id(self) -> str:
+        """The gateway's name in receipts and settlement: 8 bytes of a
+        personalised BLAKE2b of the key, as hex (longer than a kid: a city
+        runs many thousands of gateways)."""
+        return hashlib.blake2b(self._raw, digest_size=8, person=b"qrpay-gw-v1").hexdigest()
+
 
 class SigningKey:
     """An Ed25519 signing key. Export with `secret_bytes()` / `secret_text()`;

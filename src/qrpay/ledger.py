@@ -41,16 +41,20 @@ class LedgerResult:
     clone: Mask            # another token with a (serial, counter) already used
     backwards: Mask        # a counter lower than an earlier-issued token's
     invalid: Mask          # failed re-verification: the gateway should not have accepted it
-    over_serial: npt.NDArray[np.uint64]   # overspend: credential serial,
+    first_row: npt.NDArray[np.int64]      # for a repeat: the charged row it repeats; else -1
+    over_account: npt.NDArray[np.uint64]  # overspend: the account charged,
+    over_serial: npt.NDArray[np.uint64]   # the credential serial,
     over_window: npt.NDArray[np.int64]    # period index (gateway_time // period),
     over_spent: npt.NDArray[np.int64]     # charged amount in that window,
     over_limit: npt.NDArray[np.int64]     # and the credential's limit
 
 
 def settle(records: npt.NDArray[np.void], gateway: npt.NDArray[np.int64],
-           period: int) -> LedgerResult:
+           period: int, slack: int = 0) -> LedgerResult:
     """Classify every record. `records` is RECORD_DTYPE in arrival order,
-    `gateway` the index of the gateway each came from."""
+    `gateway` the index of the gateway each came from, `period` the overspend
+    window in seconds and `slack` how far apart in gateway time two honest
+    scans of one phone can appear out of counter order (see below)."""
     n = len(records)
     serial = records["serial"]
     counter = records["counter"]
@@ -82,56 +86,62 @@ def settle(records: npt.NDArray[np.void], gateway: npt.NDArray[np.int64],
     clone = np.zeros(n, dtype=np.bool_)
     clone[repeat[~same_token]] = True
 
-    # A phone's counter rises with issued_at: a token whose counter is below
-    # one issued strictly earlier on the same credential comes from a second
-    # device running a copy of it.
+    # One phone's counter rises with time. An honest token is scanned within
+    # its freshness window, so a lower counter may be scanned after a higher
+    # one by at most `slack` seconds (max_age + 2 * skew); later than that, a
+    # second device is running a copy of the credential. Gateway time is used,
+    # not the phone's issued_at, so a phone clock stepping back is not fraud.
     backwards = np.zeros(n, dtype=np.bool_)
     charged_rows = np.flatnonzero(charged)
-    issued = records["issued_at"][charged_rows]
-    rows = charged_rows[np.lexsort((counter[charged_rows], issued, serial[charged_rows]))]
-    backwards[rows[_below_earlier_max(serial[rows], records["issued_at"][rows],
-                                      counter[rows].astype(np.int64))]] = True
+    backwards[_behind(charged_rows, serial, counter, records["gateway_time"], slack)] = True
+    first_row = np.full(n, -1, dtype=np.int64)
+    first_row[repeat] = first_of_repeat
 
     over = _overspend(records[charged_rows], period)
-    return LedgerResult(charged, double_spend, duplicate, clone, backwards, invalid, *over)
+    return LedgerResult(charged, double_spend, duplicate, clone, backwards, invalid, first_row,
+                        *over)
 
 
-def _below_earlier_max(serial: npt.NDArray[np.uint64], issued: npt.NDArray[np.uint32],
-                       counter: npt.NDArray[np.int64]) -> Mask:
-    """Rows sorted by (serial, issued_at, counter): whether each counter is
-    below the largest counter of the same serial issued strictly earlier."""
-    if len(serial) == 0:
-        return np.zeros(0, dtype=np.bool_)
-    new_serial = np.r_[True, serial[1:] != serial[:-1]]
-    new_time = new_serial | np.r_[True, issued[1:] != issued[:-1]]
-    at = np.flatnonzero(new_time)                       # one group per (serial, second)
-    group_max = np.maximum.reduceat(counter, at)
-    serial_of_group = np.cumsum(new_serial[at]) - 1
-    # Running max within each serial: lift each serial above all earlier ones.
-    lift = serial_of_group * (int(counter.max()) + 1)
-    running = np.maximum.accumulate(group_max + lift) - lift
-    earlier = np.r_[-1, running[:-1]]
-    earlier[new_serial[at]] = -1                        # nothing before a serial's first second
-    row_group = np.cumsum(new_time) - 1
-    return np.asarray(counter < earlier[row_group], dtype=np.bool_)
+def _behind(rows: npt.NDArray[np.int64], serial: npt.NDArray[np.uint64],
+            counter: npt.NDArray[np.uint32], when: npt.NDArray[np.uint32],
+            slack: int) -> npt.NDArray[np.int64]:
+    """The rows whose counter is below the largest counter of the same serial
+    scanned more than `slack` seconds earlier."""
+    if len(rows) == 0:
+        return rows
+    rows = rows[np.lexsort((when[rows], serial[rows]))]
+    s, t = serial[rows], when[rows].astype(np.int64)
+    c = counter[rows].astype(np.int64)
+    new_serial = np.r_[True, s[1:] != s[:-1]]
+    rank = np.cumsum(new_serial) - 1                       # dense serial number, sorted
+    # Running max of the counter within each serial (lift each serial above the last).
+    lift = rank * (int(c.max()) + 1)
+    running = np.maximum.accumulate(c + lift) - lift
+    # For each row: how many rows of its serial were scanned before t - slack.
+    key = rank * (1 << 34) + t                              # sortable (serial, time)
+    before = np.searchsorted(key, rank * (1 << 34) + t - slack, side="left")
+    start = np.flatnonzero(new_serial)[rank]
+    earlier = np.where(before > start, running[np.maximum(before - 1, 0)], -1)
+    return rows[c < earlier]
 
 
 def _overspend(charged: npt.NDArray[np.void], period: int
-               ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64],
+               ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], npt.NDArray[np.int64],
                           npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     window = charged["gateway_time"].astype(np.int64) // period
     order = np.lexsort((window, charged["serial"]))
     s, w = charged["serial"][order], window[order]
-    starts = np.ones(len(order), dtype=np.bool_)
-    starts[1:] = (s[1:] != s[:-1]) | (w[1:] != w[:-1])
+    if len(order) == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint64), empty, empty, empty
+    starts = np.r_[True, (s[1:] != s[:-1]) | (w[1:] != w[:-1])]
     idx = np.flatnonzero(starts)
-    spent = np.add.reduceat(charged["amount"][order].astype(np.int64), idx) if len(idx) else (
-        np.zeros(0, dtype=np.int64))
+    spent = np.add.reduceat(charged["amount"][order].astype(np.int64), idx)
     # A credential's limit is one value; the largest seen is the most generous reading.
-    limit = np.maximum.reduceat(charged["limit"][order].astype(np.int64), idx) if len(idx) else (
-        np.zeros(0, dtype=np.int64))
+    limit = np.maximum.reduceat(charged["limit"][order].astype(np.int64), idx)
     over = spent > limit
-    return s[idx][over], w[idx][over], spent[over], limit[over]
+    account = charged["account"][order][idx]   # from a charged (valid) record
+    return account[over], s[idx][over], w[idx][over], spent[over], limit[over]
 
 
 def sequence_gaps(record_numbers: npt.NDArray[np.uint64]) -> list[tuple[int, int]]:

@@ -20,6 +20,7 @@ import msgpack  # type: ignore[import-untyped]
 import numpy as np
 import numpy.typing as npt
 
+from qrpay import scorefit
 from qrpay._impl import core
 from qrpay.credential import Credential, Scene
 from qrpay.errors import InvalidArgument, MalformedMessage
@@ -101,6 +102,32 @@ class Scorecard:
             raise InvalidArgument("feature names must be distinct")
         if not isinstance(self.base_points, int) or not isinstance(self.version, int):
             raise InvalidArgument("base_points and version are integers")
+
+    @classmethod
+    def fit(cls, X: npt.ArrayLike, y: npt.ArrayLike, feature_names: Sequence[str], *,
+            trend: str | Sequence[str] = "auto",
+            special_codes: Sequence[float] | Mapping[int, Sequence[float]] = (-1.0,),
+            max_bins: int = 6, min_bin_share: float = 0.05, l2: float = 1.0,
+            base_score: float = 600.0, base_odds: float = 50.0, pdo: float = 20.0,
+            version: int = 1) -> Scorecard:
+        """Fit a card from history: X (rows x features, NaN = missing), y
+        (1 = defaulted). Monotonic binning per feature (`trend`: increasing,
+        decreasing or auto), WOE, a regularised logistic regression on WOE, and
+        points scaled so that `base_score` means odds `base_odds`:1 good:bad and
+        every `pdo` points double the odds. See scorefit.py and docs/SCORING.md."""
+        names = list(feature_names)
+        result = scorefit.fit(np.asarray(X, dtype=np.float64), np.asarray(y), trend=trend,
+                              special_codes=special_codes, max_bins=max_bins,
+                              min_bin_share=min_bin_share, l2=l2, base_score=base_score,
+                              base_odds=base_odds, pdo=pdo)
+        if len(names) != len(result.features):
+            raise InvalidArgument("one feature name per column of X")
+        features = tuple(
+            FeatureBins(name, f.edges, f.numeric_points, f.missing_points, f.special_points,
+                        f.woe, f.iv, f.trend)
+            for name, f in zip(names, result.features))
+        return cls(features, result.base_points, version, dict(result.scaling),
+                   {"intercept": result.intercept, "coefficients": list(result.coefficients)})
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -263,6 +290,22 @@ class LimitPolicy:
         for band in self.bands:
             if any(v < 0 or v > 0xFFFF_FFFF for v in band.limits.values()):
                 raise InvalidArgument("limits are minor units in [0, 2**32)")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"bands": [{"min_score": b.min_score,
+                           "limits": {s.name.lower(): v for s, v in sorted(b.limits.items())}}
+                          for b in self.bands]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LimitPolicy:
+        """From {"bands": [{"min_score": 560, "limits": {"bus": 3000, ...}}, ...]}."""
+        try:
+            return cls(tuple(
+                LimitBand(int(b["min_score"]),
+                          {Scene[name.upper()]: int(v) for name, v in b["limits"].items()})
+                for b in d["bands"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise MalformedMessage(f"not a limit policy: {exc}") from None
 
     def limits(self, scores: npt.ArrayLike) -> dict[Scene, npt.NDArray[np.int64]]:
         """Per scene, the limit of each score (0 below the cut-off)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import numpy.typing as npt
 from qrpay.credential import Scene
 from qrpay.denylist import DenyList, sign_deny_list
 from qrpay.errors import (
-    InvalidArgument, MalformedMessage, Reason, StoreUnavailable, UnknownGateway,
+    InvalidArgument, IssuerKeyRole, MalformedMessage, Reason, StoreUnavailable, UnknownGateway,
 )
 from qrpay.format import (
     PUBLIC_KEY_LEN, TAG_BATCH, TOKEN_DEVICE_SIG, TOKEN_DTYPE, TOKEN_LEN, U32_MAX,
@@ -31,7 +32,7 @@ from qrpay.format import (
 from qrpay.keys import GatewayPublicKey, IssuerKey
 from qrpay.ledger import RECORD_DTYPE, LedgerResult, sequence_gaps, settle, totals_by_account
 from qrpay.token import DEFAULT_MAX_AGE, DEFAULT_SKEW, as_token_array, verify_batch
-from qrpay.trust import TrustStore
+from qrpay.trust import Role, TrustStore
 from qrpay.wire import body_map, split_document, verify_document
 
 STORE_FILE = "settlement.sqlite3"
@@ -135,6 +136,7 @@ class Settlement:
         self.max_age = max_age
         self.skew = skew
         self.threads = threads
+        self._lock = threading.RLock()  # one connection: calls take turns
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.directory / STORE_FILE, isolation_level=None,
@@ -181,10 +183,14 @@ class Settlement:
     def register_gateway(self, key: GatewayPublicKey) -> str:
         if not isinstance(key, GatewayPublicKey):
             raise InvalidArgument("gateways are registered by their GatewayPublicKey")
-        gateway_id = key.kid.hex()
-        with self._transaction() as db:
-            db.execute("INSERT INTO gateways(id, public) VALUES (?, ?) ON CONFLICT(id) "
-                       "DO NOTHING", (gateway_id, key.to_bytes()))
+        gateway_id = key.gateway_id
+        with self._lock, self._transaction() as db:
+            row = db.execute("SELECT public FROM gateways WHERE id = ?", (gateway_id,)).fetchone()
+            if row is not None and row[0] != key.to_bytes():
+                raise InvalidArgument(f"gateway id {gateway_id} already names another key")
+            if row is None:
+                db.execute("INSERT INTO gateways(id, public) VALUES (?, ?)",
+                           (gateway_id, key.to_bytes()))
         return gateway_id
 
     def _gateway_key(self, public: bytes) -> tuple[str, GatewayPublicKey]:
@@ -207,26 +213,23 @@ class Settlement:
         gateway_id, gateway_key = self._gateway_key(doc["gateway"])
         verify_document(gateway_key, TAG_BATCH, body, signature)
         seq, first, last = doc["seq"], doc["first"], doc["last"]
-        records, tokens = _parse_records(doc["records"], first, last)
+        for name in ("seq", "first", "last", "created_at"):
+            if not 0 <= doc[name] < 2**53:
+                raise MalformedMessage(f"batch {name} out of range")
         if seq < 1:
             raise MalformedMessage("batch seq starts at 1")
+        records, tokens, lengths = _parse_records(doc["records"], first, last)
         digest = hashlib.blake2b(body, digest_size=32).digest()
-
-        existing = self._query("SELECT digest FROM batches WHERE gateway = ? AND seq = ?",
-                               (gateway_id, seq))
-        if existing:
-            status = IngestStatus.EXISTS if existing[0][0] == digest else IngestStatus.CONFLICT
-            return IngestResult(status, gateway_id, seq, len(records))
-        overlap = self._query("SELECT 1 FROM batches WHERE gateway = ? AND first <= ? "
-                              "AND last >= ?", (gateway_id, last, first))
-        if overlap:  # the same record numbers under another batch number
-            return IngestResult(IngestStatus.CONFLICT, gateway_id, seq, len(records))
+        known = self._status(gateway_id, seq, first, last, digest)
+        if known is not None:  # cheap answer for retries, before any verifying
+            return IngestResult(known, gateway_id, seq, len(records))
 
         # A gateway can be compromised: every token is verified again, at the
         # time the gateway says it scanned it.
         checked = verify_batch(tokens, self.trust, records["gateway_time"].astype(np.int64),
                                max_age=self.max_age, skew=self.skew, threads=self.threads)
         reasons = checked.reasons.copy()
+        reasons[lengths != TOKEN_LEN] = Reason.WRONG_LENGTH
         fields = tokens.view(TOKEN_DTYPE).reshape(-1)
         valid = reasons == Reason.OK
         reasons[valid & (fields["scene"] != records["scene"])] = Reason.SCENE_MISMATCH
@@ -235,25 +238,39 @@ class Settlement:
             records[name] = fields[name]
         records["token_id"] = tokens[:, TOKEN_DEVICE_SIG:TOKEN_DEVICE_SIG + 8].copy().view(
             "<u8").reshape(-1)
-        try:
-            with self._transaction() as db:
-                db.execute(
-                    "INSERT INTO batches(gateway, seq, digest, first, last, created_at, "
-                    "records, tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (gateway_id, seq, digest, first, last, doc["created_at"],
-                     records.tobytes(), tokens.tobytes()))
-        except StoreUnavailable as exc:
-            if isinstance(exc.__cause__, sqlite3.IntegrityError):  # lost a race: same batch
-                return self.ingest(data)
-            raise
+        with self._lock, self._transaction() as db:
+            # Checked again inside the write transaction: another caller may
+            # have applied this batch (or an overlapping one) meanwhile.
+            known = self._status(gateway_id, seq, first, last, digest)
+            if known is not None:
+                return IngestResult(known, gateway_id, seq, len(records))
+            db.execute(
+                "INSERT INTO batches(gateway, seq, digest, first, last, created_at, "
+                "records, tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (gateway_id, seq, digest, first, last, doc["created_at"],
+                 records.tobytes(), tokens.tobytes()))
         return IngestResult(IngestStatus.APPLIED, gateway_id, seq, len(records),
                             int(np.count_nonzero(reasons != Reason.OK)))
+
+    def _status(self, gateway_id: str, seq: int, first: int, last: int,
+                digest: bytes) -> IngestStatus | None:
+        """EXISTS or CONFLICT if (gateway, seq) or its record range is taken."""
+        with self._lock:
+            existing = self._query("SELECT digest FROM batches WHERE gateway = ? AND seq = ?",
+                                   (gateway_id, seq))
+            if existing:
+                return IngestStatus.EXISTS if existing[0][0] == digest else IngestStatus.CONFLICT
+            overlap = self._query("SELECT 1 FROM batches WHERE gateway = ? AND first <= ? "
+                                  "AND last >= ?", (gateway_id, last, first))
+        # The same record numbers under another batch number.
+        return IngestStatus.CONFLICT if overlap else None
 
     # -- outputs -----------------------------------------------------------------------
 
     def _load(self) -> tuple[npt.NDArray[np.void], npt.NDArray[np.int64], list[str],
                              list[tuple[str, int, int, int]]]:
-        rows = self._query("SELECT gateway, seq, first, last, records FROM batches "
+        with self._lock:
+            rows = self._query("SELECT gateway, seq, first, last, records FROM batches "
                            "ORDER BY arrival")
         names = sorted({r[0] for r in rows})
         index = {name: i for i, name in enumerate(names)}
@@ -266,7 +283,7 @@ class Settlement:
     def report(self) -> Report:
         """Charges and findings over everything ingested so far."""
         records, gateway, names, batches = self._load()
-        result = settle(records, gateway, self.period)
+        result = settle(records, gateway, self.period, slack=self.max_age + 2 * self.skew)
         accounts, amounts, counts = totals_by_account(records, result.charged)
         findings = _findings(records, gateway, names, result)
         findings += _gaps(records, gateway, names, batches)
@@ -284,12 +301,16 @@ class Settlement:
         flagged, and any serials the issuer revokes for its own reasons (a
         lost phone, a closed account). Returns the document and the serials
         it adds (the delta)."""
+        trusted = self.trust.get(key.kid)
+        if not trusted.roles & Role.DENY_LIST:
+            # Gateways would refuse the list; so would this store on its next read.
+            raise IssuerKeyRole("this issuer key is not trusted to sign deny lists")
         previous = self.deny_list()
         old = {int(s) for s in previous.serials} if previous is not None else set()
         flagged = self.report().flagged_serials() | {int(s) for s in revoke}
         version = (previous.version if previous is not None else 0) + 1
         document = sign_deny_list(key, version, old | flagged, issued_at)
-        with self._transaction() as db:
+        with self._lock, self._transaction() as db:
             db.execute("INSERT INTO deny_lists(version, document) VALUES (?, ?)",
                        (version, document))
         return document, sorted(flagged - old)
@@ -300,7 +321,7 @@ class Settlement:
                                  ("paid_at", paid_at, U32_MAX)):
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
                 raise InvalidArgument(f"{name} must be a non-negative integer")
-        with self._transaction() as db:
+        with self._lock, self._transaction() as db:
             db.execute("INSERT INTO repayments(account, amount, paid_at) VALUES (?, ?, ?)",
                        (account, amount, paid_at))
 
@@ -318,7 +339,7 @@ class Settlement:
 
 
 def _parse_records(items: list[Any], first: int, last: int
-                   ) -> tuple[npt.NDArray[np.void], npt.NDArray[np.uint8]]:
+                   ) -> tuple[npt.NDArray[np.void], npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
     if not items or last - first + 1 != len(items) or first < 1:
         raise MalformedMessage("a batch holds records first..last, one each, from 1")
     records = np.zeros(len(items), dtype=RECORD_DTYPE)
@@ -338,19 +359,13 @@ def _parse_records(items: list[Any], first: int, last: int
         records[i]["scene"] = scene
         records[i]["gateway_time"] = at
         tokens.append(token)
-    array, lengths = as_token_array(tokens)
-    if np.any(lengths != TOKEN_LEN):
-        array[lengths != TOKEN_LEN] = 0  # kept as rows the core rejects as malformed
-    return records, array
+    array, lengths = as_token_array(tokens)  # other lengths: rows of zeros, reason set later
+    return records, array, lengths
 
 
 def _findings(records: npt.NDArray[np.void], gateway: npt.NDArray[np.int64], names: list[str],
               result: LedgerResult) -> list[Finding]:
-    """Turn the kernel's masks into findings (a loop over flagged rows only)."""
-    key_of_first: dict[tuple[int, int], int] = {
-        (int(s), int(c)): int(i) for i, s, c in zip(
-            np.flatnonzero(result.charged), records["serial"][result.charged],
-            records["counter"][result.charged])}
+    """Turn the kernel's masks into findings: a loop over flagged rows only."""
     found: list[Finding] = []
 
     def where(i: int) -> tuple[str, int]:
@@ -358,28 +373,26 @@ def _findings(records: npt.NDArray[np.void], gateway: npt.NDArray[np.int64], nam
 
     for kind, mask in (("double_spend", result.double_spend), ("clone", result.clone),
                        ("duplicate_record", result.duplicate)):
-        for i in np.flatnonzero(mask):
-            r = records[i]
-            first = key_of_first[(int(r["serial"]), int(r["counter"]))]
+        for i in np.flatnonzero(mask).tolist():
+            r, first = records[i], int(result.first_row[i])
             found.append(Finding(kind, int(r["serial"]), int(r["account"]), int(r["counter"]),
                                  (names[gateway[first]], names[gateway[i]]),
-                                 (where(first), where(int(i))), int(r["amount"])))
-    for i in np.flatnonzero(result.backwards):
+                                 (where(first), where(i)), int(r["amount"])))
+    for i in np.flatnonzero(result.backwards).tolist():
         r = records[i]
         found.append(Finding("clone", int(r["serial"]), int(r["account"]), int(r["counter"]),
-                             (names[gateway[i]],), (where(int(i)),), int(r["amount"]),
+                             (names[gateway[i]],), (where(i),), int(r["amount"]),
                              "counter went backwards"))
-    for i in np.flatnonzero(result.invalid):
+    for i in np.flatnonzero(result.invalid).tolist():
         r = records[i]
         found.append(Finding("invalid_token", int(r["serial"]), int(r["account"]),
-                             int(r["counter"]), (names[gateway[i]],), (where(int(i)),),
+                             int(r["counter"]), (names[gateway[i]],), (where(i),),
                              int(r["amount"]), Reason(int(r["reason"])).name))
-    accounts = {int(s): int(a) for s, a in zip(records["serial"], records["account"])}
-    for serial, window, spent, limit in zip(result.over_serial, result.over_window,
-                                            result.over_spent, result.over_limit):
-        found.append(Finding("overspend", int(serial), accounts[int(serial)], 0, (), (),
-                             int(spent - limit),
-                             f"spent {int(spent)} of limit {int(limit)} in period {int(window)}"))
+    for account, serial, window, spent, limit in zip(
+            result.over_account.tolist(), result.over_serial.tolist(),
+            result.over_window.tolist(), result.over_spent.tolist(), result.over_limit.tolist()):
+        found.append(Finding("overspend", serial, account, 0, (), (), spent - limit,
+                             f"spent {spent} of limit {limit} in period {window}"))
     return found
 
 

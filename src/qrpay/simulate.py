@@ -1,45 +1,64 @@
-"""`qrpay simulate`: a city's day on embedded defaults, end to end.
+"""`qrpay simulate`: a city's day, end to end, on embedded defaults.
 
-What exists so far runs here: issuers issue credentials to citizens' phones,
-phones make tokens offline all day, gateways verify them in batches, and a set
-of planted attacks must each be rejected for the right reason. Later stages
-(journal, settlement, scoring) join this same run.
+Citizens with synthetic credit histories are scored by a card fitted on last
+year's accounts and get offline limits; the issuer issues credentials; phones
+make tokens offline; gateways on buses, the metro, a ferry, clinics, canteens
+and a library scan them all day into their journals and upload every hour;
+settlement ingests the uploads (some twice), charges accounts and publishes a
+deny list. Planted fraud must each be caught, and the money must add up:
+every accepted payment is either charged once or flagged.
 """
 
 from __future__ import annotations
 
 import random
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+import numpy.typing as npt
 
+from qrpay._impl import backend, core
 from qrpay.credential import Credential, Scene
 from qrpay.errors import Reason
-from qrpay.format import CRED_LIMIT, TOKEN_COUNTER
-from qrpay.keys import DeviceKey, IssuerKey
-from qrpay._impl import backend, core
-from qrpay.token import DEFAULT_MAX_AGE, DEFAULT_SKEW, generate_batch, verify_batch
-from qrpay.trust import TrustStore
+from qrpay.format import CRED_LIMIT
+from qrpay.gateway import Gateway, GatewayPolicy
+from qrpay.keys import DeviceKey, GatewayKey, IssuerKey
+from qrpay.scoring import LimitBand, LimitPolicy, Scorecard, auc
+from qrpay.settlement import IngestStatus, Report as SettlementReport, Settlement
+from qrpay.synthetic import histories
+from qrpay.token import generate_batch
+from qrpay.trust import Role, TrustStore
 
 DAY_START = 1_800_000_000  # fixed, so a seed reproduces the same bytes
-DAY = 86_400
-GATEWAY_SCENES = (Scene.BUS, Scene.FERRY, Scene.METRO, Scene.CLINIC, Scene.CANTEEN,
-                  Scene.LIBRARY)
+HOUR = 3600
+DAY = 24 * HOUR
+WINDOW = 60  # a gateway commits what it scanned in each minute as one batch
+
+# name, scene, fare in minor units (a clinic co-payment, a canteen meal, ...)
+GATEWAYS: tuple[tuple[str, Scene, int], ...] = (
+    ("bus-1", Scene.BUS, 200), ("bus-2", Scene.BUS, 200), ("bus-3", Scene.BUS, 200),
+    ("metro-1", Scene.METRO, 400), ("ferry-1", Scene.FERRY, 800),
+    ("clinic-1", Scene.CLINIC, 1500), ("clinic-2", Scene.CLINIC, 1500),
+    ("canteen-1", Scene.CANTEEN, 1200), ("library-1", Scene.LIBRARY, 100),
+)
 
 
 @dataclass
 class Planted:
-    name: str
-    expected: Reason
-    got: Reason | None = None
+    """One planted attack: what should catch it and whether it did."""
 
-    @property
-    def caught(self) -> bool:
-        return self.got == self.expected
+    name: str
+    expected: str
+    caught: bool = False
+    observed: str = ""
 
 
 @dataclass
@@ -48,9 +67,12 @@ class Report:
     seed: int
     backend: str
     threads: int
-    tokens: int = 0
+    credit: dict[str, Any] = field(default_factory=dict)
+    scans: int = 0
     accepted: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
+    money: dict[str, int] = field(default_factory=dict)
+    settlement: dict[str, Any] = field(default_factory=dict)
     planted: list[Planted] = field(default_factory=list)
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
@@ -58,149 +80,469 @@ class Report:
     def as_dict(self) -> dict[str, Any]:
         return {
             "citizens": self.citizens, "seed": self.seed, "backend": self.backend,
-            "threads": self.threads, "tokens": self.tokens, "accepted": self.accepted,
-            "by_reason": self.by_reason,
-            "planted": [{"name": p.name, "expected": p.expected.name,
-                         "got": p.got.name if p.got is not None else None,
-                         "caught": p.caught} for p in self.planted],
-            "stages": self.stages, "failures": self.failures, "ok": not self.failures,
+            "threads": self.threads, "credit": self.credit, "scans": self.scans,
+            "accepted": self.accepted, "by_reason": self.by_reason, "money": self.money,
+            "settlement": self.settlement,
+            "planted": [vars(p) for p in self.planted], "stages": self.stages,
+            "failures": self.failures, "ok": not self.failures,
         }
 
 
-def _stage(report: Report, name: str, count: int, progress: TextIO,
-           work: Callable[[], Any]) -> Any:
-    progress.write(f"  {name} ({count:,}) ...")
-    progress.flush()
-    start = time.perf_counter()
-    result = work()
-    seconds = time.perf_counter() - start
-    report.stages[name] = {"count": count, "seconds": round(seconds, 4),
-                           "per_second": round(count / seconds, 1) if seconds else 0.0}
-    progress.write(f" {seconds:.2f} s, {count / seconds if seconds else 0:,.0f}/s\n")
-    return result
+class _Stages:
+    """Times each stage and prints progress lines as the day goes."""
+
+    def __init__(self, report: Report, progress: TextIO) -> None:
+        self.report = report
+        self.progress = progress
+
+    @contextmanager
+    def stage(self, name: str, count: int) -> Iterator[None]:
+        self.progress.write(f"  {name} ({count:,}) ...")
+        self.progress.flush()
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+        rate = count / seconds if seconds > 0 else 0.0
+        self.report.stages[name] = {"count": count, "seconds": round(seconds, 3),
+                                    "per_second": round(rate, 1)}
+        self.progress.write(f" {seconds:.2f} s ({rate:,.0f}/s)\n")
+        self.progress.flush()
+
+    def say(self, text: str) -> None:
+        self.progress.write(f"  {text}\n")
+        self.progress.flush()
+
+
+@dataclass
+class _Citizen:
+    account: int
+    device: DeviceKey
+    credential: Credential
+    counter: int = 0
+
+
+@dataclass
+class _City:
+    issuer: IssuerKey
+    trust: TrustStore
+    citizens: list[_Citizen]
+    gateways: dict[str, Gateway]
+    scene_of: dict[str, Scene]
+    fare_of: dict[str, int]
+    settlement: Settlement
+    uploads: list[bytes] = field(default_factory=list)
 
 
 def run(citizens: int = 20_000, trips: int = 4, seed: int = 1, threads: int = 2,
-        progress: TextIO | None = None) -> Report:
-    """Run the day; the report lists every planted attack and whether it was caught.
-    Progress lines go to `progress` (default: stderr)."""
-    progress = progress if progress is not None else sys.stderr
+        workdir: str | Path | None = None, progress: TextIO | None = None) -> Report:
+    """Run the day in `workdir` (a fresh temporary directory by default)."""
+    out = progress if progress is not None else sys.stderr
+    if workdir is None:
+        with tempfile.TemporaryDirectory(prefix="qrpay-simulate-") as tmp:
+            return _run(citizens, trips, seed, threads, Path(tmp), out)
+    return _run(citizens, trips, seed, threads, Path(workdir), out)
+
+
+def _run(n_citizens: int, trips: int, seed: int, threads: int, workdir: Path,
+         progress: TextIO) -> Report:
     rng = random.Random(seed)
-    report = Report(citizens, seed, backend, threads)
-    issuer = IssuerKey(rng.randbytes(32))
-    retired = IssuerKey(rng.randbytes(32))
-    trust = TrustStore(cache_size=max(4, 2 * citizens))
-    trust.add(issuer, not_before=DAY_START - 365 * DAY, not_after=DAY_START + 365 * DAY)
-    trust.add(retired, not_before=DAY_START - 730 * DAY, not_after=DAY_START - DAY)
+    report = Report(n_citizens, seed, backend, threads)
+    st = _Stages(report, progress)
+    progress.write(f"qrpay simulate: {n_citizens:,} citizens, {len(GATEWAYS)} gateways, "
+                   f"seed {seed}, backend {backend}, work dir {workdir}\n")
 
-    devices: list[DeviceKey] = _stage(
-        report, "device keys", citizens, progress,
-        lambda: [DeviceKey(rng.randbytes(32)) for _ in range(citizens)])
-
-    def issue_all() -> list[Credential]:
-        return [issuer.issue(account=100_000 + i, device_public=d.public,
-                             limit=rng.choice((2000, 5000, 10000, 20000)),
-                             scenes=GATEWAY_SCENES, not_before=DAY_START - 30 * DAY,
-                             not_after=DAY_START + 60 * DAY, serial=i + 1)
-                for i, d in enumerate(devices)]
-
-    credentials: list[Credential] = _stage(report, "credentials", citizens, progress, issue_all)
-
-    # Each citizen rides `trips` times; tokens are made right before each scan.
-    n = citizens * trips
-    who = np.repeat(np.arange(citizens), trips)
-    counters = np.tile(np.arange(1, trips + 1), citizens).astype(np.uint32)
-    times = np.sort(np.random.default_rng(seed).integers(
-        DAY_START + 6 * 3600, DAY_START + 22 * 3600, size=n)).astype(np.uint32)
-    scenes = np.array(GATEWAY_SCENES, dtype=np.uint8)[
-        np.random.default_rng(seed + 1).integers(0, len(GATEWAY_SCENES), size=n)]
-    tokens = _stage(report, "tokens signed", n, progress, lambda: generate_batch(
-        [credentials[i] for i in who], [devices[i] for i in who], scenes, counters,
-        times, threads=threads))
-
-    def verify_all() -> np.ndarray:
-        # Gateways verify what they scanned in each 30-second window as one batch.
-        reasons = np.empty(n, dtype=np.uint8)
-        window = times // 30
-        edges = np.flatnonzero(np.diff(window)) + 1
-        for start, end in zip(np.r_[0, edges], np.r_[edges, n]):
-            reasons[start:end] = verify_batch(tokens[start:end], trust, int(times[end - 1]),
-                                              threads=threads).reasons
-        return reasons
-
-    honest = _stage(report, "tokens verified", n, progress, verify_all)
-    planted_tokens, report.planted = _plant(rng, issuer, retired, credentials[0], devices[0])
-    planted_reasons = verify_batch(planted_tokens, trust, DAY_START + 12 * 3600).reasons
-    reasons = np.concatenate([honest, planted_reasons])
-    report.tokens = len(reasons)
-    report.accepted = int(np.count_nonzero(reasons == Reason.OK))
-    values, counts = np.unique(reasons, return_counts=True)
-    report.by_reason = {Reason(int(v)).name: int(c) for v, c in zip(values, counts)}
-    for p, r in zip(report.planted, planted_reasons):
-        p.got = Reason(int(r))
+    card, limits = _score(report, st, n_citizens, seed, threads)
+    city = _issue(report, st, rng, workdir, card, limits, threads)
+    plants = _Plants(city, rng)
+    plants.before_day()
+    _ride(report, st, city, plants, trips, seed, threads)
+    plants.after_scans()
+    final = _settle(report, st, city, plants)
+    plants.after_settlement(final)
+    report.planted = plants.planted
+    for p in plants.planted:
         if not p.caught:
-            report.failures.append(f"planted {p.name}: expected {p.expected.name}, "
-                                   f"got {p.got.name}")
-    rejected_honest = int(np.count_nonzero(honest != Reason.OK))
-    if rejected_honest:
-        report.failures.append(f"{rejected_honest} honest tokens were rejected")
+            report.failures.append(f"planted attack not caught: {p.name} ({p.observed})")
+    for g in city.gateways.values():
+        g.close()
+    city.settlement.close()
     return report
 
 
-def _plant(rng: random.Random, issuer: IssuerKey, retired: IssuerKey, victim: Credential,
-           victim_device: DeviceKey) -> tuple[list[bytes], list[Planted]]:
-    """Attacks that a verifying gateway alone must catch."""
-    noon = DAY_START + 12 * 3600
-    secret = victim_device._secret
-    thief = DeviceKey(rng.randbytes(32))
-    cases: list[tuple[str, Reason, bytes]] = []
-    forged = bytearray(victim.raw)
-    forged[CRED_LIMIT:CRED_LIMIT + 4] = (10_000_000).to_bytes(4, "little")
-    cases.append(("credential with a raised limit", Reason.BAD_ISSUER_SIGNATURE,
-                  core.make_token(bytes(forged), secret, noon, 900, Scene.BUS)))
-    cases.append(("stolen credential, thief's phone", Reason.BAD_DEVICE_SIGNATURE,
-                  core.make_token(victim.raw, thief._secret, noon, 901, Scene.BUS)))
-    tampered = bytearray(core.make_token(victim.raw, secret, noon, 902, Scene.BUS))
-    tampered[TOKEN_COUNTER] ^= 0x01
-    cases.append(("tampered counter", Reason.BAD_DEVICE_SIGNATURE, bytes(tampered)))
-    cases.append(("screenshot from this morning", Reason.TOKEN_STALE,
-                  core.make_token(victim.raw, secret, noon - 3 * 3600, 903, Scene.BUS)))
-    cases.append(("phone clock ten minutes fast", Reason.TOKEN_FROM_FUTURE,
-                  core.make_token(victim.raw, secret, noon + 600, 904, Scene.BUS)))
-    expired = issuer.issue(999_001, victim_device.public, 5000, [Scene.BUS],
-                           DAY_START - 60 * DAY, DAY_START - DAY, serial=990_001)
-    cases.append(("expired credential", Reason.CREDENTIAL_EXPIRED,
-                  core.make_token(expired.raw, secret, noon, 1, Scene.BUS)))
-    old_key = retired.issue(999_002, victim_device.public, 5000, [Scene.BUS],
-                            DAY_START - 60 * DAY, DAY_START + DAY, serial=990_002)
-    cases.append(("credential from a retired issuer key", Reason.ISSUER_KEY_NOT_VALID,
-                  core.make_token(old_key.raw, secret, noon, 1, Scene.BUS)))
-    rogue = IssuerKey(rng.randbytes(32)).issue(999_003, victim_device.public, 10**6,
-                                               [Scene.BUS], DAY_START - DAY, DAY_START + DAY)
-    cases.append(("credential from an unknown issuer", Reason.UNKNOWN_KID,
-                  core.make_token(rogue.raw, secret, noon, 1, Scene.BUS)))
-    bus_only = issuer.issue(999_004, victim_device.public, 5000, [Scene.BUS],
-                            DAY_START - DAY, DAY_START + DAY, serial=990_004)
-    cases.append(("bus-only credential at a clinic", Reason.SCENE_NOT_ALLOWED,
-                  core.make_token(bus_only.raw, secret, noon, 1, Scene.CLINIC)))
-    good = core.make_token(victim.raw, secret, noon, 905, Scene.BUS)
-    cases.append(("half-read QR code", Reason.WRONG_LENGTH, good[:120]))
-    return [token for _n, _r, token in cases], [Planted(n, r) for n, r, _t in cases]
+# -- credit -----------------------------------------------------------------------------
+
+def _score(report: Report, st: _Stages, n: int, seed: int, threads: int
+           ) -> tuple[Scorecard, dict[str, npt.NDArray[Any]]]:
+    history_rows = max(20_000, n)
+    with st.stage("card fitted on last year's accounts", history_rows):
+        X_hist, bad_hist, names = histories(history_rows, seed=seed + 100)
+        card = Scorecard.fit(X_hist, bad_hist.astype(np.int8), names)
+    with st.stage("citizens scored", n):
+        X, bad, _ = histories(n, seed=seed)
+        scores, reasons = card.explain(X, k=3, threads=threads)
+    cut, mid, top = (int(v) for v in np.percentile(scores, [10, 40, 75]))
+    everyday = {Scene.BUS: 1, Scene.METRO: 1, Scene.FERRY: 1, Scene.LIBRARY: 1,
+                Scene.CANTEEN: 1}
+    policy = LimitPolicy((
+        LimitBand(cut, {s: 3_000 for s in everyday}),
+        LimitBand(mid, {**{s: 8_000 for s in everyday}, Scene.CLINIC: 8_000}),
+        LimitBand(top, {**{s: 20_000 for s in Scene}}),
+    ))
+    per_scene = policy.limits(scores)
+    limit = np.max(np.stack([per_scene[s] for s in Scene]), axis=0)
+    report.credit = {
+        "card_id": card.card_id,
+        # AUC needs goods and bads: a handful of citizens may hold no bads.
+        "auc": round(auc(scores, bad), 4) if 0 < bad.sum() < len(bad) else None,
+        "score_p10_p50_p90": [int(v) for v in np.percentile(scores, [10, 50, 90])],
+        "no_credit": int(np.count_nonzero(limit == 0)),
+        "top_reason": card.feature_names[int(np.bincount(
+            reasons[:, 0][reasons[:, 0] >= 0]).argmax())] if np.any(reasons[:, 0] >= 0) else "",
+    }
+    st.say(f"card {card.card_id}: AUC {report.credit['auc']}, "
+           f"{report.credit['no_credit']:,} citizens below the cut-off get no offline credit")
+    scenes = np.stack([per_scene[s] > 0 for s in Scene], axis=1)
+    return card, {"limit": limit, "scenes": scenes}
+
+
+def _issue(report: Report, st: _Stages, rng: random.Random, workdir: Path, card: Scorecard,
+           limits: dict[str, npt.NDArray[Any]], threads: int) -> _City:
+    issuer = IssuerKey(rng.randbytes(32))
+    trust = TrustStore(cache_size=max(1024, 2 * len(limits["limit"])))
+    trust.add(issuer, not_before=DAY_START - 365 * DAY, not_after=DAY_START + 365 * DAY,
+              roles=Role.CREDENTIALS | Role.DENY_LIST | Role.SCORECARD)
+    eligible = np.flatnonzero(limits["limit"] > 0)
+    citizens: list[_Citizen] = []
+    with st.stage("credentials issued", len(eligible)):
+        for i in eligible:
+            device = DeviceKey(rng.randbytes(32))
+            scenes = [s for s in Scene if limits["scenes"][i, s]]
+            cred = issuer.issue(100_000 + int(i), device.public, int(limits["limit"][i]), scenes,
+                                DAY_START - 7 * DAY, DAY_START + 30 * DAY, serial=1_000_000 + int(i))
+            citizens.append(_Citizen(100_000 + int(i), device, cred))
+    policy = GatewayPolicy()
+    gateways = {name: Gateway(workdir / "gateways" / name, GatewayKey(rng.randbytes(32)), trust,
+                              policy)
+                for name, _scene, _fare in GATEWAYS}
+    settlement = Settlement(workdir / "settlement", trust,
+                            [g.key.public for g in gateways.values()], threads=threads)
+    return _City(issuer, trust, citizens, gateways, {n: s for n, s, _ in GATEWAYS},
+                 {n: f for n, _, f in GATEWAYS}, settlement)
+
+
+# -- the day ----------------------------------------------------------------------------------
+
+@dataclass
+class _Scan:
+    at: int
+    gateway: str
+    token: bytes
+    amount: int
+    tag: str = ""          # set for planted scans, to find their outcome
+
+
+def _ride(report: Report, st: _Stages, city: _City, plants: _Plants, trips: int, seed: int,
+          threads: int) -> None:
+    gen = np.random.default_rng(seed)
+    riders = [c for c in city.citizens if not plants.is_special(c)]
+    n = len(riders) * trips
+    names = [name for name, _s, _f in GATEWAYS]
+    # Each ride: a time in the day and a gateway whose scene the credential allows.
+    times = gen.integers(DAY_START + 6 * HOUR, DAY_START + 23 * HOUR, size=n)
+    who = np.repeat(np.arange(len(riders)), trips)
+    order = np.lexsort((times, who))
+    times, who = times[order], who[order]
+    allowed = [[g for g in names if city.scene_of[g] in r.credential.scenes] for r in riders]
+    picks = gen.random(n)
+    where = [allowed[w][int(p * len(allowed[w]))] for w, p in zip(who, picks)]
+    # Honest riders stay within their limit for the day: only planted
+    # overspenders should be flagged by settlement.
+    fares = np.array([city.fare_of[g] for g in where], dtype=np.int64)
+    spent = np.cumsum(fares)
+    first = np.r_[0, np.flatnonzero(np.diff(who)) + 1]
+    starts = np.repeat(first, np.diff(np.r_[first, n]))
+    spent_today = spent - spent[starts] + fares[starts]
+    limit = np.array([riders[w].credential.limit for w in who], dtype=np.int64)
+    keep = np.flatnonzero(spent_today <= limit)
+    times, who = times[keep], who[keep]
+    where = [where[i] for i in keep]
+    n = len(keep)
+    counters = np.zeros(n, dtype=np.uint32)
+    for i, w in enumerate(who):
+        riders[w].counter += 1
+        counters[i] = riders[w].counter
+    with st.stage("tokens made on phones", n):
+        tokens = generate_batch([riders[w].credential for w in who],
+                                [riders[w].device for w in who],
+                                np.array([city.scene_of[g] for g in where], dtype=np.uint8),
+                                counters, times.astype(np.uint32), threads=threads)
+    scans = [_Scan(int(t), g, tokens[i].tobytes(), city.fare_of[g])
+             for i, (t, g) in enumerate(zip(times, where))]
+    scans += plants.during_day(scans)
+    scans.sort(key=lambda s: s.at)
+    outcomes: dict[str, list[tuple[Reason, bool]]] = defaultdict(list)
+    by_reason: dict[str, int] = defaultdict(int)
+    with st.stage("scans at gateways, journaled, hourly uploads", len(scans)):
+        hour_end = DAY_START + 7 * HOUR
+        pending: dict[str, list[_Scan]] = defaultdict(list)
+        window_end = scans[0].at - scans[0].at % WINDOW + WINDOW if scans else 0
+        for scan in scans + [_Scan(DAY_START + DAY, "", b"", 0)]:
+            if scan.at >= window_end:
+                for name, batch in pending.items():
+                    _scan_batch(city.gateways[name], city.scene_of[name], batch, outcomes,
+                                by_reason)
+                pending.clear()
+                while scan.at >= hour_end:  # every gateway uploads once an hour
+                    _upload_all(city)
+                    hour_end += HOUR
+                window_end = scan.at - scan.at % WINDOW + WINDOW
+            if scan.gateway:
+                pending[scan.gateway].append(scan)
+        _upload_all(city)
+    report.scans = len(scans)
+    report.by_reason = dict(sorted(by_reason.items()))
+    report.accepted = by_reason.get("OK", 0)
+    plants.outcomes = outcomes
+
+
+def _scan_batch(gateway: Gateway, scene: Scene, batch: list[_Scan],
+                outcomes: dict[str, list[tuple[Reason, bool]]],
+                by_reason: dict[str, int]) -> None:
+    result = gateway.scan_batch([s.token for s in batch], [s.amount for s in batch], scene,
+                                now=max(s.at for s in batch))
+    for s, reason, receipt in zip(batch, result.reasons, result.receipts):
+        code = Reason(int(reason))
+        duplicate = receipt is not None and receipt.duplicate
+        by_reason["OK (double tap)" if duplicate else code.name] += 1
+        if s.tag:
+            outcomes[s.tag].append((code, duplicate))
+
+
+def _upload_all(city: _City) -> None:
+    for gateway in city.gateways.values():
+        while (batch := gateway.export_batch(max_records=5_000,
+                                             now=gateway.time_floor)) is not None:
+            result = city.settlement.ingest(batch)
+            city.uploads.append(batch)
+            if result.status in (IngestStatus.APPLIED, IngestStatus.EXISTS):
+                gateway.ack(result.seq)
+
+
+# -- settlement -------------------------------------------------------------------------------
+
+def _settle(report: Report, st: _Stages, city: _City, plants: _Plants) -> SettlementReport:
+    s = city.settlement
+    with st.stage("settlement report (re-ingest of every upload first)", len(city.uploads)):
+        before = s.report()
+        # Networks retry: every batch arrives a second time and must change nothing.
+        statuses = [s.ingest(b).status for b in city.uploads]
+        final = s.report()
+    if any(x != IngestStatus.EXISTS for x in statuses):
+        report.failures.append("a re-delivered batch was not answered 'exists'")
+    if not (np.array_equal(before.amounts, final.amounts)
+            and len(before.findings) == len(final.findings)):
+        report.failures.append("re-delivered batches changed the settlement")
+    journaled = sum(r.amount for g in city.gateways.values() for r in g.records())
+    flagged = final.rejected_total
+    report.money = {"accepted_at_gateways": journaled, "charged": final.charged_total,
+                    "not_charged_flagged": flagged,
+                    "unaccounted": journaled - final.charged_total - flagged}
+    if report.money["unaccounted"] != 0:
+        report.failures.append(f"money does not add up: {report.money}")
+    kinds: dict[str, int] = defaultdict(int)
+    for f in final.findings:
+        kinds[f.kind] += 1
+    report.settlement = {"batches": s.batch_count(), "records": final.records,
+                         "accounts_charged": len(final.accounts), "findings": dict(kinds)}
+    if final.of_kind("sequence_gap"):
+        report.failures.append("settlement saw a sequence gap: an upload was lost")
+    return final
+
+
+# -- planted fraud ----------------------------------------------------------------------------
+
+class _Plants:
+    """Each attack is planted, then checked where it must be caught."""
+
+    def __init__(self, city: _City, rng: random.Random) -> None:
+        self.city = city
+        self.rng = rng
+        self.planted: list[Planted] = []
+        self.outcomes: dict[str, list[tuple[Reason, bool]]] = {}
+        pool = list(city.citizens)
+        rng.shuffle(pool)
+        everywhere = [c for c in pool if Scene.CLINIC in c.credential.scenes]
+        self.revoked, self.cloned, self.overspender, self.skewed = everywhere[:4]
+        self.special = {id(c) for c in (self.revoked, self.cloned, self.overspender,
+                                        self.skewed)}
+        self.flag_expected: set[int] = set()
+
+    def is_special(self, citizen: _Citizen) -> bool:
+        return id(citizen) in self.special
+
+    def _plant(self, name: str, expected: str) -> Planted:
+        p = Planted(name, expected)
+        self.planted.append(p)
+        return p
+
+    def before_day(self) -> None:
+        # The issuer revokes one account before the day: deny list version 1.
+        deny, _added = self.city.settlement.publish_deny_list(
+            self.city.issuer, DAY_START, revoke=[self.revoked.credential.serial])
+        for g in self.city.gateways.values():
+            g.update_deny_list(deny, now=DAY_START)
+
+    def during_day(self, honest: list[_Scan]) -> list[_Scan]:
+        c = self.city
+        extra: list[_Scan] = []
+        noon = DAY_START + 12 * HOUR
+
+        def scan(tag: str, at: int, gateway: str, token: bytes, amount: int) -> None:
+            extra.append(_Scan(at, gateway, token, amount, tag))
+
+        def token_of(citizen: _Citizen, at: int, scene: Scene) -> bytes:
+            citizen.counter += 1
+            return core.make_token(citizen.credential.raw, citizen.device._secret, at,
+                                   citizen.counter, scene)
+
+        # A screenshot of a token shown again at the same bus, then at another bus.
+        victim = next(s for s in honest if s.gateway == "bus-1" and 8 * HOUR < s.at - DAY_START)
+        scan("screenshot-same", victim.at + 10, "bus-1", victim.token, victim.amount)
+        scan("screenshot-other", victim.at + 20, "bus-2", victim.token, victim.amount)
+        self.screenshot = victim
+        # A revoked account tries to ride.
+        scan("revoked", noon, "bus-3", token_of(self.revoked, noon, Scene.BUS), 200)
+        # A forged credential: the limit raised in the bytes, re-signed by the device.
+        forged = bytearray(self.skewed.credential.raw)
+        forged[CRED_LIMIT:CRED_LIMIT + 4] = (10_000_000).to_bytes(4, "little")
+        scan("forged", noon + 5, "metro-1",
+             core.make_token(bytes(forged), self.skewed.device._secret, noon + 5, 900,
+                             Scene.METRO), 400)
+        # A stolen credential shown from the thief's phone.
+        thief = DeviceKey(self.rng.randbytes(32))
+        scan("stolen", noon + 6, "metro-1",
+             core.make_token(self.skewed.credential.raw, thief._secret, noon + 6, 901,
+                             Scene.METRO), 400)
+        # An expired credential.
+        old = c.issuer.issue(999_001, self.skewed.device.public, 5_000, [Scene.BUS],
+                             DAY_START - 60 * DAY, DAY_START - DAY, serial=990_001)
+        scan("expired", noon + 7, "bus-1",
+             core.make_token(old.raw, self.skewed.device._secret, noon + 7, 1, Scene.BUS), 200)
+        # A phone whose clock runs ten minutes fast.
+        scan("skewed-clock", noon + 8, "bus-2",
+             core.make_token(self.skewed.credential.raw, self.skewed.device._secret,
+                             noon + 8 + 600, 902, Scene.BUS), 200)
+        # An over-limit spender: two clinics offline, each within its own cap,
+        # together over the credential's limit; a third try at the first is refused.
+        limit = self.overspender.credential.limit
+        part = limit * 7 // 10
+        for tag, at, gw in (("overspend-a", noon + 60, "clinic-1"),
+                            ("overspend-b", noon + 120, "clinic-2"),
+                            ("overspend-c", noon + 180, "clinic-1")):
+            scan(tag, at, gw, token_of(self.overspender, at, Scene.CLINIC), part)
+        self.flag_expected.add(self.overspender.credential.serial)
+        # A cloned phone: the same device key and credential on a second phone
+        # whose counter starts where the original's did.
+        start = self.cloned.counter
+        for k, (at, gw) in enumerate(((noon + 300, "bus-1"), (noon + 900, "metro-1"))):
+            self.cloned.counter = start + k
+            scan("clone-original", at, gw, token_of(self.cloned, at, Scene.BUS if gw == "bus-1"
+                                                    else Scene.METRO), c.fare_of[gw])
+        self.cloned.counter = start
+        for k, (at, gw) in enumerate(((noon + 600, "bus-3"), (noon + 1200, "ferry-1"))):
+            self.cloned.counter = start + k
+            scan("clone-copy", at, gw, token_of(self.cloned, at, Scene.BUS if gw == "bus-3"
+                                                else Scene.FERRY), c.fare_of[gw])
+        self.flag_expected.add(self.cloned.credential.serial)
+        self.flag_expected.add(self.screenshot_serial(victim))
+        return extra
+
+    def screenshot_serial(self, scan: _Scan) -> int:
+        return int.from_bytes(scan.token[13:21], "little")
+
+    def after_scans(self) -> None:
+        def seen(tag: str) -> list[tuple[Reason, bool]]:
+            return self.outcomes.get(tag, [])
+
+        def check(name: str, expected: str, tag: str, ok: Callable[[list[tuple[Reason, bool]]],
+                                                                   bool]) -> None:
+            p = self._plant(name, expected)
+            got = seen(tag)
+            p.observed = ", ".join(("OK (double tap)" if d else r.name) for r, d in got) or "-"
+            p.caught = bool(got) and ok(got)
+
+        check("screenshot shown again at the same bus", "double tap: first receipt, no charge",
+              "screenshot-same", lambda g: all(d for _r, d in g))
+        check("revoked account", "REVOKED at the gateway", "revoked",
+              lambda g: all(r == Reason.REVOKED for r, _d in g))
+        check("forged credential (limit raised)", "BAD_ISSUER_SIGNATURE", "forged",
+              lambda g: all(r == Reason.BAD_ISSUER_SIGNATURE for r, _d in g))
+        check("stolen credential on a thief's phone", "BAD_DEVICE_SIGNATURE", "stolen",
+              lambda g: all(r == Reason.BAD_DEVICE_SIGNATURE for r, _d in g))
+        check("expired credential", "CREDENTIAL_EXPIRED", "expired",
+              lambda g: all(r == Reason.CREDENTIAL_EXPIRED for r, _d in g))
+        check("phone clock ten minutes fast", "TOKEN_FROM_FUTURE", "skewed-clock",
+              lambda g: all(r == Reason.TOKEN_FROM_FUTURE for r, _d in g))
+        check("over-limit spender, third scan at one clinic", "OVER_OFFLINE_LIMIT",
+              "overspend-c", lambda g: all(r == Reason.OVER_OFFLINE_LIMIT for r, _d in g))
+
+    def after_settlement(self, final: SettlementReport) -> None:
+        def findings(kind: str, serial: int) -> list[Any]:
+            return [f for f in final.of_kind(kind) if f.serial == serial]
+
+        shot = self.screenshot_serial(self.screenshot)
+        p = self._plant("screenshot shown at another bus", "double_spend naming both gateways")
+        hits = findings("double_spend", shot)
+        p.caught = any({self.city.gateways["bus-1"].id, self.city.gateways["bus-2"].id}
+                       == set(f.gateways) for f in hits)
+        p.observed = f"{len(hits)} double_spend finding(s)"
+        p = self._plant("over-limit spender across two clinics", "overspend")
+        hits = findings("overspend", self.overspender.credential.serial)
+        p.caught = bool(hits)
+        p.observed = hits[0].detail if hits else "no finding"
+        p = self._plant("cloned phone", "clone")
+        hits = findings("clone", self.cloned.credential.serial)
+        p.caught = bool(hits)
+        p.observed = f"{len(hits)} clone finding(s)"
+
+        # The new deny list carries every flagged credential, and gateways refuse them.
+        document, added = self.city.settlement.publish_deny_list(self.city.issuer,
+                                                                 DAY_START + DAY)
+        p = self._plant("flagged credentials denied everywhere", "REVOKED after deny list v2")
+        missing = self.flag_expected - set(added)
+        gateway = self.city.gateways["bus-1"]
+        gateway.update_deny_list(document, now=DAY_START + DAY)
+        at = DAY_START + DAY + 60
+        probe = core.make_token(self.cloned.credential.raw, self.cloned.device._secret, at,
+                                self.cloned.counter + 100, Scene.BUS)
+        refused = gateway.scan_batch([probe], [200], Scene.BUS, now=at).reasons[0]
+        p.caught = bool(not missing and refused == Reason.REVOKED)
+        p.observed = (f"deny list v{gateway.deny_list.version} adds {len(added)}; "
+                      f"clone's next scan: {Reason(int(refused)).name}")
 
 
 def format_report(report: Report) -> str:
+    m = report.money
     lines = [
         f"qrpay simulate: {report.citizens:,} citizens, seed {report.seed}, "
         f"backend {report.backend}, {report.threads} threads",
-        f"tokens: {report.tokens:,} verified, {report.accepted:,} accepted "
-        f"(freshness {DEFAULT_MAX_AGE}s + skew {DEFAULT_SKEW}s)",
-        "by reason:",
-        *(f"  {name:<28}{count:>10,}" for name, count in sorted(report.by_reason.items())),
+        f"credit: card {report.credit.get('card_id')}, AUC {report.credit.get('auc')}, "
+        f"scores p10/p50/p90 {report.credit.get('score_p10_p50_p90')}, "
+        f"{report.credit.get('no_credit', 0):,} without offline credit",
+        f"scans: {report.scans:,}, accepted {report.accepted:,}",
+        "by outcome:",
+        *(f"  {name:<30}{count:>10,}" for name, count in report.by_reason.items()),
+        "money (minor units):",
+        f"  accepted at gateways {m.get('accepted_at_gateways', 0):>14,}",
+        f"  charged              {m.get('charged', 0):>14,}",
+        f"  flagged, not charged {m.get('not_charged_flagged', 0):>14,}",
+        f"  unaccounted          {m.get('unaccounted', 0):>14,}",
+        f"settlement: {report.settlement}",
         "planted attacks:",
-        *(f"  [{'caught' if p.caught else 'MISSED'}] {p.name}: "
-          f"{p.got.name if p.got is not None else '-'}" for p in report.planted),
+        *(f"  [{'caught' if p.caught else 'MISSED'}] {p.name}: expected {p.expected}; "
+          f"saw {p.observed}" for p in report.planted),
         "throughput:",
-        *(f"  {name:<28}{s['per_second']:>12,.0f}/s  ({s['seconds']:.2f} s)"
+        *(f"  {name:<52}{s['per_second']:>11,.0f}/s ({s['seconds']:.2f} s)"
           for name, s in report.stages.items()),
         "result: " + ("OK" if not report.failures else "FAILED: " + "; ".join(report.failures)),
     ]
