@@ -9,11 +9,12 @@ JournalUnavailable, and the transaction that hit it is rolled back whole.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
+from qrpay import sqlitedb
 from qrpay.errors import JournalUnavailable
 
 SCHEMA_VERSION = 1
@@ -78,49 +79,22 @@ class Journal:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        try:
-            self._db = sqlite3.connect(self.path, isolation_level=None,
-                                       check_same_thread=False, timeout=5.0)
-            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise JournalUnavailable(f"journal cannot use WAL mode (got {mode})")
-            self._db.execute("PRAGMA synchronous=FULL")
-            check = self._db.execute("PRAGMA quick_check").fetchone()[0]
-            if check != "ok":
-                raise JournalUnavailable(f"journal is corrupt: {check}")
-            with self.transaction() as db:
-                for statement in filter(str.strip, _SCHEMA.split(";")):
-                    db.execute(statement)
-                found = self._get("schema_version")
-                if found is None:
-                    self._set("schema_version", SCHEMA_VERSION)
-                elif found != SCHEMA_VERSION:
-                    raise JournalUnavailable(f"journal schema {found} is not {SCHEMA_VERSION}")
-        except sqlite3.Error as exc:
-            raise JournalUnavailable(f"journal {self.path}: {exc}") from exc
+        self._db = sqlitedb.connect(self.path, JournalUnavailable)
+        with self.transaction() as db:
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(statement)
+            found = self._get("schema_version")
+            if found is None:
+                self._set("schema_version", SCHEMA_VERSION)
+            elif found != SCHEMA_VERSION:
+                raise JournalUnavailable(f"journal schema {found} is not {SCHEMA_VERSION}")
 
     def close(self) -> None:
         self._db.close()
 
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT; on any error, roll back and raise
-        JournalUnavailable. Returning means the commit is durable."""
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise JournalUnavailable(f"journal: {exc}") from exc
-        try:
-            yield self._db
-            self._db.execute("COMMIT")
-        except BaseException as exc:
-            try:
-                self._db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass  # the transaction is already gone
-            if isinstance(exc, (sqlite3.Error, OSError)):
-                raise JournalUnavailable(f"journal: {exc}") from exc
-            raise
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        """A durable transaction; failures are JournalUnavailable."""
+        return sqlitedb.transaction(self._db, JournalUnavailable)
 
     def _get(self, key: str) -> object:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

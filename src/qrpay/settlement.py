@@ -12,8 +12,8 @@ import enum
 import hashlib
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from qrpay import sqlitedb
 from qrpay.credential import Scene
 from qrpay.denylist import DenyList, sign_deny_list
 from qrpay.errors import (
@@ -139,35 +140,17 @@ class Settlement:
         self._lock = threading.RLock()  # one connection: calls take turns
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.directory / STORE_FILE, isolation_level=None,
-                                       check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-        except (OSError, sqlite3.Error) as exc:
+        except OSError as exc:
             raise StoreUnavailable(f"settlement store {self.directory}: {exc}") from exc
+        self._db = sqlitedb.connect(self.directory / STORE_FILE, StoreUnavailable)
         with self._transaction() as db:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)
         for key in gateways:
             self.register_gateway(key)
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"settlement store: {exc}") from exc
-        try:
-            yield self._db
-            self._db.execute("COMMIT")
-        except BaseException as exc:
-            try:
-                self._db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            if isinstance(exc, (sqlite3.Error, OSError)):
-                raise StoreUnavailable(f"settlement store: {exc}") from exc
-            raise
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return sqlitedb.transaction(self._db, StoreUnavailable)
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         try:
