@@ -339,3 +339,50 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
                      f"{extra.get('store_read_s', '?')} s (a figure, not a target)")
     for line in lines:
         terminalreporter.write_line(f"  info   {line}")
+
+
+# --------------------------------------------------------------------------
+# Scorecards (test_bench_scoring.py). A self-contained section: two targets,
+# their labels, and a wrapper of the summary above for rows/s and the optional
+# optbinning / toad figures. Medians are per call (1,000,000 rows x 12
+# features); both targets are ratios of medians of this run.
+
+SCORING_ROWS = 1_000_000
+TARGETS = TARGETS + (
+    Target("scorecard vs numpy reference", "scorecard_numpy_reference", "scorecard_score_t1",
+           15.0, False, "speed-up: numpy searchsorted reference / Scorecard.score threads=1 "
+           "(1M x 12)"),
+    Target("scorecard 2-thread scaling", "scorecard_score_t1", "scorecard_score_t2", 1.70,
+           False, "Scorecard.score threads=1 / threads=2 (1M x 12)"),
+)
+LABELS.update({
+    "scorecard_numpy_reference": "numpy searchsorted reference scorer, 1M x 12",
+    "scorecard_score_t1": "Scorecard.score 1M x 12, threads=1",
+    "scorecard_score_t2": "Scorecard.score 1M x 12, threads=2",
+    "scorecard_explain": "Scorecard.explain k=3, 1M x 12, threads=1",
+    "scorecard_optbinning": "optbinning Scorecard.score, 1M x 12 (own card)",
+    "scorecard_toad": "toad ScoreCard.predict, 1M x 12 (own card)",
+})
+
+_summary_before_scoring = pytest_terminal_summary
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    _summary_before_scoring(terminalreporter, exitstatus, config)
+    medians, broken, _extras = _collect(config)
+    lines = []
+    t1 = medians.get("scorecard_score_t1")
+    for key in ("scorecard_score_t1", "scorecard_score_t2", "scorecard_explain",
+                "scorecard_numpy_reference", "scorecard_optbinning", "scorecard_toad"):
+        if key in medians:
+            rate = SCORING_ROWS / medians[key] / 1e6
+            versus = (f", {medians[key] / t1:.2f}x the time of score threads=1"
+                      if t1 and key != "scorecard_score_t1" else "")
+            lines.append(f"{LABELS[key]}: {medians[key] * 1e3:.1f} ms, "
+                         f"{rate:.1f} M rows/s{versus}")
+    for key in ("scorecard_optbinning", "scorecard_toad"):
+        if key not in medians and key not in broken and t1 is not None:
+            lines.append(f"{LABELS[key]}: not measured (not importable here)")
+    for line in lines:
+        terminalreporter.write_line(f"  info   {line}")

@@ -1,0 +1,745 @@
+"""Settlement: idempotent ingest (applied / exists / conflict), every way a batch
+is rejected whole, re-verification of what a compromised gateway signed, the
+fraud findings, repayments and deny-list publishing. (Random sequences against
+a model: test_settlement_stateful.py; kill during ingest: test_settlement_crash.py.)"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, strategies as st
+
+from qrpay import (
+    DEFAULT_MAX_AGE, DEFAULT_SKEW, Credential, DeviceKey, GatewayKey, IssuerKey, Role, Scene,
+    TrustStore, errors,
+)
+from qrpay._impl import core
+from qrpay.denylist import DenyList
+from qrpay.format import TAG_BATCH, TAG_DENY, TOKEN_DEVICE_SIG
+from qrpay.gateway import Gateway, GatewayPolicy
+from qrpay.settlement import (
+    MAX_RECORDS_PER_BATCH, IngestStatus, Settlement,
+)
+from qrpay.wire import pack, sign_document, split_document, unpack_strict
+
+NOW = 1_800_000_000
+PERIOD = 3_600
+PERMISSIVE = GatewayPolicy(deny_list_max_age=None, max_offline_uses=10_000)
+
+
+# -- fixtures and helpers ---------------------------------------------------------------
+
+@pytest.fixture
+def deny_trust(issuer: IssuerKey) -> TrustStore:
+    store = TrustStore()
+    store.add(issuer, roles=Role.CREDENTIALS | Role.DENY_LIST)
+    return store
+
+
+@pytest.fixture
+def gw_keys() -> list[GatewayKey]:
+    return [GatewayKey(bytes([100 + i]) * 32) for i in range(3)]
+
+
+@pytest.fixture
+def settlement(tmp_path: Path, deny_trust: TrustStore, gw_keys: list[GatewayKey]
+               ) -> Iterator[Settlement]:
+    s = Settlement(tmp_path / "settle", deny_trust, [k.public for k in gw_keys], period=PERIOD)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def gateways(tmp_path: Path, deny_trust: TrustStore, gw_keys: list[GatewayKey]
+             ) -> Iterator[list[Gateway]]:
+    gws = [Gateway(tmp_path / f"gw{i}", k, deny_trust, PERMISSIVE) for i, k in enumerate(gw_keys)]
+    yield gws
+    for gw in gws:
+        gw.close()
+
+
+@dataclass
+class Rider:
+    credential: Credential
+    device: DeviceKey
+
+    @property
+    def serial(self) -> int:
+        return self.credential.serial
+
+    @property
+    def account(self) -> int:
+        return self.credential.account
+
+    def token(self, issued_at: int, counter: int, scene: Scene = Scene.BUS) -> bytes:
+        return core.make_token(self.credential.raw, self.device._secret, issued_at, counter,
+                               int(scene))
+
+
+def make_rider(issuer: IssuerKey, n: int, limit: int = 100_000) -> Rider:
+    device = DeviceKey(bytes([n]) * 32)
+    cred = issuer.issue(account=5000 + n, device_public=device.public, limit=limit,
+                        scenes=[Scene.BUS, Scene.METRO, Scene.CLINIC],
+                        not_before=NOW - 86_400, not_after=NOW + 30 * 86_400, serial=n)
+    return Rider(cred, device)
+
+
+@pytest.fixture
+def riders(issuer: IssuerKey) -> list[Rider]:
+    return [make_rider(issuer, 11 + i) for i in range(4)]
+
+
+def batch_body(key: GatewayKey, seq: int, first: int,
+               records: Sequence[tuple[bytes, int, int, int]], /, **overrides: Any
+               ) -> dict[str, Any]:
+    """A batch body; `records` are (token, amount, scene, gateway_time), numbered from `first`."""
+    body: dict[str, Any] = {
+        "v": 1, "gateway": key.public.to_bytes(), "seq": seq, "first": first,
+        "last": first + len(records) - 1, "created_at": NOW,
+        "records": [[first + i, t, a, int(sc), at] for i, (t, a, sc, at) in enumerate(records)],
+    }
+    body.update(overrides)
+    return body
+
+
+def craft(key: GatewayKey, seq: int, first: int,
+          records: Sequence[tuple[bytes, int, int, int]], /, **overrides: Any) -> bytes:
+    return sign_document(key, TAG_BATCH, batch_body(key, seq, first, records, **overrides))
+
+
+def signed_raw(key: GatewayKey, body: bytes) -> bytes:
+    """A document around hand-packed body bytes, correctly signed."""
+    return pack([body, key._sign(TAG_BATCH, body)])
+
+
+def snapshot(s: Settlement) -> tuple[Any, ...]:
+    r = s.report()
+    return (r.accounts.tolist(), r.amounts.tolist(), r.counts.tolist(), list(r.findings),
+            r.records, r.charged_total, r.rejected_total, s.batch_count())
+
+
+def export(gw: Gateway) -> bytes:
+    data = gw.export_batch(now=NOW)
+    assert data is not None
+    return data
+
+
+def seq_of(data: bytes) -> int:
+    return int(unpack_strict(split_document(data)[0])["seq"])
+
+
+def upload(s: Settlement, gw: Gateway) -> None:
+    data = export(gw)
+    assert s.ingest(data).status == IngestStatus.APPLIED
+    gw.ack(seq_of(data))
+
+
+# -- applied / exists / conflict ------------------------------------------------------------
+
+def test_gateway_batch_is_applied_once_then_exists(settlement: Settlement,
+                                                   gateways: list[Gateway],
+                                                   riders: list[Rider]) -> None:
+    gw = gateways[0]
+    gw.scan(riders[0].token(NOW, 1), 120, Scene.BUS, NOW)
+    gw.scan(riders[1].token(NOW, 1), 80, Scene.BUS, NOW + 1)
+    gw.scan(riders[0].token(NOW + 2, 2, Scene.METRO), 300, Scene.METRO, NOW + 2)
+    data = export(gw)
+    result = settlement.ingest(data)
+    assert result.status == IngestStatus.APPLIED
+    assert (result.gateway, result.seq, result.records, result.invalid) == (gw.id, 1, 3, 0)
+    before = snapshot(settlement)
+    report = settlement.report()
+    assert report.accounts.tolist() == [riders[0].account, riders[1].account]
+    assert report.amounts.tolist() == [420, 80] and report.counts.tolist() == [2, 1]
+    assert report.findings == [] and report.records == 3
+    assert (report.charged_total, report.rejected_total) == (500, 0)
+    assert report.charge_of(riders[0].account) == 420 and report.charge_of(12345) == 0
+
+    for _ in range(3):  # retries: nothing changes
+        again = settlement.ingest(data)
+        assert again.status == IngestStatus.EXISTS
+        assert (again.gateway, again.seq, again.records, again.invalid) == (gw.id, 1, 3, 0)
+    assert snapshot(settlement) == before
+
+
+def test_the_store_survives_reopening(tmp_path: Path, settlement: Settlement,
+                                      deny_trust: TrustStore, gw_keys: list[GatewayKey],
+                                      gateways: list[Gateway], riders: list[Rider]) -> None:
+    gateways[0].scan(riders[0].token(NOW, 1), 120, Scene.BUS, NOW)
+    data = export(gateways[0])
+    settlement.ingest(data)
+    before = snapshot(settlement)
+    settlement.close()
+    reopened = Settlement(tmp_path / "settle", deny_trust, period=PERIOD)  # keys persisted
+    try:
+        assert snapshot(reopened) == before
+        assert reopened.ingest(data).status == IngestStatus.EXISTS
+    finally:
+        reopened.close()
+
+
+def test_same_seq_other_content_is_a_conflict(settlement: Settlement, gw_keys: list[GatewayKey],
+                                              riders: list[Rider]) -> None:
+    key = gw_keys[0]
+    records = [(riders[0].token(NOW, 1), 100, Scene.BUS, NOW),
+               (riders[1].token(NOW, 1), 200, Scene.BUS, NOW)]
+    assert settlement.ingest(craft(key, 1, 1, records)).status == IngestStatus.APPLIED
+    before = snapshot(settlement)
+    tampered = [records[0], (records[1][0], 999, Scene.BUS, NOW)]
+    for data in (craft(key, 1, 1, tampered),                         # another amount
+                 craft(key, 1, 1, records, created_at=NOW + 1),      # only created_at differs
+                 craft(key, 1, 1, records[:1]),                      # fewer records
+                 craft(key, 1, 5, [(riders[2].token(NOW, 1), 5, Scene.BUS, NOW)])):
+        result = settlement.ingest(data)
+        assert result.status == IngestStatus.CONFLICT and result.seq == 1
+        assert snapshot(settlement) == before
+    # The original is still the one stored.
+    assert settlement.ingest(craft(key, 1, 1, records)).status == IngestStatus.EXISTS
+
+
+def test_overlapping_records_under_another_seq_are_a_conflict(
+        settlement: Settlement, gw_keys: list[GatewayKey], riders: list[Rider]) -> None:
+    key = gw_keys[0]
+    first = [(riders[0].token(NOW, c), 100, Scene.BUS, NOW) for c in (1, 2, 3)]
+    assert settlement.ingest(craft(key, 1, 1, first)).status == IngestStatus.APPLIED
+    before = snapshot(settlement)
+    fresh = (riders[1].token(NOW, 1), 50, Scene.BUS, NOW)
+    for seq, start, records in ((2, 1, first),            # the same records again
+                                (2, 3, [first[2], fresh]),  # one record number shared
+                                (7, 2, [fresh]),            # inside the range
+                                (9, 1, first[:1])):
+        result = settlement.ingest(craft(key, seq, start, records))
+        assert result.status == IngestStatus.CONFLICT, (seq, start)
+        assert snapshot(settlement) == before
+    # Adjacent numbers are fine, and another gateway may reuse seq and record numbers.
+    assert settlement.ingest(craft(key, 2, 4, [fresh])).status == IngestStatus.APPLIED
+    assert settlement.ingest(craft(gw_keys[1], 1, 1, first)).status == IngestStatus.APPLIED
+
+
+# -- batches rejected whole ---------------------------------------------------------------------
+
+@dataclass
+class Ctx:
+    key: GatewayKey
+    token: bytes
+    good: bytes
+
+    def body(self, **overrides: Any) -> dict[str, Any]:
+        return batch_body(self.key, 1, 1, [(self.token, 100, Scene.BUS, NOW)], **overrides)
+
+    def sign(self, **overrides: Any) -> bytes:
+        return sign_document(self.key, TAG_BATCH, self.body(**overrides))
+
+    def with_record(self, record: list[Any]) -> bytes:
+        return self.sign(records=[record])
+
+    def hand_packed(self, pairs: list[tuple[Any, Any]]) -> bytes:
+        """A map body packed pair by pair, so keys may repeat."""
+        out = bytearray(b"\xde" + len(pairs).to_bytes(2, "big"))  # map16
+        for k, v in pairs:
+            out += pack(k) + pack(v)
+        return signed_raw(self.key, bytes(out))
+
+
+def _trunc(at: float) -> Callable[[Ctx], bytes]:
+    return lambda c: c.good[:int(len(c.good) * at)]
+
+
+MALFORMED: dict[str, Callable[[Ctx], bytes]] = {
+    # Not a signed document at all.
+    "empty": lambda c: b"",
+    "truncated_1_byte": lambda c: c.good[:1],
+    "truncated_10pct": _trunc(0.1),
+    "truncated_half": _trunc(0.5),
+    "truncated_last_byte": lambda c: c.good[:-1],
+    "trailing_bytes": lambda c: c.good + b"\x00",
+    "invalid_msgpack": lambda c: b"\xc1" * 16,
+    "outer_is_a_map": lambda c: pack({"body": split_document(c.good)[0]}),
+    "outer_three_items": lambda c: pack([*split_document(c.good), b""]),
+    "outer_body_is_str": lambda c: pack(["body", split_document(c.good)[1]]),
+    "signature_63_bytes": lambda c: pack([split_document(c.good)[0],
+                                          split_document(c.good)[1][:63]]),
+    "not_bytes": lambda c: "a string",  # type: ignore[return-value, arg-type]
+    # Signed, but the body is not a batch.
+    "truncated_body": lambda c: signed_raw(c.key, split_document(c.good)[0][:-7]),
+    "body_trailing_bytes": lambda c: signed_raw(c.key, split_document(c.good)[0] + b"\x01"),
+    "body_is_a_list": lambda c: signed_raw(c.key, pack([1, 2, 3])),
+    "body_is_nil": lambda c: signed_raw(c.key, pack(None)),
+    "deeply_nested": lambda c: signed_raw(c.key, b"\x91" * 5000 + b"\x01"),
+    "ext_type": lambda c: c.sign(created_at=msgpack.ExtType(1, b"\x00" * 8)),
+    "timestamp_ext": lambda c: signed_raw(
+        c.key, msgpack.packb({**c.body(), "created_at": msgpack.Timestamp(NOW)})),
+    "duplicate_key": lambda c: c.hand_packed([*c.body().items(), ("seq", 2)]),
+    "duplicate_key_same_value": lambda c: c.hand_packed([*c.body().items(), ("v", 1)]),
+    "integer_key": lambda c: c.hand_packed([*c.body().items(), (7, 1)]),
+    "bytes_keys": lambda c: signed_raw(c.key, msgpack.packb(
+        {k.encode(): v for k, v in c.body().items()}, use_bin_type=True)),
+    # Oversized fields.
+    "token_just_over_twice": lambda c: c.with_record([1, c.token * 2 + b"x", 100, 0, NOW]),
+    "token_5000_bytes": lambda c: c.with_record([1, b"\x01" * 5000, 100, 0, NOW]),
+    "too_many_records": lambda c: c.sign(
+        last=MAX_RECORDS_PER_BATCH + 1,
+        records=[[i + 1, b"", 1, 0, NOW] for i in range(MAX_RECORDS_PER_BATCH + 1)]),
+    "huge_string_key": lambda c: c.sign(**{"k" * 300: 1}),
+    "huge_string_value": lambda c: c.sign(gateway="x" * 1000),
+    "too_many_keys": lambda c: c.sign(**{f"k{i}": i for i in range(80)}),
+    "gateway_key_too_long": lambda c: c.sign(gateway=c.key.public.to_bytes() + b"\x00"),
+    "gateway_key_too_short": lambda c: c.sign(gateway=c.key.public.to_bytes()[:31]),
+    # Wrong types.
+    "seq_is_str": lambda c: c.sign(seq="1"),
+    "seq_is_bool": lambda c: c.sign(seq=True),
+    "seq_is_float": lambda c: c.sign(seq=1.0),
+    "seq_is_nil": lambda c: c.sign(seq=None),
+    "v_is_bool": lambda c: c.sign(v=True),
+    "first_is_str": lambda c: c.sign(first="1"),
+    "last_is_bool": lambda c: c.sign(last=True),
+    "created_at_is_str": lambda c: c.sign(created_at=str(NOW)),
+    "gateway_is_str": lambda c: c.sign(gateway=c.key.public.to_bytes().hex()),
+    "records_is_a_map": lambda c: c.sign(records={"1": 1}),
+    "records_is_bytes": lambda c: c.sign(records=b"records"),
+    "missing_field": lambda c: sign_document(
+        c.key, TAG_BATCH, {k: v for k, v in c.body().items() if k != "created_at"}),
+    "extra_field": lambda c: c.sign(note="hello"),
+    "record_4_elements": lambda c: c.with_record([1, c.token, 100, 0]),
+    "record_6_elements": lambda c: c.with_record([1, c.token, 100, 0, NOW, 0]),
+    "record_is_a_map": lambda c: c.with_record({"seq": 1}),  # type: ignore[arg-type]
+    "record_is_an_int": lambda c: c.with_record(1),  # type: ignore[arg-type]
+    "record_token_is_str": lambda c: c.with_record([1, "QP:token", 100, 0, NOW]),
+    "record_seq_is_str": lambda c: c.with_record(["1", c.token, 100, 0, NOW]),
+    "record_amount_is_bool": lambda c: c.with_record([1, c.token, True, 0, NOW]),
+    "record_amount_is_float": lambda c: c.with_record([1, c.token, 100.0, 0, NOW]),
+    "record_scene_is_bool": lambda c: c.with_record([1, c.token, 100, False, NOW]),
+    "record_time_is_nil": lambda c: c.with_record([1, c.token, 100, 0, None]),
+    # Wrong values.
+    "format_version_2": lambda c: c.sign(v=2),
+    "format_version_0": lambda c: c.sign(v=0),
+    "seq_0": lambda c: c.sign(seq=0),
+    "seq_negative": lambda c: c.sign(seq=-1),
+    "first_0": lambda c: c.sign(first=0, last=0, records=[[0, c.token, 100, 0, NOW]]),
+    "no_records": lambda c: c.sign(records=[], last=0),
+    "last_does_not_match": lambda c: c.sign(last=5),
+    "record_seq_does_not_match": lambda c: c.with_record([2, c.token, 100, 0, NOW]),
+    "amount_0": lambda c: c.with_record([1, c.token, 0, 0, NOW]),
+    "amount_negative": lambda c: c.with_record([1, c.token, -100, 0, NOW]),
+    "amount_2_32": lambda c: c.with_record([1, c.token, 2**32, 0, NOW]),
+    "time_negative": lambda c: c.with_record([1, c.token, 100, 0, -1]),
+    "time_2_32": lambda c: c.with_record([1, c.token, 100, 0, 2**32]),
+    "scene_unknown": lambda c: c.with_record([1, c.token, 100, 7, NOW]),
+    "scene_negative": lambda c: c.with_record([1, c.token, 100, -1, NOW]),
+    # Integers msgpack can carry but the store cannot hold (must still be a typed error).
+    "seq_2_63": lambda c: c.sign(seq=2**63),
+    "seq_u64_max": lambda c: c.sign(seq=2**64 - 1),
+    "first_last_2_63": lambda c: c.sign(first=2**63, last=2**63,
+                                        records=[[2**63, c.token, 100, 0, NOW]]),
+    "created_at_2_63": lambda c: c.sign(created_at=2**63),
+    "created_at_u64_max": lambda c: c.sign(created_at=2**64 - 1),
+    "created_at_negative": lambda c: c.sign(created_at=-1),
+}
+
+
+@pytest.fixture
+def ctx(gw_keys: list[GatewayKey], riders: list[Rider]) -> Ctx:
+    token = riders[0].token(NOW, 1)
+    return Ctx(gw_keys[0], token, craft(gw_keys[0], 1, 1, [(token, 100, Scene.BUS, NOW)]))
+
+
+def assert_rejected(s: Settlement, data: bytes, kind: type[errors.QrPayError]) -> None:
+    before = snapshot(s)
+    with pytest.raises(kind) as info:
+        s.ingest(data)
+    assert info.value.reason == kind.reason
+    assert snapshot(s) == before
+
+
+def assert_rejected_whole(s: Settlement, data: bytes, kind: type[errors.QrPayError],
+                          ctx: Ctx) -> None:
+    assert_rejected(s, data, kind)
+    # Nothing was half-stored: the genuine batch still goes in as new.
+    assert s.ingest(ctx.good).status == IngestStatus.APPLIED
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_batches_are_rejected_whole(settlement: Settlement, ctx: Ctx,
+                                              case: str) -> None:
+    assert_rejected_whole(settlement, MALFORMED[case](ctx), errors.MalformedMessage, ctx)
+
+
+def test_bad_signatures_are_rejected_whole(settlement: Settlement, ctx: Ctx,
+                                           gw_keys: list[GatewayKey]) -> None:
+    body, signature = split_document(ctx.good)
+    flipped = bytes([signature[0] ^ 1]) + signature[1:]
+    other_body = pack(ctx.body(created_at=NOW + 1))
+    cases = [
+        pack([body, flipped]),
+        pack([body, bytes(64)]),
+        pack([other_body, signature]),                           # the body changed
+        pack([body, gw_keys[1]._sign(TAG_BATCH, body)]),          # another gateway's key
+        pack([body, ctx.key._sign(TAG_DENY, body)]),             # another document kind
+        pack([body, ctx.key._sign(b"", body)]),                  # no domain tag
+    ]
+    for data in cases:
+        assert_rejected(settlement, data, errors.BadSignature)
+    assert settlement.ingest(ctx.good).status == IngestStatus.APPLIED
+
+
+def test_unknown_gateway_is_rejected_whole(settlement: Settlement, ctx: Ctx) -> None:
+    stranger = GatewayKey(b"\x55" * 32)
+    data = sign_document(stranger, TAG_BATCH, {**ctx.body(),
+                                               "gateway": stranger.public.to_bytes()})
+    assert_rejected_whole(settlement, data, errors.UnknownGateway, ctx)
+    # An unknown key never gets as far as its (bad) signature.
+    body = pack({**ctx.body(), "gateway": stranger.public.to_bytes()})
+    with pytest.raises(errors.UnknownGateway):
+        settlement.ingest(pack([body, bytes(64)]))
+    # Registering the key is what lets its batches in.
+    settlement.register_gateway(stranger.public)
+    assert settlement.ingest(data).status == IngestStatus.APPLIED
+
+
+_ints = st.one_of(st.integers(-(2**63), 2**64 - 1), st.sampled_from([0, 1, 2, 2**32, 2**63]))
+_values = st.one_of(_ints, st.booleans(), st.none(), st.binary(max_size=40),
+                    st.text(max_size=10), st.floats(allow_nan=False))
+
+
+@given(field=st.sampled_from(["v", "gateway", "seq", "first", "last", "created_at",
+                              "records", "r.seq", "r.token", "r.amount", "r.scene",
+                              "r.time"]),
+       value=_values)
+def test_any_single_field_value_gives_a_result_or_a_typed_error(
+        tmp_path_factory: pytest.TempPathFactory, field: str, value: Any) -> None:
+    issuer = IssuerKey(bytes(range(32)))
+    trust = TrustStore()
+    trust.add(issuer)
+    key = GatewayKey(b"\x64" * 32)
+    token = make_rider(issuer, 11).token(NOW, 1)
+    body = batch_body(key, 1, 1, [(token, 100, Scene.BUS, NOW)])
+    if field.startswith("r."):
+        position = ["r.seq", "r.token", "r.amount", "r.scene", "r.time"].index(field)
+        body["records"][0][position] = value
+    else:
+        body[field] = value
+    s = Settlement(tmp_path_factory.mktemp("fuzz"), trust, [key.public])
+    try:
+        before = snapshot(s)
+        try:
+            result = s.ingest(sign_document(key, TAG_BATCH, body))
+        except (errors.MalformedMessage, errors.UnknownGateway):
+            assert snapshot(s) == before
+        else:
+            assert result.status == IngestStatus.APPLIED and s.batch_count() == 1
+    finally:
+        s.close()
+
+
+# -- re-verification: a compromised gateway ------------------------------------------------------
+
+def test_invalid_tokens_from_a_compromised_gateway_are_stored_not_charged(
+        settlement: Settlement, gw_keys: list[GatewayKey], riders: list[Rider],
+        issuer: IssuerKey) -> None:
+    key = gw_keys[2]
+    rider = riders[0]
+    good = rider.token(NOW, 1)
+    forged = bytearray(rider.token(NOW, 2))
+    forged[TOKEN_DEVICE_SIG + 5] ^= 0x40
+    rogue_issuer = IssuerKey(b"\x77" * 32)
+    rogue = Rider(rogue_issuer.issue(9, rider.device.public, 10**6, [Scene.BUS], 0, 2**32 - 1,
+                                     serial=rider.serial), rider.device)
+    records = [
+        (good, 100, Scene.BUS, NOW),
+        (bytes(forged), 200, Scene.BUS, NOW),                      # forged device signature
+        (rider.token(NOW, 3, Scene.METRO), 300, Scene.BUS, NOW),   # made for another scene
+        (rider.token(NOW - 1_000, 4), 400, Scene.BUS, NOW),        # stale at its gateway_time
+        (rider.token(NOW, 5), 500, Scene.BUS, NOW + 10_000),       # the same, by the gateway time
+        (rider.token(NOW + 1_000, 6), 600, Scene.BUS, NOW),        # from the future
+        (rogue.token(NOW, 7), 700, Scene.BUS, NOW),                # an issuer nobody trusts
+        (good[:-1], 800, Scene.BUS, NOW),                          # not a token
+    ]
+    result = settlement.ingest(craft(key, 1, 1, records))
+    assert result.status == IngestStatus.APPLIED and (result.records, result.invalid) == (8, 7)
+    report = settlement.report()
+    assert report.records == 8 and settlement.batch_count() == 1
+    assert report.accounts.tolist() == [rider.account] and report.amounts.tolist() == [100]
+    assert report.charged_total == 100 and report.rejected_total == sum(range(200, 900, 100))
+    invalid = report.of_kind("invalid_token")
+    gid = settlement.register_gateway(key.public)  # the id findings use
+    assert [(f.records, f.amount, f.gateways) for f in invalid] == [
+        (((gid, n),), 100 * n, (gid,)) for n in range(2, 9)]
+    assert [f.detail for f in invalid[:6]] == [
+        "BAD_DEVICE_SIGNATURE", "SCENE_MISMATCH", "TOKEN_STALE", "TOKEN_STALE",
+        "TOKEN_FROM_FUTURE", "UNKNOWN_KID"]
+    assert invalid[-1].detail != "OK"
+    assert {f.kind for f in report.findings} == {"invalid_token"}
+    assert report.flagged_serials() == set()  # the rider did nothing wrong
+    # Retrying changes nothing.
+    assert settlement.ingest(craft(key, 1, 1, records)).status == IngestStatus.EXISTS
+
+
+def test_an_invalid_copy_never_blocks_or_outranks_the_real_token(
+        settlement: Settlement, gw_keys: list[GatewayKey], riders: list[Rider]) -> None:
+    rider = riders[0]
+    real = rider.token(NOW, 1)
+    forged = bytearray(real)
+    forged[TOKEN_DEVICE_SIG] ^= 1
+    settlement.ingest(craft(gw_keys[2], 1, 1, [(bytes(forged), 900, Scene.BUS, NOW)]))
+    settlement.ingest(craft(gw_keys[0], 1, 1, [(real, 100, Scene.BUS, NOW)]))
+    report = settlement.report()
+    assert report.charge_of(rider.account) == 100
+    assert [f.kind for f in report.findings] == ["invalid_token"]
+
+
+def test_invalid_records_do_not_change_whom_an_overspend_names(
+        settlement: Settlement, gw_keys: list[GatewayKey], riders: list[Rider],
+        issuer: IssuerKey) -> None:
+    # A compromised gateway adds a forged token claiming the victim's serial
+    # under another account. It is rejected; the overspend finding must still
+    # name the account that was charged.
+    victim = make_rider(issuer, 40, limit=100)
+    rogue_issuer = IssuerKey(b"\x78" * 32)
+    fake = Rider(rogue_issuer.issue(999, victim.device.public, 100, [Scene.BUS], 0, 2**32 - 1,
+                                    serial=victim.serial), victim.device)
+    settlement.ingest(craft(gw_keys[0], 1, 1, [(victim.token(NOW, 1), 80, Scene.BUS, NOW)]))
+    settlement.ingest(craft(gw_keys[1], 1, 1, [(victim.token(NOW, 2), 80, Scene.BUS, NOW)]))
+    settlement.ingest(craft(gw_keys[2], 1, 1, [(fake.token(NOW, 3), 80, Scene.BUS, NOW)]))
+    report = settlement.report()
+    assert report.accounts.tolist() == [victim.account]
+    [over] = report.of_kind("overspend")
+    assert (over.serial, over.amount) == (victim.serial, 60)
+    assert over.account == victim.account
+
+
+# -- fraud findings ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("order", ["a_first", "b_first"])
+def test_double_spend_names_both_gateways(settlement: Settlement, gateways: list[Gateway],
+                                          riders: list[Rider], order: str) -> None:
+    a, b = gateways[0], gateways[1]
+    rider = riders[0]
+    token = rider.token(NOW, 1)
+    ra = a.scan(token, 200, Scene.BUS, NOW)
+    rb = b.scan(token, 150, Scene.BUS, NOW + 5)
+    uploads = [(a, ra, 200), (b, rb, 150)]
+    if order == "b_first":
+        uploads.reverse()
+    for gw, _r, _amount in uploads:
+        upload(settlement, gw)
+    (g1, r1, amount1), (g2, r2, amount2) = uploads
+    report = settlement.report()
+    [found] = report.findings
+    assert found.kind == "double_spend"
+    assert (found.serial, found.account, found.counter) == (rider.serial, rider.account, 1)
+    assert found.gateways == (g1.id, g2.id)
+    assert found.records == ((g1.id, r1.record), (g2.id, r2.record))
+    assert found.amount == amount2
+    # Charged once: the copy that arrived first.
+    assert report.charge_of(rider.account) == amount1 and report.counts.tolist() == [1]
+    assert (report.charged_total, report.rejected_total) == (amount1, amount2)
+    assert report.flagged_serials() == {rider.serial}
+
+
+def test_the_same_token_twice_from_one_gateway_is_a_duplicate_record(
+        settlement: Settlement, gw_keys: list[GatewayKey], riders: list[Rider]) -> None:
+    token = riders[0].token(NOW, 1)
+    settlement.ingest(craft(gw_keys[0], 1, 1, [(token, 100, Scene.BUS, NOW),
+                                               (token, 100, Scene.BUS, NOW + 1)]))
+    report = settlement.report()
+    [dup] = report.findings
+    gid = settlement.register_gateway(gw_keys[0].public)
+    assert dup.kind == "duplicate_record" and dup.records == ((gid, 1), (gid, 2))
+    assert report.charged_total == 100
+
+
+def test_clone_same_serial_and_counter_other_bytes(settlement: Settlement,
+                                                  gateways: list[Gateway],
+                                                  riders: list[Rider]) -> None:
+    a, b = gateways[0], gateways[2]
+    rider = riders[1]
+    original = rider.token(NOW, 7)
+    clone = rider.token(NOW + 1, 7)   # a second phone with a copy of the credential
+    assert original != clone
+    ra = a.scan(original, 100, Scene.BUS, NOW)
+    rb = b.scan(clone, 300, Scene.BUS, NOW + 1)
+    upload(settlement, a)
+    upload(settlement, b)
+    report = settlement.report()
+    [found] = report.findings
+    assert found.kind == "clone" and found.detail == ""
+    assert (found.serial, found.counter, found.account) == (rider.serial, 7, rider.account)
+    assert found.gateways == (a.id, b.id)
+    assert found.records == ((a.id, ra.record), (b.id, rb.record))
+    assert found.amount == 300
+    assert report.charge_of(rider.account) == 100 and report.rejected_total == 300
+    assert report.flagged_serials() == {rider.serial}
+
+
+def test_counter_going_backwards_is_a_clone(settlement: Settlement, gateways: list[Gateway],
+                                           riders: list[Rider]) -> None:
+    a, b = gateways[0], gateways[1]
+    rider = riders[2]
+    a.scan(rider.token(NOW, 5), 100, Scene.BUS, NOW)
+    a.scan(rider.token(NOW + 5, 6), 100, Scene.BUS, NOW + 5)
+    # A copy, behind: issued later, and scanned later than an honest phone's
+    # token could still be in flight (max_age + 2 * skew).
+    late = NOW + 5 + DEFAULT_MAX_AGE + 2 * DEFAULT_SKEW + 1
+    rb = b.scan(rider.token(late, 3), 70, Scene.BUS, late)
+    upload(settlement, b)
+    upload(settlement, a)
+    report = settlement.report()
+    [found] = report.findings
+    assert found.kind == "clone" and "backwards" in found.detail
+    assert (found.serial, found.counter, found.amount) == (rider.serial, 3, 70)
+    assert found.gateways == (b.id,) and found.records == ((b.id, rb.record),)
+    # Every (serial, counter) is distinct, so all three are charged.
+    assert report.charge_of(rider.account) == 270
+    assert report.flagged_serials() == {rider.serial}
+
+
+def test_overspend_across_gateways_in_one_period(settlement: Settlement,
+                                                gateways: list[Gateway],
+                                                issuer: IssuerKey) -> None:
+    rider = make_rider(issuer, 30, limit=500)
+    a, b, c = gateways
+    window = NOW // PERIOD
+    start = window * PERIOD
+    # Each gateway alone stays within the limit; together they do not.
+    a.scan(rider.token(start + 10, 1), 300, Scene.BUS, start + 10)
+    b.scan(rider.token(start + 20, 2), 300, Scene.BUS, start + 20)
+    c.scan(rider.token(start + 30, 3), 150, Scene.BUS, start + 30)
+    # In the next period the same rider spends within the limit.
+    nxt = start + PERIOD + 1
+    c.scan(rider.token(nxt, 4), 200, Scene.BUS, nxt)
+    for gw in gateways:
+        upload(settlement, gw)
+    report = settlement.report()
+    [over] = report.findings
+    assert over.kind == "overspend"
+    assert (over.serial, over.account, over.amount) == (rider.serial, rider.account, 250)
+    assert "750" in over.detail and "500" in over.detail and str(window) in over.detail
+    # Overspending is caught, not refused: everything is charged.
+    assert report.charge_of(rider.account) == 950
+    assert report.flagged_serials() == {rider.serial}
+
+
+def test_sequence_gaps_in_records_and_batches(settlement: Settlement,
+                                             gw_keys: list[GatewayKey],
+                                             riders: list[Rider]) -> None:
+    key, other = gw_keys[0], gw_keys[1]
+    gid = settlement.register_gateway(key.public)
+    t = [(riders[0].token(NOW, c), 10, Scene.BUS, NOW) for c in range(1, 8)]
+    settlement.ingest(craft(key, 1, 1, t[0:2]))
+    settlement.ingest(craft(key, 3, 6, t[5:7]))
+    settlement.ingest(craft(other, 1, 1, t[0:1], created_at=NOW + 1))
+    gaps = settlement.report().of_kind("sequence_gap")
+    assert {(f.gateways, f.detail) for f in gaps} == {
+        ((gid,), "records 3..5 missing"), ((gid,), "batches 2..2 missing")}
+    # The missing batch arrives late (a reorder): the gaps close.
+    assert settlement.ingest(craft(key, 2, 3, t[2:5])).status == IngestStatus.APPLIED
+    assert settlement.report().of_kind("sequence_gap") == []
+    # A first batch that is not number 1 leaves a gap from the start.
+    settlement.ingest(craft(gw_keys[2], 2, 4, t[3:4]))
+    g2 = settlement.register_gateway(gw_keys[2].public)
+    assert {f.detail for f in settlement.report().of_kind("sequence_gap")
+            if f.gateways == (g2,)} == {"records 1..3 missing", "batches 1..1 missing"}
+
+
+# -- repayments --------------------------------------------------------------------------------
+
+def test_repayments_are_recorded_and_read_back(tmp_path: Path, settlement: Settlement,
+                                               deny_trust: TrustStore) -> None:
+    assert settlement.repayments() == [] and settlement.repayments(5011) == []
+    settlement.record_repayment(5011, 500, NOW)
+    settlement.record_repayment(5012, 1, NOW + 1)
+    settlement.record_repayment(5011, 200, NOW + 2)
+    settlement.record_repayment(2**63 - 1, 2**62, 2**32 - 1)
+    assert settlement.repayments(5011) == [(5011, 500, NOW), (5011, 200, NOW + 2)]
+    assert settlement.repayments(5012) == [(5012, 1, NOW + 1)]
+    every = settlement.repayments()
+    assert every == [(5011, 500, NOW), (5012, 1, NOW + 1), (5011, 200, NOW + 2),
+                     (2**63 - 1, 2**62, 2**32 - 1)]
+    for bad in ((-1, 1, NOW), (1, -1, NOW), (1, 1, -1), (True, 1, NOW), (1, 1.5, NOW),
+                (1, 1, 2**32), (2**63, 1, NOW), (1, 2**62 + 1, NOW), ("1", 1, NOW)):
+        with pytest.raises(errors.InvalidArgument):
+            settlement.record_repayment(*bad)  # type: ignore[arg-type]
+    assert settlement.repayments() == every
+    settlement.close()
+    again = Settlement(tmp_path / "settle", deny_trust)
+    try:
+        assert again.repayments() == every
+    finally:
+        again.close()
+
+
+# -- deny list --------------------------------------------------------------------------------
+
+def test_publish_deny_list_adds_flagged_credentials(tmp_path: Path, settlement: Settlement,
+                                                   gateways: list[Gateway],
+                                                   riders: list[Rider], issuer: IssuerKey,
+                                                   deny_trust: TrustStore) -> None:
+    a, b, _c = gateways
+    cheat, cloned, honest, later = riders
+    token = cheat.token(NOW, 1)
+    a.scan(token, 100, Scene.BUS, NOW)
+    b.scan(token, 100, Scene.BUS, NOW)
+    a.scan(cloned.token(NOW, 3), 100, Scene.BUS, NOW)
+    b.scan(cloned.token(NOW + 1, 3), 100, Scene.BUS, NOW + 1)
+    a.scan(honest.token(NOW, 1), 100, Scene.BUS, NOW)
+    upload(settlement, a)
+    upload(settlement, b)
+    assert settlement.deny_list() is None
+
+    document, delta = settlement.publish_deny_list(issuer, NOW + 60)
+    assert delta == sorted([cheat.serial, cloned.serial])
+    loaded = DenyList.load(document, deny_trust)
+    assert loaded.version == 1 and loaded.issued_at == NOW + 60
+    assert loaded.serials.tolist() == delta
+    stored = settlement.deny_list()
+    assert stored is not None and stored.version == 1 and stored.raw == document
+    credentials_only = TrustStore()
+    credentials_only.add(issuer)
+    with pytest.raises(errors.IssuerKeyRole):
+        DenyList.load(document, credentials_only)
+
+    # More fraud: the next list is the old one plus the delta.
+    token = later.token(NOW + 100, 1)
+    a.scan(token, 100, Scene.BUS, NOW + 100)
+    b.scan(token, 100, Scene.BUS, NOW + 100)
+    upload(settlement, a)
+    upload(settlement, b)
+    document2, delta2 = settlement.publish_deny_list(issuer, NOW + 120)
+    assert delta2 == [later.serial]
+    loaded2 = DenyList.load(document2, deny_trust)
+    assert loaded2.version == 2
+    assert loaded2.serials.tolist() == sorted([cheat.serial, cloned.serial, later.serial])
+    document3, delta3 = settlement.publish_deny_list(issuer, NOW + 180)
+    assert delta3 == [] and DenyList.load(document3, deny_trust).version == 3
+
+    # A gateway that applies it refuses the flagged credentials only.
+    gw = Gateway(tmp_path / "fresh", GatewayKey(b"\x66" * 32), deny_trust)
+    try:
+        gw.update_deny_list(document2, NOW + 200)
+        for rider, counter in ((cheat, 10), (cloned, 10), (later, 10)):
+            with pytest.raises(errors.Revoked):
+                gw.scan(rider.token(NOW + 200, counter), 100, Scene.BUS, NOW + 200)
+        assert gw.scan(honest.token(NOW + 200, 10), 100, Scene.BUS, NOW + 200).amount == 100
+        with pytest.raises(errors.StaleUpdate):
+            gw.update_deny_list(document, NOW + 200)
+    finally:
+        gw.close()
+
+
+def test_an_honest_phone_scanned_out_of_order_is_not_a_clone(
+        settlement: Settlement, gateways: list[Gateway], riders: list[Rider]) -> None:
+    # Counter 2 reaches a gateway before counter 1 does, both within freshness.
+    a, b = gateways[0], gateways[1]
+    rider = riders[3]
+    one, two = rider.token(NOW, 1), rider.token(NOW + 1, 2)
+    a.scan(two, 100, Scene.BUS, NOW + 1)
+    b.scan(one, 100, Scene.BUS, NOW + DEFAULT_MAX_AGE)
+    upload(settlement, a)
+    upload(settlement, b)
+    report = settlement.report()
+    assert report.findings == [] and report.charge_of(rider.account) == 200
