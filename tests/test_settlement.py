@@ -28,7 +28,6 @@ from qrpay.settlement import (
 from qrpay.wire import pack, sign_document, split_document, unpack_strict
 
 NOW = 1_800_000_000
-PERIOD = 3_600
 PERMISSIVE = GatewayPolicy(deny_list_max_age=None, max_offline_uses=10_000)
 
 
@@ -49,7 +48,7 @@ def gw_keys() -> list[GatewayKey]:
 @pytest.fixture
 def settlement(tmp_path: Path, deny_trust: TrustStore, gw_keys: list[GatewayKey]
                ) -> Iterator[Settlement]:
-    s = Settlement(tmp_path / "settle", deny_trust, [k.public for k in gw_keys], period=PERIOD)
+    s = Settlement(tmp_path / "settle", deny_trust, [k.public for k in gw_keys])
     yield s
     s.close()
 
@@ -124,7 +123,9 @@ def snapshot(s: Settlement) -> tuple[Any, ...]:
 
 
 def export(gw: Gateway) -> bytes:
-    data = gw.export_batch(now=NOW)
+    # A minute after the gateway's last scan: until then its payments were
+    # outstanding offline (the overspend rule measures that exposure).
+    data = gw.export_batch(now=max(NOW, gw.time_floor) + 60)
     assert data is not None
     return data
 
@@ -175,7 +176,7 @@ def test_the_store_survives_reopening(tmp_path: Path, settlement: Settlement,
     settlement.ingest(data)
     before = snapshot(settlement)
     settlement.close()
-    reopened = Settlement(tmp_path / "settle", deny_trust, period=PERIOD)  # keys persisted
+    reopened = Settlement(tmp_path / "settle", deny_trust)  # keys persisted
     try:
         assert snapshot(reopened) == before
         assert reopened.ingest(data).status == IngestStatus.EXISTS
@@ -502,9 +503,14 @@ def test_invalid_records_do_not_change_whom_an_overspend_names(
     rogue_issuer = IssuerKey(b"\x78" * 32)
     fake = Rider(rogue_issuer.issue(999, victim.device.public, 100, [Scene.BUS], 0, 2**32 - 1,
                                     serial=victim.serial), victim.device)
-    settlement.ingest(craft(gw_keys[0], 1, 1, [(victim.token(NOW, 1), 80, Scene.BUS, NOW)]))
-    settlement.ingest(craft(gw_keys[1], 1, 1, [(victim.token(NOW, 2), 80, Scene.BUS, NOW)]))
-    settlement.ingest(craft(gw_keys[2], 1, 1, [(fake.token(NOW, 3), 80, Scene.BUS, NOW)]))
+    # Both gateways were offline for ten minutes: 160 outstanding against 100.
+    later = {"created_at": NOW + 600}
+    settlement.ingest(craft(gw_keys[0], 1, 1, [(victim.token(NOW, 1), 80, Scene.BUS, NOW)],
+                            **later))
+    settlement.ingest(craft(gw_keys[1], 1, 1, [(victim.token(NOW, 2), 80, Scene.BUS, NOW)],
+                            **later))
+    settlement.ingest(craft(gw_keys[2], 1, 1, [(fake.token(NOW, 3), 80, Scene.BUS, NOW)],
+                            **later))
     report = settlement.report()
     assert report.accounts.tolist() == [victim.account]
     [over] = report.of_kind("overspend")
@@ -598,19 +604,18 @@ def test_counter_going_backwards_is_a_clone(settlement: Settlement, gateways: li
     assert report.flagged_serials() == {rider.serial}
 
 
-def test_overspend_across_gateways_in_one_period(settlement: Settlement,
-                                                gateways: list[Gateway],
-                                                issuer: IssuerKey) -> None:
+def test_overspend_across_gateways_while_offline(settlement: Settlement,
+                                                 gateways: list[Gateway],
+                                                 issuer: IssuerKey) -> None:
     rider = make_rider(issuer, 30, limit=500)
     a, b, c = gateways
-    window = NOW // PERIOD
-    start = window * PERIOD
-    # Each gateway alone stays within the limit; together they do not.
+    start = NOW
+    # Each gateway alone stays within the limit; outstanding together they do not.
     a.scan(rider.token(start + 10, 1), 300, Scene.BUS, start + 10)
     b.scan(rider.token(start + 20, 2), 300, Scene.BUS, start + 20)
     c.scan(rider.token(start + 30, 3), 150, Scene.BUS, start + 30)
-    # In the next period the same rider spends within the limit.
-    nxt = start + PERIOD + 1
+    # An hour later a and b have long uploaded: 150 + 200 outstanding is fine.
+    nxt = start + 3601
     c.scan(rider.token(nxt, 4), 200, Scene.BUS, nxt)
     for gw in gateways:
         upload(settlement, gw)
@@ -618,10 +623,23 @@ def test_overspend_across_gateways_in_one_period(settlement: Settlement,
     [over] = report.findings
     assert over.kind == "overspend"
     assert (over.serial, over.account, over.amount) == (rider.serial, rider.account, 250)
-    assert "750" in over.detail and "500" in over.detail and str(window) in over.detail
+    assert "750 outstanding" in over.detail and "limit of 500" in over.detail
+    assert f"at {start + 30}" in over.detail
     # Overspending is caught, not refused: everything is charged.
     assert report.charge_of(rider.account) == 950
     assert report.flagged_serials() == {rider.serial}
+
+
+def test_a_rider_whose_gateway_uploads_between_rides_is_not_an_overspender(
+        settlement: Settlement, gateways: list[Gateway], issuer: IssuerKey) -> None:
+    rider = make_rider(issuer, 31, limit=1000)
+    gw = gateways[0]
+    for k in range(3):  # 2,700 in the day against a limit of 1,000, synced after each ride
+        at = NOW + k * 600
+        gw.scan(rider.token(at, k + 1), 900, Scene.BUS, at)
+        upload(settlement, gw)
+    report = settlement.report()
+    assert report.charge_of(rider.account) == 2700 and report.of_kind("overspend") == []
 
 
 def test_sequence_gaps_in_records_and_batches(settlement: Settlement,

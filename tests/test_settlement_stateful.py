@@ -32,7 +32,6 @@ from qrpay.settlement import Finding, IngestStatus, Settlement
 from qrpay.wire import sign_document
 
 NOW = 1_800_000_000
-PERIOD = 120   # short periods, so overspend windows change within one run
 # How far apart in gateway time an honest phone's tokens can be scanned out of
 # counter order (each is scanned within its freshness window).
 SLACK = DEFAULT_MAX_AGE + 2 * DEFAULT_SKEW
@@ -71,6 +70,7 @@ class Arrived:
     token: bytes
     amount: int
     gateway_time: int
+    uploaded_at: int   # created_at of its batch: when its offline exposure ended
 
     @property
     def serial(self) -> int:
@@ -127,7 +127,7 @@ class SettlementMachine(RuleBasedStateMachine):
                          for i, key in enumerate(GATEWAY_KEYS)]
         self.ids = [gw.id for gw in self.gateways]
         self.settlement = Settlement(self.dir / "settlement", TRUST,
-                                     [k.public for k in GATEWAY_KEYS], period=PERIOD)
+                                     [k.public for k in GATEWAY_KEYS])
         self.id_by_public = {k.public.to_bytes(): self.settlement.register_gateway(k.public)
                              for k in GATEWAY_KEYS}
         assert list(self.id_by_public.values()) == self.ids
@@ -276,7 +276,8 @@ class SettlementMachine(RuleBasedStateMachine):
         if expected == IngestStatus.APPLIED:
             assert result.invalid == 0
             self.stored[(gid, doc["seq"])] = (self._body(data), doc["first"], doc["last"])
-            self.arrived += [Arrived(gid, r[0], r[1], r[2], r[4]) for r in doc["records"]]
+            self.arrived += [Arrived(gid, r[0], r[1], r[2], r[4], doc["created_at"])
+                             for r in doc["records"]]
         if ack and data in self.genuine and expected != IngestStatus.CONFLICT:
             gw, seq = self.genuine[data]
             self.gateways[gw].ack(seq)
@@ -323,15 +324,24 @@ class SettlementMachine(RuleBasedStateMachine):
             if by_scan:
                 findings.append(Finding("clone", r.serial, r.account, r.counter, (r.gateway,),
                                         (r.where,), r.amount, "counter went backwards"))
-        windows: dict[tuple[int, int], list[Arrived]] = {}
+        # Overspend: outstanding offline spend (from scan to its batch's export)
+        # summed over gateways, at its peak, above the credential's limit.
+        by_serial: dict[int, list[Arrived]] = {}
         for r in charged:
-            windows.setdefault((r.serial, r.gateway_time // PERIOD), []).append(r)
-        for (serial, window), rows in windows.items():
-            spent, limit = sum(r.amount for r in rows), rows[0].limit
-            if spent > limit:
-                findings.append(Finding("overspend", serial, rows[0].account, 0, (), (),
-                                        spent - limit,
-                                        f"spent {spent} of limit {limit} in period {window}"))
+            by_serial.setdefault(r.serial, []).append(r)
+        for serial, rows in by_serial.items():
+            events = sorted([(r.gateway_time, r.amount) for r in rows]
+                            + [(max(r.uploaded_at, r.gateway_time), -r.amount) for r in rows])
+            outstanding, peak, peak_at = 0, 0, 0
+            for at, delta in events:
+                outstanding += delta
+                if outstanding > peak:
+                    peak, peak_at = outstanding, at
+            limit = rows[0].limit
+            if peak > limit:
+                findings.append(Finding(
+                    "overspend", serial, rows[0].account, 0, (), (), peak - limit,
+                    f"{peak} outstanding offline against a limit of {limit} at {peak_at}"))
         for gid in {g for g, _ in self.stored}:
             for a, b in _ranges([r.record for r in self.arrived if r.gateway == gid]):
                 findings.append(Finding("sequence_gap", gateways=(gid,),
@@ -384,7 +394,7 @@ class SettlementMachine(RuleBasedStateMachine):
     def reopened_store_reports_the_same(self) -> None:
         if len(self.arrived) % 7:  # now and then: reopening costs a little
             return
-        again = Settlement(self.dir / "settlement", TRUST, period=PERIOD)
+        again = Settlement(self.dir / "settlement", TRUST)
         try:
             a, b = again.report(), self.settlement.report()
             assert a.findings == b.findings and a.amounts.tolist() == b.amounts.tolist()

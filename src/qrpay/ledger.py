@@ -26,6 +26,7 @@ RECORD_DTYPE = np.dtype([
     ("issued_at", "<u4"),
     ("limit", "<u4"),
     ("token_id", "<u8"),      # first 8 bytes of the device signature
+    ("uploaded_at", "<u4"),   # created_at of the batch that carried it: the end of its offline exposure
 ])
 
 Mask = npt.NDArray[np.bool_]
@@ -44,17 +45,17 @@ class LedgerResult:
     first_row: npt.NDArray[np.int64]      # for a repeat: the charged row it repeats; else -1
     over_account: npt.NDArray[np.uint64]  # overspend: the account charged,
     over_serial: npt.NDArray[np.uint64]   # the credential serial,
-    over_window: npt.NDArray[np.int64]    # period index (gateway_time // period),
-    over_spent: npt.NDArray[np.int64]     # charged amount in that window,
+    over_at: npt.NDArray[np.int64]        # when its offline exposure peaked,
+    over_spent: npt.NDArray[np.int64]     # that peak (outstanding offline spend),
     over_limit: npt.NDArray[np.int64]     # and the credential's limit
 
 
 def settle(records: npt.NDArray[np.void], gateway: npt.NDArray[np.int64],
-           period: int, slack: int = 0) -> LedgerResult:
+           slack: int = 0) -> LedgerResult:
     """Classify every record. `records` is RECORD_DTYPE in arrival order,
-    `gateway` the index of the gateway each came from, `period` the overspend
-    window in seconds and `slack` how far apart in gateway time two honest
-    scans of one phone can appear out of counter order (see below)."""
+    `gateway` the index of the gateway each came from, and `slack` how far
+    apart in gateway time two honest scans of one phone can appear out of
+    counter order (see below)."""
     n = len(records)
     serial = records["serial"]
     counter = records["counter"]
@@ -97,7 +98,7 @@ def settle(records: npt.NDArray[np.void], gateway: npt.NDArray[np.int64],
     first_row = np.full(n, -1, dtype=np.int64)
     first_row[repeat] = first_of_repeat
 
-    over = _overspend(records[charged_rows], period)
+    over = _overspend(records[charged_rows])
     return LedgerResult(charged, double_spend, duplicate, clone, backwards, invalid, first_row,
                         *over)
 
@@ -125,23 +126,48 @@ def _behind(rows: npt.NDArray[np.int64], serial: npt.NDArray[np.uint64],
     return rows[c < earlier]
 
 
-def _overspend(charged: npt.NDArray[np.void], period: int
+def _overspend(charged: npt.NDArray[np.void]
                ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], npt.NDArray[np.int64],
                           npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    window = charged["gateway_time"].astype(np.int64) // period
-    order = np.lexsort((window, charged["serial"]))
-    s, w = charged["serial"][order], window[order]
-    if len(order) == 0:
+    """Credentials whose offline exposure went over their limit.
+
+    A charged payment is outstanding offline from its scan until the batch
+    that carried it was exported (its gateway stops counting it once
+    settlement has it). Each gateway keeps its own outstanding spend within
+    the limit; summed across gateways at any moment, it must be too. A rider
+    whose gateways upload between rides is never flagged, however much the
+    day adds up to.
+    """
+    if len(charged) == 0:
         empty = np.zeros(0, dtype=np.int64)
         return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint64), empty, empty, empty
-    starts = np.r_[True, (s[1:] != s[:-1]) | (w[1:] != w[:-1])]
-    idx = np.flatnonzero(starts)
-    spent = np.add.reduceat(charged["amount"][order].astype(np.int64), idx)
-    # A credential's limit is one value; the largest seen is the most generous reading.
-    limit = np.maximum.reduceat(charged["limit"][order].astype(np.int64), idx)
-    over = spent > limit
-    account = charged["account"][order][idx]   # from a charged (valid) record
-    return account[over], s[idx][over], w[idx][over], spent[over], limit[over]
+    start = charged["gateway_time"].astype(np.int64)
+    end = np.maximum(charged["uploaded_at"].astype(np.int64), start)
+    amount = charged["amount"].astype(np.int64)
+    uniq, rank = np.unique(charged["serial"], return_inverse=True)
+    rank = np.r_[rank, rank].astype(np.int64)
+    when = np.r_[start, end]
+    delta = np.r_[amount, -amount]
+    # One int64 key, (serial rank, time, release before payment): at equal times
+    # an upload and the next scan in the same second do not overlap.
+    order = np.argsort((rank << 34 | when) << 1 | (delta > 0), kind="stable")
+    rank, when, delta = rank[order], when[order], delta[order]
+    starts = np.flatnonzero(np.r_[True, rank[1:] != rank[:-1]])
+    sizes = np.diff(np.r_[starts, len(delta)])
+    running = np.cumsum(delta)
+    running -= np.repeat(np.r_[0, running[starts[1:] - 1]], sizes)
+    peak = np.maximum.reduceat(running, starts)
+    group = np.repeat(np.arange(len(starts)), sizes)
+    # The earliest moment of each serial's peak (events are in time order).
+    hit = np.flatnonzero(running == peak[group])
+    at_peak = when[hit[np.r_[True, group[hit][1:] != group[hit][:-1]]]]
+    # The credential's limit and account, from its charged (valid) records.
+    by_serial = np.argsort(charged["serial"], kind="stable")
+    first = np.flatnonzero(np.r_[True, np.diff(charged["serial"][by_serial]) != 0])
+    limit = np.maximum.reduceat(charged["limit"][by_serial].astype(np.int64), first)
+    account = charged["account"][by_serial][first]
+    over = peak > limit
+    return account[over], uniq[over], at_peak[over], peak[over], limit[over]
 
 
 def sequence_gaps(record_numbers: npt.NDArray[np.uint64]) -> list[tuple[int, int]]:

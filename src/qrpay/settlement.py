@@ -126,14 +126,13 @@ class Settlement:
     of gateway keys and the issuer trust store used to re-verify tokens."""
 
     def __init__(self, directory: str | Path, trust: TrustStore,
-                 gateways: Iterable[GatewayPublicKey] = (), *, period: int = 86_400,
+                 gateways: Iterable[GatewayPublicKey] = (), *,
                  max_age: int = DEFAULT_MAX_AGE, skew: int = DEFAULT_SKEW,
                  threads: int = 1) -> None:
-        if period < 1 or max_age < 0 or skew < 0 or threads < 1:
-            raise InvalidArgument("period and threads are positive, max_age and skew >= 0")
+        if max_age < 0 or skew < 0 or threads < 1:
+            raise InvalidArgument("threads is positive, max_age and skew >= 0")
         self.directory = Path(directory)
         self.trust = trust
-        self.period = period
         self.max_age = max_age
         self.skew = skew
         self.threads = threads
@@ -221,6 +220,8 @@ class Settlement:
             records[name] = fields[name]
         records["token_id"] = tokens[:, TOKEN_DEVICE_SIG:TOKEN_DEVICE_SIG + 8].copy().view(
             "<u8").reshape(-1)
+        # The gateway stops counting these against the offline limit once exported.
+        records["uploaded_at"] = min(doc["created_at"], U32_MAX)
         with self._lock, self._transaction() as db:
             # Checked again inside the write transaction: another caller may
             # have applied this batch (or an overlapping one) meanwhile.
@@ -266,7 +267,7 @@ class Settlement:
     def report(self) -> Report:
         """Charges and findings over everything ingested so far."""
         records, gateway, names, batches = self._load()
-        result = settle(records, gateway, self.period, slack=self.max_age + 2 * self.skew)
+        result = settle(records, gateway, slack=self.max_age + 2 * self.skew)
         accounts, amounts, counts = totals_by_account(records, result.charged)
         findings = _findings(records, gateway, names, result)
         findings += _gaps(records, gateway, names, batches)
@@ -371,11 +372,11 @@ def _findings(records: npt.NDArray[np.void], gateway: npt.NDArray[np.int64], nam
         found.append(Finding("invalid_token", int(r["serial"]), int(r["account"]),
                              int(r["counter"]), (names[gateway[i]],), (where(i),),
                              int(r["amount"]), Reason(int(r["reason"])).name))
-    for account, serial, window, spent, limit in zip(
+    for account, serial, at, spent, limit in zip(
             result.over_account.tolist(), result.over_serial.tolist(),
-            result.over_window.tolist(), result.over_spent.tolist(), result.over_limit.tolist()):
+            result.over_at.tolist(), result.over_spent.tolist(), result.over_limit.tolist()):
         found.append(Finding("overspend", serial, account, 0, (), (), spent - limit,
-                             f"spent {spent} of limit {limit} in period {window}"))
+                             f"{spent} outstanding offline against a limit of {limit} at {at}"))
     return found
 
 
