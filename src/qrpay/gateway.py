@@ -159,6 +159,10 @@ class Gateway:
         last_batch, self._exported_through, self._acked_through = j.batch_summary()
         self._next_batch = last_batch + 1
         self._next_record = j.next_record_seq()
+        # Replay state. Every journaled (serial, counter) stays in `_seen` (an int
+        # each); full records, for double taps and receipts, only while a copy
+        # of their token could still be fresh.
+        self._seen: set[int] = j.keys()
         self._accepted: dict[tuple[int, int], Record] = {}
         self._spend: dict[int, _Spend] = {}
         since = self._floor - self.policy.replay_window
@@ -270,6 +274,9 @@ class Gateway:
                 else:
                     reasons[i] = Reason.ALREADY_ACCEPTED
                 continue
+            if key[0] << 32 | key[1] in self._seen:  # journaled long ago: a clone
+                reasons[i] = Reason.ALREADY_ACCEPTED
+                continue
             if amount > cap:
                 reasons[i] = Reason.OVER_TRANSACTION_CAP
                 continue
@@ -304,6 +311,7 @@ class Gateway:
         # Only now, after the commit, does memory change.
         self._next_record = seq
         self._accepted.update(fresh)
+        self._seen.update(serial << 32 | counter for serial, counter in fresh)
         for account, extra in pending.items():
             s = self._spend.setdefault(account, _Spend())
             s.amount += extra.amount
@@ -358,8 +366,8 @@ class Gateway:
                 if s.uses == 0:
                     del self._spend[r.account]
         self._acked_through = max(self._acked_through, batch.last)
-        # Acked records older than the replay window can no longer pass the
-        # freshness check, so they need no place in memory.
+        # Acked records older than the replay window can no longer come back as
+        # a fresh double tap; their (serial, counter) stays in `_seen`.
         horizon = self._floor - self.policy.replay_window
         for key in [k for k, r in self._accepted.items()
                     if r.seq <= self._acked_through and r.gateway_time < horizon]:

@@ -8,6 +8,7 @@ JournalUnavailable, and the transaction that hit it is rolled back whole.
 
 from __future__ import annotations
 
+import builtins
 import sqlite3
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -149,6 +150,14 @@ class Journal:
             raise JournalUnavailable(f"journal: {exc}") from exc
         return [Record(seq, from_sql(serial), counter, from_sql(account), amount, scene, t, tok)
                 for seq, serial, counter, account, amount, scene, t, tok in rows]
+
+    def keys(self) -> builtins.set[int]:  # (`set` here is the method below)
+        """Every journaled (serial, counter) as one int, serial << 32 | counter."""
+        try:
+            rows = self._db.execute("SELECT serial, counter FROM records").fetchall()
+        except sqlite3.Error as exc:
+            raise JournalUnavailable(f"journal: {exc}") from exc
+        return {from_sql(serial) << 32 | counter for serial, counter in rows}
 
     def count(self) -> int:
         return self._query_one("SELECT COUNT(*) FROM records")
