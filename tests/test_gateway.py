@@ -431,3 +431,24 @@ def test_ack_forgets_old_replay_state_but_freshness_still_refuses(
     gw.ack(1)
     assert len(gw._accepted) == 1  # the old record left memory, the recent one stayed
     assert refusal(gw, token, 100, Scene.BUS, later) == Reason.TOKEN_STALE
+
+
+def test_clone_of_an_old_acked_payment_after_restart_is_already_accepted(
+        tmp_path: Path, gateway_key: GatewayKey, trust: TrustStore, credential: Credential,
+        device: DeviceKey, now: int) -> None:
+    # The old record leaves memory (acked, past the replay window, restarted):
+    # a fresh clone of its (serial, counter) must still be refused by itself,
+    # not take the whole batch down with the journal's unique key.
+    gw = open_gateway(tmp_path, gateway_key, trust, deny_list_max_age=None)
+    gw.scan(core.make_token(credential.raw, device._secret, now, 7, Scene.BUS), 100,
+            Scene.BUS, now)
+    gw.export_batch(now=now)
+    gw.ack(1)
+    gw.close()
+    later = now + 7200
+    gw = open_gateway(tmp_path, gateway_key, trust, deny_list_max_age=None)
+    assert (credential.serial, 7) not in gw._accepted
+    clone = core.make_token(credential.raw, device._secret, later, 7, Scene.BUS)
+    honest = core.make_token(credential.raw, device._secret, later, 8, Scene.BUS)
+    result = gw.scan_batch([clone, honest], [100, 100], Scene.BUS, later)
+    assert [Reason(r) for r in result.reasons] == [Reason.ALREADY_ACCEPTED, Reason.OK]

@@ -1,0 +1,162 @@
+"""A gateway process for test_gateway_crash.py to SIGKILL mid-flight.
+
+    python crash_worker.py DIRECTORY SEED MODE
+
+Opens a Gateway on DIRECTORY with fixed keys (derived from fixed seeds, so the
+test process can build the very same world) and scans forever, mixing `scan`
+and `scan_batch` calls, with a clock that moves one second per call. After
+every call it writes one line per receipt to stdout and flushes (after a
+first line `START <backend> <counters journaled> <time floor>`):
+
+    ACK <serial> <counter> <record> <amount> <gateway_time> <dup> <token-hex>
+
+MODE "mixed" mostly makes single scans (`scan`, or `scan_batch` of one) and
+now and then a small batch; "big" mostly makes batches of 300 to 1500 tokens,
+so that a kill can land inside a large commit, or after it but before (all)
+its ACK lines were written.
+
+The worker keeps no state of its own: after a restart it takes its clock from
+the gateway's time floor and each rider's next counter from the journal, so
+it continues where the last committed scan left off. It plants a few double
+taps (the very same bytes again) and checks that each comes back as the first
+receipt with duplicate=True. Anything unexpected (a fresh token refused, a
+double tap charged) exits with status 3 and a message on stderr.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qrpay import (
+    Credential, DeviceKey, GatewayKey, IssuerKey, Reason, Scene, TrustStore, backend,
+    generate_batch,
+)
+from qrpay.format import U32_MAX
+from qrpay.gateway import Gateway, GatewayPolicy, Receipt
+
+BASE_TIME = 1_800_000_000
+RIDERS = 40
+SCENE = Scene.BUS
+MAX_AMOUNT = 300
+
+
+def _seed(label: str) -> bytes:
+    return hashlib.sha256(b"qrpay-crash-test/" + label.encode()).digest()
+
+
+@dataclass(frozen=True)
+class World:
+    issuer: IssuerKey
+    gateway_key: GatewayKey
+    trust: TrustStore
+    policy: GatewayPolicy
+    devices: list[DeviceKey]
+    credentials: list[Credential]
+
+    def open(self, directory: str | Path) -> Gateway:
+        return Gateway(directory, self.gateway_key, self.trust, self.policy)
+
+
+def world() -> World:
+    """Keys, riders and policy, the same in every process."""
+    issuer = IssuerKey(_seed("issuer"))
+    trust = TrustStore()
+    trust.add(issuer.public)
+    # Offline caps out of the way: a long run makes thousands of payments per
+    # rider and never acks. Tokens stay fresh for a day so that the test can
+    # replay every token of a round with one `now`; the journal (not freshness)
+    # is what must refuse them.
+    policy = GatewayPolicy(max_age=86_400, max_offline_uses=1 << 40, deny_list_max_age=None)
+    devices = [DeviceKey(_seed(f"device-{i}")) for i in range(RIDERS)]
+    credentials = [
+        issuer.issue(account=10_000 + i, device_public=d.public, limit=U32_MAX,
+                     scenes=[Scene.BUS, Scene.METRO], not_before=BASE_TIME - 86_400,
+                     not_after=BASE_TIME + 365 * 86_400, serial=7_000_000 + i)
+        for i, d in enumerate(devices)
+    ]
+    return World(issuer, GatewayKey(_seed("gateway")), trust, policy, devices, credentials)
+
+
+def fail(message: str) -> None:
+    sys.stderr.write(f"crash_worker: {message}\n")
+    sys.stderr.flush()
+    sys.exit(3)
+
+
+def main(argv: list[str]) -> None:
+    directory, seed, mode = argv[1], int(argv[2]), argv[3]
+    rng = random.Random(seed)
+    w = world()
+    gateway = w.open(directory)
+    by_serial = {c.serial: i for i, c in enumerate(w.credentials)}
+    counters = [0] * RIDERS          # the last counter journaled, per rider
+    for r in gateway.records():
+        i = by_serial[r.serial]
+        counters[i] = max(counters[i], r.counter)
+    now = max(BASE_TIME, gateway.time_floor)
+    recent: list[tuple[bytes, int, int]] = []   # (token, record, amount) to double-tap
+    out = sys.stdout
+    out.write(f"START {backend} {sum(counters)} {gateway.time_floor}\n")
+    out.flush()
+
+    while True:
+        now += 1
+        if mode == "big":
+            n = rng.randint(300, 1500) if rng.random() < 0.8 else 1
+        else:
+            n = rng.choice((1, 1, 1, 1, rng.randint(2, 40)))
+        riders = [rng.randrange(RIDERS) for _ in range(n)]
+        scan_counters = []
+        for i in riders:
+            counters[i] += 1
+            scan_counters.append(counters[i])
+        array = generate_batch([w.credentials[i] for i in riders], [w.devices[i] for i in riders],
+                               np.full(n, int(SCENE)), scan_counters, now)
+        tokens = [bytes(row) for row in array]
+        amounts = [rng.randint(1, MAX_AMOUNT) for _ in range(n)]
+        taps: list[tuple[bytes, int, int]] = []
+        if recent and n > 1 and rng.random() < 0.3:
+            taps = rng.sample(recent, min(len(recent), 3))
+        scan_tokens = tokens + [t for t, _, _ in taps]
+        scan_amounts = amounts + [rng.randint(1, MAX_AMOUNT) for _ in taps]
+
+        receipts: list[Receipt | None]
+        if len(scan_tokens) == 1 and rng.random() < 0.5:
+            receipts = [gateway.scan(scan_tokens[0], scan_amounts[0], SCENE, now)]
+        else:
+            result = gateway.scan_batch(scan_tokens, scan_amounts, SCENE, now)
+            if not result.ok.all():
+                bad = [Reason(int(x)).name for x in result.reasons if x != Reason.OK]
+                fail(f"refused at {now}: {bad[:5]}")
+            receipts = list(result.receipts)
+
+        lines = []
+        for k, (token, receipt) in enumerate(zip(scan_tokens, receipts)):
+            assert receipt is not None
+            if k < n:
+                expected = (w.credentials[riders[k]].serial, scan_counters[k], amounts[k], now)
+                if receipt.duplicate or (receipt.serial, receipt.counter, receipt.amount,
+                                         receipt.gateway_time) != expected:
+                    fail(f"fresh token {receipt} came back wrong")
+                recent.append((token, receipt.record, receipt.amount))
+            else:
+                _, record, amount = taps[k - n]
+                if not receipt.duplicate or (receipt.record, receipt.amount) != (record, amount):
+                    fail(f"double tap {receipt} is not the first receipt {record}")
+            lines.append(f"ACK {receipt.serial} {receipt.counter} {receipt.record} "
+                         f"{receipt.amount} {receipt.gateway_time} {int(receipt.duplicate)} "
+                         f"{token.hex()}\n")
+        del recent[:-200]
+        for line in lines:   # block-buffered: a big call reaches the file in 8 KiB pieces
+            out.write(line)
+        out.flush()
+
+
+if __name__ == "__main__":
+    main(sys.argv)
