@@ -157,9 +157,9 @@ def test_scorecard_optbinning(benchmark: Any, scoring: dict[str, Any]) -> None:
     frame = pd.DataFrame(scoring["X"], columns=names)
     binning = optbinning.BinningProcess(
         names, special_codes=[-1.0, -2.0], max_n_bins=8)
-    card = optbinning.Scorecard(binning_process=binning, estimator=LogisticRegression(),
-                                scaling_method="pdo_odds",
-                                scaling_method_params={"pdo": 20, "odds": 50, "scorecard_points": 600})
+    card = optbinning.Scorecard(
+        binning_process=binning, estimator=LogisticRegression(), scaling_method="pdo_odds",
+        scaling_method_params={"pdo": 20, "odds": 50, "scorecard_points": 600})
     card.fit(frame.iloc[:FIT_ROWS], scoring["bad"][:FIT_ROWS])
     scores = benchmark(card.score, frame)
     assert scores.shape == (ROWS,) and np.isfinite(scores).all()

@@ -15,6 +15,7 @@ from qrpay.format import TAG_CRED, TAG_TOKEN
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
+from libc.math cimport INFINITY, NAN
 from libc.string cimport memcmp, memcpy
 
 
@@ -501,6 +502,23 @@ ctypedef fused real:
     double
 
 
+cdef extern from "_score_kernel.h" nogil:
+    enum:
+        QRPAY_FAST_EDGES
+        QRPAY_FAST_SPECIALS
+    ctypedef struct qrpay_fast_feature:
+        double edges[8]
+        double step[8]
+        double first
+        double specials[2]
+        double special_points[2]
+        double missing
+    void qrpay_score_fast(const char *X, Py_ssize_t row_stride, Py_ssize_t col_stride,
+                          int is_float32, const qrpay_fast_feature *features,
+                          Py_ssize_t n_features, int64_t base, int64_t *scores,
+                          Py_ssize_t start, Py_ssize_t end)
+
+
 cdef struct FeatureView:
     const double *edges
     const double *specials
@@ -564,6 +582,7 @@ cdef void score_range(const real[:, :] X, const Card *card, int64_t *scores,
 cdef class _ScoreJob:
     cdef Card card
     cdef FeatureView *views
+    cdef qrpay_fast_feature *fast   # set when the fast path applies (see _score_kernel.h)
     cdef object keep            # the arrays the views point into
     cdef int64_t[::1] scores
     cdef int16_t[:, ::1] reasons
@@ -572,6 +591,7 @@ cdef class _ScoreJob:
 
     def __dealloc__(self):
         PyMem_Free(self.views)
+        PyMem_Free(self.fast)
 
     def share(self, Py_ssize_t t, Py_ssize_t count):
         # Contiguous row blocks: each thread streams its own part of X.
@@ -582,11 +602,56 @@ cdef class _ScoreJob:
         if self.X.dtype == np.float64:
             x64 = self.X
             with nogil:
-                score_range(x64, &self.card, &self.scores[0], reasons, start, end)
+                if self.fast != NULL:
+                    qrpay_score_fast(<const char *>&x64[0, 0], x64.strides[0], x64.strides[1], 0,
+                                     self.fast, self.card.n_features, self.card.base,
+                                     &self.scores[0], start, end)
+                else:
+                    score_range(x64, &self.card, &self.scores[0], reasons, start, end)
         else:
             x32 = self.X
             with nogil:
-                score_range(x32, &self.card, &self.scores[0], reasons, start, end)
+                if self.fast != NULL:
+                    qrpay_score_fast(<const char *>&x32[0, 0], x32.strides[0], x32.strides[1], 1,
+                                     self.fast, self.card.n_features, self.card.base,
+                                     &self.scores[0], start, end)
+                else:
+                    score_range(x32, &self.card, &self.scores[0], reasons, start, end)
+
+
+cdef bint _fits_fast_path(const FeatureView *views, Py_ssize_t n_features) noexcept:
+    cdef Py_ssize_t f
+    for f in range(n_features):
+        if views[f].n_edges > QRPAY_FAST_EDGES or views[f].n_specials > QRPAY_FAST_SPECIALS:
+            return False
+    return True
+
+
+cdef qrpay_fast_feature *_fast_features(const FeatureView *views, Py_ssize_t n_features) except NULL:
+    # Edges padded with +inf and a zero step; specials padded with NaN.
+    cdef qrpay_fast_feature *fast = <qrpay_fast_feature *>PyMem_Calloc(
+        n_features, sizeof(qrpay_fast_feature))
+    cdef Py_ssize_t f, j
+    if fast == NULL:
+        raise MemoryError()
+    for f in range(n_features):
+        for j in range(QRPAY_FAST_EDGES):
+            if j < views[f].n_edges:
+                fast[f].edges[j] = views[f].edges[j]
+                fast[f].step[j] = views[f].points[j + 1] - views[f].points[j]
+            else:
+                fast[f].edges[j] = INFINITY
+                fast[f].step[j] = 0.0
+        fast[f].first = views[f].points[0]
+        for j in range(QRPAY_FAST_SPECIALS):
+            if j < views[f].n_specials:
+                fast[f].specials[j] = views[f].specials[j]
+                fast[f].special_points[j] = views[f].points[views[f].n_edges + 2 + j]
+            else:
+                fast[f].specials[j] = NAN
+                fast[f].special_points[j] = 0.0
+        fast[f].missing = views[f].points[views[f].n_edges + 1]
+    return fast
 
 
 def score_rows(X, const double[::1] edges, const int64_t[::1] edge_off,
@@ -613,6 +678,8 @@ def score_rows(X, const double[::1] edges, const int64_t[::1] edge_off,
         job.views[f].specials = &specials[special_off[f]] if job.views[f].n_specials else NULL
         job.views[f].points = &points[point_off[f]]
         job.views[f].best = best[f]
+    if k == 0 and n_features and _fits_fast_path(job.views, n_features):
+        job.fast = _fast_features(job.views, n_features)
     scores = np.empty(n, dtype=np.int64)
     reasons = np.full((n, k), -1, dtype=np.int16)
     job.keep = (edges, points, specials)
