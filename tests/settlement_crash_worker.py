@@ -4,7 +4,7 @@ after each ingest returns. The test SIGKILLs it at random moments.
 
     python settlement_crash_worker.py CONFIG.json
 
-CONFIG holds: directory, period, issuer (public key hex), gateways (public key
+CONFIG holds: directory, issuer (public key hex), gateways (public key
 hex list) and batches (file paths).
 """
 
@@ -23,8 +23,7 @@ def main(config_path: str) -> int:
     trust = TrustStore()
     trust.add(IssuerPublicKey(bytes.fromhex(config["issuer"])))
     settlement = Settlement(config["directory"], trust,
-                            [GatewayPublicKey(bytes.fromhex(g)) for g in config["gateways"]],
-                            period=config["period"])
+                            [GatewayPublicKey(bytes.fromhex(g)) for g in config["gateways"]])
     print("ready", flush=True)
     for i, path in enumerate(config["batches"]):
         result = settlement.ingest(Path(path).read_bytes())

@@ -30,7 +30,6 @@ from qrpay.wire import sign_document
 
 WORKER = Path(__file__).with_name("settlement_crash_worker.py")
 NOW = 1_800_000_000
-PERIOD = 3_600
 RIDERS = 40
 RECORDS = 2_500                # per batch: enough that one ingest takes a while
 # (gateway, seq) in upload order; gateway 2 never sends batch 3 (a gap).
@@ -52,7 +51,7 @@ def _prepare(directory: Path) -> Prepared:
     issuer = IssuerKey(bytes(range(32)))
     gateways = [GatewayKey(bytes([140 + i]) * 32) for i in range(3)]
     devices = [DeviceKey(bytes([10 + i]) * 32) for i in range(RIDERS)]
-    # Riders 0..3 have small limits: they overspend in every period.
+    # Riders 0..3 have small limits: they overspend while offline.
     creds = [issuer.issue(8000 + i, d.public, 2_000 if i < 4 else 10**7, [Scene.BUS],
                           NOW - 86_400, NOW + 30 * 86_400, serial=300 + i)
              for i, d in enumerate(devices)]
@@ -86,7 +85,10 @@ def _prepare(directory: Path) -> Prepared:
         first = next_record[g]
         rows = range(b * RECORDS, (b + 1) * RECORDS)
         body = {"v": 1, "gateway": gateways[g].public.to_bytes(), "seq": seq, "first": first,
-                "last": first + RECORDS - 1, "created_at": NOW + b,
+                # Exported a minute after its last scan: its payments were
+                # outstanding offline until then (the overspend rule).
+                "last": first + RECORDS - 1,
+                "created_at": int(times[b * RECORDS:(b + 1) * RECORDS].max()) + 60,
                 "records": [[first + n, tokens[j].tobytes(), int(amounts[j]), int(Scene.BUS),
                              int(times[j])] for n, j in enumerate(rows)]}
         next_record[g] += RECORDS
@@ -106,7 +108,7 @@ def _trust(p: Prepared) -> TrustStore:
 
 
 def _open(p: Prepared, directory: Path) -> Settlement:
-    return Settlement(directory, _trust(p), [g.public for g in p.gateways], period=PERIOD)
+    return Settlement(directory, _trust(p), [g.public for g in p.gateways])
 
 
 def _summary(s: Settlement) -> tuple[Any, ...]:
@@ -224,7 +226,7 @@ def test_kill_during_ingest_leaves_whole_batches(
         directory = tmp_path / f"settle-{campaigns}"
         config = tmp_path / f"config-{campaigns}.json"
         config.write_text(json.dumps({
-            "directory": str(directory), "period": PERIOD,
+            "directory": str(directory),
             "issuer": prepared.issuer.public.to_bytes().hex(),
             "gateways": [g.public.to_bytes().hex() for g in prepared.gateways],
             "batches": [str(f) for f in prepared.files]}))
