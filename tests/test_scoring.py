@@ -30,7 +30,7 @@ from qrpay import IssuerKey, Role, Scene, TrustStore
 from qrpay import _ref
 from qrpay.credential import Credential
 from qrpay.errors import (
-    BadSignature, InvalidArgument, MalformedMessage, QrPayError, UnknownKeyId,
+    BadSignature, InvalidArgument, IssuerKeyRole, MalformedMessage, QrPayError, UnknownKeyId,
 )
 from qrpay.scoring import (
     FeatureBins, LimitBand, LimitPolicy, Scorecard, _flatten, auc, feature_psi, psi,
@@ -480,7 +480,7 @@ def test_signed_card_round_trip_and_rejections() -> None:
     # A key trusted for credentials only may not sign cards.
     credentials_only = TrustStore()
     credentials_only.add(issuer.public, roles=Role.CREDENTIALS)
-    with pytest.raises(MalformedMessage, match="scorecard"):
+    with pytest.raises(IssuerKeyRole, match="scorecard"):
         Scorecard.load_signed(document, credentials_only)
     # An issuer nobody trusts.
     with pytest.raises(UnknownKeyId):

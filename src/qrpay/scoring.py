@@ -23,7 +23,7 @@ import numpy.typing as npt
 from qrpay import scorefit
 from qrpay._impl import core
 from qrpay.credential import Credential, Scene
-from qrpay.errors import InvalidArgument, MalformedMessage
+from qrpay.errors import InvalidArgument, IssuerKeyRole, MalformedMessage
 from qrpay.format import TAG_CARD
 from qrpay.keys import DevicePublicKey, IssuerKey
 from qrpay.trust import Role, TrustStore
@@ -31,6 +31,7 @@ from qrpay.wire import body_map, sign_document, split_document, unpack_strict, v
 
 CARD_FORMAT = 1
 MAX_FEATURES = 64
+MAX_THREADS = 256
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,23 @@ class FeatureBins:
     trend: str = ""
 
     def __post_init__(self) -> None:
-        if not self.name or len(self.name) > 64:
+        if not isinstance(self.name, str) or not self.name or len(self.name) > 64:
             raise InvalidArgument("a feature name is 1-64 characters")
-        if any(math.isnan(e) for e in self.edges) or list(self.edges) != sorted(set(self.edges)):
+        # Numbers become floats here, so equal cards have equal canonical bytes.
+        try:
+            edges = tuple(float(e) for e in self.edges)
+            specials = tuple((float(c), p) for c, p in self.specials)
+            woe = tuple(float(w) for w in self.woe)
+            iv = float(self.iv)
+        except (TypeError, ValueError):
+            raise InvalidArgument(f"{self.name}: edges, codes, woe and iv are numbers") from None
+        object.__setattr__(self, "edges", edges)
+        object.__setattr__(self, "specials", specials)
+        object.__setattr__(self, "woe", woe)
+        object.__setattr__(self, "iv", iv)
+        if not all(math.isfinite(x) for x in (*edges, *woe, iv)):
+            raise InvalidArgument(f"{self.name}: edges, woe and iv must be finite")
+        if list(self.edges) != sorted(set(self.edges)):
             raise InvalidArgument(f"{self.name}: edges must be strictly increasing numbers")
         if len(self.points) != len(self.edges) + 1:
             raise InvalidArgument(f"{self.name}: one point value per numeric bin")
@@ -100,8 +115,10 @@ class Scorecard:
         names = [f.name for f in self.features]
         if len(set(names)) != len(names):
             raise InvalidArgument("feature names must be distinct")
-        if not isinstance(self.base_points, int) or not isinstance(self.version, int):
-            raise InvalidArgument("base_points and version are integers")
+        for name in ("base_points", "version"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or abs(value) > 2**53:
+                raise InvalidArgument(f"{name} is an integer")
 
     @classmethod
     def fit(cls, X: npt.ArrayLike, y: npt.ArrayLike, feature_names: Sequence[str], *,
@@ -136,8 +153,8 @@ class Scorecard:
     def _run(self, X: npt.ArrayLike, k: int, threads: int
              ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int16]]:
         array = _as_matrix(X, len(self.features))
-        if threads < 1:
-            raise InvalidArgument("threads must be at least 1")
+        if not 1 <= threads <= MAX_THREADS:
+            raise InvalidArgument(f"threads must be between 1 and {MAX_THREADS}")
         f = self._flat
         return core.score_rows(array, f.edges, f.edge_off, f.points, f.point_off, f.specials,
                                f.special_off, f.best, self.base_points, k, threads)
@@ -203,7 +220,7 @@ class Scorecard:
 
     @classmethod
     def from_msgpack(cls, data: bytes) -> Scorecard:
-        return cls.from_dict(unpack_strict(data, max_map=16, max_array=10_000))
+        return cls.from_dict(unpack_strict(data, max_map=256, max_array=10_000))
 
     @property
     def card_id(self) -> str:
@@ -219,9 +236,11 @@ class Scorecard:
     def load_signed(cls, data: bytes, trust: TrustStore) -> Scorecard:
         body, signature = split_document(data)
         doc = body_map(body, {"v": int, "kid": bytes, "card": bytes}, max_bin=16 * 1024 * 1024)
+        if doc["v"] != CARD_FORMAT:
+            raise MalformedMessage(f"unsupported signed card format {doc['v']}")
         trusted = trust.get(doc["kid"])
         if not trusted.roles & Role.SCORECARD:
-            raise MalformedMessage("this issuer key may not sign scorecards")
+            raise IssuerKeyRole("this issuer key may not sign scorecards")
         verify_document(trusted.key, TAG_CARD, body, signature)
         return cls.from_json(doc["card"].decode("utf-8"))
 
@@ -288,8 +307,12 @@ class LimitPolicy:
         if not self.bands or scores != sorted(set(scores)):
             raise InvalidArgument("bands need strictly increasing min_score")
         for band in self.bands:
-            if any(v < 0 or v > 0xFFFF_FFFF for v in band.limits.values()):
-                raise InvalidArgument("limits are minor units in [0, 2**32)")
+            for scene, value in band.limits.items():
+                if not isinstance(scene, Scene):
+                    raise InvalidArgument(f"limit keys are Scenes, not {scene!r}")
+                if (not isinstance(value, int) or isinstance(value, bool)
+                        or not 0 <= value <= 0xFFFF_FFFF):
+                    raise InvalidArgument("limits are integer minor units in [0, 2**32)")
 
     def as_dict(self) -> dict[str, Any]:
         return {"bands": [{"min_score": b.min_score,
@@ -380,6 +403,8 @@ def auc(scores: npt.ArrayLike, bad: npt.ArrayLike) -> float:
     """Area under the ROC curve of `scores` ranking goods (bad == 0) above bads."""
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(bad).astype(bool)
+    if np.isnan(s).any() or s.shape != y.shape:
+        raise InvalidArgument("auc needs one non-NaN score per label")
     n_bad, n_good = int(y.sum()), int((~y).sum())
     if n_bad == 0 or n_good == 0:
         raise InvalidArgument("auc needs both goods and bads")
