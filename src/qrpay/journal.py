@@ -19,6 +19,8 @@ from qrpay import sqlitedb
 from qrpay.errors import JournalUnavailable
 
 SCHEMA_VERSION = 1
+# No index beyond the two keys: every scan pays for each index on insert, and
+# the one query by time (rebuilding replay state on open) can scan the table.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS records (
@@ -32,7 +34,6 @@ CREATE TABLE IF NOT EXISTS records (
     token BLOB NOT NULL,
     UNIQUE (serial, counter)
 );
-CREATE INDEX IF NOT EXISTS records_by_time ON records (gateway_time);
 CREATE TABLE IF NOT EXISTS batches (
     seq INTEGER PRIMARY KEY,
     first INTEGER NOT NULL,
