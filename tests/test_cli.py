@@ -348,3 +348,14 @@ class _Null:
 
     def flush(self) -> None:
         pass
+
+
+def test_inline_values_that_are_no_file_names(tmp_path: Path, keys: dict[str, Path | str],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    # A token text is longer than a file name may be; it must be read inline.
+    long_text = "QP:" + "A" * 400
+    code, _, err = run(capsys, "scan", *gateway_args(tmp_path, keys), "--text", long_text,
+                       "--amount", "1", "--scene", "bus", "--now", str(NOW))
+    assert code == 2 and ("MALFORMED_TEXT" in err or "WRONG_LENGTH" in err)
+    code, _, err = run(capsys, "keys", "public", "x" * 5000)
+    assert code == 2 and "cannot read key file" in err

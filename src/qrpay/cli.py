@@ -100,8 +100,14 @@ def _key(path: str, cls: type[SigningKey]) -> Any:
 
 
 def _text_or_file(value: str) -> str:
-    """A key or token given inline, or the path of a file that holds it."""
-    return _read_text(value, "input") if Path(value).is_file() else value
+    """A key, credential or token given inline, or the path of a file that holds it."""
+    if value.startswith(("qrpay:", "QP:")):
+        return value  # inline: a long token is no file name (ENAMETOOLONG)
+    try:
+        is_file = Path(value).is_file()
+    except OSError:
+        is_file = False
+    return _read_text(value, "input") if is_file else value
 
 
 def _trust(args: argparse.Namespace) -> TrustStore:
