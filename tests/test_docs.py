@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,3 +31,18 @@ def test_readme_has_examples() -> None:
 @pytest.mark.parametrize("name,code", _examples(), ids=[n for n, _ in _examples()])
 def test_example_runs(name: str, code: str) -> None:
     exec(compile(code, name, "exec"), {"__name__": "__doc_example__"})
+
+
+def test_readme_command_line_block_runs(tmp_path: Path) -> None:
+    """The README's CLI walk-through, run as written with the installed `qrpay`."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## The command line"):]
+    [script] = re.findall(r"^```sh\n(.*?)^```", section, re.S | re.M)[:1]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    [receipt] = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert receipt["account"] == 42 and receipt["amount"] == 200
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["charged_total"] == 200 and report["findings"] == []
