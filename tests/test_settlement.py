@@ -761,3 +761,20 @@ def test_an_honest_phone_scanned_out_of_order_is_not_a_clone(
     upload(settlement, b)
     report = settlement.report()
     assert report.findings == [] and report.charge_of(rider.account) == 200
+
+
+def test_publishing_continues_after_the_deny_list_key_is_rotated(tmp_path: Path,
+                                                                 issuer: IssuerKey) -> None:
+    old_trust = TrustStore()
+    old_trust.add(issuer, roles=Role.CREDENTIALS | Role.DENY_LIST)
+    s = Settlement(tmp_path / "s", old_trust)
+    s.publish_deny_list(issuer, NOW, revoke=[11])
+    s.close()
+    successor = IssuerKey(b"\x55" * 32)
+    new_trust = TrustStore()
+    new_trust.add(successor, roles=Role.CREDENTIALS | Role.DENY_LIST)
+    s = Settlement(tmp_path / "s", new_trust)
+    document, added = s.publish_deny_list(successor, NOW + 60, revoke=[12])
+    assert added == [12]
+    published = DenyList.load(document, new_trust)
+    assert published.version == 2 and list(published.serials) == [11, 12]

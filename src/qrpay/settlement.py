@@ -277,7 +277,9 @@ class Settlement:
 
     def deny_list(self) -> DenyList | None:
         rows = self._query("SELECT document FROM deny_lists ORDER BY version DESC LIMIT 1")
-        return DenyList.load(rows[0][0], self.trust) if rows else None
+        # Verified when it was published; still readable after the key that
+        # signed it is rotated out of the trust store.
+        return DenyList.reload(rows[0][0], self.trust) if rows else None
 
     def publish_deny_list(self, key: IssuerKey, issued_at: int,
                           revoke: Iterable[int] = ()) -> tuple[bytes, list[int]]:
