@@ -248,7 +248,7 @@ offsets = st.one_of(
     st.integers(-400, 200),
 )
 scene_picks = st.one_of(st.none(), st.none(), st.none(), st.integers(0, 2))  # None: the call's
-small_amounts = st.one_of(st.integers(1, 40), st.integers(1, STALE_CAP))
+small_amounts = st.one_of(st.integers(1, 40), st.integers(1, STALE_CAP), st.just(STALE_CAP))
 amounts = st.one_of(small_amounts, small_amounts, st.integers(1, 900),
                     st.sampled_from([STALE_CAP, STALE_CAP + 1, 300, 301, 500, 501, 800, 801]))
 riders = st.integers(0, len(RIDERS) - 1)
@@ -504,7 +504,7 @@ class GatewayMachine(RuleBasedStateMachine):
     @rule(serials=st.sets(st.sampled_from(SERIALS), max_size=2),
           bump=st.sampled_from([1, 1, 1, 2, 0, -1]),
           offset=st.one_of(st.integers(-60, 0), st.integers(-1200, SKEW + 40),
-                           st.sampled_from([SKEW, SKEW + 1])),
+                           st.sampled_from([SKEW, SKEW + 1, -DENY_MAX_AGE, -DENY_MAX_AGE - 1])),
           signer=st.sampled_from(["issuer"] * 6 + ["roleless", "stranger"]))
     def update_deny_list(self, serials: set[int], bump: int, offset: int, signer: str) -> None:
         m = self.model
