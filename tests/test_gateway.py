@@ -4,7 +4,6 @@ against a model: test_gateway_stateful.py.)"""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +67,7 @@ def test_double_tap_returns_the_first_receipt_and_charges_nothing(
     token = generator.make(Scene.BUS, now)
     first = gateway.scan(token, 200, Scene.BUS, now)
     again = gateway.scan(token, 200, Scene.BUS, now + 2)
-    assert again.duplicate and dataclasses.replace(again, duplicate=False) == first
+    assert again.duplicate and again._replace(duplicate=False) == first
     assert len(gateway.records()) == 1 and gateway.offline_spend(1001) == (200, 1)
 
 

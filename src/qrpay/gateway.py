@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Union
+from typing import IO, NamedTuple, Union
 
 try:
     import fcntl
@@ -84,9 +84,9 @@ class GatewayPolicy:
         return self.max_age + 2 * self.skew + self.clock_tolerance
 
 
-@dataclass(frozen=True, slots=True)
-class Receipt:
-    """An acknowledged payment: it is in the journal (committed) when you hold this."""
+class Receipt(NamedTuple):
+    """An acknowledged payment: it is in the journal (committed) when you hold
+    this. Immutable; a NamedTuple because a gateway makes one per scan."""
 
     gateway: str
     record: int

@@ -13,6 +13,7 @@ import sqlite3
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 from qrpay import sqlitedb
@@ -55,8 +56,9 @@ def from_sql(value: int) -> int:
     return value + (1 << 64) if value < 0 else value
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
+    """One journaled payment. (A tuple: the gateway builds one per scan.)"""
+
     seq: int
     serial: int
     counter: int
