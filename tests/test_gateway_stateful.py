@@ -84,7 +84,7 @@ RIDERS = [
     _rider(0, 501, 300, (Scene.BUS, Scene.METRO), NOW - DAY, NOW + 30 * DAY),
     _rider(1, 501, 450, (Scene.BUS, Scene.CLINIC), NOW - DAY, NOW + 30 * DAY,
            serial=2**63 + 1),
-    _rider(2, 2**64 - 1, 600, (Scene.BUS, Scene.METRO, Scene.CLINIC), NOW - DAY,
+    _rider(2, 2**64 - 1, 1_500, (Scene.BUS, Scene.METRO, Scene.CLINIC), NOW - DAY,
            NOW + 30 * DAY, serial=2**64 - 2),
     _rider(3, 503, 250, (Scene.BUS,), NOW - DAY, NOW + 600),
     _rider(4, 504, 400, (Scene.METRO, Scene.CLINIC), NOW + 300, NOW + 30 * DAY),
@@ -248,9 +248,10 @@ offsets = st.one_of(
     st.integers(-400, 200),
 )
 scene_picks = st.one_of(st.none(), st.none(), st.none(), st.integers(0, 2))  # None: the call's
+REST = -1  # an amount drawn as "exactly what is left of the rider's offline credit"
 small_amounts = st.one_of(st.integers(1, 40), st.integers(1, STALE_CAP), st.just(STALE_CAP))
-amounts = st.one_of(small_amounts, small_amounts, st.integers(1, 900),
-                    st.sampled_from([STALE_CAP, STALE_CAP + 1, 300, 301, 500, 501, 800, 801]))
+edge_amounts = st.sampled_from([REST, STALE_CAP, STALE_CAP + 1, 300, 301, 500, 501, 800, 801])
+amounts = st.one_of(small_amounts, small_amounts, st.integers(1, 900), edge_amounts)
 riders = st.integers(0, len(RIDERS) - 1)
 new_specs = st.tuples(st.just("new"), riders, scene_picks, offsets, st.booleans())
 sources = st.sampled_from(["recent", "accepted", "accepted", "acked", "any", "any_accepted"])
@@ -265,13 +266,15 @@ scan_items = st.lists(st.tuples(specs, amounts), min_size=1, max_size=8)
 honest_items = st.lists(st.tuples(
     st.one_of(st.tuples(st.just("new"), riders, st.just(-1), fresh_offsets, st.booleans()),
               replay_specs),
-    st.one_of(small_amounts, st.integers(1, 400))), min_size=1, max_size=8)
+    st.one_of(small_amounts, small_amounts, st.integers(1, 400), edge_amounts)),
+    min_size=1, max_size=8)
 
 # Which clock reading a call uses: the true time (mostly), a reading behind the
 # floor (within or past the tolerance), or a reading ahead of the true time.
 clocks = st.one_of(
     st.just(("now", 0)), st.just(("now", 0)), st.just(("now", 0)), st.just(("now", 0)),
-    st.tuples(st.just("behind"), st.integers(0, 3 * TOLERANCE)),
+    st.tuples(st.just("behind"), st.one_of(st.integers(0, 3 * TOLERANCE),
+                                           st.sampled_from([TOLERANCE, TOLERANCE + 1]))),
     st.tuples(st.just("ahead"), st.integers(1, 400)),
 )
 gateway_scenes = st.sampled_from(GATEWAY_SCENES)
@@ -280,7 +283,8 @@ gateway_scenes = st.sampled_from(GATEWAY_SCENES)
 rush_calls = st.builds(
     lambda rider, scene, values: ("honest", [(("new", rider, -1, 0, False), v) for v in values],
                                   scene),
-    riders, gateway_scenes, st.lists(small_amounts, min_size=2, max_size=6))
+    riders, gateway_scenes,
+    st.lists(st.one_of(small_amounts, small_amounts, st.just(REST)), min_size=2, max_size=6))
 # One rule scans, so that swarm testing never switches scanning off: honest
 # batches, batches of anything at any clock, single scans, bad amounts.
 honest_calls = st.tuples(st.just("honest"), honest_items, gateway_scenes)
@@ -422,6 +426,18 @@ class GatewayMachine(RuleBasedStateMachine):
         text = "QP:this is not base45" if offset % 2 else "not a qr payment"
         return Tok(b"", Reason.MALFORMED_TEXT), text
 
+    def _amount(self, tok: Tok, amount: int, earlier: list[tuple[Tok, int]]) -> int:
+        """REST becomes what the credential's limit leaves of its account's
+        offline credit, counting the earlier amounts of this call as spent."""
+        if amount != REST:
+            return amount
+        if tok.static is not None:
+            return 1
+        account = tok.credential.account
+        spent = self.model.spend().get(account, (0, 0))[0] + sum(
+            v for t, v in earlier if t.static is None and t.credential.account == account)
+        return max(1, tok.credential.limit - spent)
+
     def _reading(self, clock: tuple[str, int]) -> int:
         mode, delta = clock
         if mode == "behind":
@@ -460,7 +476,9 @@ class GatewayMachine(RuleBasedStateMachine):
         made = [self._materialize(spec, scene) for spec, _ in items]
         tokens = [m[0] for m in made]
         inputs = [m[1] for m in made]
-        values = [amount for _, amount in items]
+        values: list[int] = []
+        for tok, (_, amount) in zip(tokens, items):
+            values.append(self._amount(tok, amount, list(zip(tokens, values))))
         t = self._reading(clock)
         if self.model.clock_untrusted(t):
             with pytest.raises(ClockUntrusted):
@@ -477,6 +495,7 @@ class GatewayMachine(RuleBasedStateMachine):
 
     def _scan_one(self, spec: tuple, amount: int, scene: Scene, clock: tuple[str, int]) -> None:
         tok, value = self._materialize(spec, scene)
+        amount = self._amount(tok, amount, [])
         t = self._reading(clock)
         if self.model.clock_untrusted(t):
             with pytest.raises(ClockUntrusted):
