@@ -29,8 +29,8 @@ from qrpay import (
 from qrpay._impl import core
 from qrpay.denylist import sign_deny_list
 from qrpay.errors import (
-    ClockUntrusted, InvalidArgument, IssuerKeyRole, QrPayError, StaleUpdate, UnknownKeyId,
-    error_class,
+    ClockUntrusted, InvalidArgument, IssuerKeyRole, JournalUnavailable, QrPayError, StaleUpdate,
+    UnknownKeyId, error_class,
 )
 from qrpay.format import CRED_ISSUER_SIG, TAG_BATCH, TOKEN_COUNTER, TOKEN_ISSUED_AT
 from qrpay.gateway import Gateway, GatewayPolicy, Receipt
@@ -286,7 +286,8 @@ rush_calls = st.builds(
     riders, gateway_scenes,
     st.lists(st.one_of(small_amounts, small_amounts, st.just(REST)), min_size=2, max_size=6))
 # One rule scans, so that swarm testing never switches scanning off: honest
-# batches, batches of anything at any clock, single scans, bad amounts.
+# batches, batches of anything at any clock, single scans, bad amounts, empty
+# batches (which must not move the time floor).
 honest_calls = st.tuples(st.just("honest"), honest_items, gateway_scenes)
 scan_calls = st.one_of(
     honest_calls, honest_calls, rush_calls, rush_calls,
@@ -295,6 +296,7 @@ scan_calls = st.one_of(
     st.tuples(st.just("one"), st.one_of(honest_specs, specs), amounts, gateway_scenes, clocks),
     st.tuples(st.just("one"), st.one_of(honest_specs, specs), amounts, gateway_scenes, clocks),
     st.tuples(st.just("bad_amount"), st.sampled_from([0, -5, 2**32]), gateway_scenes),
+    st.tuples(st.just("empty"), gateway_scenes, clocks),
 )
 
 
@@ -469,6 +471,8 @@ class GatewayMachine(RuleBasedStateMachine):
             self._scan_batch(*args)
         elif kind == "one":
             self._scan_one(*args)
+        elif kind == "empty":
+            self._scan_batch([], *args)
         else:
             self._scan_bad_amount(*args)
 
@@ -490,6 +494,7 @@ class GatewayMachine(RuleBasedStateMachine):
         for r in reasons:
             event(f"reason {r.name}")
         assert result.receipts == receipts
+        assert all(type(r) is Receipt for r in result.receipts if r is not None)
         assert list(result.ok) == [r == Reason.OK for r in reasons]
         self._check_receipts(result.receipts)
 
@@ -597,6 +602,9 @@ class GatewayMachine(RuleBasedStateMachine):
 
     @rule()
     def restart(self) -> None:
+        # One open Gateway per directory: a second one fails at once.
+        with pytest.raises(JournalUnavailable):
+            self._open()
         self.gateway.close()
         self.gateway = None
         self.gateway = self._open()
