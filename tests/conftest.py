@@ -4,14 +4,16 @@ README's test command runs both)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from hypothesis import HealthCheck, settings
 
 import qrpay
-from qrpay import Credential, DeviceKey, IssuerKey, Scene, TokenGenerator, TrustStore
+from qrpay import Credential, DeviceKey, IssuerKey, Role, Scene, TokenGenerator, TrustStore
 
 DATA = Path(__file__).parent / "data"
 
@@ -23,6 +25,20 @@ settings.register_profile("slow", max_examples=2000, deadline=None,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 NOW = 1_800_000_000  # a fixed clock: 2027-01-15T08:00:00Z
+
+
+NO_EXTENSIONS = os.environ.get("QRPAY_NO_EXTENSIONS", "") not in ("", "0")
+
+
+def compiled_core() -> ModuleType:
+    """qrpay._core, for tests that compare it with the twin. Failing to import
+    it is a test failure, unless the pure-Python twin was asked for."""
+    try:
+        return importlib.import_module("qrpay._core")
+    except ImportError as exc:
+        if NO_EXTENSIONS:
+            pytest.skip(f"QRPAY_NO_EXTENSIONS is set and qrpay._core is not built ({exc})")
+        raise
 
 
 def pytest_report_header() -> str:
@@ -61,3 +77,11 @@ def credential(issuer: IssuerKey, device: DeviceKey) -> Credential:
 @pytest.fixture
 def generator(credential: Credential, device: DeviceKey) -> TokenGenerator:
     return TokenGenerator(credential, device)
+
+
+@pytest.fixture
+def deny_trust(issuer: IssuerKey) -> TrustStore:
+    """The issuer trusted for credentials and deny lists."""
+    store = TrustStore()
+    store.add(issuer, roles=Role.CREDENTIALS | Role.DENY_LIST)
+    return store

@@ -11,12 +11,11 @@ _core.pxd (read as text, so this runs on every backend) against
 from __future__ import annotations
 
 import importlib
-import os
 import re
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from conftest import NO_EXTENSIONS, compiled_core
 
 from qrpay import _ref
 from qrpay import format as fmt
@@ -24,7 +23,6 @@ from qrpay.errors import Reason
 from qrpay.trust import Role
 
 PXD = Path(__file__).resolve().parent.parent / "src" / "qrpay" / "_core.pxd"
-NO_EXTENSIONS = os.environ.get("QRPAY_NO_EXTENSIONS", "") not in ("", "0")
 
 # Layout names the core must publish in LAYOUT, all also defined in qrpay.format.
 REQUIRED_LAYOUT = {
@@ -35,17 +33,6 @@ REQUIRED_LAYOUT = {
 }
 # _core.pxd spells a few lengths differently from format.py.
 PXD_ALIASES = {"PK_LEN": "PUBLIC_KEY_LEN", "SK_LEN": "SECRET_KEY_LEN", "SIG_LEN": "SIGNATURE_LEN"}
-
-
-def _compiled_core() -> ModuleType:
-    """qrpay._core; an import failure is a test failure, except when the
-    pure-Python twin was asked for and the extension really is not there."""
-    try:
-        return importlib.import_module("qrpay._core")
-    except ImportError as exc:
-        if NO_EXTENSIONS:
-            pytest.skip(f"QRPAY_NO_EXTENSIONS is set and qrpay._core is not built ({exc})")
-        raise
 
 
 def _pxd_enum_lines() -> dict[str, int]:
@@ -65,7 +52,7 @@ def test_compiled_core_imports() -> None:
 
 
 def test_layout_matches_format() -> None:
-    layout = _compiled_core().LAYOUT
+    layout = compiled_core().LAYOUT
     assert REQUIRED_LAYOUT <= set(layout), REQUIRED_LAYOUT - set(layout)
     mismatched = {name: (value, getattr(fmt, name, "missing"))
                   for name, value in layout.items() if getattr(fmt, name, None) != value}
@@ -107,7 +94,7 @@ def test_pxd_roles_match_trust_role() -> None:
 
 def test_compiled_reasons_reach_python_unchanged() -> None:
     # A too-short token through the compiled Verifier: R_WRONG_LENGTH as a Reason.
-    core = _compiled_core()
+    core = compiled_core()
     assert core.Verifier([], 16).verify_one(b"", 0, 60, 30) == Reason.WRONG_LENGTH
     assert core.Verifier([], 16).verify_one(bytes(fmt.TOKEN_LEN), 0, 60, 30) == (
         Reason.UNSUPPORTED_VERSION)

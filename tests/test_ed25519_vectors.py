@@ -14,15 +14,14 @@ through both cores, `qrpay._core` and `qrpay._ref`, and require them to agree.
 
 from __future__ import annotations
 
-import importlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from conftest import NO_EXTENSIONS, compiled_core
 from nacl.bindings import crypto_sign_seed_keypair
 
 import qrpay
@@ -132,11 +131,6 @@ def sign(seed: bytes, message: bytes) -> bytes:
     return core.sign_detached(secret64, message)
 
 
-def _extensions_disabled() -> bool:
-    # The same test _impl uses to pick the pure-Python core.
-    return os.environ.get("QRPAY_NO_EXTENSIONS", "") not in ("", "0")
-
-
 def test_sets_are_complete() -> None:
     assert len(RFC8032) == 5
     assert len(WYCHEPROOF) == 151
@@ -147,7 +141,7 @@ def test_sets_are_complete() -> None:
 
 def test_primitive_runs_on_the_selected_backend() -> None:
     # _impl falls back to _ref silently when _core does not import; make that visible.
-    expected = "python" if _extensions_disabled() else "cython"
+    expected = "python" if NO_EXTENSIONS else "cython"
     assert qrpay.backend == expected
 
 
@@ -236,16 +230,6 @@ def test_cctv_accepts_only_the_unflagged_vector() -> None:
 
 # --- both cores agree ------------------------------------------------------------
 
-def _compiled_core() -> ModuleType:
-    try:
-        return importlib.import_module("qrpay._core")
-    except ImportError as exc:
-        if _extensions_disabled():
-            pytest.skip(f"qrpay._core is not built and QRPAY_NO_EXTENSIONS is set ({exc})")
-        pytest.fail(f"qrpay._core does not import ({exc}); build it, or set "
-                    "QRPAY_NO_EXTENSIONS=1 to test the pure-Python core alone")
-
-
 def low_level(module: ModuleType, v: Vector) -> tuple[bool, object]:
     """(is_valid_point, verify_detached) as one core sees a vector; an
     exception counts as a result, so the cores must also fail alike."""
@@ -266,7 +250,7 @@ ALL_SETS: dict[str, list[Vector]] = {
 
 @pytest.mark.parametrize("set_name", sorted(ALL_SETS))
 def test_cores_agree(set_name: str) -> None:
-    compiled = _compiled_core()
+    compiled = compiled_core()
     differ = []
     for v in ALL_SETS[set_name]:
         ours, reference = low_level(compiled, v), low_level(_ref, v)
@@ -276,7 +260,7 @@ def test_cores_agree(set_name: str) -> None:
 
 
 def test_cores_sign_rfc8032_alike() -> None:
-    compiled = _compiled_core()
+    compiled = compiled_core()
     for rv in RFC8032:
         _public, secret64 = crypto_sign_seed_keypair(rv.seed)
         assert compiled.sign_detached(secret64, rv.vector.message) == rv.vector.signature

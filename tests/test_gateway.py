@@ -21,13 +21,6 @@ from qrpay.wire import body_map, split_document, unpack_strict
 
 
 @pytest.fixture
-def deny_trust(issuer: IssuerKey) -> TrustStore:
-    store = TrustStore()
-    store.add(issuer, roles=Role.CREDENTIALS | Role.DENY_LIST)
-    return store
-
-
-@pytest.fixture
 def gateway_key() -> GatewayKey:
     return GatewayKey(bytes(range(64, 96)))
 

@@ -11,17 +11,15 @@ loads this module to time the same reference as its baseline.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import os
 import random
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pytest
+from conftest import NO_EXTENSIONS, compiled_core
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -36,7 +34,6 @@ from qrpay.scoring import (
     FeatureBins, LimitBand, LimitPolicy, Scorecard, _flatten, auc, feature_psi, psi,
 )
 
-NO_EXTENSIONS = os.environ.get("QRPAY_NO_EXTENSIONS", "") not in ("", "0")
 NOW = 1_800_000_000
 
 
@@ -328,17 +325,6 @@ def test_random_cards_match_the_reference(case: tuple[Scorecard, npt.NDArray[Any
     scores, reasons = card.explain(X, k=k, threads=threads)
     assert np.array_equal(scores, want_scores)
     assert reasons.shape == (len(X), k) and np.array_equal(reasons, want_reasons)
-
-
-def compiled_core() -> ModuleType:
-    """qrpay._core: failing to import it is a test failure, unless the
-    pure-Python twin was asked for and the extension really is not built."""
-    try:
-        return importlib.import_module("qrpay._core")
-    except ImportError as exc:
-        if NO_EXTENSIONS:
-            pytest.skip(f"QRPAY_NO_EXTENSIONS is set and qrpay._core is not built ({exc})")
-        raise
 
 
 def test_backend_is_the_one_asked_for() -> None:

@@ -34,13 +34,6 @@ PERMISSIVE = GatewayPolicy(deny_list_max_age=None, max_offline_uses=10_000)
 # -- fixtures and helpers ---------------------------------------------------------------
 
 @pytest.fixture
-def deny_trust(issuer: IssuerKey) -> TrustStore:
-    store = TrustStore()
-    store.add(issuer, roles=Role.CREDENTIALS | Role.DENY_LIST)
-    return store
-
-
-@pytest.fixture
 def gw_keys() -> list[GatewayKey]:
     return [GatewayKey(bytes([100 + i]) * 32) for i in range(3)]
 

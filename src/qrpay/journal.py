@@ -162,9 +162,6 @@ class Journal:
             raise JournalUnavailable(f"journal: {exc}") from exc
         return {from_sql(serial) << 32 | counter for serial, counter in rows}
 
-    def count(self) -> int:
-        return self._query_one("SELECT COUNT(*) FROM records")
-
     def batches(self, where: str = "1", args: tuple[int, ...] = ()) -> list[Batch]:
         try:
             rows = self._db.execute("SELECT seq, first, last, body, acked FROM batches "
