@@ -11,30 +11,58 @@ loads this module to time the same reference as its baseline.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
+import os
 import random
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pytest
-from conftest import NO_EXTENSIONS, compiled_core
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qrpay
-from qrpay import IssuerKey, Role, Scene, TrustStore
-from qrpay import _ref
+from qrpay import IssuerKey, Role, Scene, TrustStore, _ref
 from qrpay.credential import Credential
 from qrpay.errors import (
-    BadSignature, InvalidArgument, IssuerKeyRole, MalformedMessage, QrPayError, UnknownKeyId,
+    BadSignature,
+    InvalidArgument,
+    IssuerKeyRole,
+    MalformedMessage,
+    QrPayError,
+    UnknownKeyId,
 )
 from qrpay.scoring import (
-    FeatureBins, LimitBand, LimitPolicy, Scorecard, _flatten, auc, feature_psi, psi,
+    FeatureBins,
+    LimitBand,
+    LimitPolicy,
+    Scorecard,
+    _flatten,
+    auc,
+    feature_psi,
+    psi,
 )
 
 NOW = 1_800_000_000
+
+# Kept here rather than imported from tests/conftest.py: benchmarks/test_bench_scoring.py
+# loads this file as a plain module, where `conftest` is the benchmarks' own.
+NO_EXTENSIONS = os.environ.get("QRPAY_NO_EXTENSIONS", "") not in ("", "0")
+
+
+def compiled_core() -> ModuleType:
+    """qrpay._core: failing to import it is a test failure, unless the
+    pure-Python twin was asked for and the extension really is not built."""
+    try:
+        return importlib.import_module("qrpay._core")
+    except ImportError as exc:
+        if NO_EXTENSIONS:
+            pytest.skip(f"QRPAY_NO_EXTENSIONS is set and qrpay._core is not built ({exc})")
+        raise
 
 
 # ============================================================================
