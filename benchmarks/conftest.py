@@ -362,6 +362,9 @@ LABELS.update({
     "scorecard_explain": "Scorecard.explain k=3, 1M x 12, threads=1",
     "scorecard_optbinning": "optbinning Scorecard.score, 1M x 12 (own card)",
     "scorecard_toad": "toad ScoreCard.predict, 1M x 12 (own card)",
+    "scorecard_fit": "Scorecard.fit, 200k x 12 synthetic histories",
+    "scorecard_fit_optbinning": "optbinning Scorecard.fit, same 200k x 12",
+    "scorecard_fit_toad": "toad binning + WOE + ScoreCard.fit, same 200k x 12",
 })
 
 _summary_before_scoring = pytest_terminal_summary
@@ -370,7 +373,7 @@ _summary_before_scoring = pytest_terminal_summary
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     _summary_before_scoring(terminalreporter, exitstatus, config)
-    medians, broken, _extras = _collect(config)
+    medians, broken, extras = _collect(config)
     lines = []
     t1 = medians.get("scorecard_score_t1")
     for key in ("scorecard_score_t1", "scorecard_score_t2", "scorecard_explain",
@@ -383,6 +386,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
                          f"{rate:.1f} M rows/s{versus}")
     for key in ("scorecard_optbinning", "scorecard_toad"):
         if key not in medians and key not in broken and t1 is not None:
+            lines.append(f"{LABELS[key]}: not measured (not importable here)")
+    ours = medians.get("scorecard_fit")
+    for key in ("scorecard_fit", "scorecard_fit_optbinning", "scorecard_fit_toad"):
+        if key in medians:
+            extra = extras.get(key, {})
+            versus = (f", {medians[key] / ours:.1f}x the time of ours"
+                      if ours and key != "scorecard_fit" else "")
+            lines.append(f"{LABELS[key]}: {medians[key]:.2f} s{versus}; held-out AUC "
+                         f"{extra.get('auc', '?')} (true model {extra.get('ceiling', '?')})")
+        elif key not in broken and ours is not None:
             lines.append(f"{LABELS[key]}: not measured (not importable here)")
     for line in lines:
         terminalreporter.write_line(f"  info   {line}")

@@ -7,9 +7,13 @@ faster than the numpy reference, and threads=2 at least 1.7x threads=1.
 Every benchmark checks its answer: scores (and reason codes) equal the
 reference's on all 1M rows.
 
-If optbinning or toad is importable, each fits its own scorecard on a
-sample of the same data and is timed scoring the same 1M rows (a figure for
-context, not a target; neither is a dependency of qrpay).
+Scorecard.fit is timed on 200,000 synthetic histories x 12, with the held-out
+AUC of its card next to the true model's (figures, not targets).
+
+If optbinning or toad is importable (`pip install '.[test,bench]'`), each is
+timed fitting its own scorecard on the same 200k histories, and scoring the
+same 1M rows with a card fitted on a sample of them: figures for context in
+the same run, not targets; neither is a dependency of qrpay.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from qrpay.scoring import FeatureBins, Scorecard
+from qrpay.scoring import FeatureBins, Scorecard, auc
+from qrpay.synthetic import SPECIAL_CODE, true_log_odds, histories
 
 ROWS = 1_000_000
 FEATURES = 12
@@ -139,6 +144,35 @@ def test_scorecard_explain(benchmark: Any, scoring: dict[str, Any]) -> None:
     _rows_per_s(benchmark)
 
 
+# ---------------------------------------------------------------- fitting
+# Scorecard.fit on 200,000 synthetic histories x 12 features (a figure, not a
+# target), and the held-out AUC of the card it makes next to the AUC of the
+# true model that generated the defaults (the ceiling).
+
+FIT_TRAIN = 200_000
+FIT_HELD_OUT = 50_000
+
+
+@pytest.fixture(scope="module")
+def history() -> dict[str, Any]:
+    X, y, names = histories(FIT_TRAIN + FIT_HELD_OUT, seed=20270115)
+    return {"train": (X[:FIT_TRAIN], y[:FIT_TRAIN]), "held_out": (X[FIT_TRAIN:], y[FIT_TRAIN:]),
+            "names": names, "ceiling": auc(-true_log_odds(X[FIT_TRAIN:]), y[FIT_TRAIN:])}
+
+
+@pytest.mark.benchmark(group="scoring-fit")
+def test_scorecard_fit(benchmark: Any, history: dict[str, Any]) -> None:
+    X, y = history["train"]
+    card = benchmark(Scorecard.fit, X, y, history["names"], special_codes=(SPECIAL_CODE,))
+    held_X, held_y = history["held_out"]
+    quality = auc(card.score(held_X), held_y)
+    benchmark.extra_info.update(auc=round(quality, 4), ceiling=round(history["ceiling"], 4))
+    assert quality > history["ceiling"] - 0.03   # close to what the data allows
+    for feature in card.features:                # every card the fit made is monotonic
+        steps = np.diff(feature.points)
+        assert (steps >= 0).all() or (steps <= 0).all(), feature
+
+
 # ---------------------------------------------------------------- optional peers
 # Not dependencies of qrpay: measured only where already importable.
 
@@ -185,3 +219,57 @@ def test_scorecard_toad(benchmark: Any, scoring: dict[str, Any]) -> None:
     scores = benchmark(card.predict, frame)
     assert len(scores) == ROWS and np.isfinite(scores).all()
     _rows_per_s(benchmark)
+
+
+def _peer_fit_auc(benchmark: Any, history: dict[str, Any], fit: Any, score: Any) -> None:
+    """Time `fit(frame, y)` on the 200k training histories (3 rounds: a peer's
+    fit takes seconds), then report its card's held-out AUC."""
+    pd = pytest.importorskip("pandas")
+    X, y = history["train"]
+    frame = pd.DataFrame(X, columns=list(history["names"]))
+    model = benchmark.pedantic(fit, args=(frame, y.astype(np.int8)), rounds=3, iterations=1)
+    held_X, held_y = history["held_out"]
+    quality = auc(np.asarray(score(model, pd.DataFrame(held_X, columns=list(history["names"])))),
+                  held_y)
+    benchmark.extra_info.update(auc=round(quality, 4), ceiling=round(history["ceiling"], 4))
+    assert quality > 0.6
+
+
+@pytest.mark.benchmark(group="scoring-fit")
+def test_scorecard_fit_optbinning(benchmark: Any, history: dict[str, Any]) -> None:
+    """optbinning.Scorecard.fit (monotonic binning picked per feature, the same
+    special code, a logistic regression) on the same 200k histories."""
+    optbinning = pytest.importorskip("optbinning")
+    from sklearn.linear_model import LogisticRegression
+
+    def fit(frame: Any, y: Any) -> Any:
+        binning = optbinning.BinningProcess(
+            list(frame.columns), special_codes=[SPECIAL_CODE], max_n_bins=6,
+            binning_fit_params={name: {"monotonic_trend": "auto_asc_desc"}
+                                for name in frame.columns})
+        card = optbinning.Scorecard(
+            binning_process=binning, estimator=LogisticRegression(), scaling_method="pdo_odds",
+            scaling_method_params={"pdo": 20, "odds": 50, "scorecard_points": 600})
+        return card.fit(frame, y)
+
+    _peer_fit_auc(benchmark, history, fit, lambda card, frame: card.score(frame))
+
+
+@pytest.mark.benchmark(group="scoring-fit")
+def test_scorecard_fit_toad(benchmark: Any, history: dict[str, Any]) -> None:
+    """toad: decision-tree binning, WOE, ScoreCard.fit on the same 200k histories
+    (toad has no monotonic constraint)."""
+    toad = pytest.importorskip("toad")
+
+    def fit(frame: Any, y: Any) -> Any:
+        train = frame.assign(bad=y)
+        combiner = toad.transform.Combiner()
+        combiner.fit(train, y="bad", method="dt", min_samples=0.05, n_bins=6,
+                     empty_separate=True)
+        woe = toad.transform.WOETransformer()
+        train_woe = woe.fit_transform(combiner.transform(train), train["bad"], exclude=["bad"])
+        card = toad.ScoreCard(combiner=combiner, transer=woe, base_score=600, base_odds=50,
+                              pdo=20)
+        return card.fit(train_woe[list(frame.columns)], train["bad"])
+
+    _peer_fit_auc(benchmark, history, fit, lambda card, frame: card.predict(frame))

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,11 @@ def test_readme_has_examples() -> None:
 
 
 @pytest.mark.parametrize("name,code", _examples(), ids=[n for n, _ in _examples()])
-def test_example_runs(name: str, code: str) -> None:
+def test_example_runs(name: str, code: str, tmp_path: Path,
+                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # Examples make their work directories with tempfile, as a reader would;
+    # here those land under pytest's tmp_path and are cleaned up with it.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     exec(compile(code, name, "exec"), {"__name__": "__doc_example__"})
 
 

@@ -197,7 +197,7 @@ def test_fit_through_the_scorecard(data: tuple[Any, Any, tuple[str, ...]]) -> No
 
 def test_synthetic_is_fast_enough() -> None:
     X, y, _ = histories(300_000, seed=9)
-    assert X.shape == (300_000, 12) and np.isfinite(synthetic._logit(X)).all()
+    assert X.shape == (300_000, 12) and np.isfinite(synthetic.true_log_odds(X)).all()
 
 
 # -- bad input ---------------------------------------------------------------------------------

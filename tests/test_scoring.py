@@ -282,6 +282,16 @@ def test_other_layouts_and_dtypes(million: dict[str, Any]) -> None:
     assert np.array_equal(card.score(wide[:, ::2], threads=2), want[rows])
     assert np.array_equal(card.score(X[rows].astype(">f8")), want[rows])
     assert np.array_equal(card.score(X[:1000][::-1]), want[:1000][::-1])
+    # Negative strides over many blocks (the fast path prefetches the next block),
+    # rows and columns: the card with its features reversed sees the same rows.
+    backwards = Scorecard(tuple(reversed(card.features)), card.base_points)
+    assert np.array_equal(card.score(X[:5000][::-1]), want[:5000][::-1])
+    assert np.array_equal(backwards.score(X[rows, ::-1], threads=2), want[rows])
+    assert np.array_equal(backwards.score(np.asfortranarray(X[rows])[::-1, ::-1]),
+                          want[rows][::-1])
+    _, want_reasons = reference_explain(card, X[rows], 3)
+    scores, reasons = card.explain(wide[:, ::2], k=3, threads=2)
+    assert np.array_equal(scores, want[rows]) and np.array_equal(reasons, want_reasons)
     ints = np.arange(-50, 50).repeat(len(card.features)).reshape(-1, len(card.features))
     assert np.array_equal(card.score(ints), reference_score(card, ints.astype(np.float64)))
     assert np.array_equal(card.score(X[:50].tolist()), want[:50])
@@ -353,6 +363,30 @@ def test_random_cards_match_the_reference(case: tuple[Scorecard, npt.NDArray[Any
     scores, reasons = card.explain(X, k=k, threads=threads)
     assert np.array_equal(scores, want_scores)
     assert reasons.shape == (len(X), k) and np.array_equal(reasons, want_reasons)
+
+
+@given(cards(), st.integers(0, 8), st.integers(1, 3), st.integers(0, 2**32 - 1), st.booleans())
+@settings(max_examples=40, deadline=None)
+def test_random_cards_over_many_blocks(card: Scorecard, k: int, threads: int, seed: int,
+                                       fortran: bool) -> None:
+    """4,000 rows, so every thread's share spans several kernel blocks and
+    ends in a partial one; values drawn from edges, their neighbours, codes,
+    NaN, infinities and noise."""
+    rng = np.random.default_rng(seed)
+    rows = 4_000
+    X = np.empty((rows, len(card.features)), order="F" if fortran else "C")
+    for j, f in enumerate(card.features):
+        edges = np.array(f.edges, dtype=np.float64)
+        with np.errstate(over="ignore"):
+            near = np.r_[np.nextafter(edges, -np.inf), np.nextafter(edges, np.inf)]
+        pool = np.r_[edges, near, [c for c, _ in f.specials], np.nan, np.inf, -np.inf, 0.0]
+        X[:, j] = np.where(rng.random(rows) < 0.7, rng.choice(pool, rows),
+                           rng.normal(0.0, 10.0 ** rng.integers(0, 6), rows))
+    k = min(k, len(card.features))
+    want_scores, want_reasons = reference_explain(card, X, k)
+    assert np.array_equal(card.score(X, threads=threads), want_scores)
+    scores, reasons = card.explain(X, k=k, threads=threads)
+    assert np.array_equal(scores, want_scores) and np.array_equal(reasons, want_reasons)
 
 
 def test_backend_is_the_one_asked_for() -> None:

@@ -513,10 +513,16 @@ cdef extern from "_score_kernel.h" nogil:
         double specials[2]
         double special_points[2]
         double missing
+        double best
+        int n_edges
     void qrpay_score_fast(const char *X, Py_ssize_t row_stride, Py_ssize_t col_stride,
                           int is_float32, const qrpay_fast_feature *features,
                           Py_ssize_t n_features, int64_t base, int64_t *scores,
-                          Py_ssize_t start, Py_ssize_t end)
+                          int k, int16_t *reasons, Py_ssize_t start, Py_ssize_t end,
+                          Py_ssize_t n_rows)
+    enum:
+        QRPAY_CHUNK_ROWS
+    Py_ssize_t qrpay_claim_rows(Py_ssize_t *next)
 
 
 cdef struct FeatureView:
@@ -588,33 +594,40 @@ cdef class _ScoreJob:
     cdef int16_t[:, ::1] reasons
     cdef object X
     cdef Py_ssize_t n
+    cdef Py_ssize_t next_row     # the first row no thread has claimed yet
 
     def __dealloc__(self):
         PyMem_Free(self.views)
         PyMem_Free(self.fast)
 
     def share(self, Py_ssize_t t, Py_ssize_t count):
-        # Contiguous row blocks: each thread streams its own part of X.
-        cdef Py_ssize_t start = self.n * t // count, end = self.n * (t + 1) // count
+        # Every thread claims chunks of rows from one counter until none are
+        # left (t and count are _split's; the counter makes them moot).
+        cdef Py_ssize_t start, end
         cdef int16_t *reasons = &self.reasons[0, 0] if self.card.k else NULL
         cdef const double[:, :] x64
         cdef const float[:, :] x32
-        if self.X.dtype == np.float64:
+        cdef bint is64 = self.X.dtype == np.float64
+        if is64:
             x64 = self.X
-            with nogil:
-                if self.fast != NULL:
-                    qrpay_score_fast(<const char *>&x64[0, 0], x64.strides[0], x64.strides[1], 0,
-                                     self.fast, self.card.n_features, self.card.base,
-                                     &self.scores[0], start, end)
-                else:
-                    score_range(x64, &self.card, &self.scores[0], reasons, start, end)
         else:
             x32 = self.X
-            with nogil:
-                if self.fast != NULL:
+        with nogil:
+            while True:
+                start = qrpay_claim_rows(&self.next_row)
+                if start >= self.n:
+                    break
+                end = min(start + QRPAY_CHUNK_ROWS, self.n)
+                if is64 and self.fast != NULL:
+                    qrpay_score_fast(<const char *>&x64[0, 0], x64.strides[0], x64.strides[1], 0,
+                                     self.fast, self.card.n_features, self.card.base,
+                                     &self.scores[0], self.card.k, reasons, start, end, self.n)
+                elif is64:
+                    score_range(x64, &self.card, &self.scores[0], reasons, start, end)
+                elif self.fast != NULL:
                     qrpay_score_fast(<const char *>&x32[0, 0], x32.strides[0], x32.strides[1], 1,
                                      self.fast, self.card.n_features, self.card.base,
-                                     &self.scores[0], start, end)
+                                     &self.scores[0], self.card.k, reasons, start, end, self.n)
                 else:
                     score_range(x32, &self.card, &self.scores[0], reasons, start, end)
 
@@ -651,6 +664,8 @@ cdef qrpay_fast_feature *_fast_features(const FeatureView *views, Py_ssize_t n_f
                 fast[f].specials[j] = NAN
                 fast[f].special_points[j] = 0.0
         fast[f].missing = views[f].points[views[f].n_edges + 1]
+        fast[f].best = views[f].best
+        fast[f].n_edges = <int>views[f].n_edges
     return fast
 
 
@@ -678,13 +693,14 @@ def score_rows(X, const double[::1] edges, const int64_t[::1] edge_off,
         job.views[f].specials = &specials[special_off[f]] if job.views[f].n_specials else NULL
         job.views[f].points = &points[point_off[f]]
         job.views[f].best = best[f]
-    if k == 0 and n_features and _fits_fast_path(job.views, n_features):
+    if n_features and _fits_fast_path(job.views, n_features):
         job.fast = _fast_features(job.views, n_features)
     scores = np.empty(n, dtype=np.int64)
     reasons = np.full((n, k), -1, dtype=np.int16)
     job.keep = (edges, points, specials)
     job.X = X
     job.n = n
+    job.next_row = 0
     job.scores = scores if n else np.zeros(1, dtype=np.int64)
     job.reasons = reasons if n and k else np.full((1, 1), -1, dtype=np.int16)
     job.card.features = job.views
@@ -692,5 +708,6 @@ def score_rows(X, const double[::1] edges, const int64_t[::1] edge_off,
     job.card.base = base
     job.card.k = k
     if n:
-        _split(job.share, n, threads)
+        # One thread per chunk at most: a small input is not worth a thread start.
+        _split(job.share, (n + QRPAY_CHUNK_ROWS - 1) // QRPAY_CHUNK_ROWS, threads)
     return scores, reasons

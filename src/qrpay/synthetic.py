@@ -3,7 +3,7 @@
 Each account has a hidden reliability (standard normal) that shapes most of
 its history, so the features correlate the way real ones do; whether the
 account defaults is then drawn from a logistic model of the features alone
-(`_logit`), so the truth is known exactly. `TRUTH` says, per feature, whether
+(`true_log_odds`), so the truth is known exactly. `TRUTH` says, per feature, whether
 more of it is riskier ("increasing") or safer ("decreasing"); `CLEAR` names
 the features whose effect is strong enough that a fit on ~100k rows should
 always find its direction. The bad rate is about 9%.
@@ -97,12 +97,13 @@ def histories(n: int, seed: int = 0
 
     X = np.column_stack([social, on_time, dpd, trips, age, repayments, late, utilisation,
                          income, address, devices, night])
-    y = rng.random(n) < _sigmoid(_logit(X))
+    y = rng.random(n) < _sigmoid(true_log_odds(X))
     return X, y, FEATURES
 
 
-def _logit(X: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    """The ground truth: log-odds of default as a function of the features."""
+def true_log_odds(X: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """The ground truth: log-odds of default as a function of the features
+    (what a perfect model would rank by; its AUC is the ceiling for a fit)."""
     (social, on_time, dpd, trips, age, repayments, _late, utilisation, income, _address,
      devices, night) = X.T
     new = np.isnan(on_time)
