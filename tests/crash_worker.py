@@ -15,6 +15,12 @@ now and then a small batch; "big" mostly makes batches of 300 to 1500 tokens,
 so that a kill can land inside a large commit, or after it but before (all)
 its ACK lines were written.
 
+MODE "upload" (for test_gateway_prune_crash.py) runs a gateway with
+retention 0 and a clock 40 s per call, and after about every other call
+exports a batch, writes `BATCH <hex>` (settlement has it from then on), acks
+it (which prunes) and writes `ACKED <seq>`. Its counters come from the clock,
+so they keep growing after pruning has emptied the journal.
+
 The worker keeps no state of its own: after a restart it takes its clock from
 the gateway's time floor and each rider's next counter from the journal, so
 it continues where the last committed scan left off. It plants a few double
@@ -31,6 +37,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgpack
 import numpy as np
 
 from qrpay import (
@@ -83,6 +90,53 @@ def world() -> World:
     return World(issuer, GatewayKey(_seed("gateway")), trust, policy, devices, credentials)
 
 
+UPLOAD_STEP = 40    # seconds per call in "upload" mode: records age out fast
+UPLOAD_POLICY = GatewayPolicy(max_age=60, skew=30, max_offline_uses=1 << 40,
+                              deny_list_max_age=None, retention=0)
+
+
+def upload_main(directory: str, rng: random.Random) -> None:
+    w = world()
+    gateway = Gateway(directory, w.gateway_key, w.trust, UPLOAD_POLICY)
+    now = max(BASE_TIME, gateway.time_floor)
+    out = sys.stdout
+    out.write(f"START {backend} {len(gateway.records())} {gateway.time_floor}\n")
+    out.flush()
+    while True:
+        now += UPLOAD_STEP
+        counter = (now - BASE_TIME) // UPLOAD_STEP   # grows across restarts and prunes
+        riders = rng.sample(range(RIDERS), rng.choice((1, 1, 2, rng.randint(3, RIDERS))))
+        array = generate_batch([w.credentials[i] for i in riders],
+                               [w.devices[i] for i in riders], np.full(len(riders), int(SCENE)),
+                               [counter] * len(riders), now)
+        tokens = [bytes(row) for row in array]
+        amounts = [rng.randint(1, MAX_AMOUNT) for _ in riders]
+        if len(tokens) == 1 and rng.random() < 0.5:
+            receipts: list[Receipt | None] = [gateway.scan(tokens[0], amounts[0], SCENE, now)]
+        else:
+            result = gateway.scan_batch(tokens, amounts, SCENE, now)
+            if not result.ok.all():
+                fail(f"refused at {now}: {[Reason(int(x)).name for x in result.reasons][:5]}")
+            receipts = list(result.receipts)
+        lines = []
+        for token, receipt in zip(tokens, receipts):
+            assert receipt is not None
+            lines.append(f"ACK {receipt.serial} {receipt.counter} {receipt.record} "
+                         f"{receipt.amount} {receipt.gateway_time} {int(receipt.duplicate)} "
+                         f"{token.hex()}\n")
+        out.writelines(lines)
+        out.flush()
+        if rng.random() < 0.5:
+            batch = gateway.export_batch(max_records=rng.randint(1, 60), now=now)
+            if batch is not None:
+                out.write(f"BATCH {batch.hex()}\n")
+                out.flush()
+                seq = msgpack.unpackb(msgpack.unpackb(batch)[0])["seq"]
+                gateway.ack(seq)
+                out.write(f"ACKED {seq}\n")
+                out.flush()
+
+
 def fail(message: str) -> None:
     sys.stderr.write(f"crash_worker: {message}\n")
     sys.stderr.flush()
@@ -92,6 +146,9 @@ def fail(message: str) -> None:
 def main(argv: list[str]) -> None:
     directory, seed, mode = argv[1], int(argv[2]), argv[3]
     rng = random.Random(seed)
+    if mode == "upload":
+        upload_main(directory, rng)
+        return
     w = world()
     gateway = w.open(directory)
     by_serial = {c.serial: i for i, c in enumerate(w.credentials)}

@@ -449,3 +449,138 @@ def test_clone_of_an_old_acked_payment_after_restart_is_already_accepted(
         gw.close()
         gw = open_gateway(tmp_path, gateway_key, trust, deny_list_max_age=None)
         assert (credential.serial, 7) not in gw._accepted
+
+
+# -- retention ---------------------------------------------------------------------------
+
+def _batch_seqs(data: bytes | None) -> tuple[int, int, int]:
+    assert data is not None
+    doc = unpack_strict(split_document(data)[0])
+    return doc["seq"], doc["first"], doc["last"]
+
+
+def test_ack_prunes_old_acknowledged_payments_and_numbering_carries_on(
+        tmp_path: Path, gateway_key: GatewayKey, trust: TrustStore,
+        generator: TokenGenerator, now: int) -> None:
+    policy = {"deny_list_max_age": None, "retention": 600}
+    gw = open_gateway(tmp_path, gateway_key, trust, **policy)
+    old = [generator.make(Scene.BUS, now) for _ in range(3)]
+    gw.scan_batch(old, [10, 20, 30], Scene.BUS, now)
+    assert _batch_seqs(gw.export_batch(max_records=2, now=now)) == (1, 1, 2)
+    gw.ack(1)                                   # acked, but younger than the retention
+    assert [r.seq for r in gw.records()] == [1, 2, 3]
+    later = now + 3600
+    gw.scan(generator.make(Scene.BUS, later), 40, Scene.BUS, later)
+    assert _batch_seqs(gw.export_batch(now=later)) == (2, 3, 4)
+    gw.ack(2)       # batch 1 is all older than the retention; batch 2 holds a recent one
+    assert [r.seq for r in gw.records()] == [3, 4]
+    assert gw.prune() == 0                      # nothing more to do
+    gw.close()
+
+    gw = open_gateway(tmp_path, gateway_key, trust, **policy)
+    assert [r.seq for r in gw.records()] == [3, 4] and gw.offline_spend(1001) == (0, 0)
+    receipt = gw.scan(generator.make(Scene.BUS, later + 5), 50, Scene.BUS, later + 5)
+    assert receipt.record == 5
+    assert _batch_seqs(gw.export_batch(now=later + 5)) == (3, 5, 5)
+    # A pruned payment's token: stale, never a new payment.
+    assert refusal(gw, old[0], 10, Scene.BUS, later + 5) == Reason.TOKEN_STALE
+
+
+def test_pruning_deletes_everything_acked_and_forgets_nothing_it_needs(
+        tmp_path: Path, gateway_key: GatewayKey, trust: TrustStore,
+        generator: TokenGenerator, now: int) -> None:
+    gw = open_gateway(tmp_path, gateway_key, trust, deny_list_max_age=None, retention=0)
+    token = generator.make(Scene.BUS, now)
+    gw.scan(token, 10, Scene.BUS, now)
+    gw.export_batch(now=now)
+    gw.ack(1)
+    # retention=0 still keeps a payment for the replay window: its double tap works.
+    assert len(gw.records()) == 1 and gw.scan(token, 10, Scene.BUS, now + 1).duplicate
+    later = now + gw.policy.replay_window + 1
+    gw.scan(generator.make(Scene.BUS, later), 10, Scene.BUS, later)
+    gw.export_batch(now=later)
+    gw.ack(2)                 # the floor moved past record 1's window: ack prunes it
+    assert [r.seq for r in gw.records()] == [2] and gw.prune() == 0
+    gw.scan(generator.make(Scene.BUS, later + 200), 10, Scene.BUS, later + 200)
+    gw.export_batch(now=later + 200)
+    gw.ack(3)
+    assert [r.seq for r in gw.records()] == [3]
+    gw.close()
+
+    # Nothing left but record 3, which a restart with the floor moved on prunes
+    # too: numbering still carries on. A wider freshness window cannot bring a
+    # forgotten token back either.
+    wide = open_gateway(tmp_path, gateway_key, trust, deny_list_max_age=None, retention=0,
+                        max_age=3 * 86_400)
+    wide.scan(generator.make(Scene.BUS, later + 300), 10, Scene.BUS, later + 300)
+    assert _batch_seqs(wide.export_batch(now=later + 300)) == (4, 4, 4)
+    wide.ack(4)
+    wide.close()
+    wide = open_gateway(tmp_path, gateway_key, trust, deny_list_max_age=None, retention=0,
+                        max_age=3 * 86_400)
+    assert wide.prune() == 0 and [r.seq for r in wide.records()] == [3, 4]
+    assert refusal(wide, token, 10, Scene.BUS, later + 300) == Reason.TOKEN_STALE
+    # Prune with the wide window's own horizon (3 days): all of it, this time.
+    far = later + 4 * 86_400
+    wide.scan(generator.make(Scene.BUS, far), 10, Scene.BUS, far)
+    assert _batch_seqs(wide.export_batch(now=far)) == (5, 5, 5)
+    wide.ack(5)
+    assert [r.seq for r in wide.records()] == [5]
+    wide.close()
+    wide = open_gateway(tmp_path, gateway_key, trust, deny_list_max_age=None, retention=0,
+                        max_age=3 * 86_400)
+    assert wide.scan(generator.make(Scene.BUS, far + 1), 10, Scene.BUS, far + 1).record == 6
+    assert _batch_seqs(wide.export_batch(now=far + 1)) == (6, 6, 6)
+
+
+def test_unacknowledged_payments_are_never_pruned(
+        tmp_path: Path, gateway_key: GatewayKey, trust: TrustStore,
+        generator: TokenGenerator, now: int) -> None:
+    gw = open_gateway(tmp_path, gateway_key, trust, deny_list_max_age=None, retention=0)
+    for hour in range(4):
+        t = now + 3600 * hour
+        gw.scan(generator.make(Scene.BUS, t), 10, Scene.BUS, t)
+    assert _batch_seqs(gw.export_batch(max_records=1, now=now)) == (1, 1, 1)   # not acked
+    assert gw.prune() == 0 and len(gw.records()) == 4
+    gw.ack(1)
+    assert [r.seq for r in gw.records()] == [2, 3, 4]    # only the acked batch went
+    assert _batch_seqs(gw.export_batch(max_records=2, now=now)) == (2, 2, 3)
+    assert gw.prune() == 0 and len(gw.records()) == 3
+
+
+def test_retention_is_validated() -> None:
+    with pytest.raises(errors.InvalidArgument):
+        GatewayPolicy(retention=-1)
+    assert GatewayPolicy(retention=0).prune_after == GatewayPolicy().replay_window
+    assert GatewayPolicy().prune_after == 7 * 86_400
+
+
+def test_settlement_sees_one_gapless_stream_across_pruning_and_restarts(
+        tmp_path: Path, gateway_key: GatewayKey, trust: TrustStore,
+        generator: TokenGenerator, now: int) -> None:
+    from qrpay.settlement import IngestStatus, Settlement
+    settlement = Settlement(tmp_path / "settlement", trust, [gateway_key.public])
+    policy = {"deny_list_max_age": None, "retention": 0}
+    gw = open_gateway(tmp_path / "gw", gateway_key, trust, **policy)
+    charged = 0
+    for hour in range(12):
+        t = now + 3600 * hour
+        amounts = [10 + hour, 20 + hour]
+        gw.scan_batch([generator.make(Scene.BUS, t) for _ in amounts], amounts, Scene.BUS, t)
+        charged += sum(amounts)
+        batch = gw.export_batch(max_records=3, now=t)
+        assert batch is not None
+        result = settlement.ingest(batch)
+        assert result.status is IngestStatus.APPLIED
+        if hour % 3 == 2:      # lost acks: the same batch comes again, then is acked
+            gw.close()
+            gw = open_gateway(tmp_path / "gw", gateway_key, trust, **policy)
+            again = gw.export_batch(max_records=3, now=t)
+            assert again == batch and settlement.ingest(again).status is IngestStatus.EXISTS
+        gw.ack(result.seq)
+        assert len(gw.records()) <= 6     # pruned as it goes
+    while (batch := gw.export_batch(now=now + 86_400)) is not None:
+        gw.ack(settlement.ingest(batch).seq)
+    report = settlement.report()
+    assert report.findings == [] and report.charged_total == charged
+    assert report.charge_of(1001) == charged

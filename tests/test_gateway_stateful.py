@@ -42,10 +42,12 @@ DAY = 86_400
 MAX_AGE, SKEW, TOLERANCE = 60, 30, 5
 DENY_MAX_AGE, STALE_CAP = 900, 120
 MAX_USES = 4
+RETENTION = 200       # acked payments older than this (and the replay window) are pruned
 CAPS = {s: 1_000 for s in Scene} | {Scene.BUS: 300, Scene.METRO: 500, Scene.CLINIC: 800}
 POLICY = GatewayPolicy(max_age=MAX_AGE, skew=SKEW, transaction_caps=CAPS,
                        max_offline_uses=MAX_USES, clock_tolerance=TOLERANCE,
-                       deny_list_max_age=DENY_MAX_AGE, stale_transaction_cap=STALE_CAP)
+                       deny_list_max_age=DENY_MAX_AGE, stale_transaction_cap=STALE_CAP,
+                       retention=RETENTION)
 GATEWAY_SCENES = [Scene.BUS, Scene.METRO, Scene.CLINIC]
 
 # Keys from fixed seeds. The issuer signs credentials and deny lists; a
@@ -144,6 +146,25 @@ class Model:
         self.deny_issued_at = 0
         self.denied: frozenset[int] = frozenset()
         self.batches: list[ModelBatch] = []
+        self.pruned_records = 0      # records 1..pruned_records left the journal
+        self.pruned_batches = 0      # and so did batches 1..pruned_batches
+        self.forgotten = -1          # the newest issued_at among their tokens
+
+    def prune(self) -> int:
+        """Acked batches, oldest first, while all their records are older than
+        the floor minus max(retention, replay window); returns records pruned."""
+        horizon = self.floor - max(RETENTION, POLICY.replay_window)
+        before = self.pruned_records
+        for batch in self.batches[self.pruned_batches:]:
+            records = self.records[batch.first - 1:batch.last]
+            if not batch.acked or max(r.gateway_time for r in records) >= horizon:
+                break
+            for r in records:
+                del self.accepted[(r.serial, r.counter)]
+                issued_at = int.from_bytes(r.token[TOKEN_ISSUED_AT:TOKEN_ISSUED_AT + 4], "little")
+                self.forgotten = max(self.forgotten, issued_at)
+            self.pruned_records, self.pruned_batches = batch.last, batch.seq
+        return self.pruned_records - before
 
     def acked_seqs(self) -> set[int]:
         return {s for b in self.batches if b.acked for s in range(b.first, b.last + 1)}
@@ -189,6 +210,8 @@ class Model:
         stale = t - self.deny_issued_at > DENY_MAX_AGE
         for tok, amount in zip(tokens, amounts):
             reason = self.verify(tok, t)
+            if reason == Reason.OK and tok.issued_at <= self.forgotten:
+                reason = Reason.TOKEN_STALE          # as old as a pruned payment
             receipt = None
             if reason == Reason.OK:
                 cred = tok.credential
@@ -454,7 +477,7 @@ class GatewayMachine(RuleBasedStateMachine):
         records = self.gateway.records()
         for receipt in receipts:
             if receipt is not None:
-                r = records[receipt.record - 1]
+                r = records[receipt.record - 1 - self.model.pruned_records]
                 assert (r.seq, r.serial, r.counter, r.account, r.amount, r.scene,
                         r.gateway_time) == (receipt.record, receipt.serial, receipt.counter,
                                             receipt.account, receipt.amount,
@@ -599,6 +622,14 @@ class GatewayMachine(RuleBasedStateMachine):
         batch = waiting[0] if waiting and pick % 4 else m.batches[pick % len(m.batches)]
         self.gateway.ack(batch.seq)
         batch.acked = True
+        if m.prune():                                # ack prunes
+            event("ack pruned records")
+
+    @rule()
+    def prune(self) -> None:
+        assert self.gateway.prune() == self.model.prune()
+        if self.model.pruned_records:
+            event("a prune with records already pruned")
 
     @rule()
     def restart(self) -> None:
@@ -622,10 +653,10 @@ class GatewayMachine(RuleBasedStateMachine):
             return
         m = self.model
         records = self.gateway.records()
-        assert records == m.records
+        assert records == m.records[m.pruned_records:]
         keys = [(r.serial, r.counter) for r in records]
         assert len(keys) == len(set(keys)), "a (serial, counter) journaled twice"
-        assert [r.seq for r in records] == list(range(1, len(records) + 1))
+        assert [r.seq for r in records] == list(range(m.pruned_records + 1, len(m.records) + 1))
 
     @invariant()
     def spend_matches(self) -> None:

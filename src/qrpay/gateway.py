@@ -63,9 +63,10 @@ class GatewayPolicy:
     clock_tolerance: int = 5
     deny_list_max_age: int | None = 2 * 86_400
     stale_transaction_cap: int = 300
+    retention: int = 7 * 86_400
 
     def __post_init__(self) -> None:
-        for name in ("max_age", "skew", "clock_tolerance", "stale_transaction_cap"):
+        for name in ("max_age", "skew", "clock_tolerance", "stale_transaction_cap", "retention"):
             if getattr(self, name) < 0:
                 raise InvalidArgument(f"{name} must be zero or more")
         if self.max_offline_uses < 1:
@@ -82,6 +83,11 @@ class GatewayPolicy:
         # A token stays fresh for at most max_age + 2 * skew after it is scanned,
         # so a replay can only get past freshness within this window.
         return self.max_age + 2 * self.skew + self.clock_tolerance
+
+    @property
+    def prune_after(self) -> int:
+        # Never forget a payment whose token could still pass freshness.
+        return max(self.retention, self.replay_window)
 
 
 class Receipt(NamedTuple):
@@ -159,6 +165,9 @@ class Gateway:
         last_batch, self._exported_through, self._acked_through = j.batch_summary()
         self._next_batch = last_batch + 1
         self._next_record = j.next_record_seq()
+        # Tokens issued at or before this were in pruned records: refused as stale.
+        self._forgotten = j.get_int("forgotten_issued_at", -1)
+        self._pruned_batches = j.get_int("pruned_through_batch")
         # Replay state. Every journaled (serial, counter) stays in `_seen` (an int
         # each); full records, for double taps and receipts, only while a copy
         # of their token could still be fresh.
@@ -247,6 +256,11 @@ class Gateway:
         reasons = checked.reasons.copy()
         reasons[text_bad] = Reason.MALFORMED_TEXT
         ok = reasons == Reason.OK
+        if self._forgotten >= 0:
+            # Older than a payment the journal pruned: replay state is gone for it.
+            forgotten = ok & (checked.issued_at <= self._forgotten)
+            reasons[forgotten] = Reason.TOKEN_STALE
+            ok &= ~forgotten
         reasons[ok & self.deny_list.contains(checked.serial)] = Reason.REVOKED
         reasons[(reasons == Reason.OK) & (checked.scene != scene)] = Reason.SCENE_MISMATCH
 
@@ -352,9 +366,12 @@ class Gateway:
         the offline caps. Acking an acked batch again changes nothing."""
         found = self._journal.batches("seq = ?", (batch_seq,))
         batch = found[0] if found else None
-        if batch is None:
+        if batch is None and not 0 < batch_seq <= self._pruned_batches:
             raise InvalidArgument(f"no exported batch {batch_seq}")
-        if batch.acked:
+        if batch is None or batch.acked:
+            # Acked before (and maybe pruned since): a retry. Time may have
+            # moved on since the first ack, so pruning may have more to do.
+            self.prune()
             return
         self._journal.ack_batch(batch_seq)
         for r in self._journal.records(after_seq=batch.first - 1,
@@ -372,9 +389,28 @@ class Gateway:
         for key in [k for k, r in self._accepted.items()
                     if r.seq <= self._acked_through and r.gateway_time < horizon]:
             del self._accepted[key]
+        self.prune()
+
+    def prune(self) -> int:
+        """Delete acknowledged payments scanned more than `policy.prune_after`
+        seconds before the trusted time floor, oldest upload batch first, in
+        one durable transaction; `ack` calls it. Returns how many records went.
+        Unacknowledged payments are never deleted, and tokens issued at or
+        before the newest deleted one are refused from then on (TOKEN_STALE),
+        so forgetting a payment cannot let its token be accepted again."""
+        pruned = self._journal.prune(self._floor - self.policy.prune_after)
+        if pruned is None:
+            return 0
+        self._seen -= pruned.keys
+        for key in [k for k, r in self._accepted.items() if r.seq <= pruned.through_record]:
+            del self._accepted[key]
+        self._forgotten = pruned.newest_issued_at
+        self._pruned_batches = pruned.through_batch
+        return pruned.records
 
     def records(self) -> list[Record]:
-        """Every journaled record, in order (for audits and tests)."""
+        """Every record still in the journal, in order (for audits and tests):
+        all but those `prune` deleted."""
         return self._journal.records()
 
     def close(self) -> None:

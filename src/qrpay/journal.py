@@ -13,11 +13,12 @@ import sqlite3
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 from qrpay import sqlitedb
 from qrpay.errors import JournalUnavailable
+from qrpay.format import TOKEN_ISSUED_AT
 
 SCHEMA_VERSION = 1
 # No index beyond the two keys: every scan pays for each index on insert, and
@@ -78,6 +79,17 @@ class Batch:
     acked: bool
 
 
+class Pruned(NamedTuple):
+    """What one Journal.prune deleted: records 1..through_record and upload
+    batches 1..through_batch (the journal holds none of them any more)."""
+
+    records: int
+    through_record: int
+    through_batch: int
+    keys: builtins.set[int]     # their (serial, counter) as serial << 32 | counter
+    newest_issued_at: int       # the latest issued_at among their tokens
+
+
 class Journal:
     """One SQLite file. Not shared between processes: the gateway owns it."""
 
@@ -123,7 +135,9 @@ class Journal:
             self._set(key, value)
 
     def next_record_seq(self) -> int:
-        return self._query_one("SELECT COALESCE(MAX(seq), 0) + 1 FROM records")
+        # Pruning may have deleted every record: numbering carries on regardless.
+        return max(self._query_one("SELECT COALESCE(MAX(seq), 0) FROM records"),
+                   self.get_int("pruned_through_record")) + 1
 
     def append(self, records: Sequence[Record], meta: dict[str, object]) -> None:
         """Write records and meta values in one durable transaction."""
@@ -171,14 +185,16 @@ class Journal:
         return [Batch(s, f, la, b, bool(a)) for s, f, la, b, a in rows]
 
     def batch_summary(self) -> tuple[int, int, int]:
-        """(highest batch seq, last record exported, last record acked)."""
+        """(highest batch seq, last record exported, last record acked),
+        counting the batches pruning deleted (all of them were acked)."""
         try:
             row = self._db.execute(
                 "SELECT COALESCE(MAX(seq), 0), COALESCE(MAX(last), 0), "
                 "COALESCE(MAX(CASE WHEN acked THEN last END), 0) FROM batches").fetchone()
         except sqlite3.Error as exc:
             raise JournalUnavailable(f"journal: {exc}") from exc
-        return int(row[0]), int(row[1]), int(row[2])
+        batch, record = self.get_int("pruned_through_batch"), self.get_int("pruned_through_record")
+        return max(int(row[0]), batch), max(int(row[1]), record), max(int(row[2]), record)
 
     def add_batch(self, batch: Batch) -> None:
         with self.transaction() as db:
@@ -188,6 +204,36 @@ class Journal:
     def ack_batch(self, seq: int) -> None:
         with self.transaction() as db:
             db.execute("UPDATE batches SET acked = 1 WHERE seq = ?", (seq,))
+
+    def prune(self, before_time: int) -> Pruned | None:
+        """Delete the oldest acknowledged upload batches, in order, while every
+        record in them was scanned before `before_time`, with their records;
+        one durable transaction. Stops at the first batch that is not acked or
+        holds a later record, so what is left is always a suffix. Returns what
+        went, or None if nothing could."""
+        with self.transaction() as db:
+            batch = record = 0
+            for seq, first, last, acked in db.execute(
+                    "SELECT seq, first, last, acked FROM batches ORDER BY seq").fetchall():
+                newest = db.execute("SELECT MAX(gateway_time) FROM records "
+                                    "WHERE seq BETWEEN ? AND ?", (first, last)).fetchone()[0]
+                if not acked or (newest is not None and newest >= before_time):
+                    break
+                batch, record = seq, last
+            if not batch:
+                return None
+            rows = db.execute("SELECT serial, counter, token FROM records WHERE seq <= ?",
+                              (record,)).fetchall()
+            keys = {from_sql(serial) << 32 | counter for serial, counter, _ in rows}
+            issued = [int.from_bytes(token[TOKEN_ISSUED_AT:TOKEN_ISSUED_AT + 4], "little")
+                      for _, _, token in rows]
+            newest_issued = max([*issued, self.get_int("forgotten_issued_at", -1)])
+            db.execute("DELETE FROM records WHERE seq <= ?", (record,))
+            db.execute("DELETE FROM batches WHERE seq <= ?", (batch,))
+            self._set("pruned_through_record", record)
+            self._set("pruned_through_batch", batch)
+            self._set("forgotten_issued_at", newest_issued)
+        return Pruned(len(rows), record, batch, keys, newest_issued)
 
     def _query_one(self, sql: str) -> int:
         try:
