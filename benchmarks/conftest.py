@@ -337,6 +337,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
                      f"({extra.get('batches', '?')} batches, {extra.get('store_mb', '?')} MB): "
                      f"{medians['settlement_report_1m']:.2f} s, of which the SQLite read "
                      f"{extra.get('store_read_s', '?')} s (a figure, not a target)")
+    if "credit_history_1m" in medians:
+        extra = extras.get("credit_history_1m", {})
+        lines.append(f"credit.history over {extra.get('charges', '?'):,} charges and "
+                     f"{extra.get('repayments', '?'):,} repayments: "
+                     f"{medians['credit_history_1m']:.2f} s (a figure, not a target)")
     for line in lines:
         terminalreporter.write_line(f"  info   {line}")
 

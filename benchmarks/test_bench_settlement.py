@@ -38,7 +38,7 @@ import numpy.typing as npt
 import pytest
 
 import qrpay
-from qrpay import DeviceKey, GatewayKey, IssuerKey, Reason, Role, Scene, TrustStore
+from qrpay import DeviceKey, GatewayKey, IssuerKey, Reason, Role, Scene, TrustStore, credit
 from qrpay.ledger import RECORD_DTYPE, LedgerResult, settle, totals_by_account
 from qrpay.settlement import STORE_FILE, Settlement
 
@@ -479,3 +479,24 @@ def test_settlement_report_1m(benchmark, day: Day, tmp_path: Path) -> None:
         "fill_s": round(fill_s, 3), "store_read_s": round(read_s, 3),
         "findings": len(report.findings),
     })
+
+
+@pytest.mark.benchmark(group="settlement-credit")
+def test_credit_history_1m(benchmark, day: Day) -> None:
+    """qrpay.credit.history over the day's charged payments and one repayment
+    from 80% of its accounts a week later, ~half of them late (a figure, not
+    a target). Charged totals per account must match the day's."""
+    charged = day.records[day.charged]
+    accounts, amounts = _expected_totals(day)
+    rng = np.random.default_rng(SEED)
+    payers = rng.random(len(accounts)) < 0.8
+    pay_time = (int(charged["gateway_time"].max()) + 86_400 * rng.integers(3, 12, len(accounts)))
+    args = (charged["account"], charged["gateway_time"], charged["amount"],
+            accounts[payers], pay_time[payers], amounts[payers])
+    now = int(pay_time.max()) + 86_400
+    rows = benchmark(credit.history, *args, now)
+    assert np.array_equal(rows["account"], accounts)
+    assert np.array_equal(rows["charged"], amounts)
+    assert (rows["balance"][payers] == 0).all() and (rows["balance"][~payers] > 0).all()
+    assert 0 < int(rows["late_charges"].sum()) < len(charged)
+    benchmark.extra_info.update(charges=len(charged), repayments=int(payers.sum()))

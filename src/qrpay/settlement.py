@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from qrpay import sqlitedb
+from qrpay import credit, sqlitedb
 from qrpay.credential import Scene
+from qrpay.credit import DEFAULT_DUE_AFTER
 from qrpay.denylist import DenyList, sign_deny_list
 from qrpay.errors import (
     InvalidArgument, IssuerKeyRole, MalformedMessage, Reason, StoreUnavailable, UnknownGateway,
@@ -319,6 +320,19 @@ class Settlement:
             rows = self._query("SELECT account, amount, paid_at FROM repayments "
                                "WHERE account = ? ORDER BY id", (account,))
         return [(int(a), int(m), int(p)) for a, m, p in rows]
+
+    def credit_history(self, now: int, due_after: int = DEFAULT_DUE_AFTER
+                       ) -> npt.NDArray[np.void]:
+        """Repayment behaviour per account at `now` (one qrpay.credit.CREDIT_DTYPE
+        row per account, sorted): every charged payment ingested so far, due
+        `due_after` seconds after its scan, against every repayment recorded.
+        Scoring reads it; see docs/SETTLEMENT.md (Repayments)."""
+        records, gateway, _names, _batches = self._load()
+        charged = records[settle(records, gateway, slack=self.max_age + 2 * self.skew).charged]
+        rows = self._query("SELECT account, amount, paid_at FROM repayments")
+        paid = np.array(rows, dtype=np.int64).reshape(-1, 3)
+        return credit.history(charged["account"], charged["gateway_time"], charged["amount"],
+                              paid[:, 0], paid[:, 2], paid[:, 1], now, due_after)
 
     def batch_count(self) -> int:
         return int(self._query("SELECT COUNT(*) FROM batches")[0][0])
