@@ -191,6 +191,27 @@ def test_scan_export_ack_ingest_report_deny(tmp_path: Path, keys: dict[str, Path
     report = json.loads(out)
     assert report["charged_total"] == 350 and report["charges"][0]["account"] == 42
 
+    # Pay later: 100 of the 350 repaid on day 3, looked at on day 20 (due after 7 days).
+    code, _, err = run(capsys, "repay", *settle, "--account", "42", "--amount", "100",
+                       "--now", str(NOW + 3 * 86_400))
+    assert code == 0 and "repayment of 100" in err
+    history = tmp_path / "history.csv"
+    code, _, err = run(capsys, "history", *settle, "--now", str(NOW + 20 * 86_400),
+                       "--out", str(history))
+    assert code == 0 and "1 accounts" in err
+    header, row = history.read_text().splitlines()
+    got = dict(zip(header.split(","), row.split(",")))
+    assert (got["charged"], got["repaid"], got["balance"], got["overdue"]) == (
+        "350", "100", "250", "250")
+    assert got["days_past_due"] == "13" and float(got["on_time_share"]) == pytest.approx(0.0)
+    code, _, _ = run(capsys, "history", *settle, "--now", str(NOW + 20 * 86_400),
+                     "--due-days", "30", "--out", str(history))
+    assert code == 0 and history.read_text().splitlines()[1].split(",")[4] == "0"
+    for bad in (["--amount", "-5"], ["--amount", "lots"]):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["repay", *settle, "--account", "42", *bad])
+        assert info.value.code == 2
+
     garbage = tmp_path / "garbage"
     garbage.write_bytes(b"\x92\xc4\x01x")
     code, _, err = run(capsys, *ingest, str(garbage))
@@ -334,6 +355,7 @@ def test_unwritable_json_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 @pytest.mark.parametrize("command", [[], ["keys", "new"], ["issue"], ["token"], ["scan"],
                                      ["export"], ["ack"], ["ingest"], ["report"],
+                                     ["repay"], ["history"],
                                      ["deny-list", "publish"], ["deny-list", "apply"],
                                      ["score", "fit"], ["score", "apply"], ["simulate"]])
 def test_every_command_has_help(command: list[str]) -> None:

@@ -51,3 +51,7 @@ def test_readme_command_line_block_runs(tmp_path: Path) -> None:
     assert receipt["account"] == 42 and receipt["amount"] == 200
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["charged_total"] == 200 and report["findings"] == []
+    header, row = (tmp_path / "history.csv").read_text().splitlines()
+    history = dict(zip(header.split(","), row.split(",")))
+    assert (history["account"], history["charged"], history["repaid"]) == ("42", "200", "200")
+    assert history["balance"] == "0" and history["on_time_share"] == ""   # nothing due yet

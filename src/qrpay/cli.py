@@ -345,6 +345,40 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_repay(args: argparse.Namespace) -> int:
+    settlement = _settlement(args)
+    try:
+        paid_at = args.now if args.now is not None else _clock()
+        settlement.record_repayment(args.account, args.amount, paid_at)
+    finally:
+        settlement.close()
+    print(f"account {args.account}: repayment of {args.amount} recorded at {paid_at}",
+          file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    settlement = _settlement(args)
+    try:
+        now = args.now if args.now is not None else _clock()
+        rows = settlement.credit_history(now, due_after=args.due_days * 86_400)
+    finally:
+        settlement.close()
+    names = list(rows.dtype.names or ())
+    lines = [",".join(names)]
+    lines += [",".join(_cell(v) for v in row) for row in rows.tolist()]
+    _write_atomic(args.out, ("\n".join(lines) + "\n").encode())
+    print(f"wrote {args.out}: {len(rows):,} accounts at {now}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cell(value: object) -> str:
+    """A CSV cell: NaN (nothing fell due yet) is empty, as `score apply` reads it."""
+    if isinstance(value, float):
+        return "" if value != value else repr(value)
+    return str(value)
+
+
 def cmd_deny_publish(args: argparse.Namespace) -> int:
     settlement = _settlement(args)
     issuer = _key(args.issuer_key, IssuerKey)
@@ -510,6 +544,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("report", help="print settlement's charges and findings (JSON)")
     settlement_args(p)
     p.set_defaults(run=cmd_report)
+
+    p = commands.add_parser("repay", help="record a repayment an account made")
+    settlement_args(p)
+    p.add_argument("--account", required=True, type=_int(0))
+    p.add_argument("--amount", required=True, type=_int(0), help="minor units")
+    p.add_argument("--now", type=_int(0), help="when it was paid (default: the clock)")
+    p.set_defaults(run=cmd_repay)
+
+    p = commands.add_parser("history", help="write each account's repayment history (CSV)")
+    settlement_args(p)
+    p.add_argument("--now", type=_int(0), help="the moment to look from (default: the clock)")
+    p.add_argument("--due-days", type=_int(0), default=7,
+                   help="days after its scan a charge falls due (default 7)")
+    p.add_argument("--out", required=True, help="CSV: one row per account")
+    p.set_defaults(run=cmd_history)
 
     score = commands.add_parser("score", help="fit and apply scorecards").add_subparsers(
         dest="score_command", required=True, metavar="ACTION")
