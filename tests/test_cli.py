@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from qrpay import Credential, Scene, cli, qrimage, simulate
+from qrpay.errors import InvalidArgument
 from qrpay.synthetic import histories
 
 NOW = 1_800_000_000
@@ -316,6 +317,14 @@ def test_simulate_catches_every_planted_attack(tmp_path: Path,
     assert report["money"]["accepted_at_gateways"] == (report["money"]["charged"]
                                                         + report["money"]["not_charged_flagged"])
     assert report["settlement"]["findings"]["overspend"] == 1  # only the planted one
+    # The month after: the planted defaulter is among those denied, and the
+    # credit history's repaid plus overdue is what riders still owe or paid.
+    later = report["repayment"]
+    assert later["accounts_charged"] == report["settlement"]["accounts_charged"]
+    assert 1 <= later["denied_14_days_past_due"] <= later["overdue_accounts"]
+    assert later["repaid"] + later["overdue_amount"] <= report["money"]["charged"]
+    assert any(p["name"] == "rider who stopped paying" and p["caught"]
+               for p in report["planted"])
     assert "result: OK" in printed and "scans at gateways" in err
     assert (tmp_path / "w" / "settlement" / "settlement.sqlite3").exists()
 
@@ -326,6 +335,7 @@ def test_simulate_is_reproducible_with_a_seed(tmp_path: Path) -> None:
     b = simulate.run(citizens=300, trips=2, seed=3, threads=2, workdir=tmp_path / "b",
                      progress=_Null())
     assert a.by_reason == b.by_reason and a.money == b.money and a.credit == b.credit
+    assert a.repayment == b.repayment
 
 
 def test_simulate_fails_when_a_planted_attack_gets_through(
@@ -339,6 +349,7 @@ def test_simulate_fails_when_a_planted_attack_gets_through(
 
 
 @pytest.mark.parametrize("args", [["simulate", "--citizens", "0"],
+                                  ["simulate", "--citizens", "99"], ["simulate", "--trips", "0"],
                                   ["simulate", "--citizens", "many"], ["nonsense"], []])
 def test_bad_arguments_exit_2(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
@@ -381,3 +392,30 @@ def test_inline_values_that_are_no_file_names(tmp_path: Path, keys: dict[str, Pa
     assert code == 2 and ("MALFORMED_TEXT" in err or "WRONG_LENGTH" in err)
     code, _, err = run(capsys, "keys", "public", "x" * 5000)
     assert code == 2 and "cannot read key file" in err
+
+
+def test_simulate_fails_when_a_defaulter_keeps_riding(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # A deny rule nobody reaches: the rider who stopped paying keeps riding.
+    monkeypatch.setattr(simulate, "DENY_DAYS_PAST_DUE", 10_000)
+    code, printed, _ = run(capsys, "simulate", "--citizens", "300", "--trips", "2")
+    assert code == 1
+    assert "[MISSED] rider who stopped paying" in printed and "result: FAILED" in printed
+
+
+@pytest.mark.parametrize("kwargs", [{"citizens": 99}, {"citizens": True}, {"trips": 0},
+                                    {"citizens": 100.0}])
+def test_simulate_refuses_a_city_too_small_for_its_plants(kwargs: dict[str, object]) -> None:
+    with pytest.raises(InvalidArgument):
+        simulate.run(**kwargs, progress=_Null())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_the_smallest_city_catches_everything_too(seed: int, tmp_path: Path) -> None:
+    # Few riders and one trip each: gateways sit idle between hourly uploads,
+    # so an upload's time (not its gateway's last scan) must end the offline
+    # exposure, or the two-clinic overspender slips through.
+    report = simulate.run(citizens=simulate.MIN_CITIZENS, trips=1, seed=seed, threads=1,
+                          workdir=tmp_path, progress=_Null())
+    assert report.failures == [] and all(p.caught for p in report.planted)

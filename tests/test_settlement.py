@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
@@ -675,6 +676,17 @@ def test_repayments_are_recorded_and_read_back(tmp_path: Path, settlement: Settl
                 (1, 1, 2**32), (2**63, 1, NOW), (1, 2**62 + 1, NOW), ("1", 1, NOW)):
         with pytest.raises(errors.InvalidArgument):
             settlement.record_repayment(*bad)  # type: ignore[arg-type]
+    assert settlement.repayments() == every
+    # A bank's file in one call: all stored, or (one bad row) none.
+    assert settlement.record_repayments(np.array([7, 8]), np.array([10, 20]),
+                                        np.array([NOW, NOW + 5])) == 2
+    every += [(7, 10, NOW), (8, 20, NOW + 5)]
+    for bad in (([7], [10, -1], [NOW, NOW]), ([7, 8], [10, 1], [NOW, 2**32]),
+                ([7, 8], [1.5, 1.0], [NOW, NOW]), ([[7]], [[1]], [[NOW]]),
+                ([2**63, 1], [1, 1], [NOW, NOW])):
+        with pytest.raises(errors.InvalidArgument):
+            settlement.record_repayments(*(np.array(c) for c in bad))
+    assert settlement.record_repayments([], [], []) == 0
     assert settlement.repayments() == every
     settlement.close()
     again = Settlement(tmp_path / "settle", deny_trust)

@@ -581,8 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score synthetic citizens, issue credentials, scan tokens at offline "
                     "gateways all day with planted fraud, upload, settle, and report. Exits 1 "
                     "if a planted attack is missed or the money does not add up.")
-    sim.add_argument("--citizens", type=_int(1), default=20_000,
-                     help="number of citizens (default: %(default)s)")
+    sim.add_argument("--citizens", type=_int(simulate.MIN_CITIZENS), default=20_000,
+                     help="number of citizens, at least %d (default: %%(default)s)"
+                          % simulate.MIN_CITIZENS)
     sim.add_argument("--trips", type=_int(1), default=4,
                      help="rides per citizen in the day (default: %(default)s)")
     sim.add_argument("--seed", type=int, default=1, help="random seed (default: %(default)s)")

@@ -308,9 +308,27 @@ class Settlement:
                                  ("paid_at", paid_at, U32_MAX)):
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
                 raise InvalidArgument(f"{name} must be a non-negative integer")
+        self._insert_repayments([(account, amount, paid_at)])
+
+    def record_repayments(self, accounts: npt.ArrayLike, amounts: npt.ArrayLike,
+                          paid_at: npt.ArrayLike) -> int:
+        """Many repayments (a bank's daily file) in one transaction: all or none.
+        Same ranges as record_repayment; returns how many were stored."""
+        columns = [np.asarray(c) for c in (accounts, amounts, paid_at)]
+        if len({c.shape for c in columns}) != 1 or columns[0].ndim != 1:
+            raise InvalidArgument("accounts, amounts and paid_at: three 1-D arrays of one length")
+        for name, c, top in zip(("account", "amount", "paid_at"), columns,
+                                (2**63 - 1, 2**62, U32_MAX)):
+            if c.size and (c.dtype.kind not in "iu" or c.min() < 0 or c.max() > top):
+                raise InvalidArgument(f"every {name} must be an integer from 0 to {top}")
+        rows = list(zip(*(c.tolist() for c in columns)))
+        self._insert_repayments(rows)
+        return len(rows)
+
+    def _insert_repayments(self, rows: list[tuple[int, int, int]]) -> None:
         with self._lock, self._transaction() as db:
-            db.execute("INSERT INTO repayments(account, amount, paid_at) VALUES (?, ?, ?)",
-                       (account, amount, paid_at))
+            db.executemany("INSERT INTO repayments(account, amount, paid_at) VALUES (?, ?, ?)",
+                           rows)
 
     def repayments(self, account: int | None = None) -> list[tuple[int, int, int]]:
         """(account, amount, paid_at) rows, oldest first."""

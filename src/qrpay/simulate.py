@@ -6,7 +6,10 @@ make tokens offline; gateways on buses, the metro, a ferry, clinics, canteens
 and a library scan them all day into their journals and upload every hour;
 settlement ingests the uploads (some twice), charges accounts and publishes a
 deny list. Planted fraud must each be caught, and the money must add up:
-every accepted payment is either charged once or flagged.
+every accepted payment is either charged once or flagged. Then the month
+after: citizens repay (most on time, the riskier ones late or not at all),
+settlement's credit history shows who is behind, and those 14 days past due
+are denied.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import numpy.typing as npt
 
 from qrpay._impl import backend, core
 from qrpay.credential import Credential, Scene
-from qrpay.errors import Reason
+from qrpay.errors import InvalidArgument, Reason
 from qrpay.format import CRED_LIMIT
 from qrpay.gateway import Gateway, GatewayPolicy
 from qrpay.keys import DeviceKey, GatewayKey, IssuerKey
@@ -68,6 +71,7 @@ class Report:
     backend: str
     threads: int
     credit: dict[str, Any] = field(default_factory=dict)
+    repayment: dict[str, Any] = field(default_factory=dict)
     scans: int = 0
     accepted: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
@@ -80,7 +84,8 @@ class Report:
     def as_dict(self) -> dict[str, Any]:
         return {
             "citizens": self.citizens, "seed": self.seed, "backend": self.backend,
-            "threads": self.threads, "credit": self.credit, "scans": self.scans,
+            "threads": self.threads, "credit": self.credit, "repayment": self.repayment,
+            "scans": self.scans,
             "accepted": self.accepted, "by_reason": self.by_reason, "money": self.money,
             "settlement": self.settlement,
             "planted": [vars(p) for p in self.planted], "stages": self.stages,
@@ -131,11 +136,19 @@ class _City:
     fare_of: dict[str, int]
     settlement: Settlement
     uploads: list[bytes] = field(default_factory=list)
+    citizens_by_account: dict[int, _Citizen] = field(default_factory=dict)
+
+
+MIN_CITIZENS = 100   # enough riders for every planted attack to have its actors
 
 
 def run(citizens: int = 20_000, trips: int = 4, seed: int = 1, threads: int = 2,
         workdir: str | Path | None = None, progress: TextIO | None = None) -> Report:
     """Run the day in `workdir` (a fresh temporary directory by default)."""
+    if isinstance(citizens, bool) or not isinstance(citizens, int) or citizens < MIN_CITIZENS:
+        raise InvalidArgument(f"simulate needs at least {MIN_CITIZENS} citizens")
+    if isinstance(trips, bool) or not isinstance(trips, int) or trips < 1:
+        raise InvalidArgument("trips must be at least 1")
     out = progress if progress is not None else sys.stderr
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="qrpay-simulate-") as tmp:
@@ -159,6 +172,8 @@ def _run(n_citizens: int, trips: int, seed: int, threads: int, workdir: Path,
     plants.after_scans()
     final = _settle(report, st, city, plants)
     plants.after_settlement(final)
+    behind = _pay_later(report, st, city, final, limits, rng, plants.pick_defaulter(final))
+    plants.after_a_month(behind)
     report.planted = plants.planted
     for p in plants.planted:
         if not p.caught:
@@ -202,7 +217,8 @@ def _score(report: Report, st: _Stages, n: int, seed: int, threads: int
     st.say(f"card {card.card_id}: AUC {report.credit['auc']}, "
            f"{report.credit['no_credit']:,} citizens below the cut-off get no offline credit")
     scenes = np.stack([per_scene[s] > 0 for s in Scene], axis=1)
-    return card, {"limit": limit, "scenes": scenes}
+    # The hidden truth (`bad`) decides, later, who pays late or not at all.
+    return card, {"limit": limit, "scenes": scenes, "score": scores, "bad": bad}
 
 
 def _issue(report: Report, st: _Stages, rng: random.Random, workdir: Path, card: Scorecard,
@@ -227,7 +243,8 @@ def _issue(report: Report, st: _Stages, rng: random.Random, workdir: Path, card:
     settlement = Settlement(workdir / "settlement", trust,
                             [g.key.public for g in gateways.values()], threads=threads)
     return _City(issuer, trust, citizens, gateways, {n: s for n, s, _ in GATEWAYS},
-                 {n: f for n, _, f in GATEWAYS}, settlement)
+                 {n: f for n, _, f in GATEWAYS}, settlement,
+                 citizens_by_account={c.account: c for c in citizens})
 
 
 # -- the day ----------------------------------------------------------------------------------
@@ -293,12 +310,12 @@ def _ride(report: Report, st: _Stages, city: _City, plants: _Plants, trips: int,
                                 by_reason)
                 pending.clear()
                 while scan.at >= hour_end:  # every gateway uploads once an hour
-                    _upload_all(city)
+                    _upload_all(city, hour_end)
                     hour_end += HOUR
                 window_end = scan.at - scan.at % WINDOW + WINDOW
             if scan.gateway:
                 pending[scan.gateway].append(scan)
-        _upload_all(city)
+        _upload_all(city, max(hour_end, max(g.time_floor for g in city.gateways.values())))
     report.scans = len(scans)
     report.by_reason = dict(sorted(by_reason.items()))
     report.accepted = by_reason.get("OK", 0)
@@ -318,10 +335,10 @@ def _scan_batch(gateway: Gateway, scene: Scene, batch: list[_Scan],
             outcomes[s.tag].append((code, duplicate))
 
 
-def _upload_all(city: _City) -> None:
+def _upload_all(city: _City, at: int) -> None:
+    """Every gateway uploads at `at`: a payment is outstanding offline until then."""
     for gateway in city.gateways.values():
-        while (batch := gateway.export_batch(max_records=5_000,
-                                             now=gateway.time_floor)) is not None:
+        while (batch := gateway.export_batch(max_records=5_000, now=at)) is not None:
             result = city.settlement.ingest(batch)
             city.uploads.append(batch)
             if result.status in (IngestStatus.APPLIED, IngestStatus.EXISTS):
@@ -357,6 +374,60 @@ def _settle(report: Report, st: _Stages, city: _City, plants: _Plants) -> Settle
     if final.of_kind("sequence_gap"):
         report.failures.append("settlement saw a sequence gap: an upload was lost")
     return final
+
+
+# -- the month after ---------------------------------------------------------------------------
+
+LOOK_AT = DAY_START + 29 * DAY     # a month on (the day's credentials are still valid)
+DENY_DAYS_PAST_DUE = 14
+
+
+def _pay_later(report: Report, st: _Stages, city: _City, final: SettlementReport,
+               people: dict[str, npt.NDArray[Any]], rng: random.Random,
+               defaulter: int) -> list[int]:
+    """Every charged account repays (or not) by how reliable it really is, and
+    the planted `defaulter` never does; returns the serials of accounts
+    DENY_DAYS_PAST_DUE or more days behind."""
+    gen = np.random.default_rng(rng.randrange(2**32))
+    accounts, amounts = final.accounts.astype(np.int64), final.amounts
+    index = accounts - 100_000                    # citizen i holds account 100_000 + i
+    bad = people["bad"][index]
+    # Charges fall due a week after the ride. Reliable riders mostly pay within
+    # days; riders who default in truth pay weeks late, or never.
+    late = np.where(bad, gen.random(len(accounts)) < 0.6, gen.random(len(accounts)) < 0.03)
+    never = (bad & (gen.random(len(accounts)) < 0.4)) | (accounts == defaulter)
+    days = np.where(late, gen.integers(9, 24, len(accounts)), gen.integers(1, 6, len(accounts)))
+    payers = ~never
+    with st.stage("repayments recorded (one bank file)", int(payers.sum())):
+        city.settlement.record_repayments(accounts[payers], amounts[payers],
+                                          DAY_START + days[payers] * DAY + gen.integers(
+                                              0, DAY, int(payers.sum())))
+    with st.stage("credit history a month on", len(accounts)):
+        history = city.settlement.credit_history(LOOK_AT)
+    rows = history[np.isin(history["account"], accounts)]
+    if not np.array_equal(rows["charged"], amounts):
+        report.failures.append("credit history and the settlement report disagree on charges")
+    paid_late = (rows["late_charges"] > 0)
+    behind = rows["account"][rows["days_past_due"] >= DENY_DAYS_PAST_DUE].astype(np.int64)
+    scores = people["score"][index]
+    report.repayment = {
+        "accounts_charged": len(rows),
+        "paid_on_time": int(np.count_nonzero(rows["on_time_share"] == 1.0)),
+        "paid_late_or_not_yet": int(np.count_nonzero(paid_late)),
+        "overdue_accounts": int(np.count_nonzero(rows["overdue"] > 0)),
+        "overdue_amount": int(rows["overdue"].sum()),
+        "repaid": int(rows["repaid"].sum()),
+        f"denied_{DENY_DAYS_PAST_DUE}_days_past_due": len(behind),
+        # How well the morning's scores ranked who would pay late.
+        "auc_scores_vs_paying_late": (round(auc(scores, paid_late), 4)
+                                      if 0 < paid_late.sum() < len(paid_late) else None),
+    }
+    if report.repayment["repaid"] + int(rows["balance"].sum()) != final.charged_total:
+        report.failures.append("repaid plus balances is not what was charged")
+    st.say(f"a month on: {report.repayment['overdue_accounts']:,} accounts overdue "
+           f"({report.repayment['overdue_amount']:,}), {len(behind):,} of them "
+           f"{DENY_DAYS_PAST_DUE}+ days past due")
+    return [city.citizens_by_account[int(a)].credential.serial for a in behind]
 
 
 # -- planted fraud ----------------------------------------------------------------------------
@@ -521,6 +592,43 @@ class _Plants:
                       f"clone's next scan: {Reason(int(refused)).name}")
 
 
+    def pick_defaulter(self, final: SettlementReport) -> int:
+        """A rider charged yesterday, not part of any other plant, who will never pay."""
+        charged = {int(a) for a in final.accounts}
+        pool = [c for c in self.city.citizens
+                if c.account in charged and not self.is_special(c)
+                and c.credential.serial not in self.flag_expected]
+        self.defaulter = self.rng.choice(pool)
+        self.special.add(id(self.defaulter))
+        return self.defaulter.account
+
+    def after_a_month(self, behind: list[int]) -> None:
+        c = self.city
+        p = self._plant("rider who stopped paying",
+                        f"REVOKED once {DENY_DAYS_PAST_DUE} days past due, on-time payers not")
+        document, added = c.settlement.publish_deny_list(c.issuer, LOOK_AT, revoke=behind)
+        gateway = c.gateways["bus-1"]
+        gateway.update_deny_list(document, now=LOOK_AT)
+        history = c.settlement.credit_history(LOOK_AT)
+        on_time = {int(a) for a in history["account"][history["on_time_share"] == 1.0]}
+        denied = {int(x) for x in gateway.deny_list.serials}   # fraud flags count too
+        punctual = next((x for x in c.citizens if x.account in on_time
+                         and x.credential.serial not in denied and not self.is_special(x)),
+                        None)
+        if punctual is None:
+            p.observed = "no on-time payer to check the rule against"
+            return
+        at = LOOK_AT + 60
+        probes = [core.make_token(x.credential.raw, x.device._secret, at, x.counter + 1000,
+                                  Scene.BUS) for x in (self.defaulter, punctual)]
+        reasons = [Reason(int(r)) for r in
+                   gateway.scan_batch(probes, [200, 200], Scene.BUS, now=at).reasons]
+        p.caught = (self.defaulter.credential.serial in added
+                    and reasons == [Reason.REVOKED, Reason.OK])
+        p.observed = (f"deny list v{gateway.deny_list.version} adds {len(added)}; defaulter's "
+                      f"next scan: {reasons[0].name}, an on-time payer's: {reasons[1].name}")
+
+
 def format_report(report: Report) -> str:
     m = report.money
     lines = [
@@ -538,6 +646,7 @@ def format_report(report: Report) -> str:
         f"  flagged, not charged {m.get('not_charged_flagged', 0):>14,}",
         f"  unaccounted          {m.get('unaccounted', 0):>14,}",
         f"settlement: {report.settlement}",
+        f"a month later: {report.repayment}",
         "planted attacks:",
         *(f"  [{'caught' if p.caught else 'MISSED'}] {p.name}: expected {p.expected}; "
           f"saw {p.observed}" for p in report.planted),
