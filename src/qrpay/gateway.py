@@ -363,7 +363,8 @@ class Gateway:
 
     def ack(self, batch_seq: int) -> None:
         """Settlement has batch `batch_seq`: its records stop counting against
-        the offline caps. Acking an acked batch again changes nothing."""
+        the offline caps, and then `prune` runs. Acking an acked batch again
+        (or one pruned since) only runs `prune`."""
         found = self._journal.batches("seq = ?", (batch_seq,))
         batch = found[0] if found else None
         if batch is None and not 0 < batch_seq <= self._pruned_batches:
