@@ -15,7 +15,6 @@ ctypedef int (*valid_point_fn)(const unsigned char *p) noexcept nogil
 
 cdef enum:
     VERSION = 1
-    KID_LEN = 4
     PK_LEN = 32
     SK_LEN = 64
     SIG_LEN = 64
@@ -68,11 +67,6 @@ cdef struct TrustEntry:
     int64_t not_before
     int64_t not_after
     uint32_t roles
-
-cdef struct Policy:
-    int64_t now
-    int64_t max_age
-    int64_t skew
 
 cdef struct CacheEntry:
     uint8_t used

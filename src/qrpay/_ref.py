@@ -4,7 +4,6 @@ against, and the fallback where the extension is not built
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -104,7 +103,6 @@ class Verifier:
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
-        self._seed = os.urandom(8)
 
     @property
     def cache_capacity(self) -> int:

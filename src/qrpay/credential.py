@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import enum
 import functools
 from dataclasses import dataclass
@@ -90,7 +89,7 @@ class Credential:
         body = text.strip()[len(TEXT_PREFIX):]
         try:
             raw = base64.b64decode(body + "=" * (-len(body) % 4), altchars=b"-_", validate=True)
-        except (binascii.Error, ValueError):
+        except ValueError:             # binascii.Error is a ValueError
             raise MalformedCredential("credential text is not base64url") from None
         return cls.from_bytes(raw)
 

@@ -60,7 +60,6 @@ TAG_CRED: Final = _tag(b"qrpay/cred/v1")
 TAG_TOKEN: Final = _tag(b"qrpay/token/v1")
 TAG_BATCH: Final = _tag(b"qrpay/batch/v1")
 TAG_DENY: Final = _tag(b"qrpay/deny/v1")
-TAG_BUNDLE: Final = _tag(b"qrpay/trust/v1")
 TAG_CARD: Final = _tag(b"qrpay/card/v1")
 
 CRED_STRUCT: Final = struct.Struct("<B4sQQ32sIIIH64s")

@@ -9,7 +9,6 @@ Secret keys never appear in repr or str.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import os
@@ -46,9 +45,9 @@ def _unb64(text: str) -> bytes:
     # encodes these bytes (no padding, no stray characters, no spare bits).
     try:
         data = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
-    except (binascii.Error, ValueError) as exc:
+    except ValueError as exc:          # binascii.Error is a ValueError
         raise InvalidKey("key text is not base64url") from exc
-    if "=" in text or "+" in text or "/" in text or _b64(data) != text:
+    if _b64(data) != text:             # also refuses "+", "/" and "=", never emitted
         raise InvalidKey("key text is not canonical base64url")
     return data
 
@@ -70,7 +69,7 @@ class PublicKey:
     __slots__ = ("_raw", "_kid")
 
     def __init__(self, data: bytes) -> None:
-        if not isinstance(data, (bytes, bytearray, memoryview)):
+        if not isinstance(data, _BYTES):
             raise InvalidKey("a public key is bytes")
         raw = bytes(data)
         if len(raw) != PUBLIC_KEY_LEN:
@@ -152,7 +151,7 @@ class SigningKey:
     __slots__ = ("_secret", "_public")
 
     def __init__(self, seed: bytes) -> None:
-        if not isinstance(seed, (bytes, bytearray, memoryview)) or len(seed) != SEED_LEN:
+        if not isinstance(seed, _BYTES) or len(seed) != SEED_LEN:
             raise InvalidKey(f"a secret key seed is {SEED_LEN} bytes")
         public, secret = sodium.crypto_sign_seed_keypair(bytes(seed))
         self._secret = secret  # libsodium layout: seed || public key

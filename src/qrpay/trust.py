@@ -100,6 +100,9 @@ class TrustStore:
 
     def verifier(self) -> Any:
         """The core verifier for the current keys (built on first use)."""
+        verifier = self._verifier     # every verify asks: no lock once it exists
+        if verifier is not None:
+            return verifier
         with self._lock:
             if self._verifier is None:
                 rows = [(kid_to_int(t.kid), t.key.to_bytes(), t.not_before, t.not_after,
