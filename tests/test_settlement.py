@@ -461,7 +461,7 @@ def test_invalid_tokens_from_a_compromised_gateway_are_stored_not_charged(
     assert report.accounts.tolist() == [rider.account] and report.amounts.tolist() == [100]
     assert report.charged_total == 100 and report.rejected_total == sum(range(200, 900, 100))
     invalid = report.of_kind("invalid_token")
-    gid = settlement.register_gateway(key.public)  # the id findings use
+    gid = key.public.gateway_id  # the id findings use
     assert [(f.records, f.amount, f.gateways) for f in invalid] == [
         (((gid, n),), 100 * n, (gid,)) for n in range(2, 9)]
     assert [f.detail for f in invalid[:6]] == [
@@ -548,7 +548,7 @@ def test_the_same_token_twice_from_one_gateway_is_a_duplicate_record(
                                                (token, 100, Scene.BUS, NOW + 1)]))
     report = settlement.report()
     [dup] = report.findings
-    gid = settlement.register_gateway(gw_keys[0].public)
+    gid = gw_keys[0].public.gateway_id
     assert dup.kind == "duplicate_record" and dup.records == ((gid, 1), (gid, 2))
     assert report.charged_total == 100
 
@@ -640,7 +640,7 @@ def test_sequence_gaps_in_records_and_batches(settlement: Settlement,
                                              gw_keys: list[GatewayKey],
                                              riders: list[Rider]) -> None:
     key, other = gw_keys[0], gw_keys[1]
-    gid = settlement.register_gateway(key.public)
+    gid = key.public.gateway_id
     t = [(riders[0].token(NOW, c), 10, Scene.BUS, NOW) for c in range(1, 8)]
     settlement.ingest(craft(key, 1, 1, t[0:2]))
     settlement.ingest(craft(key, 3, 6, t[5:7]))
@@ -653,7 +653,7 @@ def test_sequence_gaps_in_records_and_batches(settlement: Settlement,
     assert settlement.report().of_kind("sequence_gap") == []
     # A first batch that is not number 1 leaves a gap from the start.
     settlement.ingest(craft(gw_keys[2], 2, 4, t[3:4]))
-    g2 = settlement.register_gateway(gw_keys[2].public)
+    g2 = gw_keys[2].public.gateway_id
     assert {f.detail for f in settlement.report().of_kind("sequence_gap")
             if f.gateways == (g2,)} == {"records 1..3 missing", "batches 1..1 missing"}
 
@@ -783,3 +783,11 @@ def test_publishing_continues_after_the_deny_list_key_is_rotated(tmp_path: Path,
     assert added == [12]
     published = DenyList.load(document, new_trust)
     assert published.version == 2 and list(published.serials) == [11, 12]
+
+
+@pytest.mark.parametrize("kwargs", [{"max_age": -1}, {"skew": -1}, {"max_age": 2**32 + 1},
+                                    {"skew": 2**40}, {"threads": 0}])
+def test_bad_settings_are_refused_when_the_store_opens(tmp_path: Path, deny_trust: TrustStore,
+                                                       kwargs: dict[str, int]) -> None:
+    with pytest.raises(errors.InvalidArgument):
+        Settlement(tmp_path / "s", deny_trust, **kwargs)

@@ -142,7 +142,7 @@ def _check_whole_or_absent(p: Prepared, directory: Path, acknowledged: int) -> i
     there. Returns how many are stored."""
     s = _open(p, directory)  # opening runs SQLite recovery
     try:
-        ids = [s.register_gateway(g.public) for g in p.gateways]  # registered: just the id
+        ids = [g.public.gateway_id for g in p.gateways]
         stored = _stored(directory)
         assert [(g, seq) for g, seq, *_ in stored] == [
             (ids[g], seq) for g, seq, _n in p.expected[:len(stored)]]
@@ -254,6 +254,6 @@ def test_kill_during_ingest_leaves_whole_batches(
         finally:
             s.close()
     print(f"{kills} kills over {campaigns} stores; batches stored at each kill: {at_kill}")
-    assert kills >= MIN_KILLS and campaigns >= 2
+    assert campaigns >= 2      # (kills >= MIN_KILLS is the loop's own exit condition)
     # The kills landed all along the ingest, not only before or after it.
     assert len(set(at_kill)) >= 4

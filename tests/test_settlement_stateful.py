@@ -63,6 +63,11 @@ amounts = st.integers(1, 300)
 steps = st.integers(2, 45)   # seconds between scans
 
 
+def _token_field(fmt: str, offset: int) -> Any:
+    """A read-only property: one little-endian field of self.token."""
+    return property(lambda self: int(struct.unpack_from(fmt, self.token, offset)[0]))
+
+
 @dataclass(frozen=True)
 class Arrived:
     gateway: str
@@ -72,25 +77,13 @@ class Arrived:
     gateway_time: int
     uploaded_at: int   # created_at of its batch: when its offline exposure ended
 
-    @property
-    def serial(self) -> int:
-        return int(struct.unpack_from("<Q", self.token, CRED_SERIAL)[0])
-
-    @property
-    def account(self) -> int:
-        return int(struct.unpack_from("<Q", self.token, CRED_ACCOUNT)[0])
-
-    @property
-    def limit(self) -> int:
-        return int(struct.unpack_from("<I", self.token, CRED_LIMIT)[0])
-
-    @property
-    def issued_at(self) -> int:
-        return int(struct.unpack_from("<I", self.token, TOKEN_ISSUED_AT)[0])
-
-    @property
-    def counter(self) -> int:
-        return int(struct.unpack_from("<I", self.token, TOKEN_COUNTER)[0])
+    # Fields read from the token's own bytes (struct, not the library's dtype,
+    # so the model stays independent of the code under test).
+    serial = _token_field("<Q", CRED_SERIAL)
+    account = _token_field("<Q", CRED_ACCOUNT)
+    limit = _token_field("<I", CRED_LIMIT)
+    issued_at = _token_field("<I", TOKEN_ISSUED_AT)
+    counter = _token_field("<I", TOKEN_COUNTER)
 
     @property
     def where(self) -> tuple[str, int]:
@@ -128,7 +121,7 @@ class SettlementMachine(RuleBasedStateMachine):
         self.ids = [gw.id for gw in self.gateways]
         self.settlement = Settlement(self.dir / "settlement", TRUST,
                                      [k.public for k in GATEWAY_KEYS])
-        self.id_by_public = {k.public.to_bytes(): self.settlement.register_gateway(k.public)
+        self.id_by_public = {k.public.to_bytes(): k.public.gateway_id
                              for k in GATEWAY_KEYS}
         assert list(self.id_by_public.values()) == self.ids
         self.clock = NOW
@@ -387,7 +380,6 @@ class SettlementMachine(RuleBasedStateMachine):
                         if set(f.records) == set(p.flagged)
                         and set(f.gateways) == {g for g, _ in p.places}]
             assert [(f.serial, f.counter) for f in hits] == [(p.serial, p.counter)], p
-        assert {f.serial for f in report.of_kind("overspend")} <= report.flagged_serials()
 
     @precondition(lambda self: len(self.arrived) > 0)
     @invariant()

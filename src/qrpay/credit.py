@@ -28,6 +28,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
+from qrpay._segments import reduce_by_group, running_total
 from qrpay.errors import InvalidArgument
 
 DAY: Final = 86_400
@@ -75,10 +76,10 @@ def history(charge_account: npt.ArrayLike, charge_time: npt.ArrayLike,
     # Charges oldest first per account, and their running total C within it.
     order = np.lexsort((c_time, cg))
     cg, c_time, c_amount = cg[order], c_time[order], c_amount[order]
-    C = _running_total(cg, c_amount)
+    C = running_total(cg, c_amount)
     order = np.lexsort((p_time, pg))
     pg, p_time, p_amount = pg[order], p_time[order], p_amount[order]
-    P = _running_total(pg, p_amount)
+    P = running_total(pg, p_amount)
 
     charged = _group_sum(cg, c_amount, len(accounts))
     repaid = _group_sum(pg, p_amount, len(accounts))
@@ -127,32 +128,14 @@ def _columns(what: str, account: npt.ArrayLike, time: npt.ArrayLike, amount: npt
     return acct.astype(np.uint64), time_.astype(np.int64), amt.astype(np.int64)
 
 
-def _running_total(group: Ints, amount: Ints) -> Ints:
-    """Cumulative amount within each group (rows sorted by group)."""
-    total = np.cumsum(amount)
-    if not len(total):
-        return total
-    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
-    before = (total[starts] - amount[starts])
-    return total - np.repeat(before, np.diff(np.r_[starts, len(group)]))
-
-
 def _group_sum(group: Ints, values: Ints, n: int) -> Ints:
     """Per group (rows sorted by group) the exact int64 sum; 0 for absent groups."""
-    return _reduce(np.add, group, values, n)
+    return reduce_by_group(np.add, group, values, n)
 
 
 def _group_max(group: Ints, values: Ints, n: int) -> Ints:
     """Per group the largest value, or 0 (every value here is >= 0)."""
-    return _reduce(np.maximum, group, values, n)
-
-
-def _reduce(ufunc: np.ufunc, group: Ints, values: Ints, n: int) -> Ints:
-    out = np.zeros(n, dtype=np.int64)
-    if len(group):
-        starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
-        out[group[starts]] = ufunc.reduceat(values.astype(np.int64), starts)
-    return out
+    return reduce_by_group(np.maximum, group, values, n)
 
 
 def _paid_in_full_at(cg: Ints, C: Ints, pg: Ints, P: Ints, p_time: Ints) -> Ints:

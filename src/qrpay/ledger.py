@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from qrpay import _segments as seg
+
 # One row per journaled scan as settlement stores it (little-endian, packed).
 RECORD_DTYPE = np.dtype([
     ("record", "<u8"),        # the gateway's record number
@@ -152,15 +154,12 @@ def _overspend(charged: npt.NDArray[np.void]
     # an upload and the next scan in the same second do not overlap.
     order = np.argsort((rank << 34 | when) << 1 | (delta > 0), kind="stable")
     rank, when, delta = rank[order], when[order], delta[order]
-    starts = np.flatnonzero(np.r_[True, rank[1:] != rank[:-1]])
-    sizes = np.diff(np.r_[starts, len(delta)])
-    running = np.cumsum(delta)
-    running -= np.repeat(np.r_[0, running[starts[1:] - 1]], sizes)
-    peak = np.maximum.reduceat(running, starts)
-    group = np.repeat(np.arange(len(starts)), sizes)
+    running = seg.running_total(rank, delta)
+    # rank is dense (np.unique's inverse): group r is serial uniq[r].
+    peak = seg.reduce_by_group(np.maximum, rank, running, len(uniq))
     # The earliest moment of each serial's peak (events are in time order).
-    hit = np.flatnonzero(running == peak[group])
-    at_peak = when[hit[np.r_[True, group[hit][1:] != group[hit][:-1]]]]
+    hit = np.flatnonzero(running == peak[rank])
+    at_peak = when[hit[seg.starts(rank[hit])]]
     # The credential's limit and account, from its charged (valid) records.
     by_serial = np.argsort(charged["serial"], kind="stable")
     first = np.flatnonzero(np.r_[True, np.diff(charged["serial"][by_serial]) != 0])

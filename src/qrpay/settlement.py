@@ -33,7 +33,9 @@ from qrpay.format import (
 )
 from qrpay.keys import GatewayPublicKey, IssuerKey
 from qrpay.ledger import RECORD_DTYPE, LedgerResult, sequence_gaps, settle, totals_by_account
-from qrpay.token import DEFAULT_MAX_AGE, DEFAULT_SKEW, as_token_array, verify_batch
+from qrpay.token import (
+    DEFAULT_MAX_AGE, DEFAULT_SKEW, _check_window, as_token_array, verify_batch,
+)
 from qrpay.trust import Role, TrustStore
 from qrpay.wire import body_map, split_document, verify_document
 
@@ -130,8 +132,9 @@ class Settlement:
                  gateways: Iterable[GatewayPublicKey] = (), *,
                  max_age: int = DEFAULT_MAX_AGE, skew: int = DEFAULT_SKEW,
                  threads: int = 1) -> None:
-        if max_age < 0 or skew < 0 or threads < 1:
-            raise InvalidArgument("threads is positive, max_age and skew >= 0")
+        if threads < 1:
+            raise InvalidArgument("threads must be at least 1")
+        _check_window(max_age, skew)   # as verify_batch would at the first ingest
         self.directory = Path(directory)
         self.trust = trust
         self.max_age = max_age
@@ -153,10 +156,13 @@ class Settlement:
         return sqlitedb.transaction(self._db, StoreUnavailable)
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
-        try:
-            return self._db.execute(sql, args).fetchall()
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"settlement store: {exc}") from exc
+        # The one connection is shared: a read must not see another thread's
+        # transaction half-way.
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"settlement store: {exc}") from exc
 
     def close(self) -> None:
         self._db.close()
@@ -210,9 +216,9 @@ class Settlement:
         # A gateway can be compromised: every token is verified again, at the
         # time the gateway says it scanned it.
         checked = verify_batch(tokens, self.trust, records["gateway_time"].astype(np.int64),
-                               max_age=self.max_age, skew=self.skew, threads=self.threads)
+                               max_age=self.max_age, skew=self.skew, threads=self.threads,
+                               lengths=lengths)
         reasons = checked.reasons.copy()
-        reasons[lengths != TOKEN_LEN] = Reason.WRONG_LENGTH
         fields = tokens.view(TOKEN_DTYPE).reshape(-1)
         valid = reasons == Reason.OK
         reasons[valid & (fields["scene"] != records["scene"])] = Reason.SCENE_MISMATCH
@@ -254,8 +260,7 @@ class Settlement:
 
     def _load(self) -> tuple[npt.NDArray[np.void], npt.NDArray[np.int64], list[str],
                              list[tuple[str, int, int, int]]]:
-        with self._lock:
-            rows = self._query("SELECT gateway, seq, first, last, records FROM batches "
+        rows = self._query("SELECT gateway, seq, first, last, records FROM batches "
                            "ORDER BY arrival")
         names = sorted({r[0] for r in rows})
         index = {name: i for i, name in enumerate(names)}
@@ -265,10 +270,16 @@ class Settlement:
                             [len(p) for p in parts]) if parts else np.zeros(0, dtype=np.int64)
         return records, gateway, names, [(r[0], r[1], r[2], r[3]) for r in rows]
 
+    def _settled(self) -> tuple[npt.NDArray[np.void], npt.NDArray[np.int64], list[str],
+                                list[tuple[str, int, int, int]], LedgerResult]:
+        """Everything ingested, and the ledger's verdict on each record."""
+        records, gateway, names, batches = self._load()
+        return records, gateway, names, batches, settle(records, gateway,
+                                                         slack=self.max_age + 2 * self.skew)
+
     def report(self) -> Report:
         """Charges and findings over everything ingested so far."""
-        records, gateway, names, batches = self._load()
-        result = settle(records, gateway, slack=self.max_age + 2 * self.skew)
+        records, gateway, names, batches, result = self._settled()
         accounts, amounts, counts = totals_by_account(records, result.charged)
         findings = _findings(records, gateway, names, result)
         findings += _gaps(records, gateway, names, batches)
@@ -292,14 +303,16 @@ class Settlement:
         if not trusted.roles & Role.DENY_LIST:
             # Gateways would refuse the list; so would this store on its next read.
             raise IssuerKeyRole("this issuer key is not trusted to sign deny lists")
-        previous = self.deny_list()
-        old = {int(s) for s in previous.serials} if previous is not None else set()
-        flagged = self.report().flagged_serials() | {int(s) for s in revoke}
-        version = (previous.version if previous is not None else 0) + 1
-        document = sign_deny_list(key, version, old | flagged, issued_at)
-        with self._lock, self._transaction() as db:
-            db.execute("INSERT INTO deny_lists(version, document) VALUES (?, ?)",
-                       (version, document))
+        # Read, sign and store as one step: two publishers never pick one version.
+        with self._lock:
+            previous = self.deny_list()
+            old = {int(s) for s in previous.serials} if previous is not None else set()
+            flagged = self.report().flagged_serials() | {int(s) for s in revoke}
+            version = (previous.version if previous is not None else 0) + 1
+            document = sign_deny_list(key, version, old | flagged, issued_at)
+            with self._transaction() as db:
+                db.execute("INSERT INTO deny_lists(version, document) VALUES (?, ?)",
+                           (version, document))
         return document, sorted(flagged - old)
 
     def record_repayment(self, account: int, amount: int, paid_at: int) -> None:
@@ -345,8 +358,8 @@ class Settlement:
         row per account, sorted): every charged payment ingested so far, due
         `due_after` seconds after its scan, against every repayment recorded.
         Scoring reads it; see docs/SETTLEMENT.md (Repayments)."""
-        records, gateway, _names, _batches = self._load()
-        charged = records[settle(records, gateway, slack=self.max_age + 2 * self.skew).charged]
+        records, _gateway, _names, _batches, result = self._settled()
+        charged = records[result.charged]
         rows = self._query("SELECT account, amount, paid_at FROM repayments")
         paid = np.array(rows, dtype=np.int64).reshape(-1, 3)
         return credit.history(charged["account"], charged["gateway_time"], charged["amount"],
@@ -377,7 +390,7 @@ def _parse_records(items: list[Any], first: int, last: int
         records[i]["scene"] = scene
         records[i]["gateway_time"] = at
         tokens.append(token)
-    array, lengths = as_token_array(tokens)  # other lengths: rows of zeros, reason set later
+    array, lengths = as_token_array(tokens)  # other lengths: rows of zeros, WRONG_LENGTH
     return records, array, lengths
 
 

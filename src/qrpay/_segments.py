@@ -1,0 +1,37 @@
+"""Per-group arithmetic on arrays sorted by group: where each group starts,
+running totals within a group, and reductions per group. Shared by the
+settlement kernel (ledger.py) and the repayment history (credit.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+Ints = npt.NDArray[np.int64]
+
+
+def starts(keys: npt.NDArray[np.generic]) -> Ints:
+    """Index of the first row of each run of equal keys (keys already grouped)."""
+    if not len(keys):
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+
+
+def running_total(groups: Ints, values: Ints) -> Ints:
+    """Cumulative sum of `values` restarting at each group (rows sorted by group)."""
+    total = np.cumsum(values)
+    if not len(total):
+        return total
+    first = starts(groups)
+    before = total[first] - values[first]
+    return total - np.repeat(before, np.diff(np.r_[first, len(groups)]))
+
+
+def reduce_by_group(ufunc: np.ufunc, groups: Ints, values: Ints, n: int) -> Ints:
+    """ufunc-reduce of `values` per group index in [0, n) (rows sorted by group),
+    exact in int64; 0 for a group with no rows."""
+    out = np.zeros(n, dtype=np.int64)
+    if len(groups):
+        first = starts(groups)
+        out[groups[first]] = ufunc.reduceat(values.astype(np.int64), first)
+    return out
