@@ -34,13 +34,11 @@ import qrpay
 from qrpay.settlement import Settlement
 from qrpay.wire import split_document
 
-from test_gateway_crash import RoundReport, _load_worker, run_worker, uncommitted_wal_frames
+from test_gateway_crash import RoundReport, cw, run_worker, uncommitted_wal_frames
 
 ROUNDS = 16
 SEED = 20_271_129
 KILL_DELAY = (0.05, 0.5)   # seconds after the first ACK line
-
-cw = _load_worker()
 
 
 @dataclass

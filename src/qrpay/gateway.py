@@ -147,27 +147,33 @@ class Gateway:
         self._clock = clock
         self.id = key.public.gateway_id
         self._lock = _lock_directory(self.directory)
-        self._journal = Journal(self.directory / JOURNAL_FILE)
-        owner = self._journal.get("gateway_key")
-        if owner is None:
-            self._journal.set("gateway_key", key.public.to_bytes())
-        elif owner != key.public.to_bytes():
+        try:
+            self._journal = Journal(self.directory / JOURNAL_FILE)
+        except BaseException:
+            self._unlock()
+            raise
+        try:
+            owner = self._journal.get("gateway_key")
+            if owner is None:
+                self._journal.set("gateway_key", key.public.to_bytes())
+            elif owner != key.public.to_bytes():
+                raise InvalidArgument("this journal belongs to another gateway key")
+            self._rebuild()
+        except BaseException:   # a failed open leaves neither the file nor the lock held
             self.close()
-            raise InvalidArgument("this journal belongs to another gateway key")
-        self._rebuild()
+            raise
 
     # -- state -------------------------------------------------------------------------
 
     def _rebuild(self) -> None:
         """Replay and spend state from the journal (the single source of truth)."""
         j = self._journal
-        self._floor = j.get_int("time_floor")
+        self._floor = j.time_floor()
         last_batch, self._exported_through, self._acked_through = j.batch_summary()
         self._next_batch = last_batch + 1
         self._next_record = j.next_record_seq()
         # Tokens issued at or before this were in pruned records: refused as stale.
         self._forgotten = j.get_int("forgotten_issued_at", -1)
-        self._pruned_batches = j.get_int("pruned_through_batch")
         # Replay state. Every journaled (serial, counter) stays in `_seen` (an int
         # each); full records, for double taps and receipts, only while a copy
         # of their token could still be fresh.
@@ -267,6 +273,7 @@ class Gateway:
         receipts: list[Receipt | None] = [None] * n
         new: list[Record] = []
         fresh: dict[tuple[int, int], Record] = {}
+        packed: list[int] = []                    # fresh keys as serial << 32 | counter
         pending: dict[int, _Spend] = {}
         cap = self.policy.transaction_caps[scene]
         scene_value = int(scene)
@@ -281,15 +288,13 @@ class Gateway:
         for i in np.flatnonzero(reasons == Reason.OK).tolist():
             key = (serials[i], counters[i])
             amount, account = amount_list[i], accounts[i]
-            prior = self._accepted.get(key) or fresh.get(key)
-            if prior is not None:
-                if prior.token == raw[i]:  # a double tap: the first receipt, no charge
-                    receipts[i] = self._receipt(prior, duplicate=True)
-                else:
+            packed_key = key[0] << 32 | key[1]
+            if packed_key in self._seen or key in fresh:     # seen before: journaled
+                prior = fresh.get(key) or self._accepted.get(key)
+                if prior is not None and prior.token == raw[i]:
+                    receipts[i] = self._receipt(prior, duplicate=True)  # a double tap
+                else:               # other bytes, or journaled long ago: a clone
                     reasons[i] = Reason.ALREADY_ACCEPTED
-                continue
-            if key[0] << 32 | key[1] in self._seen:  # journaled long ago: a clone
-                reasons[i] = Reason.ALREADY_ACCEPTED
                 continue
             if amount > cap:
                 reasons[i] = Reason.OVER_TRANSACTION_CAP
@@ -298,9 +303,7 @@ class Gateway:
                 reasons[i] = Reason.DENY_LIST_STALE
                 continue
             spent = self._spend.get(account, no_spend)
-            extra = pending.get(account)
-            if extra is None:
-                extra = pending[account] = _Spend()
+            extra = pending.get(account, no_spend)
             if spent.amount + extra.amount + amount > limits[i]:
                 reasons[i] = Reason.OVER_OFFLINE_LIMIT
                 continue
@@ -309,27 +312,30 @@ class Gateway:
                 continue
             record = Record(seq, key[0], key[1], account, amount, scene_value, t, raw[i])
             seq += 1
+            if extra is no_spend:     # only accepted tokens get a spend entry
+                extra = pending[account] = _Spend()
             extra.amount += amount
             extra.uses += 1
             fresh[key] = record
+            packed.append(packed_key)
             new.append(record)
             receipts[i] = Receipt(self.id, record.seq, account, key[0], key[1], amount, scene,
                                   t)
 
         if new:
-            # The acknowledgement point. The floor moves only with a commit, so a
-            # refused-only batch read on a wrong clock cannot lock the gateway out.
-            floor = max(self._floor, t)
-            self._journal.append(new, {"time_floor": floor})
-            self._floor = floor
-        # Only now, after the commit, does memory change.
-        self._next_record = seq
-        self._accepted.update(fresh)
-        self._seen.update(serial << 32 | counter for serial, counter in fresh)
-        for account, extra in pending.items():
-            s = self._spend.setdefault(account, _Spend())
-            s.amount += extra.amount
-            s.uses += extra.uses
+            # The acknowledgement point. The floor is the latest scan journaled,
+            # so it moves only with a commit: a refused-only batch read on a
+            # wrong clock cannot lock the gateway out.
+            self._journal.append(new)
+            # Only now, after the commit, does memory change.
+            self._floor = max(self._floor, t)
+            self._next_record = seq
+            self._accepted.update(fresh)
+            self._seen.update(packed)
+            for account, extra in pending.items():
+                s = self._spend.setdefault(account, _Spend())
+                s.amount += extra.amount
+                s.uses += extra.uses
         return ScanResult(reasons, receipts)
 
     def _receipt(self, r: Record, duplicate: bool = False) -> Receipt:
@@ -367,8 +373,9 @@ class Gateway:
         (or one pruned since) only runs `prune`."""
         found = self._journal.batches("seq = ?", (batch_seq,))
         batch = found[0] if found else None
-        if batch is None and not 0 < batch_seq <= self._pruned_batches:
+        if batch is None and not 0 < batch_seq < self._next_batch:
             raise InvalidArgument(f"no exported batch {batch_seq}")
+        # (Numbers below _next_batch were all exported; only pruning deletes one.)
         if batch is None or batch.acked:
             # Acked before (and maybe pruned since): a retry. Time may have
             # moved on since the first ack, so pruning may have more to do.
@@ -384,12 +391,6 @@ class Gateway:
                 if s.uses == 0:
                     del self._spend[r.account]
         self._acked_through = max(self._acked_through, batch.last)
-        # Acked records older than the replay window can no longer come back as
-        # a fresh double tap; their (serial, counter) stays in `_seen`.
-        horizon = self._floor - self.policy.replay_window
-        for key in [k for k, r in self._accepted.items()
-                    if r.seq <= self._acked_through and r.gateway_time < horizon]:
-            del self._accepted[key]
         self.prune()
 
     def prune(self) -> int:
@@ -399,14 +400,19 @@ class Gateway:
         Unacknowledged payments are never deleted, and tokens issued at or
         before the newest deleted one are refused from then on (TOKEN_STALE),
         so forgetting a payment cannot let its token be accepted again."""
+        # Acked records older than the replay window can no longer come back as
+        # a fresh double tap: their full records leave memory (this covers every
+        # record pruned below); their (serial, counter) stays in `_seen` while
+        # they are journaled.
+        horizon = self._floor - self.policy.replay_window
+        for key in [k for k, r in self._accepted.items()
+                    if r.seq <= self._acked_through and r.gateway_time < horizon]:
+            del self._accepted[key]
         pruned = self._journal.prune(self._floor - self.policy.prune_after)
         if pruned is None:
             return 0
         self._seen -= pruned.keys
-        for key in [k for k, r in self._accepted.items() if r.seq <= pruned.through_record]:
-            del self._accepted[key]
         self._forgotten = pruned.newest_issued_at
-        self._pruned_batches = pruned.through_batch
         return pruned.records
 
     def records(self) -> list[Record]:
@@ -416,6 +422,9 @@ class Gateway:
 
     def close(self) -> None:
         self._journal.close()
+        self._unlock()
+
+    def _unlock(self) -> None:
         if self._lock is not None:
             self._lock.close()  # closing the file releases the lock
             self._lock = None

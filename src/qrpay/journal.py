@@ -80,12 +80,11 @@ class Batch:
 
 
 class Pruned(NamedTuple):
-    """What one Journal.prune deleted: records 1..through_record and upload
-    batches 1..through_batch (the journal holds none of them any more)."""
+    """What one Journal.prune deleted: records 1..through_record and the
+    upload batches that held them."""
 
     records: int
     through_record: int
-    through_batch: int
     keys: builtins.set[int]     # their (serial, counter) as serial << 32 | counter
     newest_issued_at: int       # the latest issued_at among their tokens
 
@@ -135,20 +134,25 @@ class Journal:
             self._set(key, value)
 
     def next_record_seq(self) -> int:
-        # Pruning may have deleted every record: numbering carries on regardless.
+        # Numbering carries on past pruned records (pruning keeps the latest
+        # record, but this does not rely on it).
         return max(self._query_one("SELECT COALESCE(MAX(seq), 0) FROM records"),
                    self.get_int("pruned_through_record")) + 1
 
-    def append(self, records: Sequence[Record], meta: dict[str, object]) -> None:
-        """Write records and meta values in one durable transaction."""
+    def append(self, records: Sequence[Record]) -> None:
+        """Write records in one durable transaction."""
         with self.transaction() as db:
             db.executemany(
                 "INSERT INTO records(seq, serial, counter, account, amount, scene, gateway_time,"
                 " token) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(r.seq, to_sql(r.serial), r.counter, to_sql(r.account), r.amount, r.scene,
                   r.gateway_time, r.token) for r in records])
-            for key, value in meta.items():
-                self._set(key, value)
+
+    def time_floor(self) -> int:
+        """The gateway's trusted time floor: the latest scan time journaled.
+        Derived, not stored: pruning never deletes the latest record (it keeps
+        everything younger than the floor minus the retention)."""
+        return self._query_one("SELECT COALESCE(MAX(gateway_time), 0) FROM records")
 
     def records(self, after_seq: int = 0, limit: int = -1, since_time: int | None = None
                 ) -> list[Record]:
@@ -213,10 +217,9 @@ class Journal:
         went, or None if nothing could."""
         with self.transaction() as db:
             batch = record = 0
-            for seq, first, last, acked in db.execute(
-                    "SELECT seq, first, last, acked FROM batches ORDER BY seq").fetchall():
-                newest = db.execute("SELECT MAX(gateway_time) FROM records "
-                                    "WHERE seq BETWEEN ? AND ?", (first, last)).fetchone()[0]
+            for seq, last, acked, newest in db.execute(
+                    "SELECT b.seq, b.last, b.acked, (SELECT MAX(gateway_time) FROM records "
+                    "WHERE seq BETWEEN b.first AND b.last) FROM batches b ORDER BY b.seq"):
                 if not acked or (newest is not None and newest >= before_time):
                     break
                 batch, record = seq, last
@@ -233,7 +236,7 @@ class Journal:
             self._set("pruned_through_record", record)
             self._set("pruned_through_batch", batch)
             self._set("forgotten_issued_at", newest_issued)
-        return Pruned(len(rows), record, batch, keys, newest_issued)
+        return Pruned(len(rows), record, keys, newest_issued)
 
     def _query_one(self, sql: str) -> int:
         try:
