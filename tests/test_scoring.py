@@ -168,8 +168,11 @@ def _big_card() -> Scorecard:
     for f in range(8):
         n_edges = (0, 1, 3, 5, 6, 7, 8, 4)[f]
         edges = np.sort(rng.choice(np.arange(-20, 21), n_edges, replace=False) * 2.5)
-        specials = [((-999.0, int(rng.integers(-40, 10))), (-1.0, int(rng.integers(-40, 10))),
-                     (np.inf, -50))[s] for s in range(f % 4)]
+        # At most 2 codes per feature: the fast kernel's limit, so these million-row
+        # checks run the kernel fitted cards use (_row_kernel_card covers the other).
+        codes = ((-999.0, int(rng.integers(-40, 10))), (-1.0, int(rng.integers(-40, 10))),
+                 (np.inf, -50))
+        specials = [codes[s] for s in ((), (0,), (1, 2), (0, 2))[f % 4]]
         if f == 7:
             specials = [(float(edges[2]), 11)]        # a special code equal to an edge
         features.append(FeatureBins(
@@ -177,6 +180,15 @@ def _big_card() -> Scorecard:
             tuple(int(p) for p in rng.integers(-60, 60, n_edges + 1)),
             int(rng.integers(-60, 60)), tuple(specials)))
     return Scorecard(tuple(features), base_points=600)
+
+
+def _row_kernel_card(card: Scorecard) -> Scorecard:
+    """The same card with a third special code on one feature: too many for the
+    fast kernel, so it is scored by the row-by-row kernel."""
+    f = card.features[3]
+    crowded = FeatureBins(f.name, f.edges, f.points, f.missing_points,
+                          ((-1.0, 9), *f.specials))
+    return Scorecard((*card.features[:3], crowded, *card.features[4:]), card.base_points)
 
 
 def _tricky_matrix(card: Scorecard, n: int, seed: int) -> npt.NDArray[np.float64]:
@@ -295,6 +307,13 @@ def test_other_layouts_and_dtypes(million: dict[str, Any]) -> None:
     ints = np.arange(-50, 50).repeat(len(card.features)).reshape(-1, len(card.features))
     assert np.array_equal(card.score(ints), reference_score(card, ints.astype(np.float64)))
     assert np.array_equal(card.score(X[:50].tolist()), want[:50])
+    # The row kernel (a card the fast kernel cannot take) on the same layouts.
+    crowded = _row_kernel_card(card)
+    for view in (X[:5000], X[:5000][::-1], np.asfortranarray(X[:5000]),
+                 X[:5000].astype(np.float32)):
+        scores, reasons = crowded.explain(view, k=3, threads=2)
+        want_scores, want_reasons = reference_explain(crowded, view, 3)
+        assert np.array_equal(scores, want_scores) and np.array_equal(reasons, want_reasons)
     # Empty input, and more threads than rows.
     assert card.score(X[:0]).shape == (0,)
     assert card.explain(X[:0], k=2)[1].shape == (0, 2)

@@ -605,31 +605,30 @@ cdef class _ScoreJob:
     def share(self, Py_ssize_t t, Py_ssize_t count):
         # Every thread claims chunks of rows from one counter until none are
         # left (t and count are _split's; the counter makes them moot).
-        cdef Py_ssize_t start, end
+        cdef Py_ssize_t start, end, row_stride, col_stride
         cdef int16_t *reasons = &self.reasons[0, 0] if self.card.k else NULL
         cdef const double[:, :] x64
         cdef const float[:, :] x32
+        cdef const char *data
         cdef bint is64 = self.X.dtype == np.float64
         if is64:
             x64 = self.X
+            data, row_stride, col_stride = <const char *>&x64[0, 0], x64.strides[0], x64.strides[1]
         else:
             x32 = self.X
+            data, row_stride, col_stride = <const char *>&x32[0, 0], x32.strides[0], x32.strides[1]
         with nogil:
             while True:
                 start = qrpay_claim_rows(&self.next_row)
                 if start >= self.n:
                     break
                 end = min(start + QRPAY_CHUNK_ROWS, self.n)
-                if is64 and self.fast != NULL:
-                    qrpay_score_fast(<const char *>&x64[0, 0], x64.strides[0], x64.strides[1], 0,
-                                     self.fast, self.card.n_features, self.card.base,
-                                     &self.scores[0], self.card.k, reasons, start, end, self.n)
+                if self.fast != NULL:
+                    qrpay_score_fast(data, row_stride, col_stride, not is64, self.fast,
+                                     self.card.n_features, self.card.base, &self.scores[0],
+                                     self.card.k, reasons, start, end, self.n)
                 elif is64:
                     score_range(x64, &self.card, &self.scores[0], reasons, start, end)
-                elif self.fast != NULL:
-                    qrpay_score_fast(<const char *>&x32[0, 0], x32.strides[0], x32.strides[1], 1,
-                                     self.fast, self.card.n_features, self.card.base,
-                                     &self.scores[0], self.card.k, reasons, start, end, self.n)
                 else:
                     score_range(x32, &self.card, &self.scores[0], reasons, start, end)
 
@@ -698,7 +697,7 @@ def score_rows(X, const double[::1] edges, const int64_t[::1] edge_off,
     if n_features and _fits_fast_path(job.views, n_features):
         job.fast = _fast_features(job.views, n_features)
     scores = np.empty(n, dtype=np.int64)
-    reasons = np.full((n, k), -1, dtype=np.int16)
+    reasons = np.empty((n, k), dtype=np.int16)    # both kernels write every slot
     job.keep = (edges, points, specials)
     job.X = X
     job.n = n

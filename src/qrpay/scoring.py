@@ -132,11 +132,17 @@ class Scorecard:
         decreasing or auto), WOE, a regularised logistic regression on WOE, and
         points scaled so that `base_score` means odds `base_odds`:1 good:bad and
         every `pdo` points double the odds. See scorefit.py and docs/SCORING.md."""
+        # X and y as given: scorefit checks and converts them (InvalidArgument).
+        result = scorefit.fit(X, y, trend=trend, special_codes=special_codes,
+                              max_bins=max_bins, min_bin_share=min_bin_share, l2=l2,
+                              base_score=base_score, base_odds=base_odds, pdo=pdo)
+        return cls.from_fit(result, feature_names, version)
+
+    @classmethod
+    def from_fit(cls, result: scorefit.FitResult, feature_names: Sequence[str],
+                 version: int = 1) -> Scorecard:
+        """The card of a scorefit.fit result, one name per fitted feature."""
         names = list(feature_names)
-        result = scorefit.fit(np.asarray(X, dtype=np.float64), np.asarray(y), trend=trend,
-                              special_codes=special_codes, max_bins=max_bins,
-                              min_bin_share=min_bin_share, l2=l2, base_score=base_score,
-                              base_odds=base_odds, pdo=pdo)
         if len(names) != len(result.features):
             raise InvalidArgument("one feature name per column of X")
         features = tuple(
@@ -370,13 +376,9 @@ def psi(expected: npt.ArrayLike, actual: npt.ArrayLike, bins: int = 10,
     edges = np.unique(np.quantile(finite, np.linspace(0, 1, bins + 1)[1:-1])) if len(
         finite) else np.zeros(0)
 
-    def shares(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        idx = np.where(np.isnan(x), len(edges) + 1, np.searchsorted(edges, x, side="right"))
-        counts = np.bincount(idx, minlength=len(edges) + 2).astype(np.float64)
-        return np.maximum(counts / len(x), epsilon)
-
-    pe, pa = shares(e), shares(a)
-    return float(np.sum((pa - pe) * np.log(pa / pe)))
+    size = len(edges) + 2        # numeric bins, then NaN
+    return _psi_of_bins(scorefit._bin_index(e, tuple(edges), ()),
+                        scorefit._bin_index(a, tuple(edges), ()), size, epsilon)
 
 
 def feature_psi(card: Scorecard, expected: npt.ArrayLike, actual: npt.ArrayLike
@@ -386,17 +388,21 @@ def feature_psi(card: Scorecard, expected: npt.ArrayLike, actual: npt.ArrayLike
     A = _as_matrix(actual, len(card.features))
     out = {}
     for f, feature in enumerate(card.features):
-        def bins(col: npt.NDArray[Any], feat: FeatureBins = feature) -> npt.NDArray[np.int64]:
-            v = col.astype(np.float64)
-            idx = np.searchsorted(np.array(feat.edges), v, side="right")
-            for j, (code, _p) in enumerate(feat.specials):
-                idx = np.where(v == code, len(feat.edges) + 2 + j, idx)
-            return np.where(np.isnan(v), len(feat.edges) + 1, idx)
-        size = len(feature.edges) + 2 + len(feature.specials)
-        pe = np.maximum(np.bincount(bins(E[:, f]), minlength=size) / len(E), 1e-4)
-        pa = np.maximum(np.bincount(bins(A[:, f]), minlength=size) / len(A), 1e-4)
-        out[feature.name] = float(np.sum((pa - pe) * np.log(pa / pe)))
+        codes = tuple(c for c, _ in feature.specials)
+        size = len(feature.edges) + 2 + len(codes)   # the card's own bins
+        out[feature.name] = _psi_of_bins(
+            scorefit._bin_index(E[:, f].astype(np.float64), feature.edges, codes),
+            scorefit._bin_index(A[:, f].astype(np.float64), feature.edges, codes), size, 1e-4)
     return out
+
+
+def _psi_of_bins(expected: npt.NDArray[np.intp], actual: npt.NDArray[np.intp], size: int,
+                 epsilon: float) -> float:
+    """PSI of two samples given as bin indices in [0, size); empty shares count
+    as epsilon."""
+    pe = np.maximum(np.bincount(expected, minlength=size) / len(expected), epsilon)
+    pa = np.maximum(np.bincount(actual, minlength=size) / len(actual), epsilon)
+    return float(np.sum((pa - pe) * np.log(pa / pe)))
 
 
 def auc(scores: npt.ArrayLike, bad: npt.ArrayLike) -> float:
