@@ -3,6 +3,7 @@ and `qrpay simulate` (with a planted miss that must fail the run)."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -114,8 +115,10 @@ def test_token_counter_only_goes_up_and_renders(tmp_path: Path, keys: dict[str, 
                                                 credential: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     first = make_token(capsys, keys, credential, tmp_path)
-    png = tmp_path / "t.png"
-    second = make_token(capsys, keys, credential, tmp_path, NOW, "--png", str(png))
+    png, svg = tmp_path / "t.png", tmp_path / "t.svg"
+    second = make_token(capsys, keys, credential, tmp_path, NOW, "--png", str(png),
+                        "--svg", str(svg))
+    assert svg.read_text().lstrip().startswith("<")          # both images written
     assert first.startswith("QP:") and first != second
     assert (tmp_path / "counter").read_text().strip() == "2"
     [decoded] = qrimage.decode_image(png)
@@ -123,7 +126,7 @@ def test_token_counter_only_goes_up_and_renders(tmp_path: Path, keys: dict[str, 
     assert decoded == decode_text(second)
     code, out, _ = run(capsys, "token", "--credential", str(credential), "--device-key",
                        str(keys["device"]), "--scene", "bus", "--terminal", "--now", str(NOW))
-    assert code == 0 and "\u2588" in out or "\u2580" in out
+    assert code == 0 and ("\u2588" in out or "\u2580" in out)
 
 
 def test_token_for_a_scene_the_credential_lacks(tmp_path: Path, keys: dict[str, Path | str],
@@ -262,8 +265,6 @@ def test_score_fit_apply_and_issue_from_card(tmp_path: Path, keys: dict[str, Pat
                        "--out", str(card))
     assert code == 0 and "card " in err
     applied = tmp_path / "features.csv"
-    applied.write_text("\n".join([",".join(names)] + rows[1:][:50]
-                                 ).replace(",0\n", "\n").replace(",1\n", "\n"))
     lines = [",".join(["" if np.isnan(v) else repr(float(v)) for v in x]) for x in X[:50]]
     applied.write_text("\n".join([",".join(names), *lines]) + "\n")
     out_csv = tmp_path / "scores.csv"
@@ -287,11 +288,14 @@ def test_score_fit_apply_and_issue_from_card(tmp_path: Path, keys: dict[str, Pat
     assert code == 0 and "limit 3000" in err
     assert Credential.from_text(out.strip()).scenes == frozenset({Scene.BUS})
 
-    wrong = tmp_path / "wrong.csv"
-    wrong.write_text("a,b\n1,2\n")
-    code, _, err = run(capsys, "score", "apply", "--card", str(card), "--data", str(wrong),
-                       "--out", str(tmp_path / "o.csv"))
-    assert code == 2 and "columns" in err
+    # Columns other than the card's, by name: refused whatever the file is called
+    # (anything but .npy is read as CSV), even when their number matches.
+    shuffled = ",".join(reversed(names)) + "\n" + lines[0] + "\n"
+    for wrong, text in ((tmp_path / "wrong.csv", "a,b\n1,2\n"), (tmp_path / "wrong.txt", shuffled)):
+        wrong.write_text(text)
+        code, _, err = run(capsys, "score", "apply", "--card", str(card), "--data", str(wrong),
+                           "--out", str(tmp_path / "o.csv"))
+        assert code == 2 and "columns" in err
     notnum = tmp_path / "notnum.csv"
     notnum.write_text(",".join(names) + "\n" + ",".join(["x"] * len(names)) + "\n")
     code, _, err = run(capsys, "score", "apply", "--card", str(card), "--data", str(notnum),
@@ -312,7 +316,7 @@ def test_simulate_catches_every_planted_attack(tmp_path: Path,
     assert code == 0, printed
     report = json.loads(out.read_text())
     assert report["ok"] and report["failures"] == []
-    assert len(report["planted"]) >= 11 and all(p["caught"] for p in report["planted"])
+    assert len(report["planted"]) == 12 and all(p["caught"] for p in report["planted"])
     assert report["money"]["unaccounted"] == 0
     assert report["money"]["accepted_at_gateways"] == (report["money"]["charged"]
                                                         + report["money"]["not_charged_flagged"])
@@ -331,9 +335,9 @@ def test_simulate_catches_every_planted_attack(tmp_path: Path,
 
 def test_simulate_is_reproducible_with_a_seed(tmp_path: Path) -> None:
     a = simulate.run(citizens=300, trips=2, seed=3, threads=1, workdir=tmp_path / "a",
-                     progress=_Null())
+                     progress=io.StringIO())
     b = simulate.run(citizens=300, trips=2, seed=3, threads=2, workdir=tmp_path / "b",
-                     progress=_Null())
+                     progress=io.StringIO())
     assert a.by_reason == b.by_reason and a.money == b.money and a.credit == b.credit
     assert a.repayment == b.repayment
 
@@ -375,14 +379,6 @@ def test_every_command_has_help(command: list[str]) -> None:
     assert run_.returncode == 0 and "usage: qrpay" in run_.stdout
 
 
-class _Null:
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-
 def test_inline_values_that_are_no_file_names(tmp_path: Path, keys: dict[str, Path | str],
                                               capsys: pytest.CaptureFixture[str]) -> None:
     # A token text is longer than a file name may be; it must be read inline.
@@ -408,7 +404,7 @@ def test_simulate_fails_when_a_defaulter_keeps_riding(
                                     {"citizens": 100.0}])
 def test_simulate_refuses_a_city_too_small_for_its_plants(kwargs: dict[str, object]) -> None:
     with pytest.raises(InvalidArgument):
-        simulate.run(**kwargs, progress=_Null())  # type: ignore[arg-type]
+        simulate.run(**kwargs, progress=io.StringIO())  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
@@ -417,5 +413,5 @@ def test_the_smallest_city_catches_everything_too(seed: int, tmp_path: Path) -> 
     # so an upload's time (not its gateway's last scan) must end the offline
     # exposure, or the two-clinic overspender slips through.
     report = simulate.run(citizens=simulate.MIN_CITIZENS, trips=1, seed=seed, threads=1,
-                          workdir=tmp_path, progress=_Null())
+                          workdir=tmp_path, progress=io.StringIO())
     assert report.failures == [] and all(p.caught for p in report.planted)

@@ -34,7 +34,7 @@ from qrpay.keys import (
 )
 from qrpay.qr import decode_text, encode_text
 from qrpay.scoring import LimitPolicy, Scorecard
-from qrpay.settlement import Settlement
+from qrpay.settlement import IngestStatus, Settlement
 from qrpay.token import TokenGenerator
 from qrpay.trust import Role, TrustStore
 
@@ -144,10 +144,6 @@ def _int(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def _now(args: argparse.Namespace) -> int | None:
-    return None if args.now is None else int(args.now)
-
-
 def _gateway(args: argparse.Namespace) -> Gateway:
     return Gateway(args.gateway_dir, _key(args.gateway_key, GatewayKey), _trust(args))
 
@@ -235,7 +231,7 @@ def cmd_issue(args: argparse.Namespace) -> int:
         if args.limit is None or not args.scenes:
             raise CliError("give --limit and --scenes, or --card, --policy and --features")
         limit, scenes = args.limit, frozenset(args.scenes)
-    start = int(args.not_before)
+    start = _at(args.not_before)
     credential = issuer.issue(args.account, public, limit, scenes, start,
                               start + args.days * 86_400)
     text = credential.to_text()
@@ -255,12 +251,13 @@ def cmd_token(args: argparse.Namespace) -> int:
         except ValueError:
             raise CliError(f"{args.counter_file} does not hold a counter") from None
     generator = TokenGenerator(credential, device, counter=counter)
-    token = generator.make(args.scene, _now(args))
+    token = generator.make(args.scene, args.now)
     if args.counter_file:  # persisted before the token is shown: it never goes back
         _write_atomic(args.counter_file, f"{generator.counter}\n".encode())
-    if args.png or args.svg:
-        data = qrimage.render(token, "png" if args.png else "svg")
-        _write_atomic(args.png or args.svg, data if isinstance(data, bytes) else data.encode())
+    for kind, path in (("png", args.png), ("svg", args.svg)):   # either, or both
+        if path:
+            image = qrimage.render(token, kind)
+            _write_atomic(path, image if isinstance(image, bytes) else image.encode())
     if args.terminal:
         print(qrimage.render(token, "terminal"))
     print(encode_text(token))
@@ -274,10 +271,10 @@ def cmd_scan(args: argparse.Namespace) -> int:
             raise CliError(f"no QR code found in {args.image}")
         token: bytes | str = tokens[0]
     else:
-        token = _text_or_file(args.text)
-        decode_text(token)  # a malformed text is bad input, not a refusal
+        # Decoded here: a malformed text is bad input (exit 2), not a refusal.
+        token = decode_text(_text_or_file(args.text))
     with _gateway(args) as gateway:
-        receipt = gateway.scan(token, args.amount, args.scene, _now(args))
+        receipt = gateway.scan(token, args.amount, args.scene, args.now)
     print(json.dumps({"gateway": receipt.gateway, "record": receipt.record,
                       "account": receipt.account, "serial": receipt.serial,
                       "counter": receipt.counter, "amount": receipt.amount,
@@ -288,7 +285,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     with _gateway(args) as gateway:
-        batch = gateway.export_batch(args.max_records, _now(args))
+        batch = gateway.export_batch(args.max_records, args.now)
     if batch is None:
         print("nothing to upload", file=sys.stderr)
         return EXIT_OK
@@ -305,7 +302,7 @@ def cmd_ack(args: argparse.Namespace) -> int:
 
 def cmd_deny_apply(args: argparse.Namespace) -> int:
     with _gateway(args) as gateway:
-        applied = gateway.update_deny_list(_read_bytes(args.file, "deny list"), _now(args))
+        applied = gateway.update_deny_list(_read_bytes(args.file, "deny list"), args.now)
     print(f"deny list version {applied.version}: {len(applied)} credentials")
     return EXIT_OK
 
@@ -316,54 +313,46 @@ def _settlement(args: argparse.Namespace) -> Settlement:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    settlement = _settlement(args)
     worst = EXIT_OK
-    for path in args.batches:
-        try:
-            result = settlement.ingest(_read_bytes(path, "batch"))
-            print(f"{path}: {result.status.value} (gateway {result.gateway}, batch "
-                  f"{result.seq}, {result.records} records, {result.invalid} invalid)")
-            if result.status.value == "conflict":
-                worst = EXIT_REFUSED
-        except (*_BAD_INPUT, *_REFUSALS) as exc:
-            print(f"{path}: rejected: {exc} ({exc.reason.name})", file=sys.stderr)
-            worst = max(worst, EXIT_USAGE if isinstance(exc, _BAD_INPUT) else EXIT_REFUSED)
-    settlement.close()
+    with _settlement(args) as settlement:
+        for path in args.batches:
+            try:
+                result = settlement.ingest(_read_bytes(path, "batch"))
+                print(f"{path}: {result.status.value} (gateway {result.gateway}, batch "
+                      f"{result.seq}, {result.records} records, {result.invalid} invalid)")
+                if result.status is IngestStatus.CONFLICT:
+                    worst = EXIT_REFUSED
+            except (*_BAD_INPUT, *_REFUSALS) as exc:
+                print(f"{path}: rejected: {exc} ({exc.reason.name})", file=sys.stderr)
+                worst = max(worst, EXIT_USAGE if isinstance(exc, _BAD_INPUT) else EXIT_REFUSED)
     return worst
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    settlement = _settlement(args)
-    report = settlement.report()
+    with _settlement(args) as settlement:
+        report = settlement.report()
     out = {"records": report.records, "charged_total": report.charged_total,
            "not_charged_total": report.rejected_total,
            "charges": [{"account": int(a), "amount": int(m), "count": int(c)}
                        for a, m, c in zip(report.accounts, report.amounts, report.counts)],
            "findings": [vars(f) for f in report.findings]}
     print(json.dumps(out, indent=2, default=list))
-    settlement.close()
     return EXIT_OK
 
 
 def cmd_repay(args: argparse.Namespace) -> int:
-    settlement = _settlement(args)
-    try:
-        paid_at = args.now if args.now is not None else _clock()
+    paid_at = _at(args.now)
+    with _settlement(args) as settlement:
         settlement.record_repayment(args.account, args.amount, paid_at)
-    finally:
-        settlement.close()
     print(f"account {args.account}: repayment of {args.amount} recorded at {paid_at}",
           file=sys.stderr)
     return EXIT_OK
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    settlement = _settlement(args)
-    try:
-        now = args.now if args.now is not None else _clock()
+    now = _at(args.now)
+    with _settlement(args) as settlement:
         rows = settlement.credit_history(now, due_after=args.due_days * 86_400)
-    finally:
-        settlement.close()
     names = list(rows.dtype.names or ())
     lines = [",".join(names)]
     lines += [",".join(_cell(v) for v in row) for row in rows.tolist()]
@@ -380,19 +369,23 @@ def _cell(value: object) -> str:
 
 
 def cmd_deny_publish(args: argparse.Namespace) -> int:
-    settlement = _settlement(args)
     issuer = _key(args.issuer_key, IssuerKey)
-    now = args.now if args.now is not None else _clock()
-    document, added = settlement.publish_deny_list(issuer, now, revoke=args.revoke or ())
-    _write_atomic(args.out, document)
-    version = DenyList.load(document, settlement.trust).version
+    now = _at(args.now)
+    with _settlement(args) as settlement:
+        document, added = settlement.publish_deny_list(issuer, now, revoke=args.revoke or ())
+        _write_atomic(args.out, document)
+        version = DenyList.load(document, settlement.trust).version
     print(f"deny list version {version}: {len(added)} added", file=sys.stderr)
-    settlement.close()
     return EXIT_OK
 
 
 def _clock() -> int:
     return int(time.time())
+
+
+def _at(value: int | None) -> int:
+    """A time option: as given, or the clock when left out."""
+    return _clock() if value is None else value
 
 
 def cmd_score_fit(args: argparse.Namespace) -> int:
@@ -407,7 +400,7 @@ def cmd_score_fit(args: argparse.Namespace) -> int:
 def cmd_score_apply(args: argparse.Namespace) -> int:
     card = Scorecard.from_json(_read_text(args.card, "card"))
     X, _y, names = _load_matrix(args.data)
-    if args.data.endswith(".csv") and tuple(names) != card.feature_names:
+    if not args.data.endswith(".npy") and tuple(names) != card.feature_names:  # a CSV
         raise CliError(f"{args.data} columns {names} are not the card's {list(card.feature_names)}")
     scores, reasons = card.explain(X, k=min(args.reasons, len(card.features)),
                                    threads=args.threads)
@@ -598,8 +591,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "not_before", "unset") is None:
-        args.not_before = _clock()
     try:
         return int(args.run(args))
     except CliError as exc:

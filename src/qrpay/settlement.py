@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -166,6 +167,13 @@ class Settlement:
 
     def close(self) -> None:
         self._db.close()
+
+    def __enter__(self) -> Settlement:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
 
     # -- gateways ----------------------------------------------------------------------
 
