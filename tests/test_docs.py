@@ -29,7 +29,7 @@ def test_readme_has_examples() -> None:
     assert any(name.startswith("README.md") for name, _ in _examples())
 
 
-@pytest.mark.parametrize("name,code", _examples(), ids=[n for n, _ in _examples()])
+@pytest.mark.parametrize("name,code", [pytest.param(n, c, id=n) for n, c in _examples()])
 def test_example_runs(name: str, code: str, tmp_path: Path,
                       monkeypatch: pytest.MonkeyPatch) -> None:
     # Examples make their work directories with tempfile, as a reader would;
@@ -42,7 +42,7 @@ def test_readme_command_line_block_runs(tmp_path: Path) -> None:
     """The README's CLI walk-through, run as written with the installed `qrpay`."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("## The command line"):]
-    [script] = re.findall(r"^```sh\n(.*?)^```", section, re.S | re.M)[:1]
+    script = re.findall(r"^```sh\n(.*?)^```", section, re.S | re.M)[0]   # the section's first
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)

@@ -21,10 +21,9 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from conftest import NO_EXTENSIONS, compiled_core
+from conftest import compiled_core
 from nacl.bindings import crypto_sign_seed_keypair
 
-import qrpay
 from qrpay import _ref
 from qrpay._impl import core
 from qrpay.errors import BadSignature, InvalidKey
@@ -137,12 +136,6 @@ def test_sets_are_complete() -> None:
     assert len({c.tc_id for c in WYCHEPROOF}) == 151
     assert len(SPECCHECK) == 12
     assert len(CCTV) == 914
-
-
-def test_primitive_runs_on_the_selected_backend() -> None:
-    # _impl falls back to _ref silently when _core does not import; make that visible.
-    expected = "python" if NO_EXTENSIONS else "cython"
-    assert qrpay.backend == expected
 
 
 # --- RFC 8032 ----------------------------------------------------------------------
