@@ -66,8 +66,8 @@ class World:
     devices: list[DeviceKey]
     credentials: list[Credential]
 
-    def open(self, directory: str | Path) -> Gateway:
-        return Gateway(directory, self.gateway_key, self.trust, self.policy)
+    def open(self, directory: str | Path, policy: GatewayPolicy | None = None) -> Gateway:
+        return Gateway(directory, self.gateway_key, self.trust, policy or self.policy)
 
 
 def world() -> World:
@@ -97,7 +97,7 @@ UPLOAD_POLICY = GatewayPolicy(max_age=60, skew=30, max_offline_uses=1 << 40,
 
 def upload_main(directory: str, rng: random.Random) -> None:
     w = world()
-    gateway = Gateway(directory, w.gateway_key, w.trust, UPLOAD_POLICY)
+    gateway = w.open(directory, UPLOAD_POLICY)
     now = max(BASE_TIME, gateway.time_floor)
     out = sys.stdout
     out.write(f"START {backend} {len(gateway.records())} {gateway.time_floor}\n")
@@ -111,20 +111,8 @@ def upload_main(directory: str, rng: random.Random) -> None:
                                [counter] * len(riders), now)
         tokens = [bytes(row) for row in array]
         amounts = [rng.randint(1, MAX_AMOUNT) for _ in riders]
-        if len(tokens) == 1 and rng.random() < 0.5:
-            receipts: list[Receipt | None] = [gateway.scan(tokens[0], amounts[0], SCENE, now)]
-        else:
-            result = gateway.scan_batch(tokens, amounts, SCENE, now)
-            if not result.ok.all():
-                fail(f"refused at {now}: {[Reason(int(x)).name for x in result.reasons][:5]}")
-            receipts = list(result.receipts)
-        lines = []
-        for token, receipt in zip(tokens, receipts):
-            assert receipt is not None
-            lines.append(f"ACK {receipt.serial} {receipt.counter} {receipt.record} "
-                         f"{receipt.amount} {receipt.gateway_time} {int(receipt.duplicate)} "
-                         f"{token.hex()}\n")
-        out.writelines(lines)
+        receipts = _scan(gateway, rng, tokens, amounts, now)
+        out.writelines(_ack_line(token, receipt) for token, receipt in zip(tokens, receipts))
         out.flush()
         if rng.random() < 0.5:
             batch = gateway.export_batch(max_records=rng.randint(1, 60), now=now)
@@ -135,6 +123,24 @@ def upload_main(directory: str, rng: random.Random) -> None:
                 gateway.ack(seq)
                 out.write(f"ACKED {seq}\n")
                 out.flush()
+
+
+def _scan(gateway: Gateway, rng: random.Random, tokens: list[bytes], amounts: list[int],
+          now: int) -> list[Receipt]:
+    """`scan` (half the time, for a single token) or `scan_batch`; any refusal
+    ends the worker."""
+    if len(tokens) == 1 and rng.random() < 0.5:
+        return [gateway.scan(tokens[0], amounts[0], SCENE, now)]
+    result = gateway.scan_batch(tokens, amounts, SCENE, now)
+    if not result.ok.all():
+        fail(f"refused at {now}: "
+             f"{[Reason(int(x)).name for x in result.reasons if x != Reason.OK][:5]}")
+    return [r for r in result.receipts if r is not None]
+
+
+def _ack_line(token: bytes, r: Receipt) -> str:
+    return (f"ACK {r.serial} {r.counter} {r.record} {r.amount} {r.gateway_time} "
+            f"{int(r.duplicate)} {token.hex()}\n")
 
 
 def fail(message: str) -> None:
@@ -183,19 +189,9 @@ def main(argv: list[str]) -> None:
         scan_tokens = tokens + [t for t, _, _ in taps]
         scan_amounts = amounts + [rng.randint(1, MAX_AMOUNT) for _ in taps]
 
-        receipts: list[Receipt | None]
-        if len(scan_tokens) == 1 and rng.random() < 0.5:
-            receipts = [gateway.scan(scan_tokens[0], scan_amounts[0], SCENE, now)]
-        else:
-            result = gateway.scan_batch(scan_tokens, scan_amounts, SCENE, now)
-            if not result.ok.all():
-                bad = [Reason(int(x)).name for x in result.reasons if x != Reason.OK]
-                fail(f"refused at {now}: {bad[:5]}")
-            receipts = list(result.receipts)
-
+        receipts = _scan(gateway, rng, scan_tokens, scan_amounts, now)
         lines = []
         for k, (token, receipt) in enumerate(zip(scan_tokens, receipts)):
-            assert receipt is not None
             if k < n:
                 expected = (w.credentials[riders[k]].serial, scan_counters[k], amounts[k], now)
                 if receipt.duplicate or (receipt.serial, receipt.counter, receipt.amount,
@@ -206,9 +202,7 @@ def main(argv: list[str]) -> None:
                 _, record, amount = taps[k - n]
                 if not receipt.duplicate or (receipt.record, receipt.amount) != (record, amount):
                     fail(f"double tap {receipt} is not the first receipt {record}")
-            lines.append(f"ACK {receipt.serial} {receipt.counter} {receipt.record} "
-                         f"{receipt.amount} {receipt.gateway_time} {int(receipt.duplicate)} "
-                         f"{token.hex()}\n")
+            lines.append(_ack_line(token, receipt))
         del recent[:-200]
         for line in lines:   # block-buffered: a big call reaches the file in 8 KiB pieces
             out.write(line)

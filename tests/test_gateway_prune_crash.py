@@ -85,7 +85,7 @@ def read_output(data: bytes, report: PruneRound, delivered: Delivered
 def check(world: Any, directory: Path, acked: dict[int, tuple[int, bytes]],
           delivered: Delivered, report: PruneRound) -> None:
     n = report.number
-    gateway = qrpay.Gateway(directory, world.gateway_key, world.trust, cw.UPLOAD_POLICY)
+    gateway = world.open(directory, cw.UPLOAD_POLICY)
     try:
         pruned = gateway._journal.get_int("pruned_through_record")
         records = gateway.records()
@@ -162,7 +162,7 @@ def test_settlement_gets_one_gapless_stream(prune_rounds: Any, tmp_path: Path) -
                             max_age=cw.UPLOAD_POLICY.max_age, skew=cw.UPLOAD_POLICY.skew)
     for seq in sorted(delivered.batches):
         settlement.ingest(delivered.batches[seq])
-    gateway = qrpay.Gateway(directory, world.gateway_key, world.trust, cw.UPLOAD_POLICY)
+    gateway = world.open(directory, cw.UPLOAD_POLICY)
     try:
         remaining = {r.seq: r.amount for r in gateway.records()}
         while (batch := gateway.export_batch(max_records=500,

@@ -10,6 +10,7 @@ import numpy as np
 from nacl._sodium import ffi as _ffi, lib as _lib
 
 from qrpay.errors import InvalidArgument, InvalidKey
+from qrpay import format as layout
 from qrpay.format import TAG_CRED, TAG_TOKEN
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -326,9 +327,9 @@ cdef class Verifier:
             b.reasons[i] = final_checks(&b.tokens[i, 0], b.now[i], max_age, skew)
 
 
-# Largest max_age / skew (2**32 s) and `now` (2**40): C enums are too narrow.
-cdef int64_t MAX_WINDOW = 1LL << 32
-cdef int64_t MAX_TIME = 1LL << 40
+# Largest max_age / skew and `now` (qrpay.format; C enums are too narrow).
+cdef int64_t MAX_WINDOW = layout.MAX_WINDOW
+cdef int64_t MAX_TIME = layout.MAX_TIME
 
 
 cdef int _check_policy(int64_t now, int64_t max_age, int64_t skew) except -1:

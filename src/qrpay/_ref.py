@@ -14,8 +14,8 @@ from nacl.exceptions import BadSignatureError
 
 from qrpay.errors import InvalidArgument, InvalidKey, Reason
 from qrpay.format import (
-    CRED_BODY_LEN, CRED_DEVICE_KEY, CRED_ISSUER_SIG, CRED_KID, CRED_LEN,
-    CRED_NOT_AFTER, CRED_NOT_BEFORE, CRED_SCENES, PUBLIC_KEY_LEN, SCENE_COUNT, SECRET_KEY_LEN,
+    CRED_BODY_LEN, CRED_DEVICE_KEY, CRED_ISSUER_SIG, CRED_KID, CRED_LEN, CRED_NOT_AFTER,
+    CRED_NOT_BEFORE, CRED_SCENES, MAX_TIME, MAX_WINDOW, PUBLIC_KEY_LEN, SCENE_COUNT, SECRET_KEY_LEN,
     SIGNATURE_LEN, TAG_CRED, TAG_TOKEN, TOKEN_BODY_LEN, TOKEN_DEVICE_SIG,
     TOKEN_FIELDS_STRUCT, TOKEN_ISSUED_AT, TOKEN_LEN, TOKEN_SCENE, VERSION,
 )
@@ -62,10 +62,6 @@ def _final_checks(tok: bytes, now: int, max_age: int, skew: int) -> int:
     if scene >= SCENE_COUNT or not (scenes >> scene) & 1:
         return Reason.SCENE_NOT_ALLOWED
     return Reason.OK
-
-
-MAX_WINDOW = 2**32
-MAX_TIME = 2**40
 
 
 def _check_policy(now: int, max_age: int, skew: int) -> None:

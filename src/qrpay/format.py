@@ -46,6 +46,10 @@ TOKEN_LEN: Final = 204
 SCENE_COUNT: Final = 7  # Scene values are 0..6 (credential.Scene)
 
 U32_MAX: Final = 0xFFFF_FFFF
+# Bounds on verification times, shared by the core, its twin and the API:
+# `now` up to 2**40 and max_age / skew up to 2**32 keep every sum in int64.
+MAX_TIME: Final = 2**40
+MAX_WINDOW: Final = 2**32
 U64_MAX: Final = 0xFFFF_FFFF_FFFF_FFFF
 
 

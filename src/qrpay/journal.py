@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from qrpay import sqlitedb
 from qrpay.errors import JournalUnavailable
@@ -119,11 +119,12 @@ class Journal:
         self._db.execute("INSERT INTO meta(key, value) VALUES (?, ?) "
                          "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
 
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        return sqlitedb.query(self._db, JournalUnavailable, "journal", sql, args)
+
     def get(self, key: str) -> object:
-        try:
-            return self._get(key)
-        except sqlite3.Error as exc:
-            raise JournalUnavailable(f"journal: {exc}") from exc
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
 
     def get_int(self, key: str, default: int = 0) -> int:
         value = self.get(key)
@@ -165,38 +166,25 @@ class Journal:
             sql = ("SELECT * FROM records WHERE seq > ? OR gateway_time >= ? "
                    "ORDER BY seq LIMIT ?")
             args = (after_seq, since_time, limit)
-        try:
-            rows = self._db.execute(sql, args).fetchall()
-        except sqlite3.Error as exc:
-            raise JournalUnavailable(f"journal: {exc}") from exc
         return [Record(seq, from_sql(serial), counter, from_sql(account), amount, scene, t, tok)
-                for seq, serial, counter, account, amount, scene, t, tok in rows]
+                for seq, serial, counter, account, amount, scene, t, tok
+                in self._query(sql, args)]
 
     def keys(self) -> builtins.set[int]:  # (`set` here is the method below)
         """Every journaled (serial, counter) as one int, serial << 32 | counter."""
-        try:
-            rows = self._db.execute("SELECT serial, counter FROM records").fetchall()
-        except sqlite3.Error as exc:
-            raise JournalUnavailable(f"journal: {exc}") from exc
+        rows = self._query("SELECT serial, counter FROM records")
         return {from_sql(serial) << 32 | counter for serial, counter in rows}
 
     def batches(self, where: str = "1", args: tuple[int, ...] = ()) -> list[Batch]:
-        try:
-            rows = self._db.execute("SELECT seq, first, last, body, acked FROM batches "
-                                    f"WHERE {where} ORDER BY seq", args).fetchall()
-        except sqlite3.Error as exc:
-            raise JournalUnavailable(f"journal: {exc}") from exc
+        rows = self._query(f"SELECT seq, first, last, body, acked FROM batches WHERE {where} "
+                           "ORDER BY seq", args)
         return [Batch(s, f, la, b, bool(a)) for s, f, la, b, a in rows]
 
     def batch_summary(self) -> tuple[int, int, int]:
         """(highest batch seq, last record exported, last record acked),
         counting the batches pruning deleted (all of them were acked)."""
-        try:
-            row = self._db.execute(
-                "SELECT COALESCE(MAX(seq), 0), COALESCE(MAX(last), 0), "
-                "COALESCE(MAX(CASE WHEN acked THEN last END), 0) FROM batches").fetchone()
-        except sqlite3.Error as exc:
-            raise JournalUnavailable(f"journal: {exc}") from exc
+        [row] = self._query("SELECT COALESCE(MAX(seq), 0), COALESCE(MAX(last), 0), "
+                            "COALESCE(MAX(CASE WHEN acked THEN last END), 0) FROM batches")
         batch, record = self.get_int("pruned_through_batch"), self.get_int("pruned_through_record")
         return max(int(row[0]), batch), max(int(row[1]), record), max(int(row[2]), record)
 
@@ -239,7 +227,4 @@ class Journal:
         return Pruned(len(rows), record, keys, newest_issued)
 
     def _query_one(self, sql: str) -> int:
-        try:
-            return int(self._db.execute(sql).fetchone()[0])
-        except sqlite3.Error as exc:
-            raise JournalUnavailable(f"journal: {exc}") from exc
+        return int(self._query(sql)[0][0])

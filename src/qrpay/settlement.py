@@ -160,10 +160,7 @@ class Settlement:
         # The one connection is shared: a read must not see another thread's
         # transaction half-way.
         with self._lock:
-            try:
-                return self._db.execute(sql, args).fetchall()
-            except sqlite3.Error as exc:
-                raise StoreUnavailable(f"settlement store: {exc}") from exc
+            return sqlitedb.query(self._db, StoreUnavailable, "settlement store", sql, args)
 
     def close(self) -> None:
         self._db.close()

@@ -9,6 +9,7 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from qrpay.errors import QrPayError
 
@@ -28,6 +29,15 @@ def connect(path: Path, error: type[QrPayError]) -> sqlite3.Connection:
         return db
     except sqlite3.Error as exc:
         raise error(f"{path}: {exc}") from exc
+
+
+def query(db: sqlite3.Connection, error: type[QrPayError], what: str, sql: str,
+          args: tuple[Any, ...] = ()) -> list[Any]:
+    """All rows of one read; an SQLite failure becomes `error` ("what: ...")."""
+    try:
+        return db.execute(sql, args).fetchall()
+    except sqlite3.Error as exc:
+        raise error(f"{what}: {exc}") from exc
 
 
 @contextmanager

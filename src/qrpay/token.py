@@ -20,8 +20,8 @@ from qrpay._impl import core
 from qrpay.credential import Credential, Scene, mask_to_scenes
 from qrpay.errors import InvalidArgument, InvalidKey, Reason, raise_for
 from qrpay.format import (
-    CRED_DEVICE_KEY, CRED_LEN, CRED_SCENES, CRED_STRUCT, PUBLIC_KEY_LEN, SECRET_KEY_LEN, SEED_LEN,
-    TOKEN_DTYPE, TOKEN_FIELDS_STRUCT, TOKEN_LEN, U32_MAX,
+    CRED_DEVICE_KEY, CRED_LEN, CRED_SCENES, CRED_STRUCT, MAX_TIME, MAX_WINDOW, PUBLIC_KEY_LEN,
+    SECRET_KEY_LEN, SEED_LEN, TOKEN_DTYPE, TOKEN_FIELDS_STRUCT, TOKEN_LEN, U32_MAX,
 )
 from qrpay.keys import DeviceKey
 from qrpay.qr import decode_text, encode_text
@@ -36,9 +36,6 @@ TokenInput = Union[bytes, bytearray, memoryview, str]
 _SCENE_BY_VALUE = {int(s): s for s in Scene}
 
 
-MAX_TIME = 2**40  # the core's bound on `now` (keeps its arithmetic in int64)
-
-
 def _now(now: float | None) -> int:
     t = int(time.time()) if now is None else int(now)
     if not 0 <= t <= MAX_TIME:
@@ -47,7 +44,7 @@ def _now(now: float | None) -> int:
 
 
 def _check_window(max_age: int, skew: int) -> None:
-    if not (0 <= max_age <= 2**32 and 0 <= skew <= 2**32):
+    if not (0 <= max_age <= MAX_WINDOW and 0 <= skew <= MAX_WINDOW):
         raise InvalidArgument("max_age and skew are seconds in [0, 2**32]")
 
 
