@@ -666,12 +666,19 @@ def test_repayments_are_recorded_and_read_back(tmp_path: Path, settlement: Settl
     settlement.record_repayment(5011, 500, NOW)
     settlement.record_repayment(5012, 1, NOW + 1)
     settlement.record_repayment(5011, 200, NOW + 2)
-    settlement.record_repayment(2**63 - 1, 2**62, 2**32 - 1)
+    settlement.record_repayment(2**63 - 1, 2**61, 2**32 - 1)
     assert settlement.repayments(5011) == [(5011, 500, NOW), (5011, 200, NOW + 2)]
     assert settlement.repayments(5012) == [(5012, 1, NOW + 1)]
     every = settlement.repayments()
     assert every == [(5011, 500, NOW), (5012, 1, NOW + 1), (5011, 200, NOW + 2),
-                     (2**63 - 1, 2**62, 2**32 - 1)]
+                     (2**63 - 1, 2**61, 2**32 - 1)]
+    # What credit_history could not add up is refused when stored, not when read.
+    with pytest.raises(errors.InvalidArgument):
+        settlement.record_repayment(7, 2**61, NOW)
+    with pytest.raises(errors.InvalidArgument):
+        settlement.record_repayments(np.array([7, 8]), np.array([2**60, 2**61]),
+                                     np.array([NOW, NOW]))
+    assert settlement.credit_history(2**32 - 1)["repaid"].sum() == 2**61 + 701
     for bad in ((-1, 1, NOW), (1, -1, NOW), (1, 1, -1), (True, 1, NOW), (1, 1.5, NOW),
                 (1, 1, 2**32), (2**63, 1, NOW), (1, 2**62 + 1, NOW), ("1", 1, NOW)):
         with pytest.raises(errors.InvalidArgument):

@@ -40,7 +40,7 @@ CREDIT_DTYPE: Final = np.dtype([
     ("on_time_share", "<f8"), ("charges", "<i8"), ("late_charges", "<i8"),
 ])
 
-_TOTAL_LIMIT: Final = 2**62   # every sum below stays exact in int64
+TOTAL_LIMIT: Final = 2**62   # amounts of one kind must add up to less: every sum stays int64
 
 Ints = npt.NDArray[np.int64]
 
@@ -123,7 +123,7 @@ def _columns(what: str, account: npt.ArrayLike, time: npt.ArrayLike, amount: npt
     if time_.size and time_.max() >= 2**40:
         raise InvalidArgument(f"{what} times must be below 2**40")
     # The sum in floating point decides before an int64 sum could wrap.
-    if amt.size and float(amt.astype(np.float64).sum()) >= _TOTAL_LIMIT:
+    if amt.size and float(amt.astype(np.float64).sum()) >= TOTAL_LIMIT:
         raise InvalidArgument(f"{what} amounts must add up to less than 2**62")
     return acct.astype(np.uint64), time_.astype(np.int64), amt.astype(np.int64)
 

@@ -345,6 +345,10 @@ class Settlement:
 
     def _insert_repayments(self, rows: list[tuple[int, int, int]]) -> None:
         with self._lock, self._transaction() as db:
+            # credit_history sums every repayment: refuse now what it could not add up.
+            stored = db.execute("SELECT COALESCE(SUM(amount), 0) FROM repayments").fetchone()[0]
+            if stored + sum(amount for _, amount, _ in rows) >= credit.TOTAL_LIMIT:
+                raise InvalidArgument("repayments would add up to 2**62 or more")
             db.executemany("INSERT INTO repayments(account, amount, paid_at) VALUES (?, ?, ?)",
                            rows)
 
