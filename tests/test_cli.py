@@ -235,7 +235,11 @@ def test_scan_export_ack_ingest_report_deny(tmp_path: Path, keys: dict[str, Path
     code, _, err = run(capsys, "scan", *gw, "--text", fresh, "--amount", "200", "--scene",
                        "bus", "--now", str(NOW + 100))
     assert code == 1 and "REVOKED" in err
-    code, _, err = run(capsys, "deny-list", "apply", *gw, "--file", str(deny),
+    # Applying the list in force again is a safe retry; an older one is refused.
+    code, out, _ = run(capsys, "deny-list", "apply", *gw, "--file", str(deny),
+                       "--now", str(NOW + 100))
+    assert code == 0 and "version 2" in out
+    code, _, err = run(capsys, "deny-list", "apply", *gw, "--file", str(deny0),
                        "--now", str(NOW + 100))
     assert code == 1 and "STALE_UPDATE" in err
 

@@ -33,6 +33,7 @@ from qrpay.keys import (
     SigningKey,
 )
 from qrpay.qr import decode_text, encode_text
+from qrpay.recovery import recover_gateway
 from qrpay.scoring import LimitPolicy, Scorecard
 from qrpay.settlement import IngestStatus, Settlement
 from qrpay.token import TokenGenerator
@@ -300,6 +301,16 @@ def cmd_ack(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_gateway_recover(args: argparse.Namespace) -> int:
+    done = recover_gateway(args.gateway_dir, _key(args.gateway_key, GatewayKey), _trust(args),
+                           now=args.now)
+    print(json.dumps(done.as_dict(), indent=1))
+    print(f"recovered: {done.kept_records} records kept, {done.lost_records} lost, "
+          f"{done.lost_batches} upload batches lost; tokens issued at or before "
+          f"{done.refused_through} are refused from now on", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_deny_apply(args: argparse.Namespace) -> int:
     with _gateway(args) as gateway:
         applied = gateway.update_deny_list(_read_bytes(args.file, "deny list"), args.now)
@@ -507,6 +518,20 @@ def build_parser() -> argparse.ArgumentParser:
     gateway_args(p)
     p.add_argument("--seq", required=True, type=_int(1))
     p.set_defaults(run=cmd_ack)
+
+    gateway = commands.add_parser("gateway", help="look after a gateway directory"
+                                  ).add_subparsers(dest="gateway_command", required=True,
+                                                   metavar="ACTION")
+    p = gateway.add_parser(
+        "recover", help="open again a gateway whose journal is lost, damaged or behind its "
+                        "anchor (prints what was kept and lost, JSON)",
+        description="For when the gateway refuses to open (JournalUnavailable) and no backup "
+                    "of its journal can be restored. Keeps every record still readable, moves "
+                    "damaged files aside, carries record and batch numbers on, and refuses "
+                    "every token made before now, so none the lost journal accepted can pass "
+                    "again. See docs/GATEWAY.md, Failure modes.")
+    gateway_args(p)
+    p.set_defaults(run=cmd_gateway_recover)
 
     deny = commands.add_parser("deny-list", help="publish or apply deny lists").add_subparsers(
         dest="deny_command", required=True, metavar="ACTION")

@@ -9,12 +9,14 @@ journal when it opens.
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import IO, NamedTuple, Union
+from typing import IO, NamedTuple, TypeVar, Union
 
 try:
     import fcntl
@@ -24,17 +26,18 @@ except ImportError:  # pragma: no cover - Windows
 import numpy as np
 import numpy.typing as npt
 
+from qrpay.anchor import Anchor, AnchorFile
 from qrpay.credential import Scene
 from qrpay.denylist import DenyList
 from qrpay.errors import (
     ClockUntrusted, InvalidArgument, JournalUnavailable, MalformedText, Reason, StaleUpdate,
     raise_for,
 )
-from qrpay.format import TAG_BATCH, U32_MAX
+from qrpay.format import MAX_TIME, TAG_BATCH, U32_MAX
 from qrpay.journal import Batch, Journal, Record
 from qrpay.keys import GatewayKey
 from qrpay.qr import decode_text
-from qrpay.token import DEFAULT_MAX_AGE, DEFAULT_SKEW, verify_batch
+from qrpay.token import DEFAULT_MAX_AGE, DEFAULT_SKEW, BatchResult, verify_batch
 from qrpay.trust import TrustStore
 from qrpay.wire import sign_document
 
@@ -43,6 +46,7 @@ JOURNAL_FILE = "journal.sqlite3"
 LOCK_FILE = "gateway.lock"
 
 ScanInput = Union[bytes, bytearray, memoryview, str]
+_T = TypeVar("_T")
 
 DEFAULT_TRANSACTION_CAPS: Mapping[Scene, int] = {
     Scene.BUS: 1_000, Scene.FERRY: 3_000, Scene.METRO: 1_500, Scene.CLINIC: 50_000,
@@ -127,9 +131,20 @@ class _Spend:
     uses: int = 0
 
 
+class _Doubt(NamedTuple):
+    """A journal write whose commit failed: its outcome is unknown until the
+    rows it may have written (records from `record` on, batches from `batch`
+    on; 0 for none) are durably voided."""
+
+    id: int
+    record: int
+    batch: int
+
+
 class Gateway:
     """A scanner's verifier and journal. Open one per directory; one process
-    owns a directory at a time."""
+    owns a directory at a time, and its threads may share one Gateway (calls
+    take turns on the journal; token verification runs outside the turn)."""
 
     def __init__(self, directory: str | Path, key: GatewayKey, trust: TrustStore,
                  policy: GatewayPolicy | None = None,
@@ -146,28 +161,90 @@ class Gateway:
         self.policy = policy or GatewayPolicy()
         self._clock = clock
         self.id = key.public.gateway_id
+        self._mutex = threading.RLock()   # one turn at a time on the journal and the state
+        self._doubt: _Doubt | None = None
+        self._journal: Journal | None = None
+        self._anchor: AnchorFile | None = None
+        self._opened = False          # True once the state is rebuilt and checked
         self._lock = _lock_directory(self.directory)
         try:
-            self._journal = Journal(self.directory / JOURNAL_FILE)
-        except BaseException:
-            self._unlock()
-            raise
-        try:
-            owner = self._journal.get("gateway_key")
-            if owner is None:
-                self._journal.set("gateway_key", key.public.to_bytes())
-            elif owner != key.public.to_bytes():
-                raise InvalidArgument("this journal belongs to another gateway key")
-            self._rebuild()
-        except BaseException:   # a failed open leaves neither the file nor the lock held
+            self._open()
+        except BaseException:   # a failed open leaves neither the files nor the lock held
             self.close()
             raise
+
+    def _open(self) -> None:
+        """Open the anchor, then the journal; refuse a journal that is missing,
+        empty or behind its anchor (docs/GATEWAY.md, Failure modes)."""
+        self._anchor, anchored = AnchorFile.open(self.directory)
+        anchor = self._anchor.current
+        mine = self.key.public.to_bytes()
+        path = self.directory / JOURNAL_FILE
+        if anchored and anchor.gateway_key != mine:
+            raise InvalidArgument("this gateway directory belongs to another gateway key")
+        if anchored and not _has_content(path):
+            raise JournalUnavailable(_behind(path, anchor, "is missing or empty"))
+        try:
+            self._journal = journal = Journal(path, create=not anchored)
+        except JournalUnavailable as exc:
+            raise (JournalUnavailable(_behind(path, anchor, f"cannot be opened ({exc})"))
+                   if anchored else exc) from exc
+        owner = journal.get("gateway_key")
+        if owner is None:
+            journal.set("gateway_key", mine)
+        elif owner != mine:
+            raise InvalidArgument("this journal belongs to another gateway key")
+        resolved = journal.get_int("resolved_doubt")
+        self._doubts = max(anchor.doubt, resolved)   # doubt ids are never reused
+        if anchored and anchor.doubt > resolved:
+            # A commit failed and the process stopped before it was voided.
+            journal.void(anchor.doubt, anchor.doubt_record, anchor.doubt_batch)
+        self._rebuild()
+        if anchored:
+            lag = self._lag(anchor)
+            if lag:
+                raise JournalUnavailable(_behind(path, anchor, lag))
+            self._save_anchor(sync=True)
+        else:
+            try:
+                self._anchor.create(self._anchor_state())
+            except OSError as exc:
+                raise JournalUnavailable(f"cannot write {self._anchor.path}: {exc}") from exc
+        self._opened = True
+
+    def _lag(self, anchor: Anchor) -> str | None:
+        """How the journal falls short of its anchor, or None."""
+        for what, has, needs in (
+                ("last record", self._next_record - 1, anchor.last_record),
+                ("time floor", self._floor, anchor.time_floor),
+                ("last batch", self._next_batch - 1, anchor.last_batch),
+                ("deny-list version", self.deny_list.version, anchor.deny_version)):
+            if has < needs:
+                return f"is behind its anchor (its {what} is {has}, the anchor's {needs})"
+        return None
+
+    def _anchor_state(self) -> Anchor:
+        assert self._anchor is not None
+        return replace(self._anchor.current, gateway_key=self.key.public.to_bytes(),
+                       last_record=self._next_record - 1, time_floor=self._floor,
+                       last_batch=self._next_batch - 1, deny_version=self.deny_list.version)
+
+    def _save_anchor(self, sync: bool) -> None:
+        """Bring the anchor up to the journal. Best effort: a lagging anchor
+        only weakens the next open's check (it never leads the journal), so a
+        failure here does not undo a payment that is already durable."""
+        assert self._anchor is not None
+        try:
+            self._anchor.write(self._anchor_state(), sync)
+        except OSError:
+            pass
 
     # -- state -------------------------------------------------------------------------
 
     def _rebuild(self) -> None:
         """Replay and spend state from the journal (the single source of truth)."""
         j = self._journal
+        assert j is not None
         self._floor = j.time_floor()
         last_batch, self._exported_through, self._acked_through = j.batch_summary()
         self._next_batch = last_batch + 1
@@ -194,35 +271,120 @@ class Gateway:
 
     @property
     def time_floor(self) -> int:
-        return self._floor
+        """The trusted time floor: the latest scan journaled, or the time the
+        deny list in force says it was signed (less the skew), if later."""
+        if not self.deny_list.version:
+            return self._floor
+        return max(self._floor, self.deny_list.issued_at - self.policy.skew)
 
     def offline_spend(self, account: int) -> tuple[int, int]:
         """(amount, uses) of `account` on this gateway since the last ack."""
-        s = self._spend.get(account, _Spend())
-        return s.amount, s.uses
+        with self._mutex:
+            s = self._spend.get(account, _Spend())
+            return s.amount, s.uses
 
     def _trusted_now(self, now: float | None) -> int:
-        t = int(self._clock() if now is None else now)
-        if t < self._floor - self.policy.clock_tolerance:
-            raise ClockUntrusted(f"clock reads {t}, below the trusted floor {self._floor}")
+        t = self._read_clock(now)
+        self._check_time(t)
         return t
+
+    def _read_clock(self, now: float | None) -> int:
+        """`now`, or the clock's reading, as whole Unix seconds."""
+        if now is None:
+            reading = self._clock()
+            if not _is_time(reading):
+                raise ClockUntrusted(f"the clock reads {reading!r}, not a time")
+            t = int(reading)
+        elif _is_time(now):
+            t = int(now)
+        else:
+            raise InvalidArgument(f"now must be Unix seconds from 0 to 2**40, not {now!r}")
+        return t
+
+    def _check_time(self, t: int) -> None:
+        floor = self.time_floor
+        if t < floor - self.policy.clock_tolerance:
+            raise ClockUntrusted(f"clock reads {t}, below the trusted floor {floor}")
+
+    # -- durable writes ----------------------------------------------------------------
+
+    def _write(self, action: Callable[[], _T], record: int = 0, batch: int = 0) -> _T:
+        """Run one journal write (`action`, one transaction). If it fails, its
+        outcome is unknown: the commit may be in the WAL and come back after a
+        crash. So before raising, void what it may have written (records from
+        number `record` on, batches from `batch` on) in a durable transaction;
+        if that fails too, the gateway stays in doubt and refuses every call
+        until a retry of the void succeeds (or, after a restart, the open
+        does it from the doubt noted in the anchor)."""
+        assert self._doubt is None and self._journal is not None and self._anchor is not None
+        try:
+            return action()
+        except JournalUnavailable as exc:
+            failure = exc
+        self._doubts += 1
+        self._doubt = doubt = _Doubt(self._doubts, record, batch)
+        try:   # noted first, so an open after a crash voids it even if the next step fails
+            self._anchor.write(replace(self._anchor.current, doubt=doubt.id,
+                                       doubt_record=record, doubt_batch=batch), sync=True)
+        except OSError:
+            pass
+        try:
+            self._journal.void(*doubt)
+            # Memory follows the journal, whatever part of the failed write it kept.
+            self._rebuild()
+        except JournalUnavailable:
+            raise JournalUnavailable(
+                f"journal write failed ({failure}) and could not be undone yet: nothing from "
+                "this call is charged or acknowledged; the gateway refuses every call until "
+                "the journal is writable again") from failure
+        self._doubt = None
+        raise JournalUnavailable(f"journal write failed ({failure}): nothing from this call was "
+                                 "journaled or charged; it can be tried again") from failure
+
+    def _settle_doubt(self) -> None:
+        """Every call starts here: if an earlier write is still in doubt,
+        reopen the journal as a restart would (WAL recovery), void the doubtful
+        rows and rebuild the state from what is there; or raise."""
+        if self._journal is None:
+            raise JournalUnavailable("the gateway is closed")
+        doubt = self._doubt
+        if doubt is None:
+            return
+        self._journal.close()
+        try:
+            self._journal = Journal(self.directory / JOURNAL_FILE, create=False)
+            self._journal.void(*doubt)
+            self._rebuild()
+        except JournalUnavailable as exc:
+            raise JournalUnavailable(f"an earlier journal write is still in doubt and cannot "
+                                     f"be undone yet ({exc}); nothing is accepted") from exc
+        self._doubt = None
+        self._save_anchor(sync=True)
 
     # -- deny list ---------------------------------------------------------------------
 
     def update_deny_list(self, data: bytes, now: float | None = None) -> DenyList:
         """Apply a signed deny list if it verifies and is newer than the one in
-        force; otherwise raise (BadSignature, StaleUpdate, ...) and keep the old."""
-        t = self._trusted_now(now)
-        new = DenyList.load(data, self.trust, t)
-        if new.issued_at > t + self.policy.skew:
-            # A list from the future would look fresh for too long.
-            raise StaleUpdate(f"deny list issued at {new.issued_at}, after now ({t})")
-        if new.version <= self.deny_list.version:
-            raise StaleUpdate(f"deny list version {new.version} is not newer than "
-                              f"{self.deny_list.version}")
-        self._journal.set("deny_list", new.raw)
-        self.deny_list = new
-        return new
+        force; otherwise raise (BadSignature, StaleUpdate, ...) and keep the old.
+        Applying the list in force again changes nothing (a retry is safe)."""
+        with self._mutex:
+            self._settle_doubt()
+            t = self._trusted_now(now)
+            if self.deny_list.version and data == self.deny_list.raw:
+                return self.deny_list
+            new = DenyList.load(data, self.trust, t)
+            if new.issued_at > t + self.policy.skew:
+                # A list from the future would look fresh for too long.
+                raise StaleUpdate(f"deny list issued at {new.issued_at}, after now ({t})")
+            if new.version <= self.deny_list.version:
+                raise StaleUpdate(f"deny list version {new.version} is not newer than "
+                                  f"{self.deny_list.version}")
+            journal = self._journal
+            assert journal is not None
+            self._write(lambda: journal.set("deny_list", new.raw))
+            self.deny_list = new
+            self._save_anchor(sync=True)
+            return new
 
     def deny_list_stale(self, now: int) -> bool:
         limit = self.policy.deny_list_max_age
@@ -244,7 +406,7 @@ class Gateway:
                    scene: Scene, now: float | None = None) -> ScanResult:
         """Scan many tokens with one journal commit. Never raises per token;
         raises ClockUntrusted or JournalUnavailable for the whole batch (then
-        nothing in it was accepted)."""
+        nothing in it was accepted, and nothing in it is charged)."""
         t = self._trusted_now(now)
         try:
             scene = Scene(scene)
@@ -257,8 +419,19 @@ class Gateway:
         if n and (amount_arr.min() <= 0 or amount_arr.max() > U32_MAX):
             raise InvalidArgument("amounts are positive minor units below 2**32")
         raw, text_bad = _as_bytes(tokens)
+        # Verification needs no gateway state: it runs outside the turn, so
+        # threads sharing a gateway verify in parallel.
         checked = verify_batch(raw, self.trust, t, max_age=self.policy.max_age,
                                skew=self.policy.skew)
+        with self._mutex:
+            self._settle_doubt()
+            self._check_time(t)   # another thread's commit may have raised the floor
+            return self._admit(checked, raw, text_bad, amount_arr, scene, t)
+
+    def _admit(self, checked: BatchResult, raw: list[bytes], text_bad: npt.NDArray[np.bool_],
+               amount_arr: npt.NDArray[np.integer], scene: Scene, t: int) -> ScanResult:
+        """The gateway checks after verification, and the journal commit."""
+        n = len(raw)
         reasons = checked.reasons.copy()
         reasons[text_bad] = Reason.MALFORMED_TEXT
         ok = reasons == Reason.OK
@@ -326,7 +499,9 @@ class Gateway:
             # The acknowledgement point. The floor is the latest scan journaled,
             # so it moves only with a commit: a refused-only batch read on a
             # wrong clock cannot lock the gateway out.
-            self._journal.append(new)
+            journal = self._journal
+            assert journal is not None
+            self._write(lambda: journal.append(new), record=new[0].seq)
             # Only now, after the commit, does memory change.
             self._floor = max(self._floor, t)
             self._next_record = seq
@@ -336,6 +511,7 @@ class Gateway:
                 s = self._spend.setdefault(account, _Spend())
                 s.amount += extra.amount
                 s.uses += extra.uses
+            self._save_anchor(sync=False)   # one small pwrite: the anchor keeps up
         return ScanResult(reasons, receipts)
 
     def _receipt(self, r: Record, duplicate: bool = False) -> Receipt:
@@ -349,49 +525,64 @@ class Gateway:
         waiting. Until it is acked, calling again returns the same bytes."""
         if max_records < 1:
             raise InvalidArgument("max_records must be at least 1")
-        waiting = self._journal.batches("acked = 0")
-        if waiting:
-            return waiting[0].body
-        records = self._journal.records(after_seq=self._exported_through, limit=max_records)
-        if not records:
-            return None
-        seq = self._next_batch
-        body = sign_document(self.key, TAG_BATCH, {
-            "v": BATCH_FORMAT, "gateway": self.key.public.to_bytes(), "seq": seq,
-            "first": records[0].seq, "last": records[-1].seq,
-            "created_at": int(self._clock() if now is None else now),
-            "records": [[r.seq, r.token, r.amount, r.scene, r.gateway_time] for r in records],
-        })
-        self._journal.add_batch(Batch(seq, records[0].seq, records[-1].seq, body, False))
-        self._next_batch = seq + 1
-        self._exported_through = records[-1].seq
-        return body
+        with self._mutex:
+            self._settle_doubt()
+            journal = self._journal
+            assert journal is not None
+            waiting = journal.batches("acked = 0")
+            if waiting:
+                return waiting[0].body
+            records = journal.records(after_seq=self._exported_through, limit=max_records)
+            if not records:
+                return None
+            seq = self._next_batch
+            body = sign_document(self.key, TAG_BATCH, {
+                "v": BATCH_FORMAT, "gateway": self.key.public.to_bytes(), "seq": seq,
+                "first": records[0].seq, "last": records[-1].seq,
+                "created_at": self._read_clock(now),
+                "records": [[r.seq, r.token, r.amount, r.scene, r.gateway_time]
+                            for r in records],
+            })
+            batch = Batch(seq, records[0].seq, records[-1].seq, body, False)
+            self._write(lambda: journal.add_batch(batch), batch=seq)
+            self._next_batch = seq + 1
+            self._exported_through = records[-1].seq
+            self._save_anchor(sync=True)
+            return body
 
     def ack(self, batch_seq: int) -> None:
         """Settlement has batch `batch_seq`: its records stop counting against
         the offline caps, and then `prune` runs. Acking an acked batch again
         (or one pruned since) only runs `prune`."""
-        found = self._journal.batches("seq = ?", (batch_seq,))
-        batch = found[0] if found else None
-        if batch is None and not 0 < batch_seq < self._next_batch:
-            raise InvalidArgument(f"no exported batch {batch_seq}")
-        # (Numbers below _next_batch were all exported; only pruning deletes one.)
-        if batch is None or batch.acked:
-            # Acked before (and maybe pruned since): a retry. Time may have
-            # moved on since the first ack, so pruning may have more to do.
+        if not isinstance(batch_seq, int) or isinstance(batch_seq, bool):
+            raise InvalidArgument("batch_seq is a batch number")
+        with self._mutex:
+            self._settle_doubt()
+            journal = self._journal
+            assert journal is not None
+            found = journal.batches("seq = ?", (batch_seq,))
+            batch = found[0] if found else None
+            if batch is None and not 0 < batch_seq < self._next_batch:
+                raise InvalidArgument(f"no exported batch {batch_seq}")
+            # (Numbers below _next_batch were all exported, or lost before a
+            # recovery; only pruning deletes one.)
+            if batch is None or batch.acked:
+                # Acked before (and maybe pruned since): a retry. Time may have
+                # moved on since the first ack, so pruning may have more to do.
+                self.prune()
+                return
+            self._write(lambda: journal.ack_batch(batch_seq))
+            for r in journal.records(after_seq=batch.first - 1,
+                                     limit=batch.last - batch.first + 1):
+                s = self._spend.get(r.account)
+                if s is not None:
+                    s.amount -= r.amount
+                    s.uses -= 1
+                    if s.uses == 0:
+                        del self._spend[r.account]
+            self._acked_through = max(self._acked_through, batch.last)
+            self._save_anchor(sync=True)
             self.prune()
-            return
-        self._journal.ack_batch(batch_seq)
-        for r in self._journal.records(after_seq=batch.first - 1,
-                                       limit=batch.last - batch.first + 1):
-            s = self._spend.get(r.account)
-            if s is not None:
-                s.amount -= r.amount
-                s.uses -= 1
-                if s.uses == 0:
-                    del self._spend[r.account]
-        self._acked_through = max(self._acked_through, batch.last)
-        self.prune()
 
     def prune(self) -> int:
         """Delete acknowledged payments scanned more than `policy.prune_after`
@@ -404,25 +595,43 @@ class Gateway:
         # a fresh double tap: their full records leave memory (this covers every
         # record pruned below); their (serial, counter) stays in `_seen` while
         # they are journaled.
-        horizon = self._floor - self.policy.replay_window
-        for key in [k for k, r in self._accepted.items()
-                    if r.seq <= self._acked_through and r.gateway_time < horizon]:
-            del self._accepted[key]
-        pruned = self._journal.prune(self._floor - self.policy.prune_after)
-        if pruned is None:
-            return 0
-        self._seen -= pruned.keys
-        self._forgotten = pruned.newest_issued_at
-        return pruned.records
+        with self._mutex:
+            self._settle_doubt()
+            journal = self._journal
+            assert journal is not None
+            horizon = self._floor - self.policy.replay_window
+            for key in [k for k, r in self._accepted.items()
+                        if r.seq <= self._acked_through and r.gateway_time < horizon]:
+                del self._accepted[key]
+            before = self._floor - self.policy.prune_after
+            pruned = self._write(lambda: journal.prune(before))
+            if pruned is None:
+                return 0
+            self._seen -= pruned.keys
+            self._forgotten = pruned.newest_issued_at
+            return pruned.records
 
     def records(self) -> list[Record]:
         """Every record still in the journal, in order (for audits and tests):
         all but those `prune` deleted."""
-        return self._journal.records()
+        with self._mutex:
+            self._settle_doubt()
+            assert self._journal is not None
+            return self._journal.records()
 
     def close(self) -> None:
-        self._journal.close()
-        self._unlock()
+        """Sync the anchor and release the journal and the directory. A
+        second close does nothing."""
+        with self._mutex:
+            if self._opened and self._journal is not None and self._doubt is None:
+                self._save_anchor(sync=True)
+            if self._journal is not None:
+                self._journal.close()
+                self._journal = None
+            if self._anchor is not None:
+                self._anchor.close()
+                self._anchor = None
+            self._unlock()
 
     def _unlock(self) -> None:
         if self._lock is not None:
@@ -451,6 +660,28 @@ def _lock_directory(directory: Path) -> IO[bytes] | None:
         handle.close()
         raise JournalUnavailable(f"{directory} is in use by another gateway process") from None
     return handle
+
+
+def _is_time(value: object) -> bool:
+    """Unix seconds a gateway can work with: a finite real number in range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value) and 0 <= value <= MAX_TIME
+
+
+def _has_content(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
+
+
+def _behind(path: Path, anchor: Anchor, what: str) -> str:
+    return (f"{path} {what}; its anchor says the gateway journaled records up to "
+            f"{anchor.last_record} and batches up to {anchor.last_batch}. The gateway will not "
+            "start from less, or tokens it accepted before would pass again. Restore the journal "
+            "(journal.sqlite3 with its -wal file) from a backup, or run `qrpay gateway recover` "
+            "to go on from what is left (docs/GATEWAY.md, Failure modes).")
 
 
 def _as_bytes(tokens: Sequence[ScanInput]) -> tuple[list[bytes], npt.NDArray[np.bool_]]:

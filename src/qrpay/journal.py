@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import builtins
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,19 +90,32 @@ class Pruned(NamedTuple):
 
 
 class Journal:
-    """One SQLite file. Not shared between processes: the gateway owns it."""
+    """One SQLite file. Not shared between processes: the gateway owns it.
+    With `create=False` a file without a journal in it is refused rather than
+    made into a new, empty journal."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, create: bool = True) -> None:
         self.path = Path(path)
-        self._db = sqlitedb.connect(self.path, JournalUnavailable)
-        with self.transaction() as db:
-            for statement in filter(str.strip, _SCHEMA.split(";")):
-                db.execute(statement)
-            found = self._get("schema_version")
-            if found is None:
-                self._set("schema_version", SCHEMA_VERSION)
-            elif found != SCHEMA_VERSION:
-                raise JournalUnavailable(f"journal schema {found} is not {SCHEMA_VERSION}")
+        # integrity_check, not quick_check: a record whose bytes changed but
+        # still read as a valid row (another serial, say) would let its token
+        # pass again, and only the index comparison sees it. It costs about
+        # 0.75 s more per million records at open.
+        self._db = sqlitedb.connect(self.path, JournalUnavailable, check="integrity_check")
+        try:
+            if not create and not self._query(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"):
+                raise JournalUnavailable(f"{self.path} holds no journal")
+            with self.transaction() as db:
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    db.execute(statement)
+                found = self._get("schema_version")
+                if found is None:
+                    self._set("schema_version", SCHEMA_VERSION)
+                elif found != SCHEMA_VERSION:
+                    raise JournalUnavailable(f"journal schema {found} is not {SCHEMA_VERSION}")
+        except BaseException:
+            self._db.close()
+            raise
 
     def close(self) -> None:
         self._db.close()
@@ -131,14 +144,41 @@ class Journal:
         return value if isinstance(value, int) else default
 
     def set(self, key: str, value: object) -> None:
+        self.set_many({key: value})
+
+    def set_many(self, values: Mapping[str, object]) -> None:
+        """Several meta values in one durable transaction."""
         with self.transaction():
-            self._set(key, value)
+            for key, value in values.items():
+                self._set(key, value)
+
+    def integrity_check(self) -> list[str]:
+        """SQLite's full check (every index against its table): ["ok"] or
+        what is wrong. Costs a read of the whole file."""
+        return [str(row[0]) for row in self._query("PRAGMA integrity_check")]
 
     def next_record_seq(self) -> int:
         # Numbering carries on past pruned records (pruning keeps the latest
-        # record, but this does not rely on it).
+        # record, but this does not rely on it) and past records lost before
+        # a recovery.
         return max(self._query_one("SELECT COALESCE(MAX(seq), 0) FROM records"),
-                   self.get_int("pruned_through_record")) + 1
+                   self.get_int("pruned_through_record"),
+                   self.get_int("recovered_through_record")) + 1
+
+    def void(self, doubt: int, first_record: int, first_batch: int) -> None:
+        """Settle a doubt: one durable transaction that deletes every record
+        numbered `first_record` or later and every batch numbered `first_batch`
+        or later (0: none), and notes `doubt` as resolved. Called after a
+        commit whose sync failed and before anything else is committed, so
+        those rows can only be that commit's. It always writes, so in the
+        connection that saw the failure it also overwrites the failed commit's
+        frames in the WAL: what a crash would otherwise have brought back."""
+        with self.transaction() as db:
+            if first_record:
+                db.execute("DELETE FROM records WHERE seq >= ?", (first_record,))
+            if first_batch:
+                db.execute("DELETE FROM batches WHERE seq >= ?", (first_batch,))
+            self._set("resolved_doubt", doubt)
 
     def append(self, records: Sequence[Record]) -> None:
         """Write records in one durable transaction."""
@@ -150,10 +190,12 @@ class Journal:
                   r.gateway_time, r.token) for r in records])
 
     def time_floor(self) -> int:
-        """The gateway's trusted time floor: the latest scan time journaled.
-        Derived, not stored: pruning never deletes the latest record (it keeps
-        everything younger than the floor minus the retention)."""
-        return self._query_one("SELECT COALESCE(MAX(gateway_time), 0) FROM records")
+        """The gateway's trusted time floor: the latest scan time journaled
+        (or the time of a recovery, if later). Derived, not stored: pruning
+        never deletes the latest record (it keeps everything younger than the
+        floor minus the retention)."""
+        return max(self._query_one("SELECT COALESCE(MAX(gateway_time), 0) FROM records"),
+                   self.get_int("recovered_floor"))
 
     def records(self, after_seq: int = 0, limit: int = -1, since_time: int | None = None
                 ) -> list[Record]:
@@ -166,18 +208,21 @@ class Journal:
             sql = ("SELECT * FROM records WHERE seq > ? OR gateway_time >= ? "
                    "ORDER BY seq LIMIT ?")
             args = (after_seq, since_time, limit)
+        rows = self._query(sql, args)
+        _check_types(rows, "record", (int, int, int, int, int, int, int, bytes))
         return [Record(seq, from_sql(serial), counter, from_sql(account), amount, scene, t, tok)
-                for seq, serial, counter, account, amount, scene, t, tok
-                in self._query(sql, args)]
+                for seq, serial, counter, account, amount, scene, t, tok in rows]
 
     def keys(self) -> builtins.set[int]:  # (`set` here is the method below)
         """Every journaled (serial, counter) as one int, serial << 32 | counter."""
         rows = self._query("SELECT serial, counter FROM records")
+        _check_types(rows, "record key", (int, int))
         return {from_sql(serial) << 32 | counter for serial, counter in rows}
 
     def batches(self, where: str = "1", args: tuple[int, ...] = ()) -> list[Batch]:
         rows = self._query(f"SELECT seq, first, last, body, acked FROM batches WHERE {where} "
                            "ORDER BY seq", args)
+        _check_types(rows, "batch", (int, int, int, bytes, int))
         return [Batch(s, f, la, b, bool(a)) for s, f, la, b, a in rows]
 
     def batch_summary(self) -> tuple[int, int, int]:
@@ -185,8 +230,11 @@ class Journal:
         counting the batches pruning deleted (all of them were acked)."""
         [row] = self._query("SELECT COALESCE(MAX(seq), 0), COALESCE(MAX(last), 0), "
                             "COALESCE(MAX(CASE WHEN acked THEN last END), 0) FROM batches")
+        _check_types([row], "batch summary", (int, int, int))
         batch, record = self.get_int("pruned_through_batch"), self.get_int("pruned_through_record")
-        return max(int(row[0]), batch), max(int(row[1]), record), max(int(row[2]), record)
+        # Batches lost before a recovery keep their numbers taken.
+        highest = max(row[0], batch, self.get_int("recovered_through_batch"))
+        return highest, max(row[1], record), max(row[2], record)
 
     def add_batch(self, batch: Batch) -> None:
         with self.transaction() as db:
@@ -227,4 +275,16 @@ class Journal:
         return Pruned(len(rows), record, keys, newest_issued)
 
     def _query_one(self, sql: str) -> int:
-        return int(self._query(sql)[0][0])
+        value = self._query(sql)[0][0]
+        _check_types([(value,)], "journal summary", (int,))
+        return int(value)
+
+
+def _check_types(rows: list[Any], what: str, types: tuple[type, ...]) -> None:
+    """Damage that SQLite's checks can miss (a column's type byte flipped)
+    must not surface as a TypeError deep in the gateway."""
+    for row in rows:
+        if any(type(value) is not kind for value, kind in zip(row, types)):
+            raise JournalUnavailable(
+                f"the journal is damaged: a {what} reads back as {row!r:.120}; restore it from a "
+                "backup or run `qrpay gateway recover` (docs/GATEWAY.md, Failure modes)")

@@ -6,6 +6,7 @@ typed error with the transaction rolled back whole."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,21 +15,54 @@ from typing import Any
 from qrpay.errors import QrPayError
 
 
-def connect(path: Path, error: type[QrPayError]) -> sqlite3.Connection:
+BUSY_TIMEOUT = 5.0   # seconds a connection waits for another one's lock
+_SQLITE_BUSY = 5     # primary result code (sqlite3.SQLITE_BUSY is Python 3.11+)
+
+
+def _busy(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)   # extended code, Python 3.11+
+    return (code & 0xFF) == _SQLITE_BUSY if code is not None else "locked" in str(exc)
+
+
+def connect(path: Path, error: type[QrPayError], check: str = "quick_check"
+            ) -> sqlite3.Connection:
     """A connection in WAL mode with synchronous=FULL: a commit that returned
-    survives a crash or a power cut."""
+    survives a crash or a power cut. Another process's lock is waited for up to
+    BUSY_TIMEOUT seconds, then `error`. `check` is the PRAGMA run on open:
+    quick_check, or integrity_check (slower: it also compares every index
+    with its table)."""
+    deadline = time.monotonic() + BUSY_TIMEOUT
     try:
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
-        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                             timeout=BUSY_TIMEOUT)
+    except sqlite3.Error as exc:
+        raise error(f"{path}: {exc}") from exc
+    try:
+        while True:
+            # Turning a new file to WAL takes an exclusive lock, and SQLite
+            # answers SQLITE_BUSY there at once, without the busy handler: two
+            # processes creating one store at once would fail. Wait, bounded.
+            try:
+                mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                break
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise error(f"{path}: {exc} (waited {BUSY_TIMEOUT:g} s)") from exc
+                time.sleep(0.005)
         if str(mode).lower() != "wal":
             raise error(f"{path} cannot use WAL mode (got {mode})")
         db.execute("PRAGMA synchronous=FULL")
-        check = db.execute("PRAGMA quick_check").fetchone()[0]
-        if check != "ok":
-            raise error(f"{path} is corrupt: {check}")
+        found = db.execute(f"PRAGMA {check}").fetchone()[0]
+        if found != "ok":
+            raise error(f"{path} is corrupt: {found}")
         return db
-    except sqlite3.Error as exc:
-        raise error(f"{path}: {exc}") from exc
+    except BaseException as exc:
+        db.close()   # a failed open holds no file open
+        if isinstance(exc, sqlite3.Error):
+            raise error(f"{path}: {exc}") from exc
+        raise
 
 
 def query(db: sqlite3.Connection, error: type[QrPayError], what: str, sql: str,
