@@ -419,3 +419,27 @@ def test_the_smallest_city_catches_everything_too(seed: int, tmp_path: Path) -> 
     report = simulate.run(citizens=simulate.MIN_CITIZENS, trips=1, seed=seed, threads=1,
                           workdir=tmp_path, progress=io.StringIO())
     assert report.failures == [] and all(p.caught for p in report.planted)
+
+
+def test_gateway_recover_after_the_journal_is_lost(tmp_path: Path, keys: dict[str, Path | str],
+                                                   credential: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    gw = gateway_args(tmp_path, keys)
+    scan = ["scan", *gw, "--amount", "100", "--scene", "bus"]
+    token = make_token(capsys, keys, credential, tmp_path)
+    assert run(capsys, *scan, "--text", token, "--now", str(NOW))[0] == 0
+    (tmp_path / "gw" / "journal.sqlite3").unlink()
+    code, _, err = run(capsys, *scan, "--text", token, "--now", str(NOW + 1))
+    assert code == 1 and "JOURNAL_UNAVAILABLE" in err and "qrpay gateway recover" in err
+    code, out, err = run(capsys, "gateway", "recover", *gw, "--now", str(NOW + 10))
+    assert code == 0, err
+    done = json.loads(out)
+    assert (done["lost_records"], done["refused_through"]) == (1, NOW + 40)
+    assert "1 lost" in err
+    code, _, err = run(capsys, *scan, "--text", token, "--now", str(NOW + 11))
+    assert code == 1 and "TOKEN_STALE" in err                 # no second charge
+    fresh = make_token(capsys, keys, credential, tmp_path, NOW + 41)
+    code, out, err = run(capsys, *scan, "--text", fresh, "--now", str(NOW + 41))
+    assert code == 0 and json.loads(out)["record"] == 2, err
+    code, _, err = run(capsys, "gateway", "recover", *gw, "--now", str(NOW - 3600))
+    assert code == 1 and "CLOCK_UNTRUSTED" in err
