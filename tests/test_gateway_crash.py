@@ -21,7 +21,8 @@ environment, so `QRPAY_NO_EXTENSIONS=1 pytest` kills the pure-Python backend.
 
 QRPAY_CRASH_ROUNDS sets the number of kills (default 100, so the README's test
 command, which runs the suite once per backend, kills 200 gateways here; a
-long soak: QRPAY_CRASH_ROUNDS=5000 pytest tests/test_gateway_crash.py).
+long soak: QRPAY_CRASH_ROUNDS=5000 pytest tests/test_gateway_crash.py; QRPAY_CRASH_SEED
+picks another seeded run, e.g. to soak on both cores at once).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from qrpay.journal import Record
 WORKER = Path(__file__).with_name("crash_worker.py")
 ROUNDS = int(os.environ.get("QRPAY_CRASH_ROUNDS", "100"))
 ROUNDS_PER_JOURNAL = 5
-SEED = 20_270_115
+SEED = int(os.environ.get("QRPAY_CRASH_SEED", "20270115"))
 KILL_DELAY = (0.05, 0.6)   # seconds after the first ACK line
 FORGED_SAMPLE = 300        # replays with other bytes checked per round (plus the last 50)
 START_TIMEOUT = 60.0
