@@ -341,15 +341,16 @@ class Gateway:
         raise JournalUnavailable(f"journal write failed ({failure}): nothing from this call was "
                                  "journaled or charged; it can be tried again") from failure
 
-    def _settle_doubt(self) -> None:
-        """Every call starts here: if an earlier write is still in doubt,
-        reopen the journal as a restart would (WAL recovery), void the doubtful
-        rows and rebuild the state from what is there; or raise."""
+    def _ready(self) -> Journal:
+        """Every call starts here, in its turn: the journal, once no earlier
+        write is in doubt. If one is, reopen the journal as a restart would
+        (WAL recovery), void the doubtful rows and rebuild the state from what
+        is there; or raise."""
         if self._journal is None:
             raise JournalUnavailable("the gateway is closed")
         doubt = self._doubt
         if doubt is None:
-            return
+            return self._journal
         self._journal.close()
         try:
             self._journal = Journal(self.directory / JOURNAL_FILE, create=False)
@@ -360,6 +361,7 @@ class Gateway:
                                      f"be undone yet ({exc}); nothing is accepted") from exc
         self._doubt = None
         self._save_anchor(sync=True)
+        return self._journal
 
     # -- deny list ---------------------------------------------------------------------
 
@@ -368,7 +370,7 @@ class Gateway:
         force; otherwise raise (BadSignature, StaleUpdate, ...) and keep the old.
         Applying the list in force again changes nothing (a retry is safe)."""
         with self._mutex:
-            self._settle_doubt()
+            journal = self._ready()
             t = self._trusted_now(now)
             if self.deny_list.version and data == self.deny_list.raw:
                 return self.deny_list
@@ -379,8 +381,6 @@ class Gateway:
             if new.version <= self.deny_list.version:
                 raise StaleUpdate(f"deny list version {new.version} is not newer than "
                                   f"{self.deny_list.version}")
-            journal = self._journal
-            assert journal is not None
             self._write(lambda: journal.set("deny_list", new.raw))
             self.deny_list = new
             self._save_anchor(sync=True)
@@ -424,12 +424,13 @@ class Gateway:
         checked = verify_batch(raw, self.trust, t, max_age=self.policy.max_age,
                                skew=self.policy.skew)
         with self._mutex:
-            self._settle_doubt()
+            journal = self._ready()
             self._check_time(t)   # another thread's commit may have raised the floor
-            return self._admit(checked, raw, text_bad, amount_arr, scene, t)
+            return self._admit(journal, checked, raw, text_bad, amount_arr, scene, t)
 
-    def _admit(self, checked: BatchResult, raw: list[bytes], text_bad: npt.NDArray[np.bool_],
-               amount_arr: npt.NDArray[np.integer], scene: Scene, t: int) -> ScanResult:
+    def _admit(self, journal: Journal, checked: BatchResult, raw: list[bytes],
+               text_bad: npt.NDArray[np.bool_], amount_arr: npt.NDArray[np.integer],
+               scene: Scene, t: int) -> ScanResult:
         """The gateway checks after verification, and the journal commit."""
         n = len(raw)
         reasons = checked.reasons.copy()
@@ -499,8 +500,6 @@ class Gateway:
             # The acknowledgement point. The floor is the latest scan journaled,
             # so it moves only with a commit: a refused-only batch read on a
             # wrong clock cannot lock the gateway out.
-            journal = self._journal
-            assert journal is not None
             self._write(lambda: journal.append(new), record=new[0].seq)
             # Only now, after the commit, does memory change.
             self._floor = max(self._floor, t)
@@ -526,9 +525,7 @@ class Gateway:
         if max_records < 1:
             raise InvalidArgument("max_records must be at least 1")
         with self._mutex:
-            self._settle_doubt()
-            journal = self._journal
-            assert journal is not None
+            journal = self._ready()
             waiting = journal.batches("acked = 0")
             if waiting:
                 return waiting[0].body
@@ -557,9 +554,7 @@ class Gateway:
         if not isinstance(batch_seq, int) or isinstance(batch_seq, bool):
             raise InvalidArgument("batch_seq is a batch number")
         with self._mutex:
-            self._settle_doubt()
-            journal = self._journal
-            assert journal is not None
+            journal = self._ready()
             found = journal.batches("seq = ?", (batch_seq,))
             batch = found[0] if found else None
             if batch is None and not 0 < batch_seq < self._next_batch:
@@ -596,9 +591,7 @@ class Gateway:
         # record pruned below); their (serial, counter) stays in `_seen` while
         # they are journaled.
         with self._mutex:
-            self._settle_doubt()
-            journal = self._journal
-            assert journal is not None
+            journal = self._ready()
             horizon = self._floor - self.policy.replay_window
             for key in [k for k, r in self._accepted.items()
                         if r.seq <= self._acked_through and r.gateway_time < horizon]:
@@ -615,9 +608,7 @@ class Gateway:
         """Every record still in the journal, in order (for audits and tests):
         all but those `prune` deleted."""
         with self._mutex:
-            self._settle_doubt()
-            assert self._journal is not None
-            return self._journal.records()
+            return self._ready().records()
 
     def close(self) -> None:
         """Sync the anchor and release the journal and the directory. A
