@@ -77,7 +77,12 @@ def query(db: sqlite3.Connection, error: type[QrPayError], what: str, sql: str,
 @contextmanager
 def transaction(db: sqlite3.Connection, error: type[QrPayError]) -> Iterator[sqlite3.Connection]:
     """BEGIN IMMEDIATE ... COMMIT. On any error, roll back and raise `error`
-    (or re-raise a non-SQLite exception). Returning means the commit is durable."""
+    (or re-raise a non-SQLite exception). Returning means the commit is durable.
+    Raising does NOT mean it is not: when the sync of COMMIT fails, the commit
+    frame may already be in the WAL file, and WAL recovery after a crash makes
+    it durable. Callers treat a raise as an unknown outcome (the gateway voids
+    the rows, settlement writes are idempotent by key; docs/GATEWAY.md and
+    docs/SETTLEMENT.md, failures)."""
     try:
         db.execute("BEGIN IMMEDIATE")
     except sqlite3.Error as exc:
