@@ -196,9 +196,15 @@ def test_scan_export_ack_ingest_report_deny(tmp_path: Path, keys: dict[str, Path
     assert report["charged_total"] == 350 and report["charges"][0]["account"] == 42
 
     # Pay later: 100 of the 350 repaid on day 3, looked at on day 20 (due after 7 days).
-    code, _, err = run(capsys, "repay", *settle, "--account", "42", "--amount", "100",
-                       "--now", str(NOW + 3 * 86_400))
-    assert code == 0 and "repayment of 100" in err
+    repay = ["repay", *settle, "--account", "42", "--amount", "100", "--reference", "TX-1",
+             "--now", str(NOW + 3 * 86_400)]
+    code, _, err = run(capsys, *repay)
+    assert code == 0 and "repayment TX-1 of 100" in err and "recorded" in err
+    # A retry (say the first answer was lost) is stored once; other content is refused.
+    code, _, err = run(capsys, *repay)
+    assert code == 0 and "was recorded before (nothing changed)" in err
+    code, _, err = run(capsys, *repay[:-1], str(NOW))
+    assert code == 1 and "CONFLICT" in err
     history = tmp_path / "history.csv"
     code, _, err = run(capsys, "history", *settle, "--now", str(NOW + 20 * 86_400),
                        "--out", str(history))
@@ -211,7 +217,9 @@ def test_scan_export_ack_ingest_report_deny(tmp_path: Path, keys: dict[str, Path
     code, _, _ = run(capsys, "history", *settle, "--now", str(NOW + 20 * 86_400),
                      "--due-days", "30", "--out", str(history))
     assert code == 0 and history.read_text().splitlines()[1].split(",")[4] == "0"
-    for bad in (["--amount", "-5"], ["--amount", "lots"]):
+    for bad in (["--amount", "-5", "--reference", "TX-2"],
+                ["--amount", "lots", "--reference", "TX-2"],
+                ["--amount", "5"]):                          # no reference
         with pytest.raises(SystemExit) as info:
             cli.main(["repay", *settle, "--account", "42", *bad])
         assert info.value.code == 2

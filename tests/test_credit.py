@@ -201,8 +201,8 @@ def test_settlement_credit_history(tmp_path: Path) -> None:
         batch = bus.export_batch(now=NOW + DAY)
         assert batch is not None
         settlement.ingest(batch)
-    settlement.record_repayment(42, 200, NOW + 2 * DAY)
-    settlement.record_repayment(7, 50, NOW + 2 * DAY)          # no charges: a credit
+    settlement.record_repayment(42, 200, NOW + 2 * DAY, "r1")
+    settlement.record_repayment(7, 50, NOW + 2 * DAY, "r2")    # no charges: a credit
     [r42] = settlement.credit_history(NOW + 20 * DAY)[1:]
     assert (r42["account"], r42["charged"], r42["repaid"], r42["overdue"]) == (42, 500, 200, 300)
     assert r42["days_past_due"] == 20 - 8 and r42["on_time_share"] == pytest.approx(0.4)

@@ -5,6 +5,7 @@ a model: test_settlement_stateful.py; kill during ingest: test_settlement_crash.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -663,10 +664,10 @@ def test_sequence_gaps_in_records_and_batches(settlement: Settlement,
 def test_repayments_are_recorded_and_read_back(tmp_path: Path, settlement: Settlement,
                                                deny_trust: TrustStore) -> None:
     assert settlement.repayments() == [] and settlement.repayments(5011) == []
-    settlement.record_repayment(5011, 500, NOW)
-    settlement.record_repayment(5012, 1, NOW + 1)
-    settlement.record_repayment(5011, 200, NOW + 2)
-    settlement.record_repayment(2**63 - 1, 2**61, 2**32 - 1)
+    assert settlement.record_repayment(5011, 500, NOW, "a1") is True
+    settlement.record_repayment(5012, 1, NOW + 1, "a2")
+    settlement.record_repayment(5011, 200, NOW + 2, "a3")
+    settlement.record_repayment(2**63 - 1, 2**61, 2**32 - 1, "x" * 128)
     assert settlement.repayments(5011) == [(5011, 500, NOW), (5011, 200, NOW + 2)]
     assert settlement.repayments(5012) == [(5012, 1, NOW + 1)]
     every = settlement.repayments()
@@ -674,26 +675,32 @@ def test_repayments_are_recorded_and_read_back(tmp_path: Path, settlement: Settl
                      (2**63 - 1, 2**61, 2**32 - 1)]
     # What credit_history could not add up is refused when stored, not when read.
     with pytest.raises(errors.InvalidArgument):
-        settlement.record_repayment(7, 2**61, NOW)
+        settlement.record_repayment(7, 2**61, NOW, "b1")
     with pytest.raises(errors.InvalidArgument):
         settlement.record_repayments(np.array([7, 8]), np.array([2**60, 2**61]),
-                                     np.array([NOW, NOW]))
+                                     np.array([NOW, NOW]), ["b1", "b2"])
     assert settlement.credit_history(2**32 - 1)["repaid"].sum() == 2**61 + 701
     for bad in ((-1, 1, NOW), (1, -1, NOW), (1, 1, -1), (True, 1, NOW), (1, 1.5, NOW),
                 (1, 1, 2**32), (2**63, 1, NOW), (1, 2**62 + 1, NOW), ("1", 1, NOW)):
         with pytest.raises(errors.InvalidArgument):
-            settlement.record_repayment(*bad)  # type: ignore[arg-type]
+            settlement.record_repayment(*bad, "b1")  # type: ignore[arg-type]
+    for reference in ("", "x" * 129, "tab\there", "line\n", b"b1", None, 7):
+        with pytest.raises(errors.InvalidArgument):
+            settlement.record_repayment(1, 1, NOW, reference)  # type: ignore[arg-type]
     assert settlement.repayments() == every
     # A bank's file in one call: all stored, or (one bad row) none.
     assert settlement.record_repayments(np.array([7, 8]), np.array([10, 20]),
-                                        np.array([NOW, NOW + 5])) == 2
+                                        np.array([NOW, NOW + 5]), np.array(["c1", "c2"])) == 2
     every += [(7, 10, NOW), (8, 20, NOW + 5)]
     for bad in (([7], [10, -1], [NOW, NOW]), ([7, 8], [10, 1], [NOW, 2**32]),
                 ([7, 8], [1.5, 1.0], [NOW, NOW]), ([[7]], [[1]], [[NOW]]),
                 ([2**63, 1], [1, 1], [NOW, NOW])):
         with pytest.raises(errors.InvalidArgument):
-            settlement.record_repayments(*(np.array(c) for c in bad))
-    assert settlement.record_repayments([], [], []) == 0
+            settlement.record_repayments(*(np.array(c) for c in bad), ["d1", "d2"])
+    for refs in (["d1"], ["d1", "d2", "d3"], "d1d2", ["d1", ""]):
+        with pytest.raises(errors.InvalidArgument):
+            settlement.record_repayments([7, 8], [1, 1], [NOW, NOW], refs)
+    assert settlement.record_repayments([], [], [], []) == 0
     assert settlement.repayments() == every
     settlement.close()
     again = Settlement(tmp_path / "settle", deny_trust)
@@ -701,6 +708,111 @@ def test_repayments_are_recorded_and_read_back(tmp_path: Path, settlement: Settl
         assert again.repayments() == every
     finally:
         again.close()
+
+
+def test_a_repayment_reference_is_stored_once(tmp_path: Path, settlement: Settlement,
+                                             deny_trust: TrustStore) -> None:
+    """A retry (the answer was lost, or the commit failed) stores nothing again;
+    the same reference with other content is a Conflict that stores nothing."""
+    assert settlement.record_repayment(42, 500, NOW, "TX-1") is True
+    assert settlement.record_repayment(42, 500, NOW, "TX-1") is False     # already stored
+    for other in ((43, 500, NOW), (42, 501, NOW), (42, 500, NOW + 1)):
+        with pytest.raises(errors.Conflict) as info:
+            settlement.record_repayment(*other, "TX-1")
+        assert info.value.reason == errors.Reason.CONFLICT and "TX-1" in str(info.value)
+    assert settlement.repayments() == [(42, 500, NOW)]
+    # A file replayed whole, or with new rows: only the new rows are stored, in file order.
+    assert settlement.record_repayments([42, 7], [500, 70], [NOW, NOW + 1], ["TX-1", "TX-2"]) == 1
+    assert settlement.record_repayments([42, 7], [500, 70], [NOW, NOW + 1], ["TX-1", "TX-2"]) == 0
+    # One row in the file twice (same content) counts once.
+    assert settlement.record_repayments([8, 8], [80, 80], [NOW, NOW], ["TX-3", "TX-3"]) == 1
+    before = settlement.repayments()
+    assert before == [(42, 500, NOW), (7, 70, NOW + 1), (8, 80, NOW)]
+    # A file with one conflicting row stores none of its rows.
+    for refs in (["TX-4", "TX-2"], ["TX-4", "TX-4"]):
+        with pytest.raises(errors.Conflict):
+            settlement.record_repayments([9, 9], [90, 91], [NOW, NOW], refs)
+    assert settlement.repayments() == before
+    # The reference is what is unique, not the content: two payments of one
+    # amount by one account at one second are two rows.
+    assert settlement.record_repayment(42, 500, NOW, "TX-5") is True
+    settlement.close()
+    again = Settlement(tmp_path / "settle", deny_trust)
+    try:
+        assert again.record_repayment(42, 500, NOW, "TX-5") is False
+        assert again.repayments(42) == [(42, 500, NOW), (42, 500, NOW)]
+    finally:
+        again.close()
+
+
+def test_a_store_from_before_references_opens(tmp_path: Path, deny_trust: TrustStore) -> None:
+    """A store made by code without repayment references (the table without
+    its column) opens, keeps its rows, and takes referenced repayments."""
+    (tmp_path / "old").mkdir()
+    db = sqlite3.connect(tmp_path / "old" / "settlement.sqlite3", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE repayments (id INTEGER PRIMARY KEY, account INTEGER NOT NULL, "
+               "amount INTEGER NOT NULL, paid_at INTEGER NOT NULL)")   # as it was made then
+    db.executemany("INSERT INTO repayments(account, amount, paid_at) VALUES (?, ?, ?)",
+                   [(42, 100, NOW), (42, 100, NOW)])    # stored twice back then
+    db.close()
+    for _ in range(2):   # the second open finds the column already there
+        with Settlement(tmp_path / "old", deny_trust) as s:
+            s.record_repayment(42, 200, NOW + 1, "TX-1")
+            assert s.repayments() == [(42, 100, NOW), (42, 100, NOW), (42, 200, NOW + 1)]
+
+
+class _FailingCommit:
+    """Stands in for the store's connection: the next COMMIT is made durable
+    (or rolled back) and then reported failed, the two outcomes a commit whose
+    fdatasync failed can have after a crash."""
+
+    def __init__(self, db: sqlite3.Connection, durable: bool) -> None:
+        self.db, self.durable, self.armed = db, durable, True
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "COMMIT" and self.armed:
+            self.armed = False
+            self.db.execute("COMMIT" if self.durable else "ROLLBACK")
+            raise sqlite3.OperationalError("disk I/O error")
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+
+@pytest.mark.parametrize("durable", [True, False], ids=["stored", "lost"])
+def test_a_failed_commit_says_the_outcome_is_unknown_and_the_retry_is_safe(
+        tmp_path: Path, deny_trust: TrustStore, gw_keys: list[GatewayKey], riders: list[Rider],
+        issuer: IssuerKey, durable: bool) -> None:
+    """Every write: a failed COMMIT raises StoreUnavailable saying the outcome
+    is unknown and what to retry; doing so ends with the write stored once."""
+    s = Settlement(tmp_path / "settle", deny_trust)
+    real = s._db
+    batch = craft(gw_keys[0], 1, 1, [(riders[0].token(NOW, 1), 100, Scene.BUS, NOW)])
+
+    def failing(call: Callable[[], Any], says: str) -> None:
+        s._db = _FailingCommit(real, durable)  # type: ignore[assignment]
+        with pytest.raises(errors.StoreUnavailable) as info:
+            call()
+        assert "unknown" in str(info.value) and says in str(info.value)
+        s._db = real
+
+    failing(lambda: s.register_gateway(gw_keys[0].public), "same key")
+    assert s.register_gateway(gw_keys[0].public) == gw_keys[0].public.gateway_id
+    failing(lambda: s.ingest(batch), "same batch")
+    assert s.ingest(batch).status == (IngestStatus.EXISTS if durable else IngestStatus.APPLIED)
+    failing(lambda: s.record_repayment(42, 500, NOW, "TX-1"), "same reference")
+    assert s.record_repayment(42, 500, NOW, "TX-1") is not durable
+    failing(lambda: s.record_repayments([7, 8], [1, 2], [NOW, NOW], ["F-1", "F-2"]),
+            "same reference")
+    assert s.record_repayments([7, 8], [1, 2], [NOW, NOW], ["F-1", "F-2"]) == (0 if durable else 2)
+    failing(lambda: s.publish_deny_list(issuer, NOW), "publish again")
+    document, _ = s.publish_deny_list(issuer, NOW + 1)
+    assert DenyList.load(document, deny_trust).version == (2 if durable else 1)
+    assert s.repayments() == [(42, 500, NOW), (7, 1, NOW), (8, 2, NOW)]
+    assert s.batch_count() == 1
+    s.close()
 
 
 # -- deny list --------------------------------------------------------------------------------

@@ -24,8 +24,9 @@ from qrpay import qrimage, simulate
 from qrpay.credential import Credential, Scene
 from qrpay.denylist import DenyList
 from qrpay.errors import (
-    BadSignature, InvalidArgument, InvalidKey, MalformedCredential, MalformedMessage,
-    MalformedToken, QrPayError, ScanRefused, StaleUpdate, TokenRejected, UnknownGateway,
+    BadSignature, Conflict, InvalidArgument, InvalidKey, MalformedCredential, MalformedMessage,
+    MalformedToken, QrPayError, ScanRefused, StaleUpdate, StoreUnavailable, TokenRejected,
+    UnknownGateway,
 )
 from qrpay.gateway import Gateway
 from qrpay.keys import (
@@ -48,7 +49,7 @@ ROLES: dict[str, type[SigningKey]] = {"issuer": IssuerKey, "device": DeviceKey,
 # Bad input: it could not be read as what it claims to be.
 _BAD_INPUT = (InvalidKey, InvalidArgument, MalformedCredential, MalformedMessage, MalformedToken)
 # Refusals: the input was well-formed and a check said no.
-_REFUSALS = (TokenRejected, ScanRefused, BadSignature, StaleUpdate, UnknownGateway)
+_REFUSALS = (TokenRejected, ScanRefused, BadSignature, StaleUpdate, UnknownGateway, Conflict)
 
 
 class CliError(Exception):
@@ -354,9 +355,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_repay(args: argparse.Namespace) -> int:
     paid_at = _at(args.now)
     with _settlement(args) as settlement:
-        settlement.record_repayment(args.account, args.amount, paid_at)
-    print(f"account {args.account}: repayment of {args.amount} recorded at {paid_at}",
-          file=sys.stderr)
+        try:
+            stored = settlement.record_repayment(args.account, args.amount, paid_at,
+                                                 args.reference)
+        except StoreUnavailable as exc:
+            # The retry must repeat the time too: the clock will have moved on.
+            raise CliError(f"{exc} (retry with --reference {args.reference} --now {paid_at})",
+                           EXIT_REFUSED) from None
+    what = "recorded" if stored else "was recorded before (nothing changed)"
+    print(f"account {args.account}: repayment {args.reference} of {args.amount} at {paid_at} "
+          f"{what}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -567,6 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
     settlement_args(p)
     p.add_argument("--account", required=True, type=_int(0))
     p.add_argument("--amount", required=True, type=_int(0), help="minor units")
+    p.add_argument("--reference", required=True,
+                   help="the payment's own reference (the bank's): the same one again is "
+                        "stored once, so a failed call can be retried")
     p.add_argument("--now", type=_int(0), help="when it was paid (default: the clock)")
     p.set_defaults(run=cmd_repay)
 

@@ -51,6 +51,7 @@ class Reason(enum.IntEnum):
     STALE_UPDATE = 36
     UNKNOWN_GATEWAY = 37
     STORE_UNAVAILABLE = 38
+    CONFLICT = 39
 
 
 class QrPayError(Exception):
@@ -239,6 +240,13 @@ class StoreUnavailable(QrPayError, OSError):
     reason = Reason.STORE_UNAVAILABLE
 
 
+class Conflict(QrPayError, ValueError):
+    """Other content is already stored under the same identity (a repayment's
+    reference): nothing was stored."""
+
+    reason = Reason.CONFLICT
+
+
 _BY_REASON: dict[Reason, type[QrPayError]] = {}
 for _cls in (
     WrongLength, UnsupportedVersion, UnknownKeyId, IssuerKeyRole, IssuerKeyNotValid,
@@ -247,7 +255,7 @@ for _cls in (
     InvalidArgument, BadSignature, MalformedCredential, Revoked, SceneMismatch,
     AlreadyAccepted, OverTransactionCap, DenyListStale, OverOfflineLimit, TooManyOfflineUses,
     ClockUntrusted, JournalUnavailable, MalformedMessage, StaleUpdate, UnknownGateway,
-    StoreUnavailable,
+    StoreUnavailable, Conflict,
 ):
     _BY_REASON[_cls.reason] = _cls
 

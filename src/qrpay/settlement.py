@@ -12,8 +12,8 @@ import enum
 import hashlib
 import sqlite3
 import threading
-from collections.abc import Iterable
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -27,7 +27,8 @@ from qrpay.credential import Scene
 from qrpay.credit import DEFAULT_DUE_AFTER
 from qrpay.denylist import DenyList, sign_deny_list
 from qrpay.errors import (
-    InvalidArgument, IssuerKeyRole, MalformedMessage, Reason, StoreUnavailable, UnknownGateway,
+    Conflict, InvalidArgument, IssuerKeyRole, MalformedMessage, Reason, StoreUnavailable,
+    UnknownGateway,
 )
 from qrpay.format import (
     PUBLIC_KEY_LEN, TAG_BATCH, TOKEN_DEVICE_SIG, TOKEN_DTYPE, TOKEN_LEN, U32_MAX,
@@ -42,6 +43,7 @@ from qrpay.wire import body_map, split_document, verify_document
 
 STORE_FILE = "settlement.sqlite3"
 MAX_RECORDS_PER_BATCH = 100_000
+MAX_REFERENCE = 128   # characters of a repayment's reference (a bank's is 35 or fewer)
 _BATCH_FIELDS: dict[str, type | tuple[type, ...]] = {
     "v": int, "gateway": bytes, "seq": int, "first": int, "last": int, "created_at": int,
     "records": list,
@@ -64,9 +66,17 @@ CREATE TABLE IF NOT EXISTS batches (
 CREATE TABLE IF NOT EXISTS deny_lists (version INTEGER PRIMARY KEY, document BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS repayments (
     id INTEGER PRIMARY KEY, account INTEGER NOT NULL, amount INTEGER NOT NULL,
-    paid_at INTEGER NOT NULL
+    paid_at INTEGER NOT NULL, reference TEXT
 )
 """
+# What the caller of each write must do when its commit failed: the outcome is
+# unknown (the WAL can hold the commit, and a crash or reopen make it durable).
+_RETRY_OPEN = "open the store again"
+_RETRY_GATEWAY = "register the same key again: it is stored once"
+_RETRY_INGEST = "ingest the same batch again: EXISTS if it was stored, APPLIED if not"
+_RETRY_DENY = ("publish again and send only what that returns: a version this call may "
+               "have stored was never sent, and every later one holds its serials")
+_RETRY_REPAY = "record it again with the same reference: it is stored once"
 
 
 class IngestStatus(str, enum.Enum):
@@ -147,14 +157,40 @@ class Settlement:
         except OSError as exc:
             raise StoreUnavailable(f"settlement store {self.directory}: {exc}") from exc
         self._db = sqlitedb.connect(self.directory / STORE_FILE, StoreUnavailable)
-        with self._transaction() as db:
-            for statement in filter(str.strip, _SCHEMA.split(";")):
-                db.execute(statement)
+        try:
+            with self._write(_RETRY_OPEN) as db:
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    db.execute(statement)
+                columns = {row[1] for row in db.execute("PRAGMA table_info(repayments)")}
+                if "reference" not in columns:   # a store made before references
+                    db.execute("ALTER TABLE repayments ADD COLUMN reference TEXT")
+                # Older rows keep a NULL reference, which UNIQUE lets repeat.
+                db.execute("CREATE UNIQUE INDEX IF NOT EXISTS repayments_reference "
+                           "ON repayments(reference)")
+        except BaseException:
+            self._db.close()
+            raise
         for key in gateways:
             self.register_gateway(key)
 
-    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
-        return sqlitedb.transaction(self._db, StoreUnavailable)
+    @contextmanager
+    def _write(self, retry: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction, under the lock. A failure after the body ran
+        is a failed COMMIT (say fdatasync returned EIO): rolled back here, yet
+        its frames may be in the WAL, and a crash or a reopen can still make it
+        durable. Its outcome is unknown, and the error says so and what to
+        retry (`retry`)."""
+        with self._lock:
+            ran = False
+            try:
+                with sqlitedb.transaction(self._db, StoreUnavailable) as db:
+                    yield db
+                    ran = True
+            except StoreUnavailable as exc:
+                if not ran:
+                    raise
+                raise StoreUnavailable(f"{exc}: the commit failed and whether it is stored "
+                                       f"is unknown; {retry}") from exc
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         # The one connection is shared: a read must not see another thread's
@@ -163,7 +199,8 @@ class Settlement:
             return sqlitedb.query(self._db, StoreUnavailable, "settlement store", sql, args)
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:   # not under another thread's call
+            self._db.close()
 
     def __enter__(self) -> Settlement:
         return self
@@ -178,7 +215,7 @@ class Settlement:
         if not isinstance(key, GatewayPublicKey):
             raise InvalidArgument("gateways are registered by their GatewayPublicKey")
         gateway_id = key.gateway_id
-        with self._lock, self._transaction() as db:
+        with self._write(_RETRY_GATEWAY) as db:
             row = db.execute("SELECT public FROM gateways WHERE id = ?", (gateway_id,)).fetchone()
             if row is not None and row[0] != key.to_bytes():
                 raise InvalidArgument(f"gateway id {gateway_id} already names another key")
@@ -234,7 +271,7 @@ class Settlement:
             "<u8").reshape(-1)
         # The gateway stops counting these against the offline limit once exported.
         records["uploaded_at"] = min(doc["created_at"], U32_MAX)
-        with self._lock, self._transaction() as db:
+        with self._write(_RETRY_INGEST) as db:
             # Checked again inside the write transaction: another caller may
             # have applied this batch (or an overlapping one) meanwhile.
             known = self._status(gateway_id, seq, first, last, digest)
@@ -308,30 +345,37 @@ class Settlement:
         if not trusted.roles & Role.DENY_LIST:
             # Gateways would refuse the list; so would this store on its next read.
             raise IssuerKeyRole("this issuer key is not trusted to sign deny lists")
-        # Read, sign and store as one step: two publishers never pick one version.
         with self._lock:
-            previous = self.deny_list()
-            old = {int(s) for s in previous.serials} if previous is not None else set()
             flagged = self.report().flagged_serials() | {int(s) for s in revoke}
-            version = (previous.version if previous is not None else 0) + 1
-            document = sign_deny_list(key, version, old | flagged, issued_at)
-            with self._transaction() as db:
+            # Read the previous list, sign and store in one write transaction:
+            # two publishers (threads or processes) never pick one version.
+            with self._write(_RETRY_DENY) as db:
+                previous = self.deny_list()
+                old = {int(s) for s in previous.serials} if previous is not None else set()
+                version = (previous.version if previous is not None else 0) + 1
+                document = sign_deny_list(key, version, old | flagged, issued_at)
                 db.execute("INSERT INTO deny_lists(version, document) VALUES (?, ?)",
                            (version, document))
         return document, sorted(flagged - old)
 
-    def record_repayment(self, account: int, amount: int, paid_at: int) -> None:
-        """A repayment event: part of the account history that scoring reads."""
+    def record_repayment(self, account: int, amount: int, paid_at: int, reference: str) -> bool:
+        """A repayment event: part of the account history that scoring reads.
+        `reference` names it once and for all (the bank's transaction
+        reference): True if stored now, False if that reference was stored
+        before with the same account, amount and time (a retry); Conflict if
+        with others."""
         for name, value, top in (("account", account, 2**63 - 1), ("amount", amount, 2**62),
                                  ("paid_at", paid_at, U32_MAX)):
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
                 raise InvalidArgument(f"{name} must be a non-negative integer")
-        self._insert_repayments([(account, amount, paid_at)])
+        return self._insert_repayments([(account, amount, paid_at, _reference(reference))]) == 1
 
     def record_repayments(self, accounts: npt.ArrayLike, amounts: npt.ArrayLike,
-                          paid_at: npt.ArrayLike) -> int:
+                          paid_at: npt.ArrayLike, references: Sequence[str]) -> int:
         """Many repayments (a bank's daily file) in one transaction: all or none.
-        Same ranges as record_repayment; returns how many were stored."""
+        Same ranges and references as record_repayment; returns how many were
+        stored now (a row whose reference is stored already, or given twice,
+        with the same content counts once)."""
         columns = [np.asarray(c) for c in (accounts, amounts, paid_at)]
         if len({c.shape for c in columns}) != 1 or columns[0].ndim != 1:
             raise InvalidArgument("accounts, amounts and paid_at: three 1-D arrays of one length")
@@ -339,18 +383,34 @@ class Settlement:
                                 (2**63 - 1, 2**62, U32_MAX)):
             if c.size and (c.dtype.kind not in "iu" or c.min() < 0 or c.max() > top):
                 raise InvalidArgument(f"every {name} must be an integer from 0 to {top}")
-        rows = list(zip(*(c.tolist() for c in columns)))
-        self._insert_repayments(rows)
-        return len(rows)
+        if isinstance(references, str) or len(references) != len(columns[0]):
+            raise InvalidArgument("one reference per repayment")
+        refs = [_reference(r) for r in references]
+        return self._insert_repayments(list(zip(*(c.tolist() for c in columns), refs)))
 
-    def _insert_repayments(self, rows: list[tuple[int, int, int]]) -> None:
-        with self._lock, self._transaction() as db:
+    def _insert_repayments(self, rows: list[tuple[int, int, int, str]]) -> int:
+        """Store the rows whose reference is new; returns how many."""
+        new: dict[str, tuple[int, int, int, str]] = {}
+        for row in rows:
+            if new.setdefault(row[3], row) != row:
+                raise Conflict(f"reference {row[3]!r} is given twice with other content")
+        with self._write(_RETRY_REPAY) as db:
+            refs = list(new)
+            for at in range(0, len(refs), 500):   # within SQLite's bound on parameters
+                chunk = refs[at:at + 500]
+                for stored in db.execute(
+                        "SELECT account, amount, paid_at, reference FROM repayments WHERE "
+                        f"reference IN ({','.join('?' * len(chunk))})", chunk).fetchall():
+                    if new.pop(stored[3]) != stored:
+                        raise Conflict(f"reference {stored[3]!r} is stored already as account "
+                                       f"{stored[0]}, amount {stored[1]}, paid at {stored[2]}")
             # credit_history sums every repayment: refuse now what it could not add up.
-            stored = db.execute("SELECT COALESCE(SUM(amount), 0) FROM repayments").fetchone()[0]
-            if stored + sum(amount for _, amount, _ in rows) >= credit.TOTAL_LIMIT:
+            total = db.execute("SELECT COALESCE(SUM(amount), 0) FROM repayments").fetchone()[0]
+            if total + sum(amount for _, amount, _, _ in new.values()) >= credit.TOTAL_LIMIT:
                 raise InvalidArgument("repayments would add up to 2**62 or more")
-            db.executemany("INSERT INTO repayments(account, amount, paid_at) VALUES (?, ?, ?)",
-                           rows)
+            db.executemany("INSERT INTO repayments(account, amount, paid_at, reference) "
+                           "VALUES (?, ?, ?, ?)", list(new.values()))
+        return len(new)
 
     def repayments(self, account: int | None = None) -> list[tuple[int, int, int]]:
         """(account, amount, paid_at) rows, oldest first."""
@@ -367,15 +427,23 @@ class Settlement:
         row per account, sorted): every charged payment ingested so far, due
         `due_after` seconds after its scan, against every repayment recorded.
         Scoring reads it; see docs/SETTLEMENT.md (Repayments)."""
-        records, _gateway, _names, _batches, result = self._settled()
+        with self._lock:   # charges and repayments as of one moment
+            records, _gateway, _names, _batches, result = self._settled()
+            rows = self._query("SELECT account, amount, paid_at FROM repayments")
         charged = records[result.charged]
-        rows = self._query("SELECT account, amount, paid_at FROM repayments")
         paid = np.array(rows, dtype=np.int64).reshape(-1, 3)
         return credit.history(charged["account"], charged["gateway_time"], charged["amount"],
                               paid[:, 0], paid[:, 2], paid[:, 1], now, due_after)
 
     def batch_count(self) -> int:
         return int(self._query("SELECT COUNT(*) FROM batches")[0][0])
+
+
+def _reference(reference: object) -> str:
+    if (not isinstance(reference, str) or not 0 < len(reference) <= MAX_REFERENCE
+            or not reference.isprintable()):
+        raise InvalidArgument(f"a reference is 1 to {MAX_REFERENCE} printable characters")
+    return str(reference)   # a plain str, also for numpy's str_
 
 
 def _parse_records(items: list[Any], first: int, last: int

@@ -394,7 +394,8 @@ def _pay_later(report: Report, st: _Stages, city: _City, final: SettlementReport
     with st.stage("repayments recorded (one bank file)", int(payers.sum())):
         city.settlement.record_repayments(accounts[payers], amounts[payers],
                                           DAY_START + days[payers] * DAY + gen.integers(
-                                              0, DAY, int(payers.sum())))
+                                              0, DAY, int(payers.sum())),
+                                          [f"bank-{a}" for a in accounts[payers].tolist()])
     with st.stage("credit history a month on", len(accounts)):
         history = city.settlement.credit_history(LOOK_AT)
     rows = history[np.isin(history["account"], accounts)]
