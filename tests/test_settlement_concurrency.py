@@ -1,16 +1,26 @@
 """Settlement shared: two processes creating one new store at the same instant
 must both open (issue 10, D6: the second failed at once with `database is
-locked`)."""
+locked`), and one Settlement object shared by threads mixing every call
+(issue 10, D2's settlement half) holds exactly what the calls acknowledged."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+from qrpay import (
+    DeviceKey, Gateway, GatewayKey, IssuerKey, Scene, TokenGenerator, TrustStore,
+)
+from qrpay.denylist import DenyList
+from qrpay.gateway import GatewayPolicy
+from qrpay.settlement import IngestStatus, Settlement
 
 
 TRIALS = 1000        # racing pairs per run: ~3 s
@@ -58,3 +68,102 @@ def test_two_processes_create_one_new_store_at_once(tmp_path: Path) -> None:
         results = [json.loads(p.communicate(timeout=120)[0]) for p in racers]
     failed = [r for both in zip(*results) for r in both if r != "opened"]
     assert failed == [], f"{len(failed)} of {2 * TRIALS} opens failed: {failed[:3]}"
+
+
+# -- one Settlement shared by threads ---------------------------------------------------------
+
+NOW = 1_800_000_000
+THREADS = 6
+CALLS = 25           # per thread
+
+
+def _batches(tmp_path: Path, issuer: IssuerKey, trust: TrustStore
+             ) -> tuple[list[GatewayKey], list[bytes]]:
+    """Three gateways' upload batches, four each, of three payments each."""
+    device = DeviceKey(bytes([5]) * 32)
+    credential = issuer.issue(account=42, device_public=device.public, limit=10**6,
+                              scenes=[Scene.BUS], not_before=NOW - 3600, not_after=NOW + 86400)
+    phone = TokenGenerator(credential, device)
+    keys = [GatewayKey(bytes([60 + i]) * 32) for i in range(3)]
+    policy = GatewayPolicy(deny_list_max_age=None, max_offline_uses=10_000)
+    batches = []
+    for i, key in enumerate(keys):
+        with Gateway(tmp_path / f"gw{i}", key, trust, policy) as gateway:
+            for seq in range(1, 5):
+                for _ in range(3):
+                    gateway.scan(phone.make(Scene.BUS, NOW), 10, Scene.BUS, NOW)
+                batch = gateway.export_batch(now=NOW + 60)
+                assert batch is not None
+                batches.append(batch)
+                gateway.ack(seq)
+    return keys, batches
+
+
+def test_threads_sharing_a_settlement(tmp_path: Path, issuer: IssuerKey,
+                                      deny_trust: TrustStore) -> None:
+    """Threads mix every call on one Settlement, each batch and repayment more
+    than once; the store then holds exactly what the calls acknowledged."""
+    keys, batches = _batches(tmp_path, issuer, deny_trust)
+    settlement = Settlement(tmp_path / "settle", deny_trust, [k.public for k in keys])
+    statuses: dict[int, list[IngestStatus]] = {i: [] for i in range(len(batches))}
+    given: set[int] = set()                  # repayment references recorded
+    new_rows: list[int] = []                 # how many rows each call said it stored
+    versions: list[int] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(THREADS)
+
+    def repayment(ref: int) -> tuple[int, int, int, str]:
+        # Shared references: several threads record the same payment.
+        return 1000 + ref % 7, 1 + ref, NOW + ref, f"TX-{ref}"
+
+    def work(t: int) -> None:
+        rng = random.Random(t)
+        start.wait()
+        try:
+            for _ in range(CALLS):
+                op = rng.randrange(6)
+                if op == 0:
+                    i = rng.randrange(len(batches))
+                    statuses[i].append(settlement.ingest(batches[i]).status)
+                elif op == 1:
+                    ref = rng.randrange(40)
+                    new_rows.append(int(settlement.record_repayment(*repayment(ref))))
+                    given.add(ref)
+                elif op == 2:
+                    refs = rng.sample(range(40), 3)
+                    rows = [repayment(r) for r in refs]
+                    new_rows.append(settlement.record_repayments(*(list(c) for c in zip(*rows))))
+                    given.update(refs)
+                elif op == 3:
+                    document, _ = settlement.publish_deny_list(issuer, NOW)
+                    versions.append(DenyList.load(document, deny_trust).version)
+                elif op == 4:
+                    assert settlement.report().records <= 3 * len(batches)
+                else:
+                    settlement.credit_history(NOW + 86400)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+
+    # Each batch applied once (the rest EXISTS), all of them stored once.
+    applied = [i for i, s in statuses.items() if s]
+    for i in applied:
+        assert statuses[i].count(IngestStatus.APPLIED) == 1
+        assert set(statuses[i]) <= {IngestStatus.APPLIED, IngestStatus.EXISTS}
+    assert settlement.batch_count() == len(applied)
+    assert settlement.report().records == 3 * len(applied)
+    # Each repayment once, and the calls together said so once per reference.
+    assert sorted(settlement.repayments()) == sorted(repayment(r)[:3] for r in given)
+    assert sum(new_rows) == len(given)
+    # The mix did happen: batches ingested again, some repayment given again.
+    assert any(len(s) > 1 for s in statuses.values()) and len(new_rows) > len(given) / 3
+    # Every publish got its own version, and they run 1..n without a gap.
+    assert sorted(versions) == list(range(1, len(versions) + 1))
+    assert settlement.deny_list().version == len(versions)   # type: ignore[union-attr]
+    settlement.close()
