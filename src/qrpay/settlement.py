@@ -12,7 +12,7 @@ import enum
 import hashlib
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -371,7 +371,7 @@ class Settlement:
         return self._insert_repayments([(account, amount, paid_at, _reference(reference))]) == 1
 
     def record_repayments(self, accounts: npt.ArrayLike, amounts: npt.ArrayLike,
-                          paid_at: npt.ArrayLike, references: Sequence[str]) -> int:
+                          paid_at: npt.ArrayLike, references: Iterable[str]) -> int:
         """Many repayments (a bank's daily file) in one transaction: all or none.
         Same ranges and references as record_repayment; returns how many were
         stored now (a row whose reference is stored already, or given twice,
@@ -383,9 +383,9 @@ class Settlement:
                                 (2**63 - 1, 2**62, U32_MAX)):
             if c.size and (c.dtype.kind not in "iu" or c.min() < 0 or c.max() > top):
                 raise InvalidArgument(f"every {name} must be an integer from 0 to {top}")
-        if isinstance(references, str) or len(references) != len(columns[0]):
+        refs = [] if isinstance(references, str) else [_reference(r) for r in references]
+        if len(refs) != len(columns[0]):
             raise InvalidArgument("one reference per repayment")
-        refs = [_reference(r) for r in references]
         return self._insert_repayments(list(zip(*(c.tolist() for c in columns), refs)))
 
     def _insert_repayments(self, rows: list[tuple[int, int, int, str]]) -> int:
