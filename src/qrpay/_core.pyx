@@ -9,11 +9,15 @@ import nacl.bindings  # noqa: F401  (importing it runs sodium_init once)
 import numpy as np
 from nacl._sodium import ffi as _ffi, lib as _lib
 
+from qrpay import _args
 from qrpay.errors import InvalidArgument, InvalidKey
 from qrpay import format as layout
 from qrpay.format import TAG_CRED, TAG_TOKEN
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.bytes cimport (
+    PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE,
+)
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.math cimport INFINITY, NAN
@@ -116,7 +120,8 @@ cdef inline uint64_t slot_hash(const uint8_t *cred, uint64_t key) noexcept nogil
 
 def _split(work, Py_ssize_t n, int threads):
     # Work items are interleaved (i = t, t + T, ...) so cold and warm tokens
-    # spread evenly; the calling thread takes share 0.
+    # spread evenly; the calling thread takes share 0. `n` counts shares (see
+    # _args.units), so a thread never starts for a token or two.
     cdef int t, count = max(1, min(threads, n))
     workers = [threading.Thread(target=work, args=(t, count)) for t in range(1, count)]
     for w in workers:
@@ -132,13 +137,13 @@ cdef class _Batch:
 
 
 cdef class Verifier:
-    def __cinit__(self, trust_rows, Py_ssize_t cache_size=65536):
-        rows = list(trust_rows)
+    def __cinit__(self, trust_rows, cache_size=65536):
+        # The same checks, in the same order, as the twin: the same error.
+        cdef Py_ssize_t size = _args.cache_size(cache_size)
+        rows = _args.trust_rows(trust_rows)
         cdef Py_ssize_t i, n_sets = 1
         cdef bytes pk
-        if cache_size < CACHE_WAYS:
-            raise InvalidArgument(f"cache_size must be at least {CACHE_WAYS}")
-        while n_sets * CACHE_WAYS < cache_size:
+        while n_sets * CACHE_WAYS < size:
             n_sets *= 2
         self.trust = <TrustEntry *>PyMem_Malloc(max(1, len(rows)) * sizeof(TrustEntry))
         self.cache = <CacheEntry *>PyMem_Calloc(n_sets * CACHE_WAYS, sizeof(CacheEntry))
@@ -148,8 +153,6 @@ cdef class Verifier:
         self.set_mask = n_sets - 1
         self.hash_key = int.from_bytes(os.urandom(8), "little")
         for i, (kid, pk, not_before, not_after, roles) in enumerate(rows):
-            if len(pk) != PK_LEN:
-                raise InvalidKey("a trusted public key must be 32 bytes")
             self.trust[i].kid = kid
             memcpy(self.trust[i].pk, <const char *>pk, PK_LEN)
             self.trust[i].not_before = not_before
@@ -211,11 +214,15 @@ cdef class Verifier:
         memcpy(self.cache[slot].cred, cred, CRED_LEN)
         self.cache[slot].used = 1
 
-    def verify_one(self, bytes token, int64_t now, int64_t max_age, int64_t skew):
-        _check_policy(now, max_age, skew)
+    def verify_one(self, token, now, max_age, skew):
+        cdef int64_t t = _policy_arg(now, MAX_TIME, "now")
+        cdef int64_t age = _policy_arg(max_age, MAX_WINDOW, "max_age")
+        cdef int64_t sk = _policy_arg(skew, MAX_WINDOW, "skew")
+        if not PyBytes_CheckExact(token):   # never read another object as if it were bytes
+            raise InvalidArgument("a token is bytes")
         cdef const uint8_t *tok = <const uint8_t *>PyBytes_AS_STRING(token)
         cdef Py_ssize_t key_index = -1
-        cdef int reason = self.header_check(tok, PyBytes_GET_SIZE(token), now, &key_index)
+        cdef int reason = self.header_check(tok, PyBytes_GET_SIZE(token), t, &key_index)
         cdef bint cached, cred_ok = True, dev_ok = False
         if reason != R_OK:
             return reason
@@ -237,22 +244,24 @@ cdef class Verifier:
             return R_BAD_ISSUER_SIGNATURE
         if not dev_ok:
             return R_BAD_DEVICE_SIGNATURE
-        return final_checks(tok, now, max_age, skew)
+        return final_checks(tok, t, age, sk)
 
-    def verify_many(self, const uint8_t[:, ::1] tokens, const int64_t[::1] lengths,
-                    now, int64_t max_age, int64_t skew, int threads=1):
+    def verify_many(self, tokens, lengths, now, max_age, skew, threads=1):
         # `now` is one time for the batch or one per token (settlement re-verifies
-        # each record at the gateway time it was scanned).
-        cdef Py_ssize_t n = tokens.shape[0]
-        if tokens.shape[1] != TOKEN_LEN or lengths.shape[0] != n:
-            raise InvalidArgument(f"tokens must be an (n, {TOKEN_LEN}) uint8 array with n lengths")
-        _check_policy(0, max_age, skew)
+        # each record at the gateway time it was scanned). Every array is
+        # copied first (_args.batch): another thread may write the caller's
+        # arrays, never these, so what is checked is what is verified and cached.
+        own_tokens, own_lengths, times = _args.batch(tokens, lengths, now)
+        cdef int64_t age = _policy_arg(max_age, MAX_WINDOW, "max_age")
+        cdef int64_t sk = _policy_arg(skew, MAX_WINDOW, "skew")
+        cdef int n_threads = _args.threads(threads)
+        cdef Py_ssize_t n = own_tokens.shape[0]
         reasons = np.zeros(n, dtype=np.uint8)
         cdef _Batch b = _Batch()
         b.n = n
-        b.tokens = tokens
-        b.lengths = lengths
-        b.now = _times(now, n)
+        b.tokens = own_tokens
+        b.lengths = own_lengths
+        b.now = times
         b.reasons = reasons
         b.key_index = np.full(n, -1, dtype=np.int64)
         b.leader = np.full(n, -1, dtype=np.int64)
@@ -262,10 +271,10 @@ cdef class Verifier:
         with nogil:
             with self.lock:
                 self._plan(b, pending)
-        _split(lambda t, count: self._verify_share(b, t, count), n, threads)
+        _split(lambda t, count: self._verify_share(b, t, count), _args.units(n), n_threads)
         with nogil:
             with self.lock:
-                self._conclude(b, max_age, skew)
+                self._conclude(b, age, sk)
         return reasons
 
     cdef void _plan(self, _Batch b, int64_t[::1] pending) noexcept nogil:
@@ -332,22 +341,18 @@ cdef int64_t MAX_WINDOW = layout.MAX_WINDOW
 cdef int64_t MAX_TIME = layout.MAX_TIME
 
 
-cdef int _check_policy(int64_t now, int64_t max_age, int64_t skew) except -1:
-    # Bounds that keep now - max_age - skew and now + skew inside int64. A C
-    # function: verify_one calls it once per token.
-    if not (0 <= now <= MAX_TIME and 0 <= max_age <= MAX_WINDOW and 0 <= skew <= MAX_WINDOW):
-        raise InvalidArgument(f"now must be in [0, 2**40], max_age and skew in [0, 2**32]")
-    return 0
-
-
-def _times(now, Py_ssize_t n):
-    times = np.asarray(now)
-    if times.dtype.kind not in "iu" or times.ndim > 1 or (times.ndim == 1 and len(times) != n):
-        raise InvalidArgument("now is an integer, or one integer per token")
-    times = np.ascontiguousarray(np.broadcast_to(times, (n,)), dtype=np.int64)
-    if n and (times.min() < 0 or times.max() > MAX_TIME):
-        raise InvalidArgument("now must be in [0, 2**40]")
-    return times
+cdef int64_t _policy_arg(object value, int64_t top, str name) except -1:
+    # A plain int in [0, top], the bounds that keep now - max_age - skew and
+    # now + skew inside int64; anything else (bool, float, None, a numpy
+    # scalar, out of range) is InvalidArgument, as in the twin. A C function:
+    # verify_one calls it for every token.
+    cdef int overflow = 0
+    cdef long long v
+    if PyLong_CheckExact(value):
+        v = PyLong_AsLongLongAndOverflow(value, &overflow)
+        if overflow == 0 and 0 <= v <= top:
+            return v
+    raise InvalidArgument(f"{name} must be an int in [0, {top}], not {value!r:.80}")
 
 
 cdef Py_ssize_t _pow2_at_least(Py_ssize_t n) noexcept:
@@ -357,8 +362,8 @@ cdef Py_ssize_t _pow2_at_least(Py_ssize_t n) noexcept:
     return p
 
 
-def make_token(bytes credential, bytes secret_key, uint32_t issued_at, uint32_t counter,
-               uint8_t scene):
+def make_token(bytes credential not None, bytes secret_key not None, uint32_t issued_at,
+               uint32_t counter, uint8_t scene):
     if PyBytes_GET_SIZE(credential) != CRED_LEN:
         raise InvalidArgument(f"a credential is {CRED_LEN} bytes")
     if PyBytes_GET_SIZE(secret_key) != SK_LEN:
@@ -397,7 +402,8 @@ cdef class _SignBatch:
 
 def make_tokens(const uint8_t[:, ::1] credentials, const uint8_t[:, ::1] secret_keys,
                 const uint32_t[::1] issued_at, const uint32_t[::1] counters,
-                const uint8_t[::1] scenes, int threads=1):
+                const uint8_t[::1] scenes, threads=1):
+    cdef int n_threads = _args.threads(threads)
     cdef Py_ssize_t n = credentials.shape[0]
     if credentials.shape[1] != CRED_LEN or secret_keys.shape[1] != SK_LEN:
         raise InvalidArgument(f"credentials must be (n, {CRED_LEN}) and keys (n, {SK_LEN})")
@@ -408,13 +414,13 @@ def make_tokens(const uint8_t[:, ::1] credentials, const uint8_t[:, ::1] secret_
     b.creds, b.keys, b.issued_at, b.counters, b.scenes = credentials, secret_keys, issued_at, counters, scenes
     b.out = out
     b.n = n
-    _split(b.share, n, threads)
+    _split(b.share, _args.units(n), n_threads)
     if b.failed:
         raise InvalidKey("libsodium refused to sign")
     return out
 
 
-def sign_detached(bytes secret_key, bytes message):
+def sign_detached(bytes secret_key not None, bytes message not None):
     if PyBytes_GET_SIZE(secret_key) != SK_LEN:
         raise InvalidKey(f"a signing key is {SK_LEN} bytes")
     cdef Py_ssize_t mlen = PyBytes_GET_SIZE(message)
@@ -434,7 +440,8 @@ def sign_detached(bytes secret_key, bytes message):
         PyMem_Free(sm)
 
 
-def verify_detached(bytes public_key, bytes message, bytes signature):
+def verify_detached(bytes public_key not None, bytes message not None,
+                    bytes signature not None):
     if PyBytes_GET_SIZE(public_key) != PK_LEN:
         raise InvalidKey(f"a public key is {PK_LEN} bytes")
     if PyBytes_GET_SIZE(signature) != SIG_LEN:
@@ -453,7 +460,7 @@ def verify_detached(bytes public_key, bytes message, bytes signature):
     return rc == 0
 
 
-def is_valid_point(bytes point):
+def is_valid_point(bytes point not None):
     if PyBytes_GET_SIZE(point) != PK_LEN:
         return False
     return _valid_point(<const uint8_t *>PyBytes_AS_STRING(point)) == 1
@@ -674,7 +681,8 @@ cdef qrpay_fast_feature *_fast_features(const FeatureView *views, Py_ssize_t n_f
 def score_rows(X, const double[::1] edges, const int64_t[::1] edge_off,
                const int32_t[::1] points, const int64_t[::1] point_off,
                const double[::1] specials, const int64_t[::1] special_off,
-               const int32_t[::1] best, int64_t base, int k, int threads=1):
+               const int32_t[::1] best, int64_t base, int k, threads=1):
+    cdef int n_threads = _args.threads(threads)
     cdef Py_ssize_t f, n = X.shape[0], n_features = edge_off.shape[0] - 1
     if X.ndim != 2 or X.shape[1] != n_features or X.dtype not in (np.float32, np.float64):
         raise InvalidArgument(f"X must be a 2-D float32/float64 array with {n_features} columns")
@@ -711,5 +719,5 @@ def score_rows(X, const double[::1] edges, const int64_t[::1] edge_off,
     job.card.k = k
     if n:
         # One thread per chunk at most: a small input is not worth a thread start.
-        _split(job.share, (n + QRPAY_CHUNK_ROWS - 1) // QRPAY_CHUNK_ROWS, threads)
+        _split(job.share, (n + QRPAY_CHUNK_ROWS - 1) // QRPAY_CHUNK_ROWS, n_threads)
     return scores, reasons

@@ -12,6 +12,8 @@ import numpy as np
 from nacl import bindings as sodium
 from nacl.exceptions import BadSignatureError
 
+from qrpay import _args
+from qrpay._args import CACHE_WAYS
 from qrpay.errors import InvalidArgument, InvalidKey, Reason
 from qrpay.format import (
     CRED_BODY_LEN, CRED_DEVICE_KEY, CRED_ISSUER_SIG, CRED_KID, CRED_LEN, CRED_NOT_AFTER,
@@ -21,7 +23,6 @@ from qrpay.format import (
 )
 
 ROLE_CREDENTIALS = 1
-CACHE_WAYS = 4
 
 TrustRow = tuple[int, bytes, int, int, int]
 
@@ -64,9 +65,19 @@ def _final_checks(tok: bytes, now: int, max_age: int, skew: int) -> int:
     return Reason.OK
 
 
-def _check_policy(now: int, max_age: int, skew: int) -> None:
-    if not (0 <= now <= MAX_TIME and 0 <= max_age <= MAX_WINDOW and 0 <= skew <= MAX_WINDOW):
-        raise InvalidArgument("now must be in [0, 2**40], max_age and skew in [0, 2**32]")
+def _policy_arg(value: object, top: int, name: str) -> int:
+    # As the core's: a plain int (not a bool, float or numpy scalar) in [0, top].
+    if type(value) is not int or not 0 <= value <= top:
+        raise InvalidArgument(f"{name} must be an int in [0, {top}], not {value!r:.80}")
+    return value
+
+
+def _exact_bytes(**values: object) -> None:
+    # The core's `bytes x not None` arguments: exactly bytes, else TypeError.
+    for name, value in values.items():
+        if type(value) is not bytes:
+            raise TypeError(f"Argument '{name}' has incorrect type (expected bytes, got "
+                            f"{type(value).__name__})")
 
 
 def _split(work: Callable[[int, int], None], n: int, threads: int) -> None:
@@ -84,16 +95,11 @@ class Verifier:
     signature already verified. The cache key is the whole credential."""
 
     def __init__(self, trust_rows: Iterable[TrustRow], cache_size: int = 65536) -> None:
-        if cache_size < CACHE_WAYS:
-            raise InvalidArgument(f"cache_size must be at least {CACHE_WAYS}")
+        size = _args.cache_size(cache_size)
+        self._keys: list[TrustRow] = _args.trust_rows(trust_rows)
         capacity = CACHE_WAYS
-        while capacity < cache_size:
+        while capacity < size:
             capacity *= 2
-        self._keys: list[TrustRow] = []
-        for row in trust_rows:
-            if len(row[1]) != PUBLIC_KEY_LEN:
-                raise InvalidKey("a trusted public key must be 32 bytes")
-            self._keys.append(row)
         self._capacity = capacity
         self._cache: dict[bytes, None] = {}  # insertion ordered: oldest evicted first
         self._lock = threading.Lock()
@@ -127,7 +133,11 @@ class Verifier:
         self._cache[cred] = None
 
     def verify_one(self, token: bytes, now: int, max_age: int, skew: int) -> int:
-        _check_policy(now, max_age, skew)
+        now = _policy_arg(now, MAX_TIME, "now")
+        max_age = _policy_arg(max_age, MAX_WINDOW, "max_age")
+        skew = _policy_arg(skew, MAX_WINDOW, "skew")
+        if type(token) is not bytes:
+            raise InvalidArgument("a token is bytes")
         reason, key_index = self._header_check(token, now)
         if reason != Reason.OK:
             return int(reason)
@@ -150,18 +160,13 @@ class Verifier:
 
     def verify_many(self, tokens: Any, lengths: Any, now: Any, max_age: int, skew: int,
                     threads: int = 1) -> np.ndarray[Any, np.dtype[np.uint8]]:
-        tokens = np.ascontiguousarray(tokens, dtype=np.uint8)
-        lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+        # The core's checks in the core's order, on private copies (_args.batch).
+        tokens, lengths, times = _args.batch(tokens, lengths, now)
+        max_age = _policy_arg(max_age, MAX_WINDOW, "max_age")
+        skew = _policy_arg(skew, MAX_WINDOW, "skew")
+        count = _args.threads(threads)
         n = tokens.shape[0]
-        if tokens.ndim != 2 or tokens.shape[1] != TOKEN_LEN or lengths.shape[0] != n:
-            raise InvalidArgument(f"tokens must be an (n, {TOKEN_LEN}) uint8 array with n lengths")
-        _check_policy(0, max_age, skew)
-        times = np.asarray(now)
-        if times.dtype.kind not in "iu" or times.ndim > 1 or (times.ndim == 1 and len(times) != n):
-            raise InvalidArgument("now is an integer, or one integer per token")
-        nows = [int(t) for t in np.broadcast_to(times, (n,))]
-        if any(not 0 <= t <= MAX_TIME for t in nows):
-            raise InvalidArgument("now must be in [0, 2**40]")
+        nows = times.tolist()
         rows = [tokens[i].tobytes() for i in range(n)]
         reasons = np.zeros(n, dtype=np.uint8)
         key_index = [-1] * n
@@ -196,7 +201,7 @@ class Verifier:
                 if leader[i] != i or cred_ok[i]:
                     dev_ok[i] = _verify_device_signature(rows[i])
 
-        _split(share, n, threads)
+        _split(share, _args.units(n), count)
         with self._lock:
             for i, tok in enumerate(rows):
                 if reasons[i] != Reason.OK:
@@ -227,6 +232,7 @@ def _check_u32(value: int) -> None:
 
 def make_token(credential: bytes, secret_key: bytes, issued_at: int, counter: int,
                scene: int) -> bytes:
+    _exact_bytes(credential=credential, secret_key=secret_key)
     _check_u32(issued_at)
     _check_u32(counter)
     if not 0 <= scene <= 255:
@@ -240,6 +246,7 @@ def make_token(credential: bytes, secret_key: bytes, issued_at: int, counter: in
 
 def make_tokens(credentials: Any, secret_keys: Any, issued_at: Any, counters: Any,
                 scenes: Any, threads: int = 1) -> np.ndarray[Any, np.dtype[np.uint8]]:
+    count = _args.threads(threads)
     n = credentials.shape[0]
     if credentials.shape[1] != CRED_LEN or secret_keys.shape[1] != SECRET_KEY_LEN:
         raise InvalidArgument(f"credentials must be (n, {CRED_LEN}) and keys (n, {SECRET_KEY_LEN})")
@@ -253,17 +260,19 @@ def make_tokens(credentials: Any, secret_keys: Any, issued_at: Any, counters: An
                                int(issued_at[i]), int(counters[i]), int(scenes[i]))
             out[i] = np.frombuffer(tok, dtype=np.uint8)
 
-    _split(share, n, threads)
+    _split(share, _args.units(n), count)
     return out
 
 
 def sign_detached(secret_key: bytes, message: bytes) -> bytes:
+    _exact_bytes(secret_key=secret_key, message=message)
     if len(secret_key) != SECRET_KEY_LEN:
         raise InvalidKey(f"a signing key is {SECRET_KEY_LEN} bytes")
     return bytes(sodium.crypto_sign(message, secret_key)[:SIGNATURE_LEN])
 
 
 def verify_detached(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    _exact_bytes(public_key=public_key, message=message, signature=signature)
     if len(public_key) != PUBLIC_KEY_LEN:
         raise InvalidKey(f"a public key is {PUBLIC_KEY_LEN} bytes")
     if len(signature) != SIGNATURE_LEN:
@@ -272,6 +281,7 @@ def verify_detached(public_key: bytes, message: bytes, signature: bytes) -> bool
 
 
 def is_valid_point(point: bytes) -> bool:
+    _exact_bytes(point=point)
     if len(point) != PUBLIC_KEY_LEN:
         return False
     return bool(sodium.crypto_core_ed25519_is_valid_point(point))
@@ -289,6 +299,7 @@ def sorted_contains(haystack: Any, needles: Any) -> np.ndarray[Any, np.dtype[np.
 def score_rows(X: Any, edges: Any, edge_off: Any, points: Any, point_off: Any, specials: Any,
                special_off: Any, best: Any, base: int, k: int, threads: int = 1
                ) -> tuple[np.ndarray[Any, np.dtype[np.int64]], np.ndarray[Any, np.dtype[np.int16]]]:
+    _args.threads(threads)   # checked as the core does; the twin scores in one thread
     n_features = len(edge_off) - 1
     if (not isinstance(X, np.ndarray) or X.ndim != 2 or X.shape[1] != n_features
             or X.dtype not in (np.float32, np.float64)):

@@ -8,10 +8,14 @@ correction M (311 alphanumeric characters) in alphanumeric mode.
 from __future__ import annotations
 
 from qrpay.errors import MalformedText
+from qrpay.format import TOKEN_LEN
 
 PREFIX = "QP:"
 ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ $%*+-./:"
 _VALUE = {c: i for i, c in enumerate(ALPHABET)}
+MAX_TEXT_LEN = len(PREFIX) + TOKEN_LEN // 2 * 3 + TOKEN_LEN % 2 * 2
+"""309: the length of every token's text form. Longer text is refused before
+it is decoded (a QR code at version 10, ECC M holds 311 characters)."""
 
 
 def b45encode(data: bytes) -> str:
@@ -58,9 +62,12 @@ def encode_text(token: bytes) -> str:
 
 
 def decode_text(text: str) -> bytes:
-    """Token bytes from the text form; MalformedText if it is not one."""
+    """Token bytes from the text form; MalformedText if it is not one. Text
+    longer than a token's text form (MAX_TEXT_LEN) is refused unread."""
     if not isinstance(text, str):
         raise MalformedText("the text form is a str")
+    if len(text) > MAX_TEXT_LEN:
+        raise MalformedText(f"a token's text form is {MAX_TEXT_LEN} characters, not {len(text)}")
     if not text.startswith(PREFIX):
         raise MalformedText(f"text form must start with {PREFIX!r}")
     return b45decode(text[len(PREFIX):])
