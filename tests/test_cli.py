@@ -451,3 +451,80 @@ def test_gateway_recover_after_the_journal_is_lost(tmp_path: Path, keys: dict[st
     assert code == 0 and json.loads(out)["record"] == 2, err
     code, _, err = run(capsys, "gateway", "recover", *gw, "--now", str(NOW - 3600))
     assert code == 1 and "CLOCK_UNTRUSTED" in err
+
+
+# -- operator mistakes (issue 11) -----------------------------------------------------------
+
+def settle_args(tmp_path: Path, keys: dict[str, Path | str], directory: str = "settle"
+                ) -> list[str]:
+    return ["--settlement-dir", str(tmp_path / directory), "--issuer-public",
+            str(keys["issuer_public"])]
+
+
+def a_day(tmp_path: Path, keys: dict[str, Path | str], credential: Path,
+          capsys: pytest.CaptureFixture[str]) -> Path:
+    """The README's loop up to one exported batch: a deny list published and
+    applied, one scan of 200, batch1 written. Returns the batch."""
+    gw, settle = gateway_args(tmp_path, keys), settle_args(tmp_path, keys)
+    deny = tmp_path / "deny1"
+    for args in (["deny-list", "publish", *settle, "--issuer-key", str(keys["issuer"]),
+                  "--gateway-public", str(keys["gateway_public"]), "--out", str(deny),
+                  "--now", str(NOW)],
+                 ["deny-list", "apply", *gw, "--file", str(deny), "--now", str(NOW)],
+                 ["scan", *gw, "--text", make_token(capsys, keys, credential, tmp_path),
+                  "--amount", "200", "--scene", "bus", "--now", str(NOW)],
+                 ["export", *gw, "--out", str(tmp_path / "batch1"), "--now", str(NOW + 60)]):
+        code, _, err = run(capsys, *args)
+        assert code == 0, (args, err)
+    return tmp_path / "batch1"
+
+
+def hidden(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+def test_a_failed_out_write_leaves_no_temporary_file(
+        tmp_path: Path, keys: dict[str, Path | str], credential: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Item 2: `keys new --out DIR --force` once left the issuer secret in .DIR.xxxx.
+    directory = tmp_path / "keys-dir"
+    directory.mkdir()
+    code, _, err = run(capsys, "keys", "new", "issuer", "--out", str(directory), "--force")
+    assert code == 2 and "directory" in err.lower()
+    assert hidden(tmp_path) == []
+    batch = a_day(tmp_path, keys, credential, capsys)
+    assert run(capsys, "ingest", *settle_args(tmp_path, keys), str(batch))[0] == 0
+    card = tmp_path / "card.json"
+    X, bad, names = histories(500, seed=1)
+    data = tmp_path / "data.csv"
+    data.write_text("\n".join([",".join([*names, "bad"])] + [
+        ",".join(["" if np.isnan(v) else repr(float(v)) for v in x] + [str(int(b))])
+        for x, b in zip(X, bad)]) + "\n")
+    assert run(capsys, "score", "fit", "--data", str(data), "--label", "bad",
+               "--out", str(card))[0] == 0
+    features = tmp_path / "features.csv"
+    features.write_text(",".join(names) + "\n" + ",".join(["1"] * len(names)) + "\n")
+    before = hidden(tmp_path)
+
+    def fail(*args: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    out = str(tmp_path / "out")
+    commands = [
+        ["keys", "new", "issuer", "--out", out, "--force"],
+        ["issue", "--issuer-key", str(keys["issuer"]), "--device-public",
+         str(keys["device_public"]), "--account", "1", "--limit", "5", "--scenes", "bus",
+         "--out", out],
+        ["token", "--credential", str(credential), "--device-key", str(keys["device"]),
+         "--scene", "bus", "--png", out + ".png"],
+        ["export", *gateway_args(tmp_path, keys), "--out", out, "--now", str(NOW + 61)],
+        ["history", *settle_args(tmp_path, keys), "--now", str(NOW), "--out", out],
+        ["score", "apply", "--card", str(card), "--data", str(features), "--out", out + ".npy"],
+        ["score", "fit", "--data", str(data), "--label", "bad", "--out", out]]
+    for args in commands:
+        with monkeypatch.context() as patch:
+            patch.setattr(cli.os, "replace", fail)   # the last step: the rename
+            code, _, err = run(capsys, *args)
+        assert code == 2 and "cannot write" in err and "Input/output error" in err, (args, err)
+        assert hidden(tmp_path) == before, args
+    assert not any(p.name.startswith("out") for p in tmp_path.iterdir())

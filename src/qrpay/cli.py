@@ -8,7 +8,9 @@ files, corrupt keys, malformed data).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import io
 import json
 import os
 import sys
@@ -81,8 +83,13 @@ def _read_bytes(path: str, what: str) -> bytes:
 
 
 def _write_atomic(path: str, data: bytes, private: bool = False) -> None:
-    """Write via a temporary file, fsync and rename: never a half-written file."""
+    """Write via a temporary file, fsync and rename: never a half-written file,
+    and no temporary file left behind when any step fails (it may hold a
+    secret key)."""
     target = Path(path)
+    if target.is_dir():
+        raise CliError(f"cannot write {path}: it is a directory")
+    tmp: str | None = None
     try:
         fd, tmp = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".",
                                    prefix=f".{target.name}.")
@@ -93,8 +100,13 @@ def _write_atomic(path: str, data: bytes, private: bool = False) -> None:
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, target)
+        tmp = None
     except OSError as exc:
         raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        if tmp is not None:   # failed, or interrupted: the half-made file goes
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def _key(path: str, cls: type[SigningKey]) -> Any:
@@ -424,10 +436,9 @@ def cmd_score_apply(args: argparse.Namespace) -> int:
     scores, reasons = card.explain(X, k=min(args.reasons, len(card.features)),
                                    threads=args.threads)
     if args.out.endswith(".npy"):
-        try:
-            np.save(args.out, scores)
-        except OSError as exc:
-            raise CliError(f"cannot write {args.out}: {exc.strerror}") from None
+        image = io.BytesIO()
+        np.save(image, scores)
+        _write_atomic(args.out, image.getvalue())
     else:
         lines = ["score," + ",".join(f"reason{i + 1}" for i in range(reasons.shape[1]))]
         named = card.reason_names(reasons)
