@@ -3,6 +3,7 @@ and `qrpay simulate` (with a planted miss that must fail the run)."""
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import subprocess
@@ -438,7 +439,7 @@ def test_gateway_recover_after_the_journal_is_lost(tmp_path: Path, keys: dict[st
     assert run(capsys, *scan, "--text", token, "--now", str(NOW))[0] == 0
     (tmp_path / "gw" / "journal.sqlite3").unlink()
     code, _, err = run(capsys, *scan, "--text", token, "--now", str(NOW + 1))
-    assert code == 1 and "JOURNAL_UNAVAILABLE" in err and "qrpay gateway recover" in err
+    assert code == 75 and "JOURNAL_UNAVAILABLE" in err and "qrpay gateway recover" in err
     code, out, err = run(capsys, "gateway", "recover", *gw, "--now", str(NOW + 10))
     assert code == 0, err
     done = json.loads(out)
@@ -528,3 +529,38 @@ def test_a_failed_out_write_leaves_no_temporary_file(
         assert code == 2 and "cannot write" in err and "Input/output error" in err, (args, err)
         assert hidden(tmp_path) == before, args
     assert not any(p.name.startswith("out") for p in tmp_path.iterdir())
+
+
+def test_an_unavailable_journal_or_store_exits_75(tmp_path: Path, keys: dict[str, Path | str],
+                                                  credential: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    # Item 5: a fault is neither a refusal (1) nor bad input (2): EX_TEMPFAIL.
+    batch = a_day(tmp_path, keys, credential, capsys)
+    gw, settle = gateway_args(tmp_path, keys), settle_args(tmp_path, keys)
+    assert run(capsys, "ingest", *settle, str(batch))[0] == 0
+    token = make_token(capsys, keys, credential, tmp_path, NOW + 5)
+    scan = ["scan", *gw, "--text", token, "--amount", "100", "--scene", "bus",
+            "--now", str(NOW + 5)]
+    with open(tmp_path / "gw" / "gateway.lock", "ab") as held:   # another process's gateway
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for args in (scan, ["ack", *gw, "--seq", "1"],
+                     ["export", *gw, "--out", str(tmp_path / "b"), "--now", str(NOW + 9)]):
+            code, out, err = run(capsys, *args)
+            assert (code, out) == (75, ""), (args, err)
+            assert "in use by another gateway process" in err and "JOURNAL_UNAVAILABLE" in err
+    assert run(capsys, *scan)[0] == 0                      # free again: the same command works
+    store = tmp_path / "settle" / "settlement.sqlite3"
+    store.write_bytes(b"this is not an SQLite database" * 200)
+    for args in (["report", *settle], ["ingest", *settle, str(batch)],
+                 ["repay", *settle, "--account", "42", "--amount", "5", "--reference", "T",
+                  "--now", str(NOW)],
+                 ["history", *settle, "--out", str(tmp_path / "h.csv")],
+                 ["deny-list", "publish", *settle, "--issuer-key", str(keys["issuer"]),
+                  "--out", str(tmp_path / "d")]):
+        code, out, err = run(capsys, *args)
+        assert code == 75 and "STORE_UNAVAILABLE" in err, (args, err)
+        assert "Traceback" not in err and not (tmp_path / "h.csv").exists()
+    journal = tmp_path / "gw" / "journal.sqlite3"
+    journal.write_bytes(b"this is not an SQLite database" * 200)
+    code, _, err = run(capsys, *scan)
+    assert code == 75 and "JOURNAL_UNAVAILABLE" in err

@@ -2,7 +2,11 @@
 
 Exit codes: 0 done; 1 refused (a token, batch or update that failed a check:
 the message names the reason); 2 bad input (usage, missing or unreadable
-files, corrupt keys, malformed data).
+files, corrupt keys, malformed data); 75 (EX_TEMPFAIL) the gateway journal or
+the settlement store is unavailable or busy (locked by another process,
+unreadable, corrupt, on a failing disk): no check gave an answer; run the
+same command again once the cause is fixed (a write whose commit failed has
+an unknown outcome, which that repeat settles).
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ from qrpay import qrimage, simulate
 from qrpay.credential import Credential, Scene
 from qrpay.denylist import DenyList
 from qrpay.errors import (
-    BadSignature, Conflict, InvalidArgument, InvalidKey, MalformedCredential, MalformedMessage,
-    MalformedToken, QrPayError, ScanRefused, StaleUpdate, StoreUnavailable, TokenRejected,
-    UnknownGateway,
+    BadSignature, Conflict, InvalidArgument, InvalidKey, JournalUnavailable, MalformedCredential,
+    MalformedMessage, MalformedToken, QrPayError, ScanRefused, StaleUpdate, StoreUnavailable,
+    TokenRejected, UnknownGateway,
 )
 from qrpay.gateway import Gateway
 from qrpay.keys import (
@@ -45,6 +49,7 @@ from qrpay.trust import Role, TrustStore
 EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
+EXIT_TEMPFAIL = 75   # sysexits.h EX_TEMPFAIL: try again later
 
 ROLES: dict[str, type[SigningKey]] = {"issuer": IssuerKey, "device": DeviceKey,
                                       "gateway": GatewayKey}
@@ -52,6 +57,8 @@ ROLES: dict[str, type[SigningKey]] = {"issuer": IssuerKey, "device": DeviceKey,
 _BAD_INPUT = (InvalidKey, InvalidArgument, MalformedCredential, MalformedMessage, MalformedToken)
 # Refusals: the input was well-formed and a check said no.
 _REFUSALS = (TokenRejected, ScanRefused, BadSignature, StaleUpdate, UnknownGateway, Conflict)
+# Faults: the journal or the store could not be used; nothing was decided.
+_UNAVAILABLE = (JournalUnavailable, StoreUnavailable)
 
 
 class CliError(Exception):
@@ -373,7 +380,7 @@ def cmd_repay(args: argparse.Namespace) -> int:
         except StoreUnavailable as exc:
             # The retry must repeat the time too: the clock will have moved on.
             raise CliError(f"{exc} (retry with --reference {args.reference} --now {paid_at})",
-                           EXIT_REFUSED) from None
+                           EXIT_TEMPFAIL) from None
     what = "recorded" if stored else "was recorded before (nothing changed)"
     print(f"account {args.account}: repayment {args.reference} of {args.amount} at {paid_at} "
           f"{what}", file=sys.stderr)
@@ -463,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qrpay", description="Offline signed QR payment tokens: keys, credentials, "
         "tokens, gateways, settlement and credit scoring.",
-        epilog="Exit codes: 0 done, 1 refused by a check, 2 bad input.")
+        epilog="Exit codes: 0 done, 1 refused by a check, 2 bad input, 75 the journal or "
+               "store is unavailable or busy (try again).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def trust_args(p: argparse.ArgumentParser) -> None:
@@ -649,6 +657,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _REFUSALS as exc:
         print(f"qrpay: refused: {exc} ({exc.reason.name})", file=sys.stderr)
         return EXIT_REFUSED
+    except _UNAVAILABLE as exc:
+        print(f"qrpay: unavailable: {exc} ({exc.reason.name})", file=sys.stderr)
+        return EXIT_TEMPFAIL
     except QrPayError as exc:
         print(f"qrpay: error: {exc} ({exc.reason.name})", file=sys.stderr)
         return EXIT_REFUSED
