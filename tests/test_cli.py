@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import io
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -367,7 +368,9 @@ def test_simulate_fails_when_a_planted_attack_gets_through(
 
 @pytest.mark.parametrize("args", [["simulate", "--citizens", "0"],
                                   ["simulate", "--citizens", "99"], ["simulate", "--trips", "0"],
-                                  ["simulate", "--citizens", "many"], ["nonsense"], []])
+                                  ["simulate", "--citizens", "many"], ["nonsense"], [],
+                                  ["simulate", "--seed", "-1"], ["simulate", "--seed", "1.5"],
+                                  ["simulate", "--seed", str(2**63)]])
 def test_bad_arguments_exit_2(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         cli.main(args)
@@ -564,3 +567,49 @@ def test_an_unavailable_journal_or_store_exits_75(tmp_path: Path, keys: dict[str
     journal.write_bytes(b"this is not an SQLite database" * 200)
     code, _, err = run(capsys, *scan)
     assert code == 75 and "JOURNAL_UNAVAILABLE" in err
+
+
+def qrpay_process(*args: str, **kwargs: object) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "qrpay", *args], text=True,
+                            **kwargs)  # type: ignore[call-overload]
+
+
+def test_a_reader_that_goes_away_or_ctrl_c_is_no_traceback(
+        tmp_path: Path, keys: dict[str, Path | str], credential: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Item 4. `| true`: stdout is closed before qrpay writes. The work is done
+    # all the same (the key is written, the store read); exit 141 as after SIGPIPE.
+    batch = a_day(tmp_path, keys, credential, capsys)
+    assert run(capsys, "ingest", *settle_args(tmp_path, keys), str(batch))[0] == 0
+    for args in (["report", *settle_args(tmp_path, keys)],
+                 ["keys", "new", "issuer", "--out", str(tmp_path / "late.key")],
+                 ["history", *settle_args(tmp_path, keys), "--out", str(tmp_path / "h.csv")],
+                 ["--help"]):
+        child = qrpay_process(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert child.stdout is not None and child.stderr is not None
+        child.stdout.close()
+        err = child.stderr.read()
+        child.wait(timeout=60)
+        assert "Traceback" not in err and "BrokenPipe" not in err, (args, err)
+        assert child.returncode == (0 if args == ["--help"] or args[0] == "history" else 141), (
+            args, child.returncode, err)
+    assert (tmp_path / "late.key").read_text().startswith("qrpay:issuer-secret:")
+    assert (tmp_path / "h.csv").exists()
+    # simulate's report goes to a closed pipe, its progress to another: it
+    # still runs to the end and writes its JSON.
+    child = qrpay_process("simulate", "--citizens", "100", "--trips", "1", "--json",
+                          str(tmp_path / "r.json"), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+    assert child.stdout is not None and child.stderr is not None
+    child.stdout.close()
+    child.stderr.close()
+    assert child.wait(timeout=300) == 141
+    assert json.loads((tmp_path / "r.json").read_text())["ok"]
+    # Ctrl-C in the middle of a city's day: one line, exit 130.
+    child = qrpay_process("simulate", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert child.stderr is not None
+    assert child.stderr.readline().startswith("qrpay simulate:")   # it has started
+    child.send_signal(signal.SIGINT)
+    err = child.stderr.read()
+    assert child.wait(timeout=60) == 130
+    assert "Traceback" not in err and "qrpay: interrupted" in err

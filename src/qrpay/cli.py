@@ -6,7 +6,9 @@ files, corrupt keys, malformed data); 75 (EX_TEMPFAIL) the gateway journal or
 the settlement store is unavailable or busy (locked by another process,
 unreadable, corrupt, on a failing disk): no check gave an answer; run the
 same command again once the cause is fixed (a write whose commit failed has
-an unknown outcome, which that repeat settles).
+an unknown outcome, which that repeat settles); 130 interrupted (Ctrl-C);
+141 stdout was closed early (`| head -1`): the work was done, its output cut.
+Bad numbers are argparse errors (2), never tracebacks.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 import numpy as np
 
@@ -50,6 +52,8 @@ EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_TEMPFAIL = 75   # sysexits.h EX_TEMPFAIL: try again later
+EXIT_INTERRUPTED = 130   # 128 + SIGINT, as a shell reports Ctrl-C
+EXIT_BROKEN_PIPE = 141   # 128 + SIGPIPE: the reader of stdout went away
 
 ROLES: dict[str, type[SigningKey]] = {"issuer": IssuerKey, "device": DeviceKey,
                                       "gateway": GatewayKey}
@@ -153,7 +157,7 @@ def _scenes(text: str) -> list[Scene]:
     return [_scene(part) for part in text.split(",") if part.strip()]
 
 
-def _int(minimum: int) -> Callable[[str], int]:
+def _int(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -161,6 +165,8 @@ def _int(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{value} must be at most {maximum}")
         return value
     return parse
 
@@ -634,7 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
                           % simulate.MIN_CITIZENS)
     sim.add_argument("--trips", type=_int(1), default=4,
                      help="rides per citizen in the day (default: %(default)s)")
-    sim.add_argument("--seed", type=int, default=1, help="random seed (default: %(default)s)")
+    sim.add_argument("--seed", type=_int(0, 2**63 - 1), default=1,
+                     help="random seed, 0 to 2**63-1 (default: %(default)s)")
     sim.add_argument("--threads", type=_int(1), default=2,
                      help="threads for signing, verifying and scoring (default: %(default)s)")
     sim.add_argument("--workdir", help="keep journals and the settlement store here "
@@ -644,7 +651,70 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Output(io.TextIOBase):
+    """stdout or stderr while a command runs. A reader that goes away early
+    (`qrpay report | head -1`) ends the output, not the command: what cannot
+    be written is dropped, the work goes on, and `main` says so with its exit
+    code (EXIT_BROKEN_PIPE for stdout) instead of a traceback."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self.stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self._cut()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._cut()
+
+    def _cut(self) -> None:
+        self.broken = True
+        # The stream may still buffer what failed, and Python flushes it again
+        # at exit: point its file descriptor at /dev/null.
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self.stream.fileno())
+            finally:
+                os.close(devnull)
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    out, err = _Output(sys.stdout), _Output(sys.stderr)
+    sys.stdout, sys.stderr = cast(TextIO, out), cast(TextIO, err)
+    try:
+        code = _main(argv)
+    except KeyboardInterrupt:
+        print("qrpay: interrupted (what was committed before stays committed)",
+              file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    finally:
+        out.flush()
+        err.flush()
+        sys.stdout, sys.stderr = out.stream, err.stream
+    return EXIT_BROKEN_PIPE if out.broken and code == EXIT_OK else code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))
