@@ -388,7 +388,9 @@ def test_unwritable_json_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                      ["export"], ["ack"], ["ingest"], ["report"],
                                      ["repay"], ["history"],
                                      ["deny-list", "publish"], ["deny-list", "apply"],
-                                     ["score", "fit"], ["score", "apply"], ["simulate"]])
+                                     ["score", "fit"], ["score", "apply"], ["simulate"],
+                                     ["settlement", "trust"], ["settlement", "keys"],
+                                     ["gateway", "recover"]])
 def test_every_command_has_help(command: list[str]) -> None:
     run_ = subprocess.run([sys.executable, "-m", "qrpay", *command, "--help"],
                           capture_output=True, text=True)
@@ -613,3 +615,48 @@ def test_a_reader_that_goes_away_or_ctrl_c_is_no_traceback(
     err = child.stderr.read()
     assert child.wait(timeout=60) == 130
     assert "Traceback" not in err and "qrpay: interrupted" in err
+
+
+def test_a_wrong_issuer_key_at_ingest_is_refused_not_stored(
+        tmp_path: Path, keys: dict[str, Path | str], credential: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Item 1: ingest with a wrong --issuer-public stored every record as invalid
+    # and exited 0; the right key then answered `exists`: never charged.
+    batch = a_day(tmp_path, keys, credential, capsys)
+    wrong = run(capsys, "keys", "new", "issuer", "--out", str(tmp_path / "wrong.key"))[1].strip()
+    store = ["--settlement-dir", str(tmp_path / "fresh")]
+    gateway = ["--gateway-public", str(keys["gateway_public"])]
+    code, out, err = run(capsys, "ingest", *store, "--issuer-public", wrong, *gateway, str(batch))
+    assert code == 1 and "UNKNOWN_KID" in err and "nothing is stored" in err, err
+    assert "qrpay settlement trust" in err and "applied" not in out
+    code, _, err = run(capsys, "ingest", *store, str(batch))    # trusts no key at all
+    assert code == 2 and "trusts no issuer key" in err
+    code, _, err = run(capsys, "settlement", "trust", *store, "--issuer-public",
+                       str(keys["issuer_public"]))
+    assert code == 0 and "for credentials, deny-list" in err
+    code, out, _ = run(capsys, "settlement", "keys", *store)
+    [stored] = json.loads(out)
+    assert stored["key"] == keys["issuer_public"] and stored["roles"] == ["credentials",
+                                                                         "deny-list"]
+    # Remembered: the same wrong flag now does no harm, and no flag is needed.
+    code, out, _ = run(capsys, "ingest", *store, "--issuer-public", wrong, str(batch))
+    assert code == 0 and "applied" in out and "0 invalid" in out
+    code, out, _ = run(capsys, "report", *store)
+    assert code == 0 and json.loads(out)["charged_total"] == 200
+    code, out, _ = run(capsys, "ingest", *store, str(batch))
+    assert code == 0 and "exists" in out
+    for roles in ("", "admin", " , "):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["settlement", "trust", *store, "--issuer-public", wrong, "--roles", roles])
+        assert info.value.code == 2
+    assert "at least one role" in capsys.readouterr().err
+    code, _, err = run(capsys, "settlement", "trust", *store, "--issuer-public",
+                       str(keys["gateway_public"]))
+    assert code == 2 and "INVALID_KEY" in err
+    # Deny lists need the key's DENY_LIST role as stored, whatever the flag says.
+    assert run(capsys, "settlement", "trust", *store, "--issuer-public",
+               str(keys["issuer_public"]), "--roles", "credentials")[0] == 0
+    code, _, err = run(capsys, "deny-list", "publish", *store, "--issuer-public",
+                       str(keys["issuer_public"]), "--issuer-key", str(keys["issuer"]),
+                       "--out", str(tmp_path / "d2"), "--now", str(NOW))
+    assert code == 1 and "ISSUER_KEY_ROLE" in err and not (tmp_path / "d2").exists()

@@ -22,7 +22,7 @@ from qrpay import (
 )
 from qrpay._impl import core
 from qrpay.denylist import DenyList
-from qrpay.format import TAG_BATCH, TAG_DENY, TOKEN_DEVICE_SIG
+from qrpay.format import CRED_KID, TAG_BATCH, TAG_DENY, TOKEN_DEVICE_SIG
 from qrpay.gateway import Gateway, GatewayPolicy
 from qrpay.settlement import (
     MAX_RECORDS_PER_BATCH, IngestStatus, Settlement,
@@ -452,22 +452,28 @@ def test_invalid_tokens_from_a_compromised_gateway_are_stored_not_charged(
         (rider.token(NOW - 1_000, 4), 400, Scene.BUS, NOW),        # stale at its gateway_time
         (rider.token(NOW, 5), 500, Scene.BUS, NOW + 10_000),       # the same, by the gateway time
         (rider.token(NOW + 1_000, 6), 600, Scene.BUS, NOW),        # from the future
-        (rogue.token(NOW, 7), 700, Scene.BUS, NOW),                # an issuer nobody trusts
-        (good[:-1], 800, Scene.BUS, NOW),                          # not a token
+        (good[:-1], 700, Scene.BUS, NOW),                          # not a token
     ]
+    # A token of an issuer settlement does not trust: the whole batch is
+    # refused, not stored with that record invalid (settlement may lack a key
+    # the gateway has; stored, the record could never be charged).
+    unknown = (rogue.token(NOW, 7), 800, Scene.BUS, NOW)
+    with pytest.raises(errors.UnknownKeyId, match=rogue_issuer.kid.hex()):
+        settlement.ingest(craft(key, 1, 1, [*records, unknown]))
+    assert settlement.batch_count() == 0 and settlement.report().records == 0
     result = settlement.ingest(craft(key, 1, 1, records))
-    assert result.status == IngestStatus.APPLIED and (result.records, result.invalid) == (8, 7)
+    assert result.status == IngestStatus.APPLIED and (result.records, result.invalid) == (7, 6)
     report = settlement.report()
-    assert report.records == 8 and settlement.batch_count() == 1
+    assert report.records == 7 and settlement.batch_count() == 1
     assert report.accounts.tolist() == [rider.account] and report.amounts.tolist() == [100]
-    assert report.charged_total == 100 and report.rejected_total == sum(range(200, 900, 100))
+    assert report.charged_total == 100 and report.rejected_total == sum(range(200, 800, 100))
     invalid = report.of_kind("invalid_token")
     gid = key.public.gateway_id  # the id findings use
     assert [(f.records, f.amount, f.gateways) for f in invalid] == [
-        (((gid, n),), 100 * n, (gid,)) for n in range(2, 9)]
-    assert [f.detail for f in invalid[:6]] == [
+        (((gid, n),), 100 * n, (gid,)) for n in range(2, 8)]
+    assert [f.detail for f in invalid[:5]] == [
         "BAD_DEVICE_SIGNATURE", "SCENE_MISMATCH", "TOKEN_STALE", "TOKEN_STALE",
-        "TOKEN_FROM_FUTURE", "UNKNOWN_KID"]
+        "TOKEN_FROM_FUTURE"]
     assert invalid[-1].detail != "OK"
     assert {f.kind for f in report.findings} == {"invalid_token"}
     assert report.flagged_serials() == set()  # the rider did nothing wrong
@@ -504,9 +510,13 @@ def test_invalid_records_do_not_change_whom_an_overspend_names(
                             **later))
     settlement.ingest(craft(gw_keys[1], 1, 1, [(victim.token(NOW, 2), 80, Scene.BUS, NOW)],
                             **later))
-    settlement.ingest(craft(gw_keys[2], 1, 1, [(fake.token(NOW, 3), 80, Scene.BUS, NOW)],
-                            **later))
+    # Under the trusted issuer's kid (a kid nobody trusts refuses the batch).
+    forged = bytearray(fake.token(NOW, 3))
+    forged[CRED_KID:CRED_KID + 4] = issuer.public.kid
+    assert settlement.ingest(craft(gw_keys[2], 1, 1, [(bytes(forged), 80, Scene.BUS, NOW)],
+                                   **later)).invalid == 1
     report = settlement.report()
+    assert report.of_kind("invalid_token")[0].detail == "BAD_ISSUER_SIGNATURE"
     assert report.accounts.tolist() == [victim.account]
     [over] = report.of_kind("overspend")
     assert (over.serial, over.amount) == (victim.serial, 60)
@@ -885,6 +895,77 @@ def test_an_honest_phone_scanned_out_of_order_is_not_a_clone(
     upload(settlement, b)
     report = settlement.report()
     assert report.findings == [] and report.charge_of(rider.account) == 200
+
+
+# -- the issuer keys settlement trusts (issue 11, item 1) ------------------------------------
+
+def test_a_batch_settlement_lacks_the_key_for_is_refused_until_the_key_is_trusted(
+        tmp_path: Path, issuer: IssuerKey, gw_keys: list[GatewayKey]) -> None:
+    rider = make_rider(issuer, 21)
+    batch = craft(gw_keys[0], 1, 1, [(rider.token(NOW, 1), 100, Scene.BUS, NOW),
+                                     (rider.token(NOW, 2), 150, Scene.BUS, NOW)])
+    wrong = TrustStore()
+    wrong.add(IssuerKey(b"\x31" * 32))           # say, a mistyped --issuer-public
+    s = Settlement(tmp_path / "s", wrong, [gw_keys[0].public])
+    try:
+        with pytest.raises(errors.UnknownKeyId, match=f"2 of 2 records.*{issuer.kid.hex()}"):
+            s.ingest(batch)
+        assert s.batch_count() == 0 and s.trusted_issuers() == []   # the caller's: not stored
+        # Another process trusts the key meanwhile: this store sees it at the next try.
+        other = Settlement(tmp_path / "s")
+        assert other.trust_issuer(issuer.public).roles == Role.CREDENTIALS | Role.DENY_LIST
+        other.close()
+        result = s.ingest(batch)
+        assert (result.status, result.invalid) == (IngestStatus.APPLIED, 0)
+        assert s.report().charge_of(rider.account) == 250     # charged, not lost as invalid
+    finally:
+        s.close()
+    # Remembered: a store opened with no keys of its own trusts it.
+    s = Settlement(tmp_path / "s")
+    try:
+        assert [t.key for t in s.trusted_issuers()] == [issuer.public]
+        assert s.trust.get(issuer.kid).roles == Role.CREDENTIALS | Role.DENY_LIST
+        assert s.ingest(batch).status == IngestStatus.EXISTS
+        s.publish_deny_list(issuer, NOW)                       # DENY_LIST, as stored
+    finally:
+        s.close()
+
+
+def test_stored_issuer_keys_and_the_callers_combine(tmp_path: Path, issuer: IssuerKey) -> None:
+    other = IssuerKey(b"\x32" * 32)
+    s = Settlement(tmp_path / "s")
+    s.trust_issuer(issuer, roles=Role.CREDENTIALS, not_before=NOW - 10, not_after=NOW + 10)
+    # The same key again replaces its window and roles; bad arguments are typed.
+    s.trust_issuer(issuer, roles=Role.CREDENTIALS, not_before=NOW - 100, not_after=NOW + 100)
+    assert [(t.not_before, t.not_after) for t in s.trusted_issuers()] == [(NOW - 100, NOW + 100)]
+    for bad in ({"roles": Role(0)}, {"roles": 8}, {"not_before": -1},
+                {"not_before": NOW, "not_after": NOW - 1}):
+        with pytest.raises(errors.InvalidArgument):
+            s.trust_issuer(issuer, **bad)  # type: ignore[arg-type]
+    for key in (other.public.to_bytes(), "qrpay:issuer-public:x", None, GatewayKey(b"\x33" * 32)):
+        with pytest.raises(errors.InvalidArgument):
+            s.trust_issuer(key)  # type: ignore[arg-type]
+    s.close()
+    mine = TrustStore()
+    mine.add(issuer, roles=Role.CREDENTIALS | Role.DENY_LIST)    # wider than stored
+    mine.add(other, roles=Role.CREDENTIALS | Role.DENY_LIST)
+    s = Settlement(tmp_path / "s", mine)
+    try:
+        # Both keys; the stored one as stored; the caller's store is not changed.
+        assert s.trust.get(issuer.kid).roles == Role.CREDENTIALS
+        assert s.trust.get(issuer.kid).not_after == NOW + 100
+        assert s.trust.get(other.kid).roles == Role.CREDENTIALS | Role.DENY_LIST
+        assert [t.key for t in s.trusted_issuers()] == [issuer.public]
+        assert s.trust is not mine and mine.get(issuer.kid).roles == Role.CREDENTIALS | Role.DENY_LIST
+        with pytest.raises(errors.IssuerKeyRole):
+            s.publish_deny_list(issuer, NOW)
+        s.publish_deny_list(other, NOW)
+        s.trust_issuer(issuer.public, roles=Role.DENY_LIST)   # now, in this object too
+        s.publish_deny_list(issuer, NOW + 1)
+    finally:
+        s.close()
+    with pytest.raises(errors.InvalidArgument):
+        Settlement(tmp_path / "s", "qrpay:issuer-public:x")  # type: ignore[arg-type]
 
 
 def test_publishing_continues_after_the_deny_list_key_is_rotated(tmp_path: Path,

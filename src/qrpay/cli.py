@@ -36,6 +36,7 @@ from qrpay.errors import (
     MalformedMessage, MalformedToken, QrPayError, ScanRefused, StaleUpdate, StoreUnavailable,
     TokenRejected, UnknownGateway,
 )
+from qrpay.format import U32_MAX
 from qrpay.gateway import Gateway
 from qrpay.keys import (
     DeviceKey, DevicePublicKey, GatewayKey, GatewayPublicKey, IssuerKey, IssuerPublicKey,
@@ -345,13 +346,22 @@ def cmd_deny_apply(args: argparse.Namespace) -> int:
 
 
 def _settlement(args: argparse.Namespace) -> Settlement:
+    """The store, trusting the issuer keys stored in it (`qrpay settlement
+    trust`) and, for this command only, any --issuer-public."""
     gateways = [GatewayPublicKey.from_text(_text_or_file(v)) for v in args.gateway_public or []]
-    return Settlement(args.settlement_dir, _trust(args), gateways)
+    return Settlement(args.settlement_dir, _trust(args) if args.issuer_public else None, gateways)
+
+
+def _needs_issuer_keys(settlement: Settlement) -> None:
+    if not len(settlement.trust):
+        raise CliError("settlement trusts no issuer key: add one with `qrpay settlement trust "
+                       "--settlement-dir DIR --issuer-public KEY` (or give --issuer-public)")
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     worst = EXIT_OK
     with _settlement(args) as settlement:
+        _needs_issuer_keys(settlement)
         for path in args.batches:
             try:
                 result = settlement.ingest(_read_bytes(path, "batch"))
@@ -359,10 +369,54 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                       f"{result.seq}, {result.records} records, {result.invalid} invalid)")
                 if result.status is IngestStatus.CONFLICT:
                     worst = EXIT_REFUSED
-            except (*_BAD_INPUT, *_REFUSALS) as exc:
+            except _BAD_INPUT as exc:
                 print(f"{path}: rejected: {exc} ({exc.reason.name})", file=sys.stderr)
-                worst = max(worst, EXIT_USAGE if isinstance(exc, _BAD_INPUT) else EXIT_REFUSED)
+                worst = max(worst, EXIT_USAGE)
+            except _REFUSALS as exc:   # nothing stored: the gateway keeps the batch, retries
+                print(f"{path}: refused: {exc} ({exc.reason.name})", file=sys.stderr)
+                worst = max(worst, EXIT_REFUSED)
     return worst
+
+
+_ROLE_NAMES = {"credentials": Role.CREDENTIALS, "deny-list": Role.DENY_LIST,
+               "scorecard": Role.SCORECARD}
+
+
+def _roles(text: str) -> Role:
+    roles = Role(0)
+    for part in filter(None, (p.strip().lower() for p in text.split(","))):
+        if part not in _ROLE_NAMES:
+            raise argparse.ArgumentTypeError(
+                f"unknown role {part!r} (one or more of: {', '.join(_ROLE_NAMES)})")
+        roles |= _ROLE_NAMES[part]
+    if not roles:
+        raise argparse.ArgumentTypeError("name at least one role: a key trusted for nothing "
+                                         "is a mistake")
+    return roles
+
+
+def _role_names(roles: Role) -> list[str]:
+    return [name for name, role in _ROLE_NAMES.items() if roles & role]
+
+
+def cmd_settlement_trust(args: argparse.Namespace) -> int:
+    keys = [IssuerPublicKey.from_text(_text_or_file(v)) for v in args.issuer_public]
+    with Settlement(args.settlement_dir) as settlement:
+        for key in keys:
+            entry = settlement.trust_issuer(key, args.not_before, args.not_after, args.roles)
+            print(f"settlement trusts issuer key {entry.kid.hex()} for "
+                  f"{', '.join(_role_names(entry.roles))}, from {entry.not_before} to "
+                  f"{entry.not_after}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_settlement_keys(args: argparse.Namespace) -> int:
+    with Settlement(args.settlement_dir) as settlement:
+        stored = settlement.trusted_issuers()
+    print(json.dumps([{"key": t.key.to_text(), "kid": t.kid.hex(), "roles": _role_names(t.roles),
+                       "not_before": t.not_before, "not_after": t.not_after} for t in stored],
+                     indent=1))
+    return EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -416,6 +470,7 @@ def cmd_deny_publish(args: argparse.Namespace) -> int:
     issuer = _key(args.issuer_key, IssuerKey)
     now = _at(args.now)
     with _settlement(args) as settlement:
+        _needs_issuer_keys(settlement)
         document, added = settlement.publish_deny_list(issuer, now, revoke=args.revoke or ())
         _write_atomic(args.out, document)
         version = DenyList.load(document, settlement.trust).version
@@ -575,7 +630,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def settlement_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--settlement-dir", required=True)
-        trust_args(p)
+        p.add_argument("--issuer-public", action="append", metavar="KEY",
+                       help="also trust this issuer public key (text, or a file holding it), "
+                            "for this command only; repeatable. The keys stored with "
+                            "`qrpay settlement trust` are always trusted")
         p.add_argument("--gateway-public", action="append", metavar="KEY",
                        help="register a gateway public key (text or file); repeatable")
 
@@ -586,6 +644,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revoke", type=_int(0), action="append", help="also deny this serial")
     p.add_argument("--now", type=_int(0))
     p.set_defaults(run=cmd_deny_publish)
+
+    settle = commands.add_parser("settlement", help="look after a settlement directory"
+                                 ).add_subparsers(dest="settlement_command", required=True,
+                                                  metavar="ACTION")
+    p = settle.add_parser(
+        "trust", help="trust issuer public keys in the settlement store, from now on",
+        description="Store issuer public keys that settlement re-verifies tokens with and "
+                    "reloads deny lists with. Every later command on the store trusts them; "
+                    "a batch holding a token of a key it does not trust is refused (exit 1, "
+                    "UNKNOWN_KID), not stored, so the gateway keeps it and can upload it again "
+                    "once the key is trusted. The same key again replaces its window and roles.")
+    p.add_argument("--settlement-dir", required=True)
+    p.add_argument("--issuer-public", required=True, action="append", metavar="KEY",
+                   help="the issuer public key (text, or a file holding it); repeatable")
+    p.add_argument("--roles", type=_roles, default=Role.CREDENTIALS | Role.DENY_LIST,
+                   help="what the key may sign, comma-separated: credentials, deny-list, "
+                        "scorecard (default: credentials,deny-list)")
+    p.add_argument("--not-before", type=_int(0, U32_MAX), default=0,
+                   help="Unix time the key is trusted from (default: 0)")
+    p.add_argument("--not-after", type=_int(0, U32_MAX), default=U32_MAX,
+                   help="Unix time it is trusted to (default: 2**32-1)")
+    p.set_defaults(run=cmd_settlement_trust)
+    p = settle.add_parser("keys", help="print the issuer keys the settlement store trusts (JSON)")
+    p.add_argument("--settlement-dir", required=True)
+    p.set_defaults(run=cmd_settlement_keys)
 
     p = commands.add_parser("ingest", help="ingest upload batches into settlement")
     settlement_args(p)

@@ -28,17 +28,17 @@ from qrpay.credit import DEFAULT_DUE_AFTER
 from qrpay.denylist import DenyList, sign_deny_list
 from qrpay.errors import (
     Conflict, InvalidArgument, IssuerKeyRole, MalformedMessage, Reason, StoreUnavailable,
-    UnknownGateway,
+    UnknownGateway, UnknownKeyId,
 )
 from qrpay.format import (
     PUBLIC_KEY_LEN, TAG_BATCH, TOKEN_DEVICE_SIG, TOKEN_DTYPE, TOKEN_LEN, U32_MAX,
 )
-from qrpay.keys import GatewayPublicKey, IssuerKey
+from qrpay.keys import GatewayPublicKey, IssuerKey, IssuerPublicKey
 from qrpay.ledger import RECORD_DTYPE, LedgerResult, sequence_gaps, settle, totals_by_account
 from qrpay.token import (
-    DEFAULT_MAX_AGE, DEFAULT_SKEW, _check_window, as_token_array, verify_batch,
+    DEFAULT_MAX_AGE, DEFAULT_SKEW, BatchResult, _check_window, as_token_array, verify_batch,
 )
-from qrpay.trust import Role, TrustStore
+from qrpay.trust import Role, TrustedKey, TrustStore
 from qrpay.wire import body_map, split_document, verify_document
 
 STORE_FILE = "settlement.sqlite3"
@@ -67,6 +67,10 @@ CREATE TABLE IF NOT EXISTS deny_lists (version INTEGER PRIMARY KEY, document BLO
 CREATE TABLE IF NOT EXISTS repayments (
     id INTEGER PRIMARY KEY, account INTEGER NOT NULL, amount INTEGER NOT NULL,
     paid_at INTEGER NOT NULL, reference TEXT
+);
+CREATE TABLE IF NOT EXISTS issuer_keys (
+    kid BLOB PRIMARY KEY, public BLOB NOT NULL, not_before INTEGER NOT NULL,
+    not_after INTEGER NOT NULL, roles INTEGER NOT NULL
 )
 """
 # What the caller of each write must do when its commit failed: the outcome is
@@ -77,6 +81,8 @@ _RETRY_INGEST = "ingest the same batch again: EXISTS if it was stored, APPLIED i
 _RETRY_DENY = ("publish again and send only what that returns: a version this call may "
                "have stored was never sent, and every later one holds its serials")
 _RETRY_REPAY = "record it again with the same reference: it is stored once"
+_RETRY_TRUST = "trust the same key again: it is stored once"
+_SETTLEMENT_ROLES = Role.CREDENTIALS | Role.DENY_LIST   # what settlement checks keys for
 
 
 class IngestStatus(str, enum.Enum):
@@ -137,17 +143,29 @@ class Report:
 
 class Settlement:
     """The settlement store (an SQLite file in `directory`) with the registry
-    of gateway keys and the issuer trust store used to re-verify tokens."""
+    of gateway keys and of the issuer keys it trusts to re-verify tokens.
 
-    def __init__(self, directory: str | Path, trust: TrustStore,
+    `self.trust` is the issuer keys stored in the store (`trust_issuer`)
+    together with those of `trust`, which are used by this object only and
+    never stored; a key in both is used as stored."""
+
+    def __init__(self, directory: str | Path, trust: TrustStore | None = None,
                  gateways: Iterable[GatewayPublicKey] = (), *,
                  max_age: int = DEFAULT_MAX_AGE, skew: int = DEFAULT_SKEW,
                  threads: int = 1) -> None:
         if threads < 1:
             raise InvalidArgument("threads must be at least 1")
+        if trust is not None and not isinstance(trust, TrustStore):
+            raise InvalidArgument(f"trust must be a TrustStore or None, not "
+                                  f"{type(trust).__name__}")
         _check_window(max_age, skew)   # as verify_batch would at the first ingest
         self.directory = Path(directory)
-        self.trust = trust
+        # Settlement's own store: the caller's keys are copied in (and the
+        # stored ones added after the schema is there), so it never changes
+        # a store the caller shares with gateways.
+        self.trust = TrustStore(**({} if trust is None else {"cache_size": trust._cache_size}))
+        for entry in trust or ():
+            self.trust.add(entry.key, entry.not_before, entry.not_after, entry.roles)
         self.max_age = max_age
         self.skew = skew
         self.threads = threads
@@ -167,6 +185,7 @@ class Settlement:
                 # Older rows keep a NULL reference, which UNIQUE lets repeat.
                 db.execute("CREATE UNIQUE INDEX IF NOT EXISTS repayments_reference "
                            "ON repayments(reference)")
+            self._load_trust()
         except BaseException:
             self._db.close()
             raise
@@ -208,6 +227,61 @@ class Settlement:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+    # -- issuer keys -------------------------------------------------------------------
+
+    def trust_issuer(self, key: IssuerPublicKey | IssuerKey, not_before: int = 0,
+                     not_after: int = U32_MAX, roles: Role = _SETTLEMENT_ROLES) -> TrustedKey:
+        """Trust an issuer key from now on, in this store: every later
+        `Settlement` on it re-verifies tokens with it (CREDENTIALS) and
+        reloads deny lists signed with it (DENY_LIST). The same key again
+        replaces its window and roles; another key with the same kid is
+        InvalidArgument, and so are roles that name nothing."""
+        entry = TrustStore().add(key, not_before, not_after, roles)   # the store's own checks
+        if not entry.roles:
+            raise InvalidArgument("roles must name at least one Role: a key trusted for nothing "
+                                  "is a mistake")
+        public = entry.key.to_bytes()
+        with self._write(_RETRY_TRUST) as db:
+            row = db.execute("SELECT public FROM issuer_keys WHERE kid = ?",
+                             (entry.kid,)).fetchone()
+            if row is not None and row[0] != public:
+                raise InvalidArgument(f"kid {entry.kid.hex()} already names another trusted key")
+            db.execute("INSERT OR REPLACE INTO issuer_keys(kid, public, not_before, not_after, "
+                       "roles) VALUES (?, ?, ?, ?, ?)",
+                       (entry.kid, public, entry.not_before, entry.not_after, int(entry.roles)))
+        with self._lock:
+            self._trust_entry(entry)
+        return entry
+
+    def trusted_issuers(self) -> list[TrustedKey]:
+        """The issuer keys this store trusts (`trust_issuer`), by kid; not
+        those only given to the constructor."""
+        rows = self._query("SELECT public, not_before, not_after, roles FROM issuer_keys "
+                           "ORDER BY kid")
+        try:
+            return [TrustedKey(IssuerPublicKey(bytes(public)), int(not_before), int(not_after),
+                               Role(int(roles)))
+                    for public, not_before, not_after, roles in rows]
+        except (TypeError, ValueError) as exc:
+            raise StoreUnavailable(f"settlement store: a trusted issuer key does not read back "
+                                   f"({exc})") from exc
+
+    def _load_trust(self) -> bool:
+        """Add the stored issuer keys to self.trust; True if that changed it
+        (a key another process trusted since this one opened, say)."""
+        changed = False
+        with self._lock:
+            for entry in self.trusted_issuers():
+                if entry.kid not in self.trust or self.trust.get(entry.kid) != entry:
+                    self._trust_entry(entry)
+                    changed = True
+        return changed
+
+    def _trust_entry(self, entry: TrustedKey) -> None:
+        if entry.kid in self.trust and self.trust.get(entry.kid).key != entry.key:
+            self.trust.remove(entry.kid)   # the stored key wins over the caller's
+        self.trust.add(entry.key, entry.not_before, entry.not_after, entry.roles)
 
     # -- gateways ----------------------------------------------------------------------
 
@@ -257,11 +331,24 @@ class Settlement:
 
         # A gateway can be compromised: every token is verified again, at the
         # time the gateway says it scanned it.
-        checked = verify_batch(tokens, self.trust, records["gateway_time"].astype(np.int64),
-                               max_age=self.max_age, skew=self.skew, threads=self.threads,
-                               lengths=lengths)
-        reasons = checked.reasons.copy()
+        checked = self._verify(tokens, records, lengths)
         fields = tokens.view(TOKEN_DTYPE).reshape(-1)
+        unknown = checked.reasons == Reason.UNKNOWN_KID
+        if unknown.any() and self._load_trust():    # a key trusted since this store opened
+            checked = self._verify(tokens, records, lengths)
+            unknown = checked.reasons == Reason.UNKNOWN_KID
+        if unknown.any():
+            # Settlement lacks a key the gateway trusted: storing these records
+            # as invalid would lose their charges for good (the batch would be
+            # EXISTS from then on). Refused whole; the gateway keeps the batch.
+            kids = sorted({int(k) for k in fields["kid"][unknown].tolist()})
+            raise UnknownKeyId(
+                f"batch {seq} of gateway {gateway_id}: {int(unknown.sum())} of {len(records)} "
+                f"records hold tokens of an issuer key settlement does not trust (kid "
+                f"{', '.join(k.to_bytes(4, 'little').hex() for k in kids[:5])}); nothing is "
+                "stored. Trust the key (qrpay settlement trust, Settlement.trust_issuer) and "
+                "ingest the batch again")
+        reasons = checked.reasons.copy()
         valid = reasons == Reason.OK
         reasons[valid & (fields["scene"] != records["scene"])] = Reason.SCENE_MISMATCH
         records["reason"] = reasons
@@ -284,6 +371,12 @@ class Settlement:
                  records.tobytes(), tokens.tobytes()))
         return IngestResult(IngestStatus.APPLIED, gateway_id, seq, len(records),
                             int(np.count_nonzero(reasons != Reason.OK)))
+
+    def _verify(self, tokens: npt.NDArray[np.uint8], records: npt.NDArray[np.void],
+                lengths: npt.NDArray[np.int64]) -> BatchResult:
+        return verify_batch(tokens, self.trust, records["gateway_time"].astype(np.int64),
+                            max_age=self.max_age, skew=self.skew, threads=self.threads,
+                            lengths=lengths)
 
     def _status(self, gateway_id: str, seq: int, first: int, last: int,
                 digest: bytes) -> IngestStatus | None:
