@@ -660,3 +660,43 @@ def test_a_wrong_issuer_key_at_ingest_is_refused_not_stored(
                        str(keys["issuer_public"]), "--issuer-key", str(keys["issuer"]),
                        "--out", str(tmp_path / "d2"), "--now", str(NOW))
     assert code == 1 and "ISSUER_KEY_ROLE" in err and not (tmp_path / "d2").exists()
+
+
+def test_a_mistyped_directory_is_not_made_a_new_store(
+        tmp_path: Path, keys: dict[str, Path | str], credential: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Item 3: report, history, export and ack on a mistyped directory created an
+    # empty store and exited 0 ("nothing to upload", an empty report).
+    batch = a_day(tmp_path, keys, credential, capsys)
+    assert run(capsys, "ingest", *settle_args(tmp_path, keys), str(batch))[0] == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for name in ("settl", "empty"):                       # missing, or there but empty
+        settle = settle_args(tmp_path, keys, name)
+        for args in (["report", *settle], ["history", *settle, "--out", str(tmp_path / "h")],
+                     ["repay", *settle, "--account", "42", "--amount", "5", "--reference", "R",
+                      "--now", str(NOW)],
+                     ["settlement", "keys", *settle[:2]]):
+            code, out, err = run(capsys, *args)
+            assert (code, out) == (2, ""), (args, err)
+            assert f"{tmp_path / name} is not a settlement directory" in err
+            assert "qrpay ingest" in err
+    for name in ("gw2", "empty"):
+        gw = ["--gateway-dir", str(tmp_path / name), *gateway_args(tmp_path, keys)[2:]]
+        for args in (["export", *gw, "--out", str(tmp_path / "b")], ["ack", *gw, "--seq", "1"]):
+            code, out, err = run(capsys, *args)
+            assert (code, out) == (2, ""), (args, err)
+            assert f"{tmp_path / name} is not a gateway directory" in err and "qrpay scan" in err
+    assert not (tmp_path / "settl").exists() and not (tmp_path / "gw2").exists()
+    assert list(empty.iterdir()) == [] and not (tmp_path / "h").exists()
+    # Recovery goes on from an empty directory, never from one of something else.
+    code, _, err = run(capsys, "gateway", "recover", "--gateway-dir", str(tmp_path / "settle"),
+                       *gateway_args(tmp_path, keys)[2:], "--now", str(NOW))
+    assert code == 2 and "not a gateway directory" in err
+    assert not (tmp_path / "settle" / "journal.sqlite3").exists()
+    # The right directories still work, and the commands that make a store do.
+    code, out, _ = run(capsys, "report", *settle_args(tmp_path, keys))
+    assert code == 0 and json.loads(out)["charged_total"] == 200
+    assert run(capsys, "ack", *gateway_args(tmp_path, keys), "--seq", "1")[0] == 0
+    code, _, err = run(capsys, "settlement", "trust", *settle_args(tmp_path, keys, "new"))
+    assert code == 0 and (tmp_path / "new" / "settlement.sqlite3").exists()

@@ -29,6 +29,7 @@ from typing import Any, TextIO, cast
 import numpy as np
 
 from qrpay import qrimage, simulate
+from qrpay.anchor import ANCHOR_FILE
 from qrpay.credential import Credential, Scene
 from qrpay.denylist import DenyList
 from qrpay.errors import (
@@ -37,7 +38,7 @@ from qrpay.errors import (
     TokenRejected, UnknownGateway,
 )
 from qrpay.format import U32_MAX
-from qrpay.gateway import Gateway
+from qrpay.gateway import JOURNAL_FILE, LOCK_FILE, Gateway
 from qrpay.keys import (
     DeviceKey, DevicePublicKey, GatewayKey, GatewayPublicKey, IssuerKey, IssuerPublicKey,
     SigningKey,
@@ -45,7 +46,7 @@ from qrpay.keys import (
 from qrpay.qr import decode_text, encode_text
 from qrpay.recovery import recover_gateway
 from qrpay.scoring import LimitPolicy, Scorecard
-from qrpay.settlement import IngestStatus, Settlement
+from qrpay.settlement import STORE_FILE, IngestStatus, Settlement
 from qrpay.token import TokenGenerator
 from qrpay.trust import Role, TrustStore
 
@@ -172,7 +173,21 @@ def _int(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def _gateway(args: argparse.Namespace) -> Gateway:
+def _is_store(directory: str, names: tuple[str, ...], what: str, creators: str) -> None:
+    """Refuse a directory that holds none of `names`: a mistyped path must not
+    become a new, empty gateway or settlement store that answers as if all
+    were well. Only the commands named in `creators` make one."""
+    if not any((Path(directory) / name).exists() for name in names):
+        raise CliError(f"{directory} is not a {what} directory (it holds no "
+                       f"{' or '.join(names)}); {creators} make one")
+
+
+def _gateway(args: argparse.Namespace, create: bool = False) -> Gateway:
+    """The gateway in --gateway-dir; only `scan` and `deny-list apply` may
+    create one."""
+    if not create:
+        _is_store(args.gateway_dir, (JOURNAL_FILE, ANCHOR_FILE), "gateway",
+                  "`qrpay scan` and `qrpay deny-list apply`")
     return Gateway(args.gateway_dir, _key(args.gateway_key, GatewayKey), _trust(args))
 
 
@@ -301,7 +316,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     else:
         # Decoded here: a malformed text is bad input (exit 2), not a refusal.
         token = decode_text(_text_or_file(args.text))
-    with _gateway(args) as gateway:
+    with _gateway(args, create=True) as gateway:
         receipt = gateway.scan(token, args.amount, args.scene, args.now)
     print(json.dumps({"gateway": receipt.gateway, "record": receipt.record,
                       "account": receipt.account, "serial": receipt.serial,
@@ -329,6 +344,12 @@ def cmd_ack(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway_recover(args: argparse.Namespace) -> int:
+    # Recovery goes on from what is left of a gateway directory, or from an
+    # empty one (all of it lost): never from a directory of something else.
+    directory = Path(args.gateway_dir)
+    if directory.is_dir() and any(directory.iterdir()):
+        _is_store(args.gateway_dir, (JOURNAL_FILE, ANCHOR_FILE, LOCK_FILE), "gateway",
+                  "`qrpay scan` and `qrpay deny-list apply`")
     done = recover_gateway(args.gateway_dir, _key(args.gateway_key, GatewayKey), _trust(args),
                            now=args.now)
     print(json.dumps(done.as_dict(), indent=1))
@@ -339,17 +360,27 @@ def cmd_gateway_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_deny_apply(args: argparse.Namespace) -> int:
-    with _gateway(args) as gateway:
+    with _gateway(args, create=True) as gateway:
         applied = gateway.update_deny_list(_read_bytes(args.file, "deny list"), args.now)
     print(f"deny list version {applied.version}: {len(applied)} credentials")
     return EXIT_OK
 
 
-def _settlement(args: argparse.Namespace) -> Settlement:
+def _settlement_dir(directory: str, create: bool = False) -> str:
+    """A settlement directory; only `settlement trust`, `ingest` and
+    `deny-list publish` may create one."""
+    if not create:
+        _is_store(directory, (STORE_FILE,), "settlement",
+                  "`qrpay settlement trust`, `qrpay ingest` and `qrpay deny-list publish`")
+    return directory
+
+
+def _settlement(args: argparse.Namespace, create: bool = False) -> Settlement:
     """The store, trusting the issuer keys stored in it (`qrpay settlement
     trust`) and, for this command only, any --issuer-public."""
+    directory = _settlement_dir(args.settlement_dir, create)
     gateways = [GatewayPublicKey.from_text(_text_or_file(v)) for v in args.gateway_public or []]
-    return Settlement(args.settlement_dir, _trust(args) if args.issuer_public else None, gateways)
+    return Settlement(directory, _trust(args) if args.issuer_public else None, gateways)
 
 
 def _needs_issuer_keys(settlement: Settlement) -> None:
@@ -360,7 +391,7 @@ def _needs_issuer_keys(settlement: Settlement) -> None:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     worst = EXIT_OK
-    with _settlement(args) as settlement:
+    with _settlement(args, create=True) as settlement:
         _needs_issuer_keys(settlement)
         for path in args.batches:
             try:
@@ -401,7 +432,7 @@ def _role_names(roles: Role) -> list[str]:
 
 def cmd_settlement_trust(args: argparse.Namespace) -> int:
     keys = [IssuerPublicKey.from_text(_text_or_file(v)) for v in args.issuer_public]
-    with Settlement(args.settlement_dir) as settlement:
+    with Settlement(_settlement_dir(args.settlement_dir, create=True)) as settlement:
         for key in keys:
             entry = settlement.trust_issuer(key, args.not_before, args.not_after, args.roles)
             print(f"settlement trusts issuer key {entry.kid.hex()} for "
@@ -411,7 +442,7 @@ def cmd_settlement_trust(args: argparse.Namespace) -> int:
 
 
 def cmd_settlement_keys(args: argparse.Namespace) -> int:
-    with Settlement(args.settlement_dir) as settlement:
+    with Settlement(_settlement_dir(args.settlement_dir)) as settlement:
         stored = settlement.trusted_issuers()
     print(json.dumps([{"key": t.key.to_text(), "kid": t.kid.hex(), "roles": _role_names(t.roles),
                        "not_before": t.not_before, "not_after": t.not_after} for t in stored],
@@ -469,7 +500,7 @@ def _cell(value: object) -> str:
 def cmd_deny_publish(args: argparse.Namespace) -> int:
     issuer = _key(args.issuer_key, IssuerKey)
     now = _at(args.now)
-    with _settlement(args) as settlement:
+    with _settlement(args, create=True) as settlement:
         _needs_issuer_keys(settlement)
         document, added = settlement.publish_deny_list(issuer, now, revoke=args.revoke or ())
         _write_atomic(args.out, document)
