@@ -378,10 +378,34 @@ def test_bad_arguments_exit_2(args: list[str], capsys: pytest.CaptureFixture[str
     assert "usage: qrpay" in capsys.readouterr().err
 
 
-def test_unwritable_json_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(capsys, "simulate", "--citizens", "200", "--trips", "1", "--json",
-                       str(tmp_path / "no" / "r.json"))
-    assert code == 2 and "cannot write" in err
+def test_simulate_checks_its_arguments_before_the_day_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Item 6: a bad --json, --workdir or --threads is said at once, not after
+    # the whole day ran (or half of it, in a directory holding another day).
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "journal.sqlite3").write_text("another day")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for extra, message in (
+            (["--json", str(tmp_path / "no" / "r.json")], "no such directory"),
+            (["--json", str(tmp_path)], "is a directory"),
+            (["--workdir", str(full)], "is not empty"),
+            (["--workdir", str(a_file)], "not a directory"),
+            (["--workdir", str(a_file / "sub")], "cannot be made")):
+        code, out, err = run(capsys, "simulate", "--citizens", "200", "--trips", "1", *extra)
+        assert code == 2 and message in err, (extra, err)
+        assert "qrpay simulate:" not in err and out == ""      # nothing ran
+    assert [p.name for p in full.iterdir()] == ["journal.sqlite3"]
+    for threads in ("0", "257", "100000"):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["simulate", "--threads", threads])
+        assert info.value.code == 2
+    for kwargs in ({"workdir": full}, {"workdir": a_file}, {"threads": 0},
+                   {"threads": 10**6}, {"seed": -1}, {"seed": 1.5}, {"threads": "2"}):
+        with pytest.raises(InvalidArgument):
+            simulate.run(citizens=100, trips=1, progress=io.StringIO(),
+                         **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("command", [[], ["keys", "new"], ["issue"], ["token"], ["scan"],

@@ -29,6 +29,7 @@ from typing import Any, TextIO, cast
 import numpy as np
 
 from qrpay import qrimage, simulate
+from qrpay._args import MAX_THREADS
 from qrpay.anchor import ANCHOR_FILE
 from qrpay.credential import Credential, Scene
 from qrpay.denylist import DenyList
@@ -548,7 +549,36 @@ def cmd_score_apply(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_out(path: str, what: str) -> None:
+    """Before the work that leads up to writing `path`: a file can be made in
+    its directory (made and removed here), and it is not a directory."""
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise CliError(f"{what} {path} is a directory")
+    if not parent.is_dir():
+        raise CliError(f"{what} {path}: no such directory: {parent}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{target.name}.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CliError(f"{what} {path} cannot be written: {exc.strerror or exc}") from None
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
+    # Checked before a city's day starts, not after it (simulate.run checks
+    # the rest: an existing --workdir must be empty).
+    if args.json:
+        _check_out(args.json, "--json")
+    if args.workdir:
+        try:
+            Path(args.workdir).mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise CliError(f"--workdir {args.workdir} is not a directory") from None
+        except OSError as exc:
+            raise CliError(f"--workdir {args.workdir} cannot be made: "
+                           f"{exc.strerror or exc}") from None
     report = simulate.run(args.citizens, args.trips, args.seed, args.threads, args.workdir)
     print(simulate.format_report(report))
     if args.json:
@@ -741,7 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="CSV of score and reasons, or .npy of scores")
     p.add_argument("--reasons", type=_int(0), default=3)
-    p.add_argument("--threads", type=_int(1), default=1)
+    p.add_argument("--threads", type=_int(1, MAX_THREADS), default=1)
     p.set_defaults(run=cmd_score_apply)
 
     sim = commands.add_parser(
@@ -756,7 +786,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="rides per citizen in the day (default: %(default)s)")
     sim.add_argument("--seed", type=_int(0, 2**63 - 1), default=1,
                      help="random seed, 0 to 2**63-1 (default: %(default)s)")
-    sim.add_argument("--threads", type=_int(1), default=2,
+    sim.add_argument("--threads", type=_int(1, MAX_THREADS), default=2,
                      help="threads for signing, verifying and scoring (default: %(default)s)")
     sim.add_argument("--workdir", help="keep journals and the settlement store here "
                                        "(default: a temporary directory)")

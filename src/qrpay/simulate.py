@@ -28,6 +28,7 @@ from typing import Any, TextIO
 import numpy as np
 import numpy.typing as npt
 
+from qrpay import _args
 from qrpay._impl import backend, core
 from qrpay.credential import Credential, Scene
 from qrpay.errors import InvalidArgument, Reason
@@ -136,16 +137,37 @@ MIN_CITIZENS = 100   # enough riders for every planted attack to have its actors
 
 def run(citizens: int = 20_000, trips: int = 4, seed: int = 1, threads: int = 2,
         workdir: str | Path | None = None, progress: TextIO | None = None) -> Report:
-    """Run the day in `workdir` (a fresh temporary directory by default)."""
+    """Run the day in `workdir` (a fresh temporary directory by default; one
+    given must be new or empty). Every argument is checked before any work
+    starts: InvalidArgument."""
     if isinstance(citizens, bool) or not isinstance(citizens, int) or citizens < MIN_CITIZENS:
         raise InvalidArgument(f"simulate needs at least {MIN_CITIZENS} citizens")
     if isinstance(trips, bool) or not isinstance(trips, int) or trips < 1:
         raise InvalidArgument("trips must be at least 1")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InvalidArgument("seed must be a whole number, 0 or more")
+    _args.threads(threads)
+    if workdir is not None:
+        _check_workdir(Path(workdir))
     out = progress if progress is not None else sys.stderr
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="qrpay-simulate-") as tmp:
             return _run(citizens, trips, seed, threads, Path(tmp), out)
     return _run(citizens, trips, seed, threads, Path(workdir), out)
+
+
+def _check_workdir(workdir: Path) -> None:
+    """A new or empty directory: the day makes new journals and a new store in
+    it, and old ones would conflict with them (or be mistaken for the day's)."""
+    try:
+        if workdir.exists() and not workdir.is_dir():
+            raise InvalidArgument(f"workdir {workdir} is not a directory")
+        if workdir.is_dir() and any(workdir.iterdir()):
+            raise InvalidArgument(f"workdir {workdir} is not empty: give a new or empty "
+                                  "directory (the day makes new journals and a new "
+                                  "settlement store in it)")
+    except OSError as exc:
+        raise InvalidArgument(f"workdir {workdir}: {exc.strerror or exc}") from None
 
 
 def _run(n_citizens: int, trips: int, seed: int, threads: int, workdir: Path,
