@@ -724,3 +724,41 @@ def test_a_mistyped_directory_is_not_made_a_new_store(
     assert run(capsys, "ack", *gateway_args(tmp_path, keys), "--seq", "1")[0] == 0
     code, _, err = run(capsys, "settlement", "trust", *settle_args(tmp_path, keys, "new"))
     assert code == 0 and (tmp_path / "new" / "settlement.sqlite3").exists()
+
+
+def test_a_value_that_is_neither_text_nor_a_file_says_no_such_file(
+        tmp_path: Path, keys: dict[str, Path | str], credential: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Item 7: a mistyped file name was parsed as key or token text ("expected a
+    # key starting with 'qrpay:device-public', found 'no prefix'").
+    missing = str(tmp_path / "phone.pub")
+    gw = gateway_args(tmp_path, keys)
+    cases = [
+        (["issue", "--issuer-key", str(keys["issuer"]), "--device-public", missing,
+          "--account", "1", "--limit", "5", "--scenes", "bus"], missing),
+        (["token", "--credential", "cred2.txt", "--device-key", str(keys["device"]),
+          "--scene", "bus"], "cred2.txt"),
+        (["scan", *gw, "--text", "token.txt", "--amount", "5", "--scene", "bus"], "token.txt"),
+        (["scan", *gw[:4], "--issuer-public", "issuer.pub", "--text", "QP:", "--amount", "5",
+          "--scene", "bus"], "issuer.pub"),
+        (["settlement", "trust", "--settlement-dir", str(tmp_path / "s"), "--issuer-public",
+          "isuer.pub"], "isuer.pub"),
+        (["ingest", *settle_args(tmp_path, keys), "--gateway-public", "bus7.pub", "b"],
+         "bus7.pub"),
+    ]
+    for args, name in cases:
+        code, out, err = run(capsys, *args)
+        assert (code, out) == (2, ""), (args, err)
+        assert f"qrpay: error: no such file: {name} (" in err, err
+        assert "prefix" not in err and "MALFORMED" not in err and "INVALID_KEY" not in err
+    code, _, err = run(capsys, "token", "--credential", str(tmp_path), "--device-key",
+                       str(keys["device"]), "--scene", "bus")
+    assert code == 2 and "is a directory" in err
+    code, _, err = run(capsys, "scan", *gw, "--text", "y" * 5000, "--amount", "5", "--scene",
+                       "bus")
+    assert code == 2 and f"no such file: {'y' * 77}... (" in err
+    assert not (tmp_path / "gw").exists() and not (tmp_path / "s").exists()
+    # What it means still works: the file, or the text itself.
+    code, out, _ = run(capsys, "token", "--credential", credential.read_text().strip(),
+                       "--device-key", str(keys["device"]), "--scene", "bus", "--now", str(NOW))
+    assert code == 0 and out.startswith("QP:")

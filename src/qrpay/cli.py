@@ -127,15 +127,24 @@ def _key(path: str, cls: type[SigningKey]) -> Any:
     return cls.from_secret_text(_read_text(path, f"{cls.__name__} key"))
 
 
-def _text_or_file(value: str) -> str:
-    """A key, credential or token given inline, or the path of a file that holds it."""
+def _text_or_file(value: str, what: str) -> str:
+    """A key, credential or token given inline (it starts with `qrpay:` or
+    `QP:`), or the path of a file that holds it; anything else is a file
+    that is not there, not text to parse."""
     if value.startswith(("qrpay:", "QP:")):
         return value  # inline: a long token is no file name (ENAMETOOLONG)
+    path = Path(value)
     try:
-        is_file = Path(value).is_file()
+        if path.is_file():
+            return _read_text(value, what)
+        is_dir = path.is_dir()
     except OSError:
-        is_file = False
-    return _read_text(value, "input") if is_file else value
+        is_dir = False
+    if is_dir:
+        raise CliError(f"{what}: {value} is a directory, not a file")
+    shown = value if len(value) <= 80 else value[:77] + "..."
+    raise CliError(f"no such file: {shown} (give the {what} inline, as text starting with "
+                   f"{'QP:' if what == 'token' else 'qrpay:'}, or a file holding it)")
 
 
 def _trust(args: argparse.Namespace) -> TrustStore:
@@ -143,7 +152,7 @@ def _trust(args: argparse.Namespace) -> TrustStore:
         raise CliError("give at least one --issuer-public (text or file)")
     store = TrustStore()
     for value in args.issuer_public:
-        store.add(IssuerPublicKey.from_text(_text_or_file(value)),
+        store.add(IssuerPublicKey.from_text(_text_or_file(value, "issuer public key")),
                   roles=Role.CREDENTIALS | Role.DENY_LIST | Role.SCORECARD)
     return store
 
@@ -256,7 +265,7 @@ def cmd_keys_public(args: argparse.Namespace) -> int:
 
 def cmd_issue(args: argparse.Namespace) -> int:
     issuer = _key(args.issuer_key, IssuerKey)
-    public = DevicePublicKey.from_text(_text_or_file(args.device_public))
+    public = DevicePublicKey.from_text(_text_or_file(args.device_public, "device public key"))
     if args.card:
         card = Scorecard.from_json(_read_text(args.card, "card"))
         policy = LimitPolicy.from_dict(json.loads(_read_text(args.policy, "policy")))
@@ -286,7 +295,7 @@ def cmd_issue(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    credential = Credential.from_text(_text_or_file(args.credential))
+    credential = Credential.from_text(_text_or_file(args.credential, "credential"))
     device = _key(args.device_key, DeviceKey)
     counter = 0
     if args.counter_file and Path(args.counter_file).exists():
@@ -316,7 +325,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         token: bytes | str = tokens[0]
     else:
         # Decoded here: a malformed text is bad input (exit 2), not a refusal.
-        token = decode_text(_text_or_file(args.text))
+        token = decode_text(_text_or_file(args.text, "token"))
     with _gateway(args, create=True) as gateway:
         receipt = gateway.scan(token, args.amount, args.scene, args.now)
     print(json.dumps({"gateway": receipt.gateway, "record": receipt.record,
@@ -380,7 +389,8 @@ def _settlement(args: argparse.Namespace, create: bool = False) -> Settlement:
     """The store, trusting the issuer keys stored in it (`qrpay settlement
     trust`) and, for this command only, any --issuer-public."""
     directory = _settlement_dir(args.settlement_dir, create)
-    gateways = [GatewayPublicKey.from_text(_text_or_file(v)) for v in args.gateway_public or []]
+    gateways = [GatewayPublicKey.from_text(_text_or_file(v, "gateway public key"))
+                for v in args.gateway_public or []]
     return Settlement(directory, _trust(args) if args.issuer_public else None, gateways)
 
 
@@ -432,7 +442,8 @@ def _role_names(roles: Role) -> list[str]:
 
 
 def cmd_settlement_trust(args: argparse.Namespace) -> int:
-    keys = [IssuerPublicKey.from_text(_text_or_file(v)) for v in args.issuer_public]
+    keys = [IssuerPublicKey.from_text(_text_or_file(v, "issuer public key"))
+            for v in args.issuer_public]
     with Settlement(_settlement_dir(args.settlement_dir, create=True)) as settlement:
         for key in keys:
             entry = settlement.trust_issuer(key, args.not_before, args.not_after, args.roles)
