@@ -762,3 +762,96 @@ def test_a_value_that_is_neither_text_nor_a_file_says_no_such_file(
     code, out, _ = run(capsys, "token", "--credential", credential.read_text().strip(),
                        "--device-key", str(keys["device"]), "--scene", "bus", "--now", str(NOW))
     assert code == 0 and out.startswith("QP:")
+
+
+def usage_error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """argparse's refusal of a bad option: exit 2 and its message."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(list(args))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: qrpay" in err and "Traceback" not in err
+    return err
+
+
+def test_messages_say_what_is_wrong_in_the_options_terms(
+        tmp_path: Path, keys: dict[str, Path | str], credential: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Item 8.
+    batch = a_day(tmp_path, keys, credential, capsys)
+    gw = gateway_args(tmp_path, keys)
+    token = make_token(capsys, keys, credential, tmp_path, NOW + 1)
+    scan = ["scan", *gw, "--text", token, "--scene", "bus"]
+    # --now 2**40 said "issuer key not valid"; --amount 2**64 "one integer amount per token".
+    for args, said in (([*scan, "--amount", "5", "--now", str(2**40)], "--now: 1099511627776 "
+                        "must be at most 4294967295 (Unix seconds end at 2**32-1"),
+                       ([*scan, "--amount", str(2**64)], "--amount: 18446744073709551616 must "
+                        "be at most 4294967295 (an amount is minor units"),
+                       ([*scan, "--amount", str(2**32)], "must be at most 4294967295"),
+                       (["token", "--credential", str(credential), "--device-key",
+                         str(keys["device"]), "--scene", "bus", "--now", str(2**32)],
+                        "--now: 4294967296 must be at most"),
+                       (["ack", *gw, "--seq", str(2**70)], "--seq: "),   # was OverflowError
+                       (["issue", "--issuer-key", str(keys["issuer"]), "--device-public",
+                         str(keys["device_public"]), "--account", str(2**64), "--limit", "1",
+                         "--scenes", "bus"], "--account: "),
+                       (["issue", "--issuer-key", str(keys["issuer"]), "--device-public",
+                         str(keys["device_public"]), "--account", "1", "--limit", "1",
+                         "--scenes", "bus", "--days", str(10**8)], "--days: "),
+                       (["history", *settle_args(tmp_path, keys), "--out", "h",
+                         "--due-days", str(10**11)], "--due-days: "),
+                       (["export", *gw, "--out", "b", "--max-records", str(10**6)],
+                        "settlement takes no bigger batch")):
+        assert said in usage_error(capsys, *args), args
+    code, _, err = run(capsys, "issue", "--issuer-key", str(keys["issuer"]), "--device-public",
+                       str(keys["device_public"]), "--account", "1", "--limit", "1", "--scenes",
+                       "bus", "--not-before", str(2**32 - 10))
+    assert code == 2 and "--days 30 from 4294967286 ends after 2**32-1" in err
+    code, _, err = run(capsys, "token", "--credential", str(credential), "--device-key",
+                       str(tmp_path / "missing.key"), "--scene", "bus")
+    assert code == 2 and "device key file not found" in err and "DeviceKey" not in err
+    # Parse errors in words, never a Python exception's name.
+    for name, data in (("extra", batch.read_bytes() + b"\x00"), ("reserved", b"\xc1"),
+                       ("short", batch.read_bytes()[:40]), ("deep", b"\x91" * 5000)):
+        path = tmp_path / name
+        path.write_bytes(data)
+        code, _, err = run(capsys, "ingest", *settle_args(tmp_path, keys), str(path))
+        assert code == 2 and "MALFORMED_MESSAGE" in err, err
+        code, _, err2 = run(capsys, "deny-list", "apply", *gw, "--file", str(path),
+                            "--now", str(NOW + 2))
+        assert code == 2 and "MALFORMED_MESSAGE" in err2, err2
+        for text in (err, err2):
+            assert not any(word in text for word in ("ExtraData", "FormatError", "StackError",
+                                                     "Error:", "Exception")), text
+    # score fit on a CSV with a short row printed numpy's "inhomogeneous shape".
+    short = tmp_path / "short.csv"
+    short.write_text("a,b,bad\n1,2,0\n3\n")
+    code, _, err = run(capsys, "score", "fit", "--data", str(short), "--label", "bad",
+                       "--out", str(tmp_path / "c.json"))
+    assert code == 2 and "line 3 has 1 columns; the header has 3" in err, err
+    assert "inhomogeneous" not in err and "sequence" not in err
+    short.write_text("a,b,bad\n1,2,0\n3,lots,1\n")
+    code, _, err = run(capsys, "score", "fit", "--data", str(short), "--label", "bad",
+                       "--out", str(tmp_path / "c.json"))
+    assert code == 2 and "line 3, column 'b': 'lots' is not a number" in err, err
+    # issue --card: a missing --policy was a TypeError, a bad one a JSONDecodeError.
+    X, bad, names = histories(500, seed=2)
+    data = tmp_path / "h.csv"
+    data.write_text("\n".join([",".join([*names, "bad"])] + [
+        ",".join(["" if np.isnan(v) else repr(float(v)) for v in x] + [str(int(b))])
+        for x, b in zip(X, bad)]) + "\n")
+    card = tmp_path / "card.json"
+    assert run(capsys, "score", "fit", "--data", str(data), "--label", "bad", "--out",
+               str(card))[0] == 0
+    (tmp_path / "policy.json").write_text("{bands: []")
+    issue = ["issue", "--issuer-key", str(keys["issuer"]), "--device-public",
+             str(keys["device_public"]), "--account", "7", "--card", str(card)]
+    for extra, said in (([], "--card needs --policy and --features too"),
+                        (["--policy", str(tmp_path / "policy.json"), "--features", "1"],
+                         "policy.json is not JSON: Expecting property name")):
+        code, _, err = run(capsys, *issue, *extra)
+        assert code == 2 and said in err, err
+    (tmp_path / "policy.json").write_text('{"bands": [{"min_score": 0, "limits": {"bus": 5}}]}')
+    code, _, err = run(capsys, *issue, "--policy", str(tmp_path / "policy.json"),
+                       "--features", "1,2")
+    assert code == 2 and f"--features has 2 values; card" in err and names[0] in err

@@ -47,7 +47,7 @@ from qrpay.keys import (
 from qrpay.qr import decode_text, encode_text
 from qrpay.recovery import recover_gateway
 from qrpay.scoring import LimitPolicy, Scorecard
-from qrpay.settlement import STORE_FILE, IngestStatus, Settlement
+from qrpay.settlement import MAX_RECORDS_PER_BATCH, STORE_FILE, IngestStatus, Settlement
 from qrpay.token import TokenGenerator
 from qrpay.trust import Role, TrustStore
 
@@ -124,7 +124,8 @@ def _write_atomic(path: str, data: bytes, private: bool = False) -> None:
 
 
 def _key(path: str, cls: type[SigningKey]) -> Any:
-    return cls.from_secret_text(_read_text(path, f"{cls.__name__} key"))
+    role = next(name for name, kind in ROLES.items() if kind is cls)
+    return cls.from_secret_text(_read_text(path, f"{role} key"))
 
 
 def _text_or_file(value: str, what: str) -> str:
@@ -169,7 +170,9 @@ def _scenes(text: str) -> list[Scene]:
     return [_scene(part) for part in text.split(",") if part.strip()]
 
 
-def _int(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+def _int(minimum: int, maximum: int | None = None, what: str = "") -> Callable[[str], int]:
+    """An argparse type: a whole number in [minimum, maximum]; `what` says
+    what the bound is in the option's terms."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -178,9 +181,17 @@ def _int(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
         if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"{value} must be at most {maximum}")
+            raise argparse.ArgumentTypeError(
+                f"{value} must be at most {maximum}{f' ({what})' if what else ''}")
         return value
     return parse
+
+
+DAY = 86_400
+# Every time on the wire is u32 Unix seconds: nothing after 2106-02-07.
+_TIME = _int(0, U32_MAX, "Unix seconds end at 2**32-1, in 2106")
+_AMOUNT = _int(1, U32_MAX, "an amount is minor units below 2**32")
+_U64 = _int(0, 2**64 - 1, "2**64-1")
 
 
 def _is_store(directory: str, names: tuple[str, ...], what: str, creators: str) -> None:
@@ -225,13 +236,19 @@ def _load_matrix(path: str, label: str | None = None
     if len(rows) < 2:
         raise CliError(f"{path} needs a header row and at least one data row")
     header = rows[0]
-    try:
-        values = np.array([[float(c) if c.strip() else np.nan for c in r] for r in rows[1:]],
-                          dtype=np.float64)
-    except ValueError as exc:
-        raise CliError(f"{path}: not a number: {exc}") from None
-    if values.ndim != 2 or values.shape[1] != len(header):
-        raise CliError(f"{path}: every row needs {len(header)} columns")
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise CliError(f"{path} line {line} has {len(row)} columns; the header has "
+                           f"{len(header)}: every row needs one value (or an empty cell) per "
+                           "column")
+    values = np.empty((len(rows) - 1, len(header)), dtype=np.float64)
+    for line, row in enumerate(rows[1:], start=2):
+        for col, cell in enumerate(row):
+            try:
+                values[line - 2, col] = float(cell) if cell.strip() else np.nan
+            except ValueError:
+                raise CliError(f"{path} line {line}, column {header[col]!r}: {cell[:40]!r} is "
+                               "not a number") from None
     if label is None:
         return values, None, header
     if label not in header:
@@ -267,13 +284,23 @@ def cmd_issue(args: argparse.Namespace) -> int:
     issuer = _key(args.issuer_key, IssuerKey)
     public = DevicePublicKey.from_text(_text_or_file(args.device_public, "device public key"))
     if args.card:
+        if args.policy is None or args.features is None:
+            raise CliError("--card needs --policy and --features too")
         card = Scorecard.from_json(_read_text(args.card, "card"))
-        policy = LimitPolicy.from_dict(json.loads(_read_text(args.policy, "policy")))
+        try:
+            terms = json.loads(_read_text(args.policy, "policy"))
+        except ValueError as exc:
+            raise CliError(f"--policy {args.policy} is not JSON: {exc}") from None
+        policy = LimitPolicy.from_dict(terms)
         try:
             features = [float(v) if v.strip() else float("nan")
                         for v in args.features.split(",")]
         except ValueError:
             raise CliError("--features is a comma-separated list of numbers") from None
+        if len(features) != len(card.feature_names):
+            raise CliError(f"--features has {len(features)} values; card {card.card_id} "
+                           f"reads {len(card.feature_names)}: "
+                           f"{','.join(card.feature_names)}")
         score = int(card.score(np.array([features]))[0])
         limit, scenes = policy.terms(score)
         if not scenes:
@@ -285,8 +312,11 @@ def cmd_issue(args: argparse.Namespace) -> int:
             raise CliError("give --limit and --scenes, or --card, --policy and --features")
         limit, scenes = args.limit, frozenset(args.scenes)
     start = _at(args.not_before)
+    if start + args.days * DAY > U32_MAX:
+        raise CliError(f"--days {args.days} from {start} ends after 2**32-1 (Unix seconds end "
+                       "in 2106)")
     credential = issuer.issue(args.account, public, limit, scenes, start,
-                              start + args.days * 86_400)
+                              start + args.days * DAY)
     text = credential.to_text()
     if args.out:
         _write_atomic(args.out, (text + "\n").encode())
@@ -616,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--gateway-dir", required=True, help="the gateway's journal directory")
         p.add_argument("--gateway-key", required=True, help="file with the gateway secret key")
         trust_args(p)
-        p.add_argument("--now", type=_int(0), help="Unix time to use instead of the clock")
+        p.add_argument("--now", type=_TIME, help="Unix time to use instead of the clock")
 
     keys = commands.add_parser("keys", help="make and show keys").add_subparsers(
         dest="keys_command", required=True, metavar="ACTION")
@@ -636,15 +666,17 @@ def build_parser() -> argparse.ArgumentParser:
                             "account's features.")
     p.add_argument("--issuer-key", required=True)
     p.add_argument("--device-public", required=True, help="device public key (text or file)")
-    p.add_argument("--account", required=True, type=_int(0))
-    p.add_argument("--limit", type=_int(0), help="offline credit limit, minor units")
+    p.add_argument("--account", required=True, type=_U64)
+    p.add_argument("--limit", type=_int(0, U32_MAX, "a limit is minor units below 2**32"),
+                   help="offline credit limit, minor units")
     p.add_argument("--scenes", type=_scenes, help="comma-separated, e.g. bus,metro")
     p.add_argument("--card", help="scorecard JSON (with --policy and --features)")
     p.add_argument("--policy", help="limit policy JSON: {\"bands\": [...]}")
     p.add_argument("--features", help="the account's feature values, comma-separated")
-    p.add_argument("--not-before", type=_int(0), default=None,
+    p.add_argument("--not-before", type=_TIME, default=None,
                    help="Unix time the credential starts (default: now)")
-    p.add_argument("--days", type=_int(1), default=30, help="validity in days (default 30)")
+    p.add_argument("--days", type=_int(1, U32_MAX // DAY, "Unix seconds end in 2106"),
+                   default=30, help="validity in days (default 30)")
     p.add_argument("--out", help="also write the credential text to this file")
     p.set_defaults(run=cmd_issue)
 
@@ -653,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-key", required=True)
     p.add_argument("--scene", required=True, type=_scene)
     p.add_argument("--counter-file", help="keeps the counter between runs (it only goes up)")
-    p.add_argument("--now", type=_int(0))
+    p.add_argument("--now", type=_TIME)
     p.add_argument("--png", help="also render the QR code to this PNG file")
     p.add_argument("--svg", help="also render the QR code to this SVG file")
     p.add_argument("--terminal", action="store_true", help="also draw the QR in the terminal")
@@ -664,19 +696,21 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="the token's text form (or a file holding it)")
     source.add_argument("--image", help="a QR image to decode (needs the qr extra)")
-    p.add_argument("--amount", required=True, type=_int(1), help="minor units")
+    p.add_argument("--amount", required=True, type=_AMOUNT, help="minor units")
     p.add_argument("--scene", required=True, type=_scene, help="this gateway's scene")
     p.set_defaults(run=cmd_scan)
 
     p = commands.add_parser("export", help="write the gateway's next signed upload batch")
     gateway_args(p)
     p.add_argument("--out", required=True)
-    p.add_argument("--max-records", type=_int(1), default=1000)
+    p.add_argument("--max-records", type=_int(1, MAX_RECORDS_PER_BATCH,
+                                              "settlement takes no bigger batch"),
+                   default=1000)
     p.set_defaults(run=cmd_export)
 
     p = commands.add_parser("ack", help="record that settlement has a batch")
     gateway_args(p)
-    p.add_argument("--seq", required=True, type=_int(1))
+    p.add_argument("--seq", required=True, type=_int(1, 2**53 - 1, "batch numbers"))
     p.set_defaults(run=cmd_ack)
 
     gateway = commands.add_parser("gateway", help="look after a gateway directory"
@@ -713,8 +747,8 @@ def build_parser() -> argparse.ArgumentParser:
     settlement_args(p)
     p.add_argument("--issuer-key", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--revoke", type=_int(0), action="append", help="also deny this serial")
-    p.add_argument("--now", type=_int(0))
+    p.add_argument("--revoke", type=_U64, action="append", help="also deny this serial")
+    p.add_argument("--now", type=_TIME)
     p.set_defaults(run=cmd_deny_publish)
 
     settle = commands.add_parser("settlement", help="look after a settlement directory"
@@ -753,18 +787,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("repay", help="record a repayment an account made")
     settlement_args(p)
-    p.add_argument("--account", required=True, type=_int(0))
-    p.add_argument("--amount", required=True, type=_int(0), help="minor units")
+    p.add_argument("--account", required=True, type=_int(0, 2**63 - 1, "settlement's accounts"))
+    p.add_argument("--amount", required=True, type=_int(0, 2**62, "all repayments add up "
+                                                         "below 2**62"), help="minor units")
     p.add_argument("--reference", required=True,
                    help="the payment's own reference (the bank's): the same one again is "
                         "stored once, so a failed call can be retried")
-    p.add_argument("--now", type=_int(0), help="when it was paid (default: the clock)")
+    p.add_argument("--now", type=_TIME, help="when it was paid (default: the clock)")
     p.set_defaults(run=cmd_repay)
 
     p = commands.add_parser("history", help="write each account's repayment history (CSV)")
     settlement_args(p)
-    p.add_argument("--now", type=_int(0), help="the moment to look from (default: the clock)")
-    p.add_argument("--due-days", type=_int(0), default=7,
+    p.add_argument("--now", type=_TIME, help="the moment to look from (default: the clock)")
+    p.add_argument("--due-days", type=_int(0, U32_MAX // DAY, "Unix seconds end in 2106"),
+                   default=7,
                    help="days after its scan a charge falls due (default 7)")
     p.add_argument("--out", required=True, help="CSV: one row per account")
     p.set_defaults(run=cmd_history)

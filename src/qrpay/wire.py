@@ -43,9 +43,18 @@ def unpack_strict(data: bytes, *, max_bin: int = MAX_DOCUMENT, max_array: int = 
         )
     except MalformedMessage:
         raise
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.UnpackException,
-            RecursionError) as exc:
-        raise MalformedMessage(f"not a valid document: {type(exc).__name__}: {exc}") from None
+    except msgpack.ExtraData:
+        raise MalformedMessage("not a valid document: extra bytes after it") from None
+    except msgpack.FormatError:
+        raise MalformedMessage("not a valid document: not msgpack (a reserved byte)") from None
+    except (msgpack.StackError, RecursionError):
+        raise MalformedMessage("not a valid document: nested too deep") from None
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        # In words, never an exception's class name: msgpack's own message (a
+        # size over a limit, a key that is not a string), or a truncation.
+        said = str(exc)
+        raise MalformedMessage("not a valid document: " + (
+            "it ends too early" if not said or "incomplete" in said else said)) from None
 
 
 def pack(obj: Any) -> bytes:
