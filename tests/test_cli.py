@@ -156,8 +156,9 @@ def test_scan_export_ack_ingest_report_deny(tmp_path: Path, keys: dict[str, Path
     deny0 = tmp_path / "deny0"
     assert run(capsys, "deny-list", "publish", *settle, "--issuer-key", str(keys["issuer"]),
                "--out", str(deny0), "--now", str(NOW))[0] == 0
-    code, out, _ = run(capsys, "deny-list", "apply", *gw, "--file", str(deny0), "--now", str(NOW))
-    assert code == 0 and "version 1" in out
+    code, out, err = run(capsys, "deny-list", "apply", *gw, "--file", str(deny0), "--now",
+                         str(NOW))
+    assert code == 0 and "version 1" in err and out == ""
 
     token = make_token(capsys, keys, credential, tmp_path)
     code, out, err = run(capsys, "scan", *gw, "--text", token, "--amount", "200", "--scene",
@@ -246,9 +247,9 @@ def test_scan_export_ack_ingest_report_deny(tmp_path: Path, keys: dict[str, Path
                        "bus", "--now", str(NOW + 100))
     assert code == 1 and "REVOKED" in err
     # Applying the list in force again is a safe retry; an older one is refused.
-    code, out, _ = run(capsys, "deny-list", "apply", *gw, "--file", str(deny),
-                       "--now", str(NOW + 100))
-    assert code == 0 and "version 2" in out
+    code, out, err = run(capsys, "deny-list", "apply", *gw, "--file", str(deny),
+                         "--now", str(NOW + 100))
+    assert code == 0 and "version 2 is already in force" in err
     code, _, err = run(capsys, "deny-list", "apply", *gw, "--file", str(deny0),
                        "--now", str(NOW + 100))
     assert code == 1 and "STALE_UPDATE" in err
@@ -855,3 +856,52 @@ def test_messages_say_what_is_wrong_in_the_options_terms(
     code, _, err = run(capsys, *issue, "--policy", str(tmp_path / "policy.json"),
                        "--features", "1,2")
     assert code == 2 and f"--features has 2 values; card" in err and names[0] in err
+
+
+def test_spaces_are_forgiven_and_status_goes_to_stderr(
+        tmp_path: Path, keys: dict[str, Path | str], credential: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Item 10.
+    code, out, err = run(capsys, "issue", "--issuer-key", str(keys["issuer"]), "--device-public",
+                         str(keys["device_public"]), "--account", "9", "--limit", "50",
+                         "--scenes", "bus, metro", "--not-before", str(NOW - 60))
+    assert code == 0, err
+    assert Credential.from_text(out.strip()).scenes == frozenset({Scene.BUS, Scene.METRO})
+    code, out, _ = run(capsys, "issue", "--issuer-key", str(keys["issuer"]), "--device-public",
+                       f"  {keys['device_public']}\n", "--account", "9", "--limit", "50",
+                       "--scenes", " Bus ,CLINIC ", "--not-before", str(NOW - 60))
+    assert Credential.from_text(out.strip()).scenes == frozenset({Scene.BUS, Scene.CLINIC})
+    assert "spaceship" in usage_error(capsys, "issue", "--issuer-key", "k", "--device-public",
+                                      "p", "--account", "1", "--scenes", "bus, spaceship")
+    # scan --text strips inline text as it strips a file's content.
+    batch = a_day(tmp_path, keys, credential, capsys)
+    gw = gateway_args(tmp_path, keys)
+    token = make_token(capsys, keys, credential, tmp_path, NOW + 1)
+    code, out, err = run(capsys, "scan", *gw, "--text", f"  {token}\n", "--amount", "100",
+                         "--scene", "bus", "--now", str(NOW + 1))
+    assert code == 0 and json.loads(out)["amount"] == 100, err
+    # Status lines on stderr, data on stdout, in every command.
+    deny = tmp_path / "deny1"
+    settle = settle_args(tmp_path, keys)
+    quiet = [
+        ["deny-list", "apply", *gw, "--file", str(deny), "--now", str(NOW + 2)],
+        ["ack", *gw, "--seq", "1"],
+        ["export", *gw, "--out", str(tmp_path / "b2"), "--now", str(NOW + 60)],
+        ["deny-list", "publish", *settle, "--issuer-key", str(keys["issuer"]), "--out",
+         str(tmp_path / "deny2"), "--now", str(NOW + 3)],
+        ["repay", *settle, "--account", "42", "--amount", "50", "--reference", "Q1",
+         "--now", str(NOW)],
+        ["history", *settle, "--now", str(NOW), "--out", str(tmp_path / "h.csv")],
+        ["settlement", "trust", *settle]]
+    assert run(capsys, "ingest", *settle, str(batch))[0] == 0
+    for args in quiet:
+        code, out, err = run(capsys, *args)
+        assert code == 0 and out == "" and err.strip(), (args, out, err)
+    code, out, err = run(capsys, "ingest", *settle, str(tmp_path / "b2"))
+    assert code == 0 and "applied" in out and err == ""
+    # Re-applying the list in force: exit 0, "already in force"; a newer one applies.
+    code, out, err = run(capsys, *quiet[0])
+    assert (code, out) == (0, "") and "deny list version 1 is already in force" in err
+    code, out, err = run(capsys, "deny-list", "apply", *gw, "--file", str(tmp_path / "deny2"),
+                         "--now", str(NOW + 3))
+    assert (code, out) == (0, "") and "deny list version 2: 0 credentials" in err

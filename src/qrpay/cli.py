@@ -132,8 +132,9 @@ def _text_or_file(value: str, what: str) -> str:
     """A key, credential or token given inline (it starts with `qrpay:` or
     `QP:`), or the path of a file that holds it; anything else is a file
     that is not there, not text to parse."""
-    if value.startswith(("qrpay:", "QP:")):
-        return value  # inline: a long token is no file name (ENAMETOOLONG)
+    text = value.strip()      # as a file's content is
+    if text.startswith(("qrpay:", "QP:")):
+        return text   # inline: a long token is no file name (ENAMETOOLONG)
     path = Path(value)
     try:
         if path.is_file():
@@ -160,7 +161,7 @@ def _trust(args: argparse.Namespace) -> TrustStore:
 
 def _scene(text: str) -> Scene:
     try:
-        return Scene[text.upper()]
+        return Scene[text.strip().upper()]
     except KeyError:
         names = ", ".join(s.name.lower() for s in Scene)
         raise argparse.ArgumentTypeError(f"unknown scene {text!r} (one of: {names})") from None
@@ -380,6 +381,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_ack(args: argparse.Namespace) -> int:
     with _gateway(args) as gateway:
         gateway.ack(args.seq)
+    print(f"batch {args.seq} acknowledged", file=sys.stderr)
     return EXIT_OK
 
 
@@ -401,8 +403,15 @@ def cmd_gateway_recover(args: argparse.Namespace) -> int:
 
 def cmd_deny_apply(args: argparse.Namespace) -> int:
     with _gateway(args, create=True) as gateway:
+        before = gateway.deny_list.version
         applied = gateway.update_deny_list(_read_bytes(args.file, "deny list"), args.now)
-    print(f"deny list version {applied.version}: {len(applied)} credentials")
+    # The same version again is the list in force (other bytes under its
+    # version are refused): a safe retry that changed nothing.
+    if before and applied.version == before:
+        print(f"deny list version {applied.version} is already in force", file=sys.stderr)
+    else:
+        print(f"deny list version {applied.version}: {len(applied)} credentials",
+              file=sys.stderr)
     return EXIT_OK
 
 
