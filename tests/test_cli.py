@@ -905,3 +905,32 @@ def test_spaces_are_forgiven_and_status_goes_to_stderr(
     code, out, err = run(capsys, "deny-list", "apply", *gw, "--file", str(tmp_path / "deny2"),
                          "--now", str(NOW + 3))
     assert (code, out) == (0, "") and "deny list version 2: 0 credentials" in err
+
+
+def test_repayments_of_nothing_are_refused_and_credits_said_out_loud(
+        tmp_path: Path, keys: dict[str, Path | str], credential: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Item 9: zero repayments were stored; a repayment for an account never
+    # charged, or beyond what it owes, was stored without a word.
+    batch = a_day(tmp_path, keys, credential, capsys)
+    settle = settle_args(tmp_path, keys)
+    assert run(capsys, "ingest", *settle, str(batch))[0] == 0          # account 42 owes 200
+    repay = ["repay", *settle, "--now", str(NOW + 3600)]
+    for amount in ("0", "-5"):
+        usage_error(capsys, *repay, "--account", "42", "--amount", amount, "--reference", "Z")
+    code, out, err = run(capsys, *repay, "--account", "42", "--amount", "150",
+                         "--reference", "R1")
+    assert (code, out) == (0, "") and "recorded" in err and "credit" not in err
+    code, _, err = run(capsys, *repay, "--account", "42", "--amount", "100", "--reference", "R2")
+    assert code == 0 and "account 42 is in credit by 50: repaid 250, charged 200 in all" in err
+    assert "balance in `qrpay history` is -50" in err
+    code, _, err = run(capsys, *repay, "--account", "7", "--amount", "30", "--reference", "R3")
+    assert code == 0 and "account 7 is in credit by 30: repaid 30, it has no charges" in err
+    history = tmp_path / "h.csv"
+    code, _, err = run(capsys, "history", *settle, "--now", str(NOW + 7200), "--out",
+                       str(history))
+    assert code == 0 and "2 of them in credit (repaid more than charged, 80 in all)" in err
+    rows = [dict(zip(history.read_text().splitlines()[0].split(","), line.split(",")))
+            for line in history.read_text().splitlines()[1:]]
+    assert [(r["account"], r["charged"], r["repaid"], r["balance"]) for r in rows] == [
+        ("7", "0", "30", "-30"), ("42", "200", "250", "-50")]

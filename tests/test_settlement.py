@@ -691,7 +691,8 @@ def test_repayments_are_recorded_and_read_back(tmp_path: Path, settlement: Settl
                                      np.array([NOW, NOW]), ["b1", "b2"])
     assert settlement.credit_history(2**32 - 1)["repaid"].sum() == 2**61 + 701
     for bad in ((-1, 1, NOW), (1, -1, NOW), (1, 1, -1), (True, 1, NOW), (1, 1.5, NOW),
-                (1, 1, 2**32), (2**63, 1, NOW), (1, 2**62 + 1, NOW), ("1", 1, NOW)):
+                (1, 1, 2**32), (2**63, 1, NOW), (1, 2**62 + 1, NOW), ("1", 1, NOW),
+                (1, 0, NOW)):                                # a repayment of nothing
         with pytest.raises(errors.InvalidArgument):
             settlement.record_repayment(*bad, "b1")  # type: ignore[arg-type]
     for reference in ("", "x" * 129, "tab\there", "line\n", b"b1", None, 7):
@@ -704,7 +705,7 @@ def test_repayments_are_recorded_and_read_back(tmp_path: Path, settlement: Settl
     every += [(7, 10, NOW), (8, 20, NOW + 5)]
     for bad in (([7], [10, -1], [NOW, NOW]), ([7, 8], [10, 1], [NOW, 2**32]),
                 ([7, 8], [1.5, 1.0], [NOW, NOW]), ([[7]], [[1]], [[NOW]]),
-                ([2**63, 1], [1, 1], [NOW, NOW])):
+                ([2**63, 1], [1, 1], [NOW, NOW]), ([7, 8], [10, 0], [NOW, NOW])):
         with pytest.raises(errors.InvalidArgument):
             settlement.record_repayments(*(np.array(c) for c in bad), ["d1", "d2"])
     for refs in (["d1"], ["d1", "d2", "d3"], "d1d2", ["d1", ""]):

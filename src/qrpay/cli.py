@@ -523,9 +523,21 @@ def cmd_repay(args: argparse.Namespace) -> int:
             # The retry must repeat the time too: the clock will have moved on.
             raise CliError(f"{exc} (retry with --reference {args.reference} --now {paid_at})",
                            EXIT_TEMPFAIL) from None
-    what = "recorded" if stored else "was recorded before (nothing changed)"
-    print(f"account {args.account}: repayment {args.reference} of {args.amount} at {paid_at} "
-          f"{what}", file=sys.stderr)
+        what = "recorded" if stored else "was recorded before (nothing changed)"
+        print(f"account {args.account}: repayment {args.reference} of {args.amount} at "
+              f"{paid_at} {what}", file=sys.stderr)
+        # Stored whatever it is (the money did arrive), but a payment for an
+        # account never charged, or beyond what it owes, is said out loud.
+        with contextlib.suppress(StoreUnavailable):   # stored: only the note is lost
+            rows = settlement.credit_history(U32_MAX)    # every charge and repayment
+            row = rows[rows["account"] == args.account]
+            charged, repaid = (int(row["charged"][0]), int(row["repaid"][0])) if len(row) \
+                else (0, 0)
+            if repaid > charged:
+                why = "it has no charges" if not charged else f"charged {charged} in all"
+                print(f"account {args.account} is in credit by {repaid - charged}: repaid "
+                      f"{repaid}, {why} (its balance in `qrpay history` is "
+                      f"{charged - repaid})", file=sys.stderr)
     return EXIT_OK
 
 
@@ -538,6 +550,11 @@ def cmd_history(args: argparse.Namespace) -> int:
     lines += [",".join(_cell(v) for v in row) for row in rows.tolist()]
     _write_atomic(args.out, ("\n".join(lines) + "\n").encode())
     print(f"wrote {args.out}: {len(rows):,} accounts at {now}", file=sys.stderr)
+    credit = rows["balance"] < 0
+    if credit.any():
+        print(f"{int(credit.sum()):,} of them in credit (repaid more than charged, "
+              f"{-int(rows['balance'][credit].sum()):,} in all): a negative balance",
+              file=sys.stderr)
     return EXIT_OK
 
 
@@ -797,7 +814,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("repay", help="record a repayment an account made")
     settlement_args(p)
     p.add_argument("--account", required=True, type=_int(0, 2**63 - 1, "settlement's accounts"))
-    p.add_argument("--amount", required=True, type=_int(0, 2**62, "all repayments add up "
+    p.add_argument("--amount", required=True, type=_int(1, 2**62, "all repayments add up "
                                                          "below 2**62"), help="minor units")
     p.add_argument("--reference", required=True,
                    help="the payment's own reference (the bank's): the same one again is "

@@ -457,10 +457,12 @@ class Settlement:
         reference): True if stored now, False if that reference was stored
         before with the same account, amount and time (a retry); Conflict if
         with others."""
-        for name, value, top in (("account", account, 2**63 - 1), ("amount", amount, 2**62),
-                                 ("paid_at", paid_at, U32_MAX)):
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
-                raise InvalidArgument(f"{name} must be a non-negative integer")
+        for name, value, low, top in (("account", account, 0, 2**63 - 1),
+                                      ("amount", amount, 1, 2**62),
+                                      ("paid_at", paid_at, 0, U32_MAX)):
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= top:
+                raise InvalidArgument(f"{name} must be an integer from {low} to {top}, not "
+                                      f"{value!r:.40}")
         return self._insert_repayments([(account, amount, paid_at, _reference(reference))]) == 1
 
     def record_repayments(self, accounts: npt.ArrayLike, amounts: npt.ArrayLike,
@@ -472,10 +474,10 @@ class Settlement:
         columns = [np.asarray(c) for c in (accounts, amounts, paid_at)]
         if len({c.shape for c in columns}) != 1 or columns[0].ndim != 1:
             raise InvalidArgument("accounts, amounts and paid_at: three 1-D arrays of one length")
-        for name, c, top in zip(("account", "amount", "paid_at"), columns,
-                                (2**63 - 1, 2**62, U32_MAX)):
-            if c.size and (c.dtype.kind not in "iu" or c.min() < 0 or c.max() > top):
-                raise InvalidArgument(f"every {name} must be an integer from 0 to {top}")
+        for name, c, low, top in zip(("account", "amount", "paid_at"), columns, (0, 1, 0),
+                                     (2**63 - 1, 2**62, U32_MAX)):
+            if c.size and (c.dtype.kind not in "iu" or c.min() < low or c.max() > top):
+                raise InvalidArgument(f"every {name} must be an integer from {low} to {top}")
         refs = [] if isinstance(references, str) else [_reference(r) for r in references]
         if len(refs) != len(columns[0]):
             raise InvalidArgument("one reference per repayment")
