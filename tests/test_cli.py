@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qrpay import Credential, Scene, cli, qrimage, simulate
+from qrpay import Credential, Scene, TrustStore, cli, qrimage, simulate
+from qrpay.denylist import DenyList
 from qrpay.errors import InvalidArgument
 from qrpay.synthetic import histories
 
@@ -934,3 +935,45 @@ def test_repayments_of_nothing_are_refused_and_credits_said_out_loud(
             for line in history.read_text().splitlines()[1:]]
     assert [(r["account"], r["charged"], r["repaid"], r["balance"]) for r in rows] == [
         ("7", "0", "30", "-30"), ("42", "200", "250", "-50")]
+
+
+def test_deny_lists_older_than_the_one_in_force_and_versions_used_up(
+        tmp_path: Path, keys: dict[str, Path | str], credential: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Item 9: a deny list older than the one in force was applied; a failed
+    # --out write used up a version number without a word.
+    a_day(tmp_path, keys, credential, capsys)          # version 1, issued at NOW, in force
+    gw, settle = gateway_args(tmp_path, keys), settle_args(tmp_path, keys)
+    publish = ["deny-list", "publish", *settle, "--issuer-key", str(keys["issuer"])]
+
+    def version_of(path: Path) -> int:
+        return DenyList.reload(path.read_bytes(), TrustStore()).version
+
+    code, _, err = run(capsys, *publish, "--out", str(tmp_path / "no" / "d"), "--now", str(NOW))
+    assert code == 2 and "no such directory" in err
+    code, _, err = run(capsys, *publish, "--out", str(tmp_path / "old"), "--now", str(NOW - 100))
+    assert code == 1 and "STALE_UPDATE" in err and "before the latest deny list" in err
+    assert not (tmp_path / "old").exists()
+    def no_space(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cli.os, "replace", no_space)
+        code, _, err = run(capsys, *publish, "--out", str(tmp_path / "d2"), "--now", str(NOW))
+    assert code == 2 and "deny list version 2 is published in settlement but was written " \
+                         "nowhere: publish again" in err
+    code, _, err = run(capsys, *publish, "--out", str(tmp_path / "d3"), "--now", str(NOW + 5))
+    assert code == 0 and "deny list version 3" in err      # 2 went only to the failed write
+    # The gateway: a list newer by number but issued before the one in force.
+    other = settle_args(tmp_path, keys, "other")
+    for n, at in ((1, NOW - 500), (2, NOW - 400), (3, NOW - 300), (4, NOW - 200)):
+        assert run(capsys, "deny-list", "publish", *other, "--issuer-key", str(keys["issuer"]),
+                   "--out", str(tmp_path / f"o{n}"), "--now", str(at))[0] == 0
+    assert version_of(tmp_path / "o4") == 4
+    code, _, err = run(capsys, "deny-list", "apply", *gw, "--file", str(tmp_path / "o4"),
+                       "--now", str(NOW + 10))
+    assert code == 1 and "version 4 was issued at 1799999800, before the list in force " \
+                         "(version 1, issued at 1800000000)" in err, err
+    code, _, err = run(capsys, "deny-list", "apply", *gw, "--file", str(tmp_path / "d3"),
+                       "--now", str(NOW + 10))
+    assert code == 0 and "deny list version 3: 0 credentials" in err

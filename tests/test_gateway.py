@@ -379,6 +379,18 @@ def test_a_deny_list_from_the_future_is_refused(gateway: Gateway, issuer: Issuer
     assert gateway.deny_list.version == 1
 
 
+def test_a_deny_list_issued_before_the_one_in_force_is_refused(gateway: Gateway,
+                                                                issuer: IssuerKey,
+                                                                now: int) -> None:
+    # Newer by number, older by date: it would move trusted time back (issue 11).
+    gateway.update_deny_list(sign_deny_list(issuer, 7, [1], now), now)
+    with pytest.raises(errors.StaleUpdate, match="before the list in force"):
+        gateway.update_deny_list(sign_deny_list(issuer, 8, [1, 2], now - 1), now)
+    assert gateway.deny_list.version == 7 and 2 not in gateway.deny_list
+    gateway.update_deny_list(sign_deny_list(issuer, 8, [1, 2], now), now)   # the same time is fine
+    assert gateway.deny_list.version == 8
+
+
 def test_unknown_scene_is_invalid_argument(gateway: Gateway, generator: TokenGenerator,
                                            now: int) -> None:
     with pytest.raises(errors.InvalidArgument):

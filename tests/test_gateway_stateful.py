@@ -576,7 +576,8 @@ class GatewayMachine(RuleBasedStateMachine):
             expected = None
         elif signer == "roleless":
             expected = IssuerKeyRole
-        elif issued_at > self.now + SKEW or version <= m.deny_version:
+        elif (issued_at > self.now + SKEW or version <= m.deny_version
+              or issued_at < m.deny_issued_at):     # newer by number, older by date
             expected = StaleUpdate
         else:
             expected = None

@@ -969,6 +969,23 @@ def test_stored_issuer_keys_and_the_callers_combine(tmp_path: Path, issuer: Issu
         Settlement(tmp_path / "s", "qrpay:issuer-public:x")  # type: ignore[arg-type]
 
 
+def test_a_deny_list_issued_before_the_latest_is_not_published(tmp_path: Path,
+                                                                deny_trust: TrustStore,
+                                                                issuer: IssuerKey) -> None:
+    # Gateways refuse it: its version would be used up for nothing (issue 11).
+    s = Settlement(tmp_path / "s", deny_trust)
+    try:
+        s.publish_deny_list(issuer, NOW)
+        with pytest.raises(errors.StaleUpdate, match="before the latest deny list"):
+            s.publish_deny_list(issuer, NOW - 1, revoke=[5])
+        latest = s.deny_list()
+        assert latest is not None and latest.version == 1 and 5 not in latest
+        document, added = s.publish_deny_list(issuer, NOW, revoke=[5])
+        assert DenyList.load(document, deny_trust).version == 2 and added == [5]
+    finally:
+        s.close()
+
+
 def test_publishing_continues_after_the_deny_list_key_is_rotated(tmp_path: Path,
                                                                  issuer: IssuerKey) -> None:
     old_trust = TrustStore()

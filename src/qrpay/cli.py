@@ -568,11 +568,17 @@ def _cell(value: object) -> str:
 def cmd_deny_publish(args: argparse.Namespace) -> int:
     issuer = _key(args.issuer_key, IssuerKey)
     now = _at(args.now)
+    _check_out(args.out, "--out")   # before a version is used up for a file never written
     with _settlement(args, create=True) as settlement:
         _needs_issuer_keys(settlement)
         document, added = settlement.publish_deny_list(issuer, now, revoke=args.revoke or ())
-        _write_atomic(args.out, document)
         version = DenyList.load(document, settlement.trust).version
+        try:
+            _write_atomic(args.out, document)
+        except CliError as exc:
+            raise CliError(f"{exc}; deny list version {version} is published in settlement but "
+                           "was written nowhere: publish again and send that one (each version "
+                           "holds every serial of the ones before)") from None
     print(f"deny list version {version}: {len(added)} added", file=sys.stderr)
     return EXIT_OK
 

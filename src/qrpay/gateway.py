@@ -381,6 +381,13 @@ class Gateway:
             if new.version <= self.deny_list.version:
                 raise StaleUpdate(f"deny list version {new.version} is not newer than "
                                   f"{self.deny_list.version}")
+            if new.issued_at < self.deny_list.issued_at:
+                # Newer by number, older by date: it would move trusted time
+                # back and make the list look fresher than the one it replaces.
+                raise StaleUpdate(f"deny list version {new.version} was issued at "
+                                  f"{new.issued_at}, before the list in force (version "
+                                  f"{self.deny_list.version}, issued at "
+                                  f"{self.deny_list.issued_at})")
             self._write(lambda: journal.set("deny_list", new.raw))
             self.deny_list = new
             self._save_anchor(sync=True)

@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from qrpay import credit, sqlitedb
+from qrpay import _args, credit, sqlitedb
 from qrpay.credential import Scene
 from qrpay.credit import DEFAULT_DUE_AFTER
 from qrpay.denylist import DenyList, sign_deny_list
 from qrpay.errors import (
-    Conflict, InvalidArgument, IssuerKeyRole, MalformedMessage, Reason, StoreUnavailable,
-    UnknownGateway, UnknownKeyId,
+    Conflict, InvalidArgument, IssuerKeyRole, MalformedMessage, Reason, StaleUpdate,
+    StoreUnavailable, UnknownGateway, UnknownKeyId,
 )
 from qrpay.format import (
     PUBLIC_KEY_LEN, TAG_BATCH, TOKEN_DEVICE_SIG, TOKEN_DTYPE, TOKEN_LEN, U32_MAX,
@@ -444,6 +444,13 @@ class Settlement:
             # two publishers (threads or processes) never pick one version.
             with self._write(_RETRY_DENY) as db:
                 previous = self.deny_list()
+                if (previous is not None and _args.is_int(issued_at)
+                        and issued_at < previous.issued_at):
+                    # Gateways refuse a list older than the one in force: its
+                    # version would be used up for nothing.
+                    raise StaleUpdate(f"issued_at {issued_at} is before the latest deny list "
+                                      f"(version {previous.version}, issued at "
+                                      f"{previous.issued_at}); nothing is published")
                 old = {int(s) for s in previous.serials} if previous is not None else set()
                 version = (previous.version if previous is not None else 0) + 1
                 document = sign_deny_list(key, version, old | flagged, issued_at)
