@@ -97,6 +97,16 @@ def test_issuer_key_without_credential_role(issuer: IssuerKey, generator: TokenG
         verify(generator.make(Scene.BUS, now), store, now)
 
 
+def test_a_key_trusted_for_nothing_is_refused(issuer: IssuerKey) -> None:
+    # Role(0) was stored silently: a key every verify then refused (issue 11).
+    store = TrustStore()
+    for nothing in (Role(0), 0):
+        with pytest.raises(qrpay.InvalidArgument, match="roles"):
+            store.add(issuer, roles=nothing)
+    assert len(store) == 0
+    assert store.add(issuer, roles=Role.DENY_LIST).roles == Role.DENY_LIST
+
+
 def test_issuer_key_outside_its_window(issuer: IssuerKey, generator: TokenGenerator,
                                        now: int) -> None:
     token = generator.make(Scene.BUS, now)

@@ -238,9 +238,6 @@ class Settlement:
         replaces its window and roles; another key with the same kid is
         InvalidArgument, and so are roles that name nothing."""
         entry = TrustStore().add(key, not_before, not_after, roles)   # the store's own checks
-        if not entry.roles:
-            raise InvalidArgument("roles must name at least one Role: a key trusted for nothing "
-                                  "is a mistake")
         public = entry.key.to_bytes()
         with self._write(_RETRY_TRUST) as db:
             row = db.execute("SELECT public FROM issuer_keys WHERE kid = ?",

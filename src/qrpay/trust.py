@@ -64,7 +64,7 @@ class TrustStore:
         roles: Role = Role.CREDENTIALS,
     ) -> TrustedKey:
         """Trust `key` from `not_before` to `not_after` (Unix seconds in
-        [0, 2**40], inclusive) for `roles` (Role flags). A key whose kid
+        [0, 2**40], inclusive) for `roles` (Role flags, at least one). A key whose kid
         names another trusted key is refused (InvalidArgument); adding the
         same key again replaces its window and roles."""
         public = key.public if isinstance(key, IssuerKey) else key
@@ -74,8 +74,9 @@ class TrustStore:
         not_after = _args.integer("not_after", not_after, 0, MAX_TIME)
         if not_after < not_before:
             raise InvalidArgument("not_after is before not_before")
+        # Role(0) would be a key trusted for nothing: a mistake, refused.
         entry = TrustedKey(public, not_before, not_after,
-                           Role(_args.integer("roles", roles, 0, _ALL_ROLES)))
+                           Role(_args.integer("roles", roles, 1, _ALL_ROLES)))
         with self._lock:   # checked and stored in one turn: two adds cannot both pass
             existing = self._keys.get(public.kid)
             if existing is not None and existing.key != public:
