@@ -977,3 +977,17 @@ def test_deny_lists_older_than_the_one_in_force_and_versions_used_up(
     code, _, err = run(capsys, "deny-list", "apply", *gw, "--file", str(tmp_path / "d3"),
                        "--now", str(NOW + 10))
     assert code == 0 and "deny list version 3: 0 credentials" in err
+
+
+def test_score_fit_refuses_a_column_with_no_values(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    # Item 9: an all-empty column was fitted as a feature worth 0 points.
+    X, bad, names = histories(600, seed=6)
+    data = tmp_path / "h.csv"
+    data.write_text("\n".join([",".join([*names, "bad"])] + [
+        ",".join(["" if np.isnan(v) or i == 1 else repr(float(v)) for i, v in enumerate(x)]
+                 + [str(int(b))]) for x, b in zip(X, bad)]) + "\n")
+    code, _, err = run(capsys, "score", "fit", "--data", str(data), "--label", "bad", "--out",
+                       str(tmp_path / "card.json"))
+    assert code == 2 and f"column {names[1]!r} is empty in every row" in err, err
+    assert not (tmp_path / "card.json").exists()

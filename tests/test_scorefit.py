@@ -288,3 +288,15 @@ def test_scorecard_fit_refuses_what_scorefit_refuses(X: Any) -> None:
     # numeric strings, quietly converted).
     with pytest.raises(InvalidArgument):
         Scorecard.fit(X, GOOD_Y, ("a", "b"))
+
+
+def test_a_feature_missing_in_every_row_is_refused() -> None:
+    # It was fitted as one all-missing bin worth 0 points, silently (issue 11).
+    X, bad, names = histories(600, seed=5)
+    X[:, 2] = np.nan
+    with pytest.raises(InvalidArgument, match="feature 2 .* missing .* in every row"):
+        scorefit.fit(X, bad)
+    with pytest.raises(InvalidArgument, match="feature 2"):
+        Scorecard.fit(X, bad, names)
+    X[0, 2] = 1.0                  # one value is something to fit (a special code too)
+    assert len(Scorecard.fit(X, bad, names).features) == len(names)

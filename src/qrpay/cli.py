@@ -595,6 +595,10 @@ def _at(value: int | None) -> int:
 def cmd_score_fit(args: argparse.Namespace) -> int:
     X, y, names = _load_matrix(args.data, args.label)
     assert y is not None
+    empty = [name for name, column in zip(names, X.T) if np.isnan(column).all()]
+    if empty:
+        raise CliError(f"{args.data}: column {empty[0]!r} is empty in every row: there is "
+                       "nothing to fit; drop the column or fill it in")
     card = Scorecard.fit(X, y, names, trend=args.trend)
     _write_atomic(args.out, card.to_json().encode())
     print(f"card {card.card_id}: {len(names)} features, written to {args.out}", file=sys.stderr)

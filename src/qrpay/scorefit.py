@@ -109,6 +109,12 @@ def fit(X: npt.ArrayLike, y: npt.ArrayLike, *, trend: str | Sequence[str] = "aut
     """
     matrix, bad = _check_data(X, y)
     n_features = matrix.shape[1]
+    empty = np.flatnonzero(np.isnan(matrix).all(axis=0))
+    if len(empty):
+        # It would be fitted as an all-missing bin worth 0 points: a column
+        # that lost its data (a join gone wrong), not a feature.
+        raise InvalidArgument(f"feature {int(empty[0])} (from 0) is missing (NaN) in every row: "
+                              "there is nothing to fit; drop it or fill it in")
     trends = _check_trend(trend, n_features)
     specials = _check_specials(special_codes, n_features)
     max_bins, min_bin_share = _check_binning(max_bins, min_bin_share)
