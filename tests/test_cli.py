@@ -7,6 +7,7 @@ import fcntl
 import io
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qrpay import Credential, Scene, TrustStore, cli, qrimage, simulate
+from qrpay import Credential, Scene, TrustStore, cli, qrimage, simulate, sqlitedb
 from qrpay.denylist import DenyList
 from qrpay.errors import InvalidArgument
 from qrpay.synthetic import histories
@@ -595,6 +596,32 @@ def test_an_unavailable_journal_or_store_exits_75(tmp_path: Path, keys: dict[str
     journal.write_bytes(b"this is not an SQLite database" * 200)
     code, _, err = run(capsys, *scan)
     assert code == 75 and "JOURNAL_UNAVAILABLE" in err
+
+
+def test_a_busy_store_exits_75_and_a_clock_behind_is_a_refusal(
+        tmp_path: Path, keys: dict[str, Path | str], credential: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    batch = a_day(tmp_path, keys, credential, capsys)
+    settle = settle_args(tmp_path, keys)
+    assert run(capsys, "ingest", *settle, str(batch))[0] == 0
+    monkeypatch.setattr(sqlitedb, "BUSY_TIMEOUT", 0.2)
+    other = sqlite3.connect(tmp_path / "settle" / "settlement.sqlite3", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")                 # another process is writing, and stays
+    try:
+        code, _, err = run(capsys, "repay", *settle, "--account", "42", "--amount", "5",
+                           "--reference", "B1", "--now", str(NOW))
+        assert code == 75 and "another process has held it for over 0.2 s" in err, err
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    code, _, err = run(capsys, "repay", *settle, "--account", "42", "--amount", "5",
+                       "--reference", "B1", "--now", str(NOW))
+    assert code == 0, err                            # free again: the same command works
+    # A gateway clock behind its trusted time is refused by a check: 1, "refused".
+    token = make_token(capsys, keys, credential, tmp_path, NOW - 7200)
+    code, _, err = run(capsys, "scan", *gateway_args(tmp_path, keys), "--text", token,
+                       "--amount", "5", "--scene", "bus", "--now", str(NOW - 7200))
+    assert code == 1 and err.startswith("qrpay: refused: ") and "CLOCK_UNTRUSTED" in err
 
 
 def qrpay_process(*args: str, **kwargs: object) -> subprocess.Popen[str]:

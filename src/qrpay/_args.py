@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -52,6 +52,25 @@ def is_time(value: object) -> bool:
     return False
 
 
+def items(name: str, values: object) -> list[Any]:
+    """The items of an iterable argument (not a str or bytes, which iterate
+    as characters or ints), or InvalidArgument."""
+    if isinstance(values, (str, bytes, bytearray, memoryview)):
+        raise InvalidArgument(f"{name} must be a sequence, not {type(values).__name__}")
+    try:
+        return list(cast(Iterable[Any], values))
+    except TypeError:       # not iterable (a 0-d array says so only when iterated)
+        raise InvalidArgument(f"{name} must be a sequence, not {type(values).__name__}") from None
+
+
+def real(value: object) -> float:
+    """float(value), but a complex number is a TypeError (float() of a numpy
+    complex drops the imaginary part with only a warning)."""
+    if isinstance(value, (complex, np.complexfloating)):
+        raise TypeError("a complex number is not a real number")
+    return float(value)  # type: ignore[arg-type]
+
+
 def threads(value: object) -> int:
     return integer("threads", value, 1, MAX_THREADS)
 
@@ -68,12 +87,8 @@ def cache_size(value: object) -> int:
 def trust_rows(rows: Iterable[TrustRow]) -> list[TrustRow]:
     """Rows (kid as a little-endian u32, public key, not_before, not_after,
     roles) as the cores store them, each field checked to fit."""
-    try:
-        items = list(rows)
-    except TypeError:
-        raise InvalidArgument("trust rows are a sequence of tuples") from None
     out = []
-    for row in items:
+    for row in items("trust rows", rows):
         if not isinstance(row, tuple) or len(row) != 5:
             raise InvalidArgument("a trust row is (kid, public key, not_before, not_after, roles)")
         kid, pk, not_before, not_after, roles = row

@@ -34,9 +34,9 @@ from qrpay.anchor import ANCHOR_FILE
 from qrpay.credential import Credential, Scene
 from qrpay.denylist import DenyList
 from qrpay.errors import (
-    BadSignature, Conflict, InvalidArgument, InvalidKey, JournalUnavailable, MalformedCredential,
-    MalformedMessage, MalformedToken, QrPayError, ScanRefused, StaleUpdate, StoreUnavailable,
-    TokenRejected, UnknownGateway,
+    BadSignature, ClockUntrusted, Conflict, InvalidArgument, InvalidKey, JournalUnavailable,
+    MalformedCredential, MalformedMessage, MalformedToken, QrPayError, ScanRefused, StaleUpdate,
+    StoreUnavailable, TokenRejected, UnknownGateway,
 )
 from qrpay.format import U32_MAX
 from qrpay.gateway import JOURNAL_FILE, LOCK_FILE, Gateway
@@ -63,7 +63,8 @@ ROLES: dict[str, type[SigningKey]] = {"issuer": IssuerKey, "device": DeviceKey,
 # Bad input: it could not be read as what it claims to be.
 _BAD_INPUT = (InvalidKey, InvalidArgument, MalformedCredential, MalformedMessage, MalformedToken)
 # Refusals: the input was well-formed and a check said no.
-_REFUSALS = (TokenRejected, ScanRefused, BadSignature, StaleUpdate, UnknownGateway, Conflict)
+_REFUSALS = (TokenRejected, ScanRefused, BadSignature, StaleUpdate, UnknownGateway, Conflict,
+             ClockUntrusted)
 # Faults: the journal or the store could not be used; nothing was decided.
 _UNAVAILABLE = (JournalUnavailable, StoreUnavailable)
 

@@ -8,7 +8,9 @@ import functools
 from dataclasses import dataclass
 from typing import Iterable
 
-from qrpay.errors import MalformedCredential
+import numpy as np
+
+from qrpay.errors import InvalidArgument, MalformedCredential
 from qrpay.format import CRED_LEN, CRED_STRUCT, SCENE_COUNT, VERSION
 
 
@@ -25,6 +27,16 @@ class Scene(enum.IntEnum):
 
 
 ALL_SCENES = frozenset(Scene)
+_SCENE_BY_VALUE = {int(s): s for s in Scene}
+
+
+def as_scene(value: object) -> Scene:
+    """A Scene, or the int value of one (a numpy integer too); not a bool, a
+    name or a float: InvalidArgument."""
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+            or int(value) not in _SCENE_BY_VALUE):
+        raise InvalidArgument(f"unknown scene {value!r:.80}")
+    return _SCENE_BY_VALUE[int(value)]
 
 
 def scenes_to_mask(scenes: Iterable[Scene]) -> int:
@@ -63,6 +75,9 @@ class Credential:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Credential:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            # bytes(131) would be 131 zero bytes, bytes(2**40) a MemoryError.
+            raise MalformedCredential(f"a credential is bytes, not {type(data).__name__}")
         raw = bytes(data)
         if len(raw) != CRED_LEN:
             raise MalformedCredential(f"a credential is {CRED_LEN} bytes, got {len(raw)}")
@@ -94,4 +109,4 @@ class Credential:
         return cls.from_bytes(raw)
 
     def allows(self, scene: Scene) -> bool:
-        return scene in self.scenes
+        return as_scene(scene) in self.scenes

@@ -51,8 +51,9 @@ def history(charge_account: npt.ArrayLike, charge_time: npt.ArrayLike,
             due_after: int = DEFAULT_DUE_AFTER) -> npt.NDArray[np.void]:
     """One CREDIT_DTYPE row per account that has a charge or a repayment at or
     before `now`, sorted by account. Amounts and times are non-negative integers."""
-    if isinstance(now, bool) or not isinstance(now, (int, np.integer)) or now < 0:
-        raise InvalidArgument("now must be a non-negative integer")
+    if (isinstance(now, bool) or not isinstance(now, (int, np.integer))
+            or not 0 <= now <= 2**40):
+        raise InvalidArgument("now must be an integer number of seconds in [0, 2**40]")
     if (isinstance(due_after, bool) or not isinstance(due_after, (int, np.integer))
             or not 0 <= due_after < 2**40):
         raise InvalidArgument("due_after must be a non-negative number of seconds")
@@ -113,7 +114,10 @@ def history(charge_account: npt.ArrayLike, charge_time: npt.ArrayLike,
 
 def _columns(what: str, account: npt.ArrayLike, time: npt.ArrayLike, amount: npt.ArrayLike
              ) -> tuple[npt.NDArray[np.uint64], Ints, Ints]:
-    arrays = [np.asarray(a) for a in (account, time, amount)]
+    try:
+        arrays = [np.asarray(a) for a in (account, time, amount)]
+    except (TypeError, ValueError):     # ragged lists and the like
+        raise InvalidArgument(f"{what} account, time and amount: three 1-D integer arrays") from None
     if len({a.shape for a in arrays}) != 1 or arrays[0].ndim != 1:
         raise InvalidArgument(f"{what} account, time and amount: three 1-D arrays of one length")
     for name, a in zip(("account", "time", "amount"), arrays):

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from qrpay import _args
 from qrpay._impl import core
 from qrpay.errors import (
-    BadSignature, InvalidArgument, IssuerKeyNotValid, IssuerKeyRole, JournalUnavailable,
-    MalformedMessage, UnknownKeyId,
+    BadSignature, InvalidArgument, InvalidKey, IssuerKeyNotValid, IssuerKeyRole,
+    JournalUnavailable, MalformedMessage, UnknownKeyId,
 )
 from qrpay.format import KID_LEN, TAG_DENY, U32_MAX, U64_MAX
 from qrpay.keys import IssuerKey
@@ -40,8 +42,9 @@ class DenyList:
         return len(self.serials)
 
     def contains(self, serials: npt.ArrayLike) -> npt.NDArray[np.bool_]:
-        """For each serial, whether it is denied (lookups in the core)."""
-        return core.sorted_contains(self.serials, np.ascontiguousarray(serials, dtype=np.uint64))
+        """For each serial (unsigned 64-bit integers, one or a 1-D array),
+        whether it is denied (lookups in the core)."""
+        return core.sorted_contains(self.serials, _serial_array(serials))
 
     def __contains__(self, serial: object) -> bool:
         if not isinstance(serial, int) or not 0 <= serial <= U64_MAX:
@@ -58,6 +61,10 @@ class DenyList:
         """Parse and verify a signed deny list; raises BadSignature,
         MalformedMessage, UnknownKeyId, IssuerKeyRole or IssuerKeyNotValid.
         The signing key must be valid at `now` (default: the list's issued_at)."""
+        if not isinstance(trust, TrustStore):
+            raise InvalidArgument("a deny list is verified against a TrustStore")
+        if now is not None and not _args.is_time(now):
+            raise InvalidArgument(f"now must be Unix seconds in [0, 2**40], not {now!r:.80}")
         body, signature = split_document(data)
         doc = body_map(body, _FIELDS)  # a document is at most 64 MiB: ~8.3M serials
         if doc["v"] != FORMAT_VERSION:
@@ -102,14 +109,29 @@ class DenyList:
 def sign_deny_list(key: IssuerKey, version: int, serials: Iterable[int], issued_at: int) -> bytes:
     """A signed deny list document (the key needs the DENY_LIST role where it
     is trusted)."""
-    if not isinstance(version, int) or not 0 < version <= U64_MAX:
-        raise InvalidArgument("a deny list version is a positive integer")
-    if not isinstance(issued_at, int) or not 0 <= issued_at <= U32_MAX:
-        raise InvalidArgument("issued_at must fit in 32 bits")
-    values = sorted(set(int(s) for s in serials))
-    if values and (values[0] < 0 or values[-1] > U64_MAX):
-        raise InvalidArgument("serials are unsigned 64-bit")
-    packed = np.asarray(values, dtype="<u8").tobytes()
+    if not isinstance(key, IssuerKey):
+        raise InvalidKey("a deny list is signed with an IssuerKey")
+    version = _args.integer("version", version, 1, U64_MAX)
+    issued_at = _args.integer("issued_at", issued_at, 0, U32_MAX)
+    packed = np.unique(_serial_array(_args.items("serials", serials))).astype("<u8").tobytes()
     return sign_document(key, TAG_DENY, {"v": FORMAT_VERSION, "kid": key.kid,
                                          "version": version, "issued_at": issued_at,
                                          "serials": packed})
+
+
+def _serial_array(serials: object) -> npt.NDArray[np.uint64]:
+    """Serials (an integer, an iterable of them or a 1-D integer array) as a
+    contiguous uint64 array, checked before the cast: -1, 2**64, 1.5 or None
+    are InvalidArgument, never a wrapped, clipped or truncated serial."""
+    if not isinstance(serials, np.ndarray):
+        values: list[Any] = ([serials] if _args.is_int(serials)
+                             else _args.items("serials", serials))
+        if not all(map(_args.is_int, values)) or (
+                values and not (0 <= min(values) and max(values) <= U64_MAX)):
+            raise InvalidArgument("serials are unsigned 64-bit integers")
+        return np.array([int(v) for v in values], dtype=np.uint64)
+    if serials.ndim > 1 or (serials.size and serials.dtype.kind not in "iu"):
+        raise InvalidArgument("serials are unsigned 64-bit integers, one or a 1-D array")
+    if serials.size and serials.dtype.kind == "i" and serials.min() < 0:
+        raise InvalidArgument("serials are unsigned 64-bit integers")
+    return np.ascontiguousarray(serials.reshape(-1), dtype=np.uint64)

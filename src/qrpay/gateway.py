@@ -10,6 +10,7 @@ journal when it opens.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,14 +27,15 @@ except ImportError:  # pragma: no cover - Windows
 import numpy as np
 import numpy.typing as npt
 
+from qrpay import _args
 from qrpay.anchor import Anchor, AnchorFile
-from qrpay.credential import Scene
+from qrpay.credential import Scene, as_scene
 from qrpay.denylist import DenyList
 from qrpay.errors import (
-    ClockUntrusted, InvalidArgument, JournalUnavailable, MalformedText, Reason, StaleUpdate,
-    raise_for,
+    ClockUntrusted, InvalidArgument, JournalUnavailable, MalformedMessage, MalformedText, Reason,
+    StaleUpdate, raise_for,
 )
-from qrpay.format import MAX_TIME, TAG_BATCH, U32_MAX
+from qrpay.format import MAX_TIME, MAX_WINDOW, TAG_BATCH, U32_MAX
 from qrpay.journal import Batch, Journal, Record
 from qrpay.keys import GatewayKey
 from qrpay.qr import decode_text
@@ -70,17 +72,20 @@ class GatewayPolicy:
     retention: int = 7 * 86_400
 
     def __post_init__(self) -> None:
-        for name in ("max_age", "skew", "clock_tolerance", "stale_transaction_cap", "retention"):
-            if getattr(self, name) < 0:
-                raise InvalidArgument(f"{name} must be zero or more")
-        if self.max_offline_uses < 1:
-            raise InvalidArgument("max_offline_uses must be at least 1")
-        if self.deny_list_max_age is not None and self.deny_list_max_age < 0:
-            raise InvalidArgument("deny_list_max_age must be zero or more, or None")
-        if set(self.transaction_caps) != set(Scene):
+        # Whole seconds and minor units: ints in range (a NaN, a bool or a
+        # string is InvalidArgument here, not a TypeError at the first scan).
+        for name, low, top in (("max_age", 0, MAX_WINDOW), ("skew", 0, MAX_WINDOW),
+                               ("clock_tolerance", 0, MAX_WINDOW), ("retention", 0, MAX_TIME),
+                               ("stale_transaction_cap", 0, 2**62),
+                               ("max_offline_uses", 1, 2**62)):
+            _args.integer(name, getattr(self, name), low, top)
+        if self.deny_list_max_age is not None:
+            _args.integer("deny_list_max_age", self.deny_list_max_age, 0, MAX_TIME)
+        caps = self.transaction_caps
+        if not isinstance(caps, Mapping) or set(caps) != set(Scene):
             raise InvalidArgument("transaction_caps needs a cap for every scene")
-        if any(cap < 0 for cap in self.transaction_caps.values()):
-            raise InvalidArgument("transaction caps must be zero or more")
+        for cap in caps.values():
+            _args.integer("a transaction cap", cap, 0, 2**62)
 
     @property
     def replay_window(self) -> int:
@@ -151,6 +156,14 @@ class Gateway:
                  clock: Callable[[], float] = time.time) -> None:
         if not isinstance(key, GatewayKey):
             raise InvalidArgument("a gateway signs with a GatewayKey")
+        if not isinstance(trust, TrustStore):
+            raise InvalidArgument("a gateway verifies against a TrustStore")
+        if policy is not None and not isinstance(policy, GatewayPolicy):
+            raise InvalidArgument("policy is a GatewayPolicy")
+        if not callable(clock):
+            raise InvalidArgument("clock is a function returning Unix seconds")
+        if not isinstance(directory, (str, os.PathLike)):
+            raise InvalidArgument("directory is a path")
         self.directory = Path(directory)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -279,6 +292,8 @@ class Gateway:
 
     def offline_spend(self, account: int) -> tuple[int, int]:
         """(amount, uses) of `account` on this gateway since the last ack."""
+        if not _args.is_int(account):
+            raise InvalidArgument(f"an account is an integer, not {account!r:.80}")
         with self._mutex:
             s = self._spend.get(account, _Spend())
             return s.amount, s.uses
@@ -291,7 +306,10 @@ class Gateway:
     def _read_clock(self, now: float | None) -> int:
         """`now`, or the clock's reading, as whole Unix seconds."""
         if now is None:
-            reading = self._clock()
+            try:
+                reading = self._clock()
+            except Exception as exc:   # a clock that fails is not one to trust
+                raise ClockUntrusted(f"the clock failed: {exc!r:.200}") from exc
             if not _is_time(reading):
                 raise ClockUntrusted(f"the clock reads {reading!r}, not a time")
             t = int(reading)
@@ -369,6 +387,8 @@ class Gateway:
         """Apply a signed deny list if it verifies and is newer than the one in
         force; otherwise raise (BadSignature, StaleUpdate, ...) and keep the old.
         Applying the list in force again changes nothing (a retry is safe)."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise MalformedMessage(f"a deny list is bytes, not {type(data).__name__}")
         with self._mutex:
             journal = self._ready()
             t = self._trusted_now(now)
@@ -394,6 +414,8 @@ class Gateway:
             return new
 
     def deny_list_stale(self, now: int) -> bool:
+        if not _is_time(now):
+            raise InvalidArgument(f"now must be Unix seconds from 0 to 2**40, not {now!r:.80}")
         limit = self.policy.deny_list_max_age
         return limit is not None and now - self.deny_list.issued_at > limit
 
@@ -415,12 +437,15 @@ class Gateway:
         raises ClockUntrusted or JournalUnavailable for the whole batch (then
         nothing in it was accepted, and nothing in it is charged)."""
         t = self._trusted_now(now)
-        try:
-            scene = Scene(scene)
-        except ValueError:
-            raise InvalidArgument(f"unknown scene {scene!r}") from None
+        scene = as_scene(scene)
+        if isinstance(tokens, (str, bytes, bytearray, memoryview)) or not isinstance(
+                tokens, Sequence):
+            raise InvalidArgument("tokens is a sequence of tokens, not one token")
         n = len(tokens)
-        amount_arr = np.asarray(amounts)
+        try:
+            amount_arr = np.asarray(amounts)
+        except (TypeError, ValueError):    # ragged lists and the like
+            amount_arr = np.asarray(None)
         if amount_arr.shape != (n,) or (n and amount_arr.dtype.kind not in "iu"):
             raise InvalidArgument("one integer amount per token")
         if n and (amount_arr.min() <= 0 or amount_arr.max() > U32_MAX):
@@ -529,8 +554,7 @@ class Gateway:
     def export_batch(self, max_records: int = 1000, now: float | None = None) -> bytes | None:
         """The next signed upload batch (msgpack), or None if nothing is
         waiting. Until it is acked, calling again returns the same bytes."""
-        if max_records < 1:
-            raise InvalidArgument("max_records must be at least 1")
+        _args.integer("max_records", max_records, 1, 2**31)
         with self._mutex:
             journal = self._ready()
             waiting = journal.batches("acked = 0")
@@ -558,8 +582,9 @@ class Gateway:
         """Settlement has batch `batch_seq`: its records stop counting against
         the offline caps, and then `prune` runs. Acking an acked batch again
         (or one pruned since) only runs `prune`."""
-        if not isinstance(batch_seq, int) or isinstance(batch_seq, bool):
-            raise InvalidArgument("batch_seq is a batch number")
+        if not isinstance(batch_seq, int) or isinstance(batch_seq, bool) or not (
+                0 < batch_seq < 2**63):
+            raise InvalidArgument(f"batch_seq is a batch number, not {batch_seq!r:.80}")
         with self._mutex:
             journal = self._ready()
             found = journal.batches("seq = ?", (batch_seq,))

@@ -16,8 +16,9 @@ from typing import ClassVar, Iterable, TypeVar
 
 from nacl import bindings as sodium
 
+from qrpay import _args
 from qrpay._impl import core
-from qrpay.credential import Credential, Scene, scenes_to_mask
+from qrpay.credential import Credential, Scene, as_scene, scenes_to_mask
 from qrpay.errors import BadSignature, InvalidArgument, InvalidKey
 from qrpay.format import (
     CRED_BODY_LEN, CRED_STRUCT, KID_LEN, PUBLIC_KEY_LEN, SEED_LEN, TAG_CRED, U32_MAX,
@@ -33,6 +34,8 @@ S = TypeVar("S", bound="SigningKey")
 
 def key_id(public_key: bytes) -> bytes:
     """The 4-byte key id (kid) of a public key: a personalised BLAKE2b digest."""
+    if not isinstance(public_key, _BYTES):
+        raise InvalidKey(f"a public key is bytes, not {type(public_key).__name__}")
     return hashlib.blake2b(public_key, digest_size=KID_LEN, person=_KID_PERSON).digest()
 
 
@@ -249,7 +252,7 @@ class IssuerKey(SigningKey):
         """
         device = (device_public if isinstance(device_public, DevicePublicKey)
                   else DevicePublicKey(device_public))
-        scene_set = frozenset(Scene(s) for s in scenes)
+        scene_set = frozenset(as_scene(s) for s in _args.items("scenes", scenes))
         if serial is None:
             serial = int.from_bytes(os.urandom(8), "little") >> 1
         _check_range("account", account, U64_MAX)

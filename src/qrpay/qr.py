@@ -7,7 +7,7 @@ correction M (311 alphanumeric characters) in alphanumeric mode.
 
 from __future__ import annotations
 
-from qrpay.errors import MalformedText
+from qrpay.errors import InvalidArgument, MalformedText
 from qrpay.format import TOKEN_LEN
 
 PREFIX = "QP:"
@@ -57,8 +57,11 @@ def b45decode(text: str) -> bytes:
 
 
 def encode_text(token: bytes) -> str:
-    """The QR text form of a token: 'QP:' + Base45(token)."""
-    return PREFIX + b45encode(token)
+    """The QR text form of a token: 'QP:' + Base45(token). `token` is
+    bytes-like (its bytes are encoded, whatever its item type)."""
+    if not isinstance(token, (bytes, bytearray, memoryview)):
+        raise InvalidArgument(f"a token is bytes, not {type(token).__name__}")
+    return PREFIX + b45encode(bytes(token))
 
 
 def decode_text(text: str) -> bytes:

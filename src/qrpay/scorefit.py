@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from qrpay import _args
 from qrpay.errors import InvalidArgument
 
 TRENDS = ("increasing", "decreasing")
@@ -174,8 +175,8 @@ def _check_trend(trend: str | Sequence[str], n_features: int) -> list[str]:
     if len(trends) != n_features:
         raise InvalidArgument("trend: one per feature, or one for all")
     for t in trends:
-        if t not in (*TRENDS, "auto"):
-            raise InvalidArgument(f"trend must be increasing, decreasing or auto, not {t!r}")
+        if not isinstance(t, str) or t not in (*TRENDS, "auto"):
+            raise InvalidArgument(f"trend must be increasing, decreasing or auto, not {t!r:.80}")
     return [str(t) for t in trends]
 
 
@@ -198,7 +199,7 @@ def _codes(codes: Any) -> tuple[float, ...]:
         if isinstance(c, (str, bytes)):
             raise InvalidArgument("special codes are numbers")
         try:
-            value = float(c)
+            value = _args.real(c)
         except (TypeError, ValueError):
             raise InvalidArgument("special codes are numbers") from None
         if not math.isfinite(value):
@@ -211,7 +212,10 @@ def _codes(codes: Any) -> tuple[float, ...]:
 def _as_list(items: Any, what: str) -> list[Any]:
     if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
         raise InvalidArgument(f"{what} must be a sequence")
-    return list(items)
+    try:
+        return list(items)
+    except TypeError:   # a 0-d array is Iterable, yet iterating it raises
+        raise InvalidArgument(f"{what} must be a sequence") from None
 
 
 def _check_binning(max_bins: int, min_bin_share: float) -> tuple[int, float]:
@@ -238,7 +242,7 @@ def _finite(value: Any, name: str) -> float:
     if isinstance(value, bool):
         raise InvalidArgument(f"{name} must be a number")
     try:
-        out = float(value)
+        out = _args.real(value)
     except (TypeError, ValueError):
         raise InvalidArgument(f"{name} must be a number") from None
     if not math.isfinite(out):

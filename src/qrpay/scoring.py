@@ -12,7 +12,7 @@ import functools
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -20,10 +20,10 @@ import msgpack  # type: ignore[import-untyped]
 import numpy as np
 import numpy.typing as npt
 
-from qrpay import scorefit
+from qrpay import _args, scorefit
 from qrpay._impl import core
 from qrpay.credential import Credential, Scene
-from qrpay.errors import InvalidArgument, IssuerKeyRole, MalformedMessage
+from qrpay.errors import InvalidArgument, InvalidKey, IssuerKeyRole, MalformedMessage
 from qrpay.format import TAG_CARD
 from qrpay.keys import DevicePublicKey, IssuerKey
 from qrpay.trust import Role, TrustStore
@@ -31,7 +31,8 @@ from qrpay.wire import body_map, sign_document, split_document, unpack_strict, v
 
 CARD_FORMAT = 1
 MAX_FEATURES = 64
-MAX_THREADS = 256
+MAX_THREADS = _args.MAX_THREADS
+MAX_PSI_BINS = 10_000
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,16 @@ class FeatureBins:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or len(self.name) > 64:
             raise InvalidArgument("a feature name is 1-64 characters")
+        for name in ("edges", "points", "specials", "woe"):
+            object.__setattr__(self, name, _sequence(f"{self.name}: {name}", getattr(self, name)))
+        if not isinstance(self.trend, str):
+            raise InvalidArgument(f"{self.name}: trend is a str")
         # Numbers become floats here, so equal cards have equal canonical bytes.
         try:
-            edges = tuple(float(e) for e in self.edges)
-            specials = tuple((float(c), p) for c, p in self.specials)
-            woe = tuple(float(w) for w in self.woe)
-            iv = float(self.iv)
+            edges = tuple(_args.real(e) for e in self.edges)
+            specials = tuple((_args.real(c), p) for c, p in self.specials)
+            woe = tuple(_args.real(w) for w in self.woe)
+            iv = _args.real(self.iv)
         except (TypeError, ValueError):
             raise InvalidArgument(f"{self.name}: edges, codes, woe and iv are numbers") from None
         object.__setattr__(self, "edges", edges)
@@ -110,6 +115,12 @@ class Scorecard:
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        features = _sequence("features", self.features)
+        if not all(isinstance(f, FeatureBins) for f in features):
+            raise InvalidArgument("a card's features are FeatureBins")
+        object.__setattr__(self, "features", features)
+        if not isinstance(self.scaling, Mapping) or not isinstance(self.metadata, Mapping):
+            raise InvalidArgument("scaling and metadata are mappings")
         if not 0 < len(self.features) <= MAX_FEATURES:
             raise InvalidArgument(f"a card has 1-{MAX_FEATURES} features")
         names = [f.name for f in self.features]
@@ -142,7 +153,7 @@ class Scorecard:
     def from_fit(cls, result: scorefit.FitResult, feature_names: Sequence[str],
                  version: int = 1) -> Scorecard:
         """The card of a scorefit.fit result, one name per fitted feature."""
-        names = list(feature_names)
+        names = list(_sequence("feature_names", feature_names))
         if len(names) != len(result.features):
             raise InvalidArgument("one feature name per column of X")
         features = tuple(
@@ -159,11 +170,10 @@ class Scorecard:
     def _run(self, X: npt.ArrayLike, k: int, threads: int
              ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int16]]:
         array = _as_matrix(X, len(self.features))
-        if not 1 <= threads <= MAX_THREADS:
-            raise InvalidArgument(f"threads must be between 1 and {MAX_THREADS}")
+        count = _args.threads(threads)
         f = self._flat
         return core.score_rows(array, f.edges, f.edge_off, f.points, f.point_off, f.specials,
-                               f.special_off, f.best, self.base_points, k, threads)
+                               f.special_off, f.best, self.base_points, k, count)
 
     @functools.cached_property
     def _flat(self) -> _FlatCard:
@@ -179,13 +189,20 @@ class Scorecard:
         """Scores and, per row, the k features that cost it the most points
         against their best bin (feature indices, most costly first; -1 where
         fewer than k features lost points). Same pass as `score`."""
-        if not 0 <= k <= min(8, len(self.features)):
-            raise InvalidArgument("k must be between 0 and min(8, number of features)")
+        k = _args.integer("k", k, 0, min(8, len(self.features)))
         return self._run(X, k, threads)
 
     def reason_names(self, reasons: npt.NDArray[np.int16]) -> list[list[str]]:
+        """The feature names of `explain`'s reason codes, row by row."""
         names = self.feature_names
-        return [[names[i] for i in row if i >= 0] for row in reasons.tolist()]
+        try:
+            codes = np.asarray(reasons)
+        except (TypeError, ValueError):
+            codes = np.asarray(None)
+        if codes.ndim != 2 or (codes.size and (codes.dtype.kind not in "iu" or codes.min() < -1
+                                               or codes.max() >= len(names))):
+            raise InvalidArgument(f"reasons are rows of feature indices in [-1, {len(names)})")
+        return [[names[i] for i in row if i >= 0] for row in codes.tolist()]
 
     # -- documents -----------------------------------------------------------------
 
@@ -212,10 +229,13 @@ class Scorecard:
 
     @classmethod
     def from_json(cls, text: str) -> Scorecard:
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise MalformedMessage(f"card JSON is text, not {type(text).__name__}")
         try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as exc:
+            loaded = json.loads(text)
+        except (ValueError, RecursionError) as exc:   # JSONDecodeError, UnicodeDecodeError
             raise MalformedMessage(f"card JSON: {exc}") from None
+        return cls.from_dict(loaded)
 
     def canonical_bytes(self) -> bytes:
         """The bytes an issuer signs: the canonical JSON, UTF-8."""
@@ -235,11 +255,15 @@ class Scorecard:
 
     def sign(self, key: IssuerKey) -> bytes:
         """A signed card document (the issuer needs Role.SCORECARD to be trusted for it)."""
+        if not isinstance(key, IssuerKey):
+            raise InvalidKey("a card is signed with an IssuerKey")
         return sign_document(key, TAG_CARD, {"v": CARD_FORMAT, "kid": key.kid,
                                              "card": self.canonical_bytes()})
 
     @classmethod
     def load_signed(cls, data: bytes, trust: TrustStore) -> Scorecard:
+        if not isinstance(trust, TrustStore):
+            raise InvalidArgument("a card is verified against a TrustStore")
         body, signature = split_document(data)
         doc = body_map(body, {"v": int, "kid": bytes, "card": bytes}, max_bin=16 * 1024 * 1024)
         if doc["v"] != CARD_FORMAT:
@@ -282,8 +306,15 @@ def _flatten(card: Scorecard) -> _FlatCard:
         np.array([f.best_points for f in card.features], dtype=np.int32))
 
 
+def _sequence(name: str, values: object) -> tuple[Any, ...]:
+    return tuple(_args.items(name, values))
+
+
 def _as_matrix(X: npt.ArrayLike, n_features: int) -> npt.NDArray[np.floating[Any]]:
-    array = np.asarray(X)
+    try:
+        array = np.asarray(X)
+    except (TypeError, ValueError):     # ragged lists and the like
+        raise InvalidArgument(f"X must be a (rows, {n_features}) numeric array") from None
     if array.dtype not in (np.float32, np.float64):
         if array.dtype.kind not in "iuf":
             raise InvalidArgument("X must be numeric")
@@ -300,6 +331,11 @@ class LimitBand:
     min_score: int
     limits: Mapping[Scene, int]   # offline credit limit per scene, minor units; 0 = not allowed
 
+    def __post_init__(self) -> None:
+        _args.integer("min_score", self.min_score, -2**53, 2**53)
+        if not isinstance(self.limits, Mapping):
+            raise InvalidArgument("a band's limits map each Scene to a limit")
+
 
 @dataclass(frozen=True)
 class LimitPolicy:
@@ -309,6 +345,10 @@ class LimitPolicy:
     bands: tuple[LimitBand, ...]
 
     def __post_init__(self) -> None:
+        bands = _sequence("bands", self.bands)
+        if not all(isinstance(b, LimitBand) for b in bands):
+            raise InvalidArgument("a limit policy's bands are LimitBands")
+        object.__setattr__(self, "bands", bands)
         scores = [b.min_score for b in self.bands]
         if not self.bands or scores != sorted(set(scores)):
             raise InvalidArgument("bands need strictly increasing min_score")
@@ -328,17 +368,19 @@ class LimitPolicy:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LimitPolicy:
         """From {"bands": [{"min_score": 560, "limits": {"bus": 3000, ...}}, ...]}."""
+        if not isinstance(d, Mapping):
+            raise MalformedMessage("a limit policy is a mapping with its bands")
         try:
             return cls(tuple(
                 LimitBand(int(b["min_score"]),
                           {Scene[name.upper()]: int(v) for name, v in b["limits"].items()})
                 for b in d["bands"]))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
             raise MalformedMessage(f"not a limit policy: {exc}") from None
 
     def limits(self, scores: npt.ArrayLike) -> dict[Scene, npt.NDArray[np.int64]]:
         """Per scene, the limit of each score (0 below the cut-off)."""
-        s = np.asarray(scores)
+        s = _numbers("scores", scores, nan=False)
         band = np.searchsorted([b.min_score for b in self.bands], s, side="right") - 1
         out = {}
         for scene in Scene:
@@ -349,6 +391,9 @@ class LimitPolicy:
     def terms(self, score: int) -> tuple[int, frozenset[Scene]]:
         """What a credential gets at this score: one offline limit (the band's
         largest) and the scenes with a non-zero limit. (0, {}) = no credit."""
+        if not (_args.is_int(score) or (isinstance(score, (float, np.floating))
+                                        and math.isfinite(score))):
+            raise InvalidArgument(f"a score is one number, not {score!r:.80}")
         per_scene = {scene: int(v[0]) for scene, v in self.limits([score]).items()}
         scenes = frozenset(s for s, v in per_scene.items() if v > 0)
         return max(per_scene.values()), scenes
@@ -356,6 +401,8 @@ class LimitPolicy:
     def issue(self, issuer: IssuerKey, account: int, device_public: DevicePublicKey | bytes,
               score: int, not_before: int, not_after: int) -> Credential | None:
         """A credential on this policy's terms, or None below the cut-off."""
+        if not isinstance(issuer, IssuerKey):
+            raise InvalidKey("credentials are issued with an IssuerKey")
         limit, scenes = self.terms(score)
         if not scenes:
             return None
@@ -368,10 +415,14 @@ def psi(expected: npt.ArrayLike, actual: npt.ArrayLike, bins: int = 10,
         epsilon: float = 1e-4) -> float:
     """Population stability index of `actual` against `expected`, over
     quantile bins of `expected` (NaN in a bin of its own)."""
-    e = np.asarray(expected, dtype=np.float64)
-    a = np.asarray(actual, dtype=np.float64)
-    if len(e) == 0 or len(a) == 0 or bins < 1:
-        raise InvalidArgument("psi needs two non-empty samples and bins >= 1")
+    e = _numbers("expected", expected, ndim=1).astype(np.float64)
+    a = _numbers("actual", actual, ndim=1).astype(np.float64)
+    bins = _args.integer("bins", bins, 1, MAX_PSI_BINS)
+    epsilon = scorefit._finite(epsilon, "epsilon")
+    if not 0 < epsilon < 1:
+        raise InvalidArgument("epsilon is a share in (0, 1)")
+    if len(e) == 0 or len(a) == 0:
+        raise InvalidArgument("psi needs two non-empty samples")
     finite = e[~np.isnan(e)]
     edges = np.unique(np.quantile(finite, np.linspace(0, 1, bins + 1)[1:-1])) if len(
         finite) else np.zeros(0)
@@ -384,6 +435,8 @@ def psi(expected: npt.ArrayLike, actual: npt.ArrayLike, bins: int = 10,
 def feature_psi(card: Scorecard, expected: npt.ArrayLike, actual: npt.ArrayLike
                 ) -> dict[str, float]:
     """PSI per feature over the card's own bins (missing and specials included)."""
+    if not isinstance(card, Scorecard):
+        raise InvalidArgument("feature_psi compares samples over a Scorecard's bins")
     E = _as_matrix(expected, len(card.features))
     A = _as_matrix(actual, len(card.features))
     out = {}
@@ -407,8 +460,8 @@ def _psi_of_bins(expected: npt.NDArray[np.intp], actual: npt.NDArray[np.intp], s
 
 def auc(scores: npt.ArrayLike, bad: npt.ArrayLike) -> float:
     """Area under the ROC curve of `scores` ranking goods (bad == 0) above bads."""
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(bad).astype(bool)
+    s = _numbers("scores", scores, ndim=1).astype(np.float64)
+    y = _numbers("bad", bad, ndim=1, kinds="biuf").astype(bool)
     if np.isnan(s).any() or s.shape != y.shape:
         raise InvalidArgument("auc needs one non-NaN score per label")
     n_bad, n_good = int(y.sum()), int((~y).sum())
@@ -424,3 +477,20 @@ def auc(scores: npt.ArrayLike, bad: npt.ArrayLike) -> float:
     ranks[order] = np.repeat(avg, ends - starts)
     good_rank_sum = ranks[~y].sum()
     return float((good_rank_sum - n_good * (n_good + 1) / 2) / (n_good * n_bad))
+
+
+def _numbers(name: str, values: npt.ArrayLike, ndim: int | None = None,
+             kinds: str = "iuf", nan: bool = True) -> npt.NDArray[Any]:
+    """`values` as an array of numbers of `kinds` (with `ndim` dimensions if
+    given; without NaN unless `nan`); InvalidArgument for text, objects,
+    ragged lists or complex numbers."""
+    try:
+        array = np.asarray(values)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"{name} must be numbers") from None
+    if array.dtype.kind not in kinds or (ndim is not None and array.ndim != ndim):
+        raise InvalidArgument(f"{name} must be " + ("numbers" if ndim is None else
+                                                      f"a {ndim}-D array of numbers"))
+    if not nan and array.dtype.kind == "f" and np.isnan(array).any():
+        raise InvalidArgument(f"{name} must not be NaN")
+    return array

@@ -86,7 +86,8 @@ def transaction(db: sqlite3.Connection, error: type[QrPayError]) -> Iterator[sql
     try:
         db.execute("BEGIN IMMEDIATE")
     except sqlite3.Error as exc:
-        raise error(f"{exc}") from exc
+        busy = f" (another process has held it for over {BUSY_TIMEOUT:g} s)" if _busy(exc) else ""
+        raise error(f"{exc}{busy}") from exc
     try:
         yield db
         db.execute("COMMIT")

@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from qrpay import _args
 from qrpay._impl import core
-from qrpay.credential import Credential, Scene, mask_to_scenes
+from qrpay.credential import Credential, Scene, as_scene, mask_to_scenes
 from qrpay.errors import InvalidArgument, InvalidKey, MalformedText, Reason, raise_for
 from qrpay.format import (
     CRED_DEVICE_KEY, CRED_LEN, CRED_SCENES, CRED_STRUCT, MAX_TIME, MAX_WINDOW, PUBLIC_KEY_LEN,
@@ -285,7 +285,7 @@ class TokenGenerator:
 
     def make(self, scene: Scene, now: float | None = None) -> bytes:
         """A fresh signed token for `scene`, issued at `now` (default: the clock)."""
-        scene = _scene(scene)
+        scene = as_scene(scene)
         if scene not in self._scenes:
             raise InvalidArgument(f"the credential does not allow {scene.name}")
         if self._counter >= U32_MAX:
@@ -332,13 +332,6 @@ def generate_batch(credentials: Sequence[Credential], device_keys: Sequence[Devi
     return core.make_tokens(creds, keys, issued.astype(np.uint32),
                             _u32_column("counters", counters, n, U32_MAX).astype(np.uint32),
                             scene_arr.astype(np.uint8), count)
-
-
-def _scene(value: object) -> Scene:
-    """A Scene, or the int value of one; not a bool, a name or a float."""
-    if not _args.is_int(value) or value not in _SCENE_BY_VALUE:
-        raise InvalidArgument(f"unknown scene {value!r:.80}")
-    return _SCENE_BY_VALUE[int(value)]
 
 
 def _items(values: object) -> Sequence[Any]:
