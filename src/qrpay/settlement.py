@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
@@ -25,10 +26,10 @@ import numpy.typing as npt
 from qrpay import _args, credit, sqlitedb
 from qrpay.credential import Scene
 from qrpay.credit import DEFAULT_DUE_AFTER
-from qrpay.denylist import DenyList, sign_deny_list
+from qrpay.denylist import DenyList, _serial_array, sign_deny_list
 from qrpay.errors import (
-    Conflict, InvalidArgument, IssuerKeyRole, MalformedMessage, Reason, StaleUpdate,
-    StoreUnavailable, UnknownGateway, UnknownKeyId,
+    Conflict, InvalidArgument, InvalidKey, IssuerKeyRole, MalformedMessage, Reason,
+    StaleUpdate, StoreUnavailable, UnknownGateway, UnknownKeyId,
 )
 from qrpay.format import (
     PUBLIC_KEY_LEN, TAG_BATCH, TOKEN_DEVICE_SIG, TOKEN_DTYPE, TOKEN_LEN, U32_MAX,
@@ -153,12 +154,14 @@ class Settlement:
                  gateways: Iterable[GatewayPublicKey] = (), *,
                  max_age: int = DEFAULT_MAX_AGE, skew: int = DEFAULT_SKEW,
                  threads: int = 1) -> None:
-        if threads < 1:
-            raise InvalidArgument("threads must be at least 1")
+        threads = _args.threads(threads)   # as verify_batch would at the first ingest
         if trust is not None and not isinstance(trust, TrustStore):
             raise InvalidArgument(f"trust must be a TrustStore or None, not "
                                   f"{type(trust).__name__}")
-        _check_window(max_age, skew)   # as verify_batch would at the first ingest
+        max_age, skew = _check_window(max_age, skew)
+        if not isinstance(directory, (str, os.PathLike)):
+            raise InvalidArgument(f"directory is a path, not {type(directory).__name__}")
+        gateways = _args.items("gateways", gateways)
         self.directory = Path(directory)
         # Settlement's own store: the caller's keys are copied in (and the
         # stored ones added after the schema is there), so it never changes
@@ -431,12 +434,15 @@ class Settlement:
         flagged, and any serials the issuer revokes for its own reasons (a
         lost phone, a closed account). Returns the document and the serials
         it adds (the delta)."""
+        if not isinstance(key, IssuerKey):
+            raise InvalidKey("a deny list is signed with an IssuerKey")
+        revoked = set(_serial_array(revoke).tolist())   # unsigned 64-bit, or InvalidArgument
         trusted = self.trust.get(key.kid)
         if not trusted.roles & Role.DENY_LIST:
             # Gateways would refuse the list; so would this store on its next read.
             raise IssuerKeyRole("this issuer key is not trusted to sign deny lists")
         with self._lock:
-            flagged = self.report().flagged_serials() | {int(s) for s in revoke}
+            flagged = self.report().flagged_serials() | revoked
             # Read the previous list, sign and store in one write transaction:
             # two publishers (threads or processes) never pick one version.
             with self._write(_RETRY_DENY) as db:
@@ -475,14 +481,18 @@ class Settlement:
         Same ranges and references as record_repayment; returns how many were
         stored now (a row whose reference is stored already, or given twice,
         with the same content counts once)."""
-        columns = [np.asarray(c) for c in (accounts, amounts, paid_at)]
+        try:
+            columns = [np.asarray(c) for c in (accounts, amounts, paid_at)]
+        except (TypeError, ValueError):     # ragged lists and the like
+            raise InvalidArgument("accounts, amounts and paid_at: three 1-D integer arrays") from None
         if len({c.shape for c in columns}) != 1 or columns[0].ndim != 1:
             raise InvalidArgument("accounts, amounts and paid_at: three 1-D arrays of one length")
         for name, c, low, top in zip(("account", "amount", "paid_at"), columns, (0, 1, 0),
                                      (2**63 - 1, 2**62, U32_MAX)):
             if c.size and (c.dtype.kind not in "iu" or c.min() < low or c.max() > top):
                 raise InvalidArgument(f"every {name} must be an integer from {low} to {top}")
-        refs = [] if isinstance(references, str) else [_reference(r) for r in references]
+        refs = [] if isinstance(references, str) else [
+            _reference(r) for r in _args.items("references", references)]
         if len(refs) != len(columns[0]):
             raise InvalidArgument("one reference per repayment")
         return self._insert_repayments(list(zip(*(c.tolist() for c in columns), refs)))
@@ -513,6 +523,8 @@ class Settlement:
 
     def repayments(self, account: int | None = None) -> list[tuple[int, int, int]]:
         """(account, amount, paid_at) rows, oldest first."""
+        if account is not None:
+            account = _args.integer("account", account, 0, 2**63 - 1)
         if account is None:
             rows = self._query("SELECT account, amount, paid_at FROM repayments ORDER BY id")
         else:
