@@ -839,6 +839,13 @@ def test_messages_say_what_is_wrong_in_the_options_terms(
     code, _, err = run(capsys, "token", "--credential", str(credential), "--device-key",
                        str(tmp_path / "missing.key"), "--scene", "bus")
     assert code == 2 and "device key file not found" in err and "DeviceKey" not in err
+    (tmp_path / "text.png").write_text("not a picture")
+    code, _, err = run(capsys, "scan", *gw, "--image", str(tmp_path / "text.png"), "--amount",
+                       "5", "--scene", "bus")    # Pillow's message showed <_io.BufferedReader>
+    assert code == 2 and "not an image file Pillow reads" in err and "<_io" not in err, err
+    code, _, err = run(capsys, "scan", *gw, "--image", str(tmp_path / "none.png"), "--amount",
+                       "5", "--scene", "bus")
+    assert code == 2 and f"no such file: {tmp_path / 'none.png'}" in err
     # Parse errors in words, never a Python exception's name.
     for name, data in (("extra", batch.read_bytes() + b"\x00"), ("reserved", b"\xc1"),
                        ("short", batch.read_bytes()[:40]), ("deep", b"\x91" * 5000)):

@@ -76,8 +76,13 @@ def decode_image(image: bytes | str | Path) -> list[bytes]:
         source = io.BytesIO(image) if isinstance(image, bytes) else Path(image).open("rb")
         with source, _pil.open(source) as img:
             found = zxingcpp.read_barcodes(img.convert("L"))
+    except FileNotFoundError:
+        raise InvalidArgument(f"cannot read the image: no such file: {image!s:.200}") from None
+    except _pil.UnidentifiedImageError:   # its message shows a Python file object
+        raise InvalidArgument("cannot read the image: not an image file Pillow reads (PNG, "
+                              "JPEG, ...)") from None
     except OSError as exc:
-        raise InvalidArgument(f"cannot read the image: {exc}") from None
+        raise InvalidArgument(f"cannot read the image: {exc.strerror or exc}") from None
     tokens = []
     for code in found:
         raw = bytes(code.bytes)
