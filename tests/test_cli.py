@@ -839,6 +839,18 @@ def test_messages_say_what_is_wrong_in_the_options_terms(
     code, _, err = run(capsys, "token", "--credential", str(credential), "--device-key",
                        str(tmp_path / "missing.key"), "--scene", "bus")
     assert code == 2 and "device key file not found" in err and "DeviceKey" not in err
+    (tmp_path / "binary.key").write_bytes(b"\xff\xfe" * 20)
+    for args, said in ((["token", "--credential", str(credential), "--device-key",
+                         str(tmp_path / "binary.key"), "--scene", "bus"], "not UTF-8 text"),
+                       (["token", "--credential", str(credential), "--device-key",
+                         str(keys["device"]), "--scene", "bus", "--counter-file",
+                         str(tmp_path)], "cannot read counter file"),
+                       (["score", "fit", "--data", str(tmp_path), "--label", "x", "--out",
+                         "c.json"], "Is a directory"),
+                       (["score", "apply", "--card", str(tmp_path / "c.json"), "--data",
+                         str(tmp_path / "none.npy"), "--out", "o.npy"], "not found")):
+        code, _, err = run(capsys, *args)
+        assert code == 2 and said in err and "[Errno" not in err, (args, err)
     (tmp_path / "text.png").write_text("not a picture")
     code, _, err = run(capsys, "scan", *gw, "--image", str(tmp_path / "text.png"), "--amount",
                        "5", "--scene", "bus")    # Pillow's message showed <_io.BufferedReader>

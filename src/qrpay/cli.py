@@ -84,8 +84,10 @@ def _read_text(path: str, what: str) -> str:
         return Path(path).read_text(encoding="utf-8").strip()
     except FileNotFoundError:
         raise CliError(f"{what} file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CliError(f"cannot read {what} file {path}: {exc}") from None
+    except UnicodeDecodeError:
+        raise CliError(f"cannot read {what} file {path}: it is not UTF-8 text") from None
+    except OSError as exc:
+        raise CliError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
 
 
 def _read_bytes(path: str, what: str) -> bytes:
@@ -94,7 +96,7 @@ def _read_bytes(path: str, what: str) -> bytes:
     except FileNotFoundError:
         raise CliError(f"{what} file not found: {path}") from None
     except OSError as exc:
-        raise CliError(f"cannot read {what} file {path}: {exc}") from None
+        raise CliError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
 
 
 def _write_atomic(path: str, data: bytes, private: bool = False) -> None:
@@ -220,8 +222,11 @@ def _load_matrix(path: str, label: str | None = None
     if path.endswith(".npy"):
         try:
             X = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise CliError(f"data file not found: {path}") from None
         except (OSError, ValueError) as exc:
-            raise CliError(f"cannot read {path}: {exc}") from None
+            raise CliError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}"
+                           ) from None
         if X.ndim != 2 or X.dtype.kind not in "iuf":
             raise CliError(f"{path} must hold a 2-D numeric array")
         names = [f"f{i}" for i in range(X.shape[1])]
@@ -233,8 +238,10 @@ def _load_matrix(path: str, label: str | None = None
             rows = list(csv.reader(handle))
     except FileNotFoundError:
         raise CliError(f"data file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CliError(f"cannot read {path}: {exc}") from None
+    except UnicodeDecodeError:
+        raise CliError(f"cannot read {path}: it is not UTF-8 text") from None
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror or exc}") from None
     if len(rows) < 2:
         raise CliError(f"{path} needs a header row and at least one data row")
     header = rows[0]
