@@ -660,8 +660,11 @@ def test_a_reader_that_goes_away_or_ctrl_c_is_no_traceback(
     child.stderr.close()
     assert child.wait(timeout=300) == 141
     assert json.loads((tmp_path / "r.json").read_text())["ok"]
-    # Ctrl-C in the middle of a city's day: one line, exit 130.
-    child = qrpay_process("simulate", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Ctrl-C in the middle of a city's day: one line, exit 130. (A shell starts
+    # background jobs with SIGINT ignored, and a child inherits that: restore
+    # the default, as a terminal's foreground job has it.)
+    child = qrpay_process("simulate", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert child.stderr is not None
     assert child.stderr.readline().startswith("qrpay simulate:")   # it has started
     child.send_signal(signal.SIGINT)
