@@ -170,6 +170,31 @@ def test_other_writes_whose_commit_failed_leave_memory_and_journal_agreeing(
     gw.close()
 
 
+def test_an_interrupt_during_a_commit_is_a_doubt_too(
+        tmp_path: Path, gateway_key: GatewayKey, deny_trust: TrustStore,
+        riders: tuple[list[Credential], list[DeviceKey]], now: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C lands just after the commit returned: no receipt was handed
+    out, so the payment is voided, and memory and journal agree."""
+    tokens = Tokens(riders)
+    gw = Gateway(tmp_path, gateway_key, deny_trust, POLICY)
+    interrupted = tokens.make(2, now)
+
+    def append(self: Journal, *args: Any) -> None:
+        real_append(self, *args)
+        raise KeyboardInterrupt
+
+    real_append = Journal.append
+    with monkeypatch.context() as patch:
+        patch.setattr(Journal, "append", append)
+        with pytest.raises(KeyboardInterrupt):
+            gw.scan_batch(interrupted, [100, 100], Scene.BUS, now)
+    assert gw.records() == [] and journal_tokens(tmp_path) == []
+    receipts = gw.scan_batch(interrupted, [100, 100], Scene.BUS, now).receipts
+    assert [r.record for r in receipts if r] == [1, 2]     # no clash with a ghost record
+    gw.close()
+
+
 def test_a_doubt_that_cannot_be_voided_closes_the_gateway_until_it_can(
         tmp_path: Path, gateway_key: GatewayKey, deny_trust: TrustStore,
         riders: tuple[list[Credential], list[DeviceKey]], now: int,

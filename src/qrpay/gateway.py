@@ -333,11 +333,13 @@ class Gateway:
         number `record` on, batches from `batch` on) in a durable transaction;
         if that fails too, the gateway stays in doubt and refuses every call
         until a retry of the void succeeds (or, after a restart, the open
-        does it from the doubt noted in the anchor)."""
+        does it from the doubt noted in the anchor). A KeyboardInterrupt (or
+        any other exception) during the write is a doubt too: the commit may
+        have returned just before it; it is voided, then re-raised."""
         assert self._doubt is None and self._journal is not None and self._anchor is not None
         try:
             return action()
-        except JournalUnavailable as exc:
+        except BaseException as exc:
             failure = exc
         self._doubts += 1
         self._doubt = doubt = _Doubt(self._doubts, record, batch)
@@ -356,6 +358,8 @@ class Gateway:
                 "this call is charged or acknowledged; the gateway refuses every call until "
                 "the journal is writable again") from failure
         self._doubt = None
+        if not isinstance(failure, JournalUnavailable):
+            raise failure
         raise JournalUnavailable(f"journal write failed ({failure}): nothing from this call was "
                                  "journaled or charged; it can be tried again") from failure
 
