@@ -16,11 +16,11 @@ doubt the journal has not resolved voids those rows before anything else.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
-from dataclasses import dataclass, replace
+import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 from qrpay.errors import JournalUnavailable
 
@@ -29,14 +29,13 @@ _MAGIC = b"QPANCHR1"
 # magic, generation, gateway key, last record, time floor, last batch,
 # deny-list version, doubt id, doubt first record, doubt first batch.
 _BODY = struct.Struct("<8sQ32sQQQQQQQ")
-_DIGEST = 16
-SLOT_SIZE = _BODY.size + _DIGEST
+_CRC = struct.Struct("<I")
+SLOT_SIZE = _BODY.size + _CRC.size
 # Slots a page apart: a torn sector write cannot spoil both.
 _SLOT_OFFSETS = (0, 4096)
 
 
-@dataclass(frozen=True)
-class Anchor:
+class Anchor(NamedTuple):
     """What the journal must hold at least. Record and batch numbers are the
     highest ever committed (pruned ones included); the time floor is the
     latest scan time journaled."""
@@ -52,18 +51,19 @@ class Anchor:
     generation: int = 0
 
     def to_slot(self) -> bytes:
+        # (A NamedTuple and a CRC: this runs after every commit, in ~3 us.)
         body = _BODY.pack(_MAGIC, self.generation, self.gateway_key, self.last_record,
                           self.time_floor, self.last_batch, self.deny_version, self.doubt,
                           self.doubt_record, self.doubt_batch)
-        return body + hashlib.blake2b(body, digest_size=_DIGEST).digest()
+        return body + _CRC.pack(zlib.crc32(body))
 
     @classmethod
     def from_slot(cls, data: bytes) -> Anchor | None:
         """The anchor in one slot, or None if the slot is torn or empty."""
         if len(data) < SLOT_SIZE:
             return None
-        body, digest = data[:_BODY.size], data[_BODY.size:SLOT_SIZE]
-        if hashlib.blake2b(body, digest_size=_DIGEST).digest() != digest:
+        body = data[:_BODY.size]
+        if _CRC.unpack_from(data, _BODY.size)[0] != zlib.crc32(body):
             return None
         (magic, generation, key, last_record, floor, last_batch, deny, doubt, doubt_record,
          doubt_batch) = _BODY.unpack(body)
@@ -109,7 +109,7 @@ class AnchorFile:
     def write(self, anchor: Anchor, sync: bool) -> None:
         """Store `anchor` in the older slot; with `sync`, make it durable.
         Raises OSError (the caller decides what a lagging anchor costs)."""
-        new = replace(anchor, generation=self.current.generation + 1)
+        new = anchor._replace(generation=self.current.generation + 1)
         os.pwrite(self._fd, new.to_slot(), _SLOT_OFFSETS[new.generation % 2])
         self.current = new
         if sync:

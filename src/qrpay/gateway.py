@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO, NamedTuple, TypeVar, Union
@@ -174,6 +174,7 @@ class Gateway:
         self.policy = policy or GatewayPolicy()
         self._clock = clock
         self.id = key.public.gateway_id
+        self._key_bytes = key.public.to_bytes()
         self._mutex = threading.RLock()   # one turn at a time on the journal and the state
         self._doubt: _Doubt | None = None
         self._journal: Journal | None = None
@@ -238,9 +239,10 @@ class Gateway:
 
     def _anchor_state(self) -> Anchor:
         assert self._anchor is not None
-        return replace(self._anchor.current, gateway_key=self.key.public.to_bytes(),
-                       last_record=self._next_record - 1, time_floor=self._floor,
-                       last_batch=self._next_batch - 1, deny_version=self.deny_list.version)
+        return self._anchor.current._replace(
+            gateway_key=self._key_bytes, last_record=self._next_record - 1,
+            time_floor=self._floor, last_batch=self._next_batch - 1,
+            deny_version=self.deny_list.version)
 
     def _save_anchor(self, sync: bool) -> None:
         """Bring the anchor up to the journal. Best effort: a lagging anchor
@@ -344,8 +346,8 @@ class Gateway:
         self._doubts += 1
         self._doubt = doubt = _Doubt(self._doubts, record, batch)
         try:   # noted first, so an open after a crash voids it even if the next step fails
-            self._anchor.write(replace(self._anchor.current, doubt=doubt.id,
-                                       doubt_record=record, doubt_batch=batch), sync=True)
+            self._anchor.write(self._anchor.current._replace(
+                doubt=doubt.id, doubt_record=record, doubt_batch=batch), sync=True)
         except OSError:
             pass
         try:
