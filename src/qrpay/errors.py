@@ -52,6 +52,8 @@ class Reason(enum.IntEnum):
     UNKNOWN_GATEWAY = 37
     STORE_UNAVAILABLE = 38
     CONFLICT = 39
+    ARCHIVE_UNAVAILABLE = 40
+    PERIOD_CLOSED = 41
 
 
 class QrPayError(Exception):
@@ -247,6 +249,20 @@ class Conflict(QrPayError, ValueError):
     reason = Reason.CONFLICT
 
 
+class ArchiveUnavailable(QrPayError, OSError):
+    """The archive of closed periods cannot be written or read back as
+    written (a file missing, altered or of an unknown format)."""
+
+    reason = Reason.ARCHIVE_UNAVAILABLE
+
+
+class PeriodClosed(QrPayError, ValueError):
+    """The period asked for is closed (immutable) or the cut is not after the
+    last one: nothing changed."""
+
+    reason = Reason.PERIOD_CLOSED
+
+
 _BY_REASON: dict[Reason, type[QrPayError]] = {}
 for _cls in (
     WrongLength, UnsupportedVersion, UnknownKeyId, IssuerKeyRole, IssuerKeyNotValid,
@@ -255,7 +271,7 @@ for _cls in (
     InvalidArgument, BadSignature, MalformedCredential, Revoked, SceneMismatch,
     AlreadyAccepted, OverTransactionCap, DenyListStale, OverOfflineLimit, TooManyOfflineUses,
     ClockUntrusted, JournalUnavailable, MalformedMessage, StaleUpdate, UnknownGateway,
-    StoreUnavailable, Conflict,
+    StoreUnavailable, Conflict, ArchiveUnavailable, PeriodClosed,
 ):
     _BY_REASON[_cls.reason] = _cls
 

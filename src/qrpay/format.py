@@ -65,6 +65,8 @@ TAG_TOKEN: Final = _tag(b"qrpay/token/v1")
 TAG_BATCH: Final = _tag(b"qrpay/batch/v1")
 TAG_DENY: Final = _tag(b"qrpay/deny/v1")
 TAG_CARD: Final = _tag(b"qrpay/card/v1")
+TAG_PERIOD: Final = _tag(b"qrpay/period/v1")
+TAG_STATEMENT: Final = _tag(b"qrpay/stmt/v1")
 
 CRED_STRUCT: Final = struct.Struct("<B4sQQ32sIIIH64s")
 TOKEN_FIELDS_STRUCT: Final = struct.Struct("<IIB")

@@ -146,6 +146,11 @@ class GatewayPublicKey(PublicKey):
         return hashlib.blake2b(self._raw, digest_size=8, person=b"qrpay-gw-v1").hexdigest()
 
 
+class SettlementPublicKey(PublicKey):
+    role = "settlement"
+    __slots__ = ()
+
+
 class SigningKey:
     """An Ed25519 signing key. Export with `secret_bytes()` / `secret_text()`;
     the names say what they hand out."""
@@ -268,6 +273,18 @@ class IssuerKey(SigningKey):
                                 not_before, not_after, limit, scenes_to_mask(scene_set),
                                 b"")[:CRED_BODY_LEN]
         return Credential.from_bytes(body + self._sign(TAG_CRED, body))
+
+
+class SettlementKey(SigningKey):
+    """The backend's settlement key: signs period summaries and operators'
+    statements, which anyone holding its public key verifies offline."""
+
+    public_class = SettlementPublicKey
+    __slots__ = ()
+
+    @property
+    def public(self) -> SettlementPublicKey:
+        return self._public  # type: ignore[return-value]
 
 
 def _check_range(name: str, value: int, top: int) -> None:
