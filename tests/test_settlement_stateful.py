@@ -296,27 +296,40 @@ class SettlementMachine(RuleBasedStateMachine):
     def _expected(self) -> tuple[dict[int, tuple[int, int]], Counter[Finding], list[Arrived]]:
         first: dict[tuple[int, int], Arrived] = {}
         findings: list[Finding] = []
-        for r in self.arrived:
+        charged: list[Arrived] = []
+        found: set[tuple[str, int]] = set()
+        for i, r in enumerate(self.arrived):
+            # Against the records that arrived before it (every verdict is):
+            # a counter not above one scanned more than SLACK earlier is a
+            # copy's, flagged and not charged; a charged record scanned more
+            # than SLACK later with a counter not above this one's is found
+            # behind now. (The rides here make every token at its scan time,
+            # so reading "earlier" by issued_at would flag the same rows.)
+            earlier = [o for o in self.arrived[:i] if o.serial == r.serial]
+            behind = [o for o in earlier if o.gateway_time < r.gateway_time - SLACK
+                      and o.counter >= r.counter]
+            assert bool(behind) == any(o.issued_at < r.issued_at - SLACK for o in behind)
+            if behind:
+                findings.append(Finding("clone", r.serial, r.account, r.counter, (r.gateway,),
+                                        (r.where,), r.amount, "counter went backwards"))
+                continue
+            for o in earlier:
+                if (o.gateway_time > r.gateway_time + SLACK and o.counter <= r.counter
+                        and o in charged and o.where not in found):
+                    found.add(o.where)
+                    findings.append(Finding(
+                        "clone", o.serial, o.account, o.counter, (o.gateway,), (o.where,),
+                        o.amount, "counter went backwards (charged: it arrived first)"))
             key = (r.serial, r.counter)
             if key not in first:
                 first[key] = r
+                charged.append(r)
                 continue
             f = first[key]
             kind = ("clone" if r.token != f.token else
                     "duplicate_record" if r.gateway == f.gateway else "double_spend")
             findings.append(Finding(kind, r.serial, r.account, r.counter,
                                     (f.gateway, r.gateway), (f.where, r.where), r.amount))
-        charged = list(first.values())
-        for r in charged:
-            # Behind a higher counter of the same credential scanned more than
-            # SLACK seconds earlier. (The rides here make every token at its scan
-            # time, so reading "earlier" by issued_at would flag the same rows.)
-            behind = [o for o in charged if o.serial == r.serial and o.counter > r.counter]
-            by_scan = any(o.gateway_time < r.gateway_time - SLACK for o in behind)
-            assert by_scan == any(o.issued_at < r.issued_at for o in behind)
-            if by_scan:
-                findings.append(Finding("clone", r.serial, r.account, r.counter, (r.gateway,),
-                                        (r.where,), r.amount, "counter went backwards"))
         # Overspend: outstanding offline spend (from scan to its batch's export)
         # summed over gateways, at its peak, above the credential's limit.
         by_serial: dict[int, list[Arrived]] = {}
@@ -358,7 +371,7 @@ class SettlementMachine(RuleBasedStateMachine):
         # Nothing charged twice: the first arrival of each (serial, counter), once.
         assert report.charged_total == sum(r.amount for r in charged)
         assert report.charged_total + report.rejected_total == sum(
-            r.amount for r in self.arrived)
+            r.amount for r in self.arrived)   # rejected: invalid, repeated or flagged
         assert report.records == len(self.arrived)
         assert Counter(report.findings) == findings
         for kind in {(f.kind, f.detail[:7]) for f in report.findings}:

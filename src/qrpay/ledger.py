@@ -35,15 +35,36 @@ Mask = npt.NDArray[np.bool_]
 
 
 @dataclass(frozen=True)
+class Floor:
+    """What settlement still knows of the valid records it no longer holds
+    (settled in closed periods and dropped from the carried tail), per
+    serial: the highest counter among them and the latest gateway time.
+    Serials ascending."""
+
+    serial: npt.NDArray[np.uint64]
+    counter: npt.NDArray[np.int64]
+    time: npt.NDArray[np.int64]
+
+    @staticmethod
+    def empty() -> Floor:
+        return Floor(np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64),
+                     np.zeros(0, dtype=np.int64))
+
+
+@dataclass(frozen=True)
 class LedgerResult:
     """Per-record verdicts (masks over the input rows) and per-window spend."""
 
-    charged: Mask          # the first valid occurrence of each (serial, counter)
+    charged: Mask          # the first valid, unflagged occurrence of each (serial, counter)
     double_spend: Mask     # the same token again, at another gateway
     duplicate: Mask        # the same token again, at the same gateway
     clone: Mask            # another token with a (serial, counter) already used
-    backwards: Mask        # a counter lower than an earlier-issued token's
+    backwards: Mask        # a counter not above one that arrived before and was scanned
+                           # more than `slack` earlier: flagged, not charged
+    found_behind: Mask     # charged, and then a record arrived that was scanned more
+                           # than `slack` earlier with a counter at least as high
     invalid: Mask          # failed re-verification: the gateway should not have accepted it
+    late: Mask             # scanned so long ago that the floor could not be used (see settle)
     first_row: npt.NDArray[np.int64]      # for a repeat: the charged row it repeats; else -1
     over_account: npt.NDArray[np.uint64]  # overspend: the account charged,
     over_serial: npt.NDArray[np.uint64]   # the credential serial,
@@ -51,25 +72,63 @@ class LedgerResult:
     over_spent: npt.NDArray[np.int64]     # that peak (outstanding offline spend),
     over_limit: npt.NDArray[np.int64]     # and the credential's limit
 
-
 def settle(records: npt.NDArray[np.void], gateway: npt.NDArray[np.int64],
-           slack: int = 0) -> LedgerResult:
+           slack: int = 0, *, prior: int = 0, prior_charged: Mask | None = None,
+           prior_flagged: Mask | None = None, prior_found: Mask | None = None,
+           floor: Floor | None = None) -> LedgerResult:
     """Classify every record. `records` is RECORD_DTYPE in arrival order,
     `gateway` the index of the gateway each came from, and `slack` how far
     apart in gateway time two honest scans of one phone can appear out of
-    counter order (see below)."""
+    counter order (max_age + 2 * skew: see below).
+
+    Every verdict on a record depends only on the records that arrived
+    before it, so settling a stream in one piece or period by period gives
+    the same verdicts. For the second, the first `prior` rows are records
+    settled before (the carried tail: `prior_charged`, `prior_flagged`
+    (backwards) and `prior_found` (found_behind) are their verdicts, which
+    are returned unchanged) and `floor`
+    summarises the older valid records no longer held. A record scanned
+    within `slack` of the floor's latest time is `late`: the floor can not
+    say which older records came before it in time, so only the held ones
+    are compared (see docs/SETTLEMENT.md, Periods).
+    """
     n = len(records)
     serial = records["serial"]
-    counter = records["counter"]
+    counter = records["counter"].astype(np.int64)
+    when = records["gateway_time"].astype(np.int64)
     token_id = records["token_id"]
     invalid = records["reason"] != 0
     valid = ~invalid
+    new = np.arange(n) >= prior
 
-    # Group valid records by (serial, counter); arrival order breaks ties, so
-    # the first occurrence to arrive is the one charged, whatever came later.
+    # A phone's counter rises with time, and an honest token is scanned
+    # within its freshness window, so of two honest scans of one credential
+    # more than `slack` apart in gateway time the later has the higher
+    # counter. A record that breaks this against one that arrived before it
+    # comes from a copied phone: flagged, and not charged. One that arrived
+    # first was charged; it is found behind when the other arrives.
+    backwards, behind_later = _conflicts(valid, serial, counter, when, slack, new)
+    late = np.zeros(n, dtype=np.bool_)
+    if floor is not None and len(floor.serial):
+        at = np.searchsorted(floor.serial, serial).clip(max=len(floor.serial) - 1)
+        known = valid & new & (floor.serial[at] == serial)
+        late = known & (when - slack <= floor.time[at])
+        # Every record in the floor arrived earlier and, for a record that
+        # is not late, was scanned more than `slack` before it.
+        backwards |= known & ~late & (counter <= floor.counter[at])
+    none = np.zeros(prior, dtype=np.bool_)
+    prior_charged = none if prior_charged is None else prior_charged
+    prior_flagged = none if prior_flagged is None else prior_flagged
+    prior_found = none if prior_found is None else prior_found
+    if prior:
+        backwards[:prior] = prior_flagged[:prior]
+    flagged = backwards
+
+    # Group the other valid records by (serial, counter); arrival order breaks
+    # ties, so the first occurrence to arrive is the one charged.
     arrival = np.arange(n)
     order = np.lexsort((arrival, counter, serial))
-    order = order[valid[order]]
+    order = order[(valid & ~backwards)[order]]
     s, c = serial[order], counter[order]
     starts = np.ones(len(order), dtype=np.bool_)
     starts[1:] = (s[1:] != s[:-1]) | (c[1:] != c[:-1])
@@ -88,33 +147,44 @@ def settle(records: npt.NDArray[np.void], gateway: npt.NDArray[np.int64],
     duplicate[repeat[same_token & same_gateway]] = True
     clone = np.zeros(n, dtype=np.bool_)
     clone[repeat[~same_token]] = True
-
-    # One phone's counter rises with time. An honest token is scanned within
-    # its freshness window, so a lower counter may be scanned after a higher
-    # one by at most `slack` seconds (max_age + 2 * skew); later than that, a
-    # second device is running a copy of the credential. Gateway time is used,
-    # not the phone's issued_at, so a phone clock stepping back is not fraud.
-    backwards = np.zeros(n, dtype=np.bool_)
-    charged_rows = np.flatnonzero(charged)
-    backwards[_behind(charged_rows, serial, counter, records["gateway_time"], slack)] = True
     first_row = np.full(n, -1, dtype=np.int64)
     first_row[repeat] = first_of_repeat
+    if prior:
+        # The carried rows keep the verdicts they were settled with.
+        charged[:prior] = prior_charged[:prior]
+        for mask in (double_spend, duplicate, clone):
+            mask[:prior] = False
+        first_row[:prior] = -1
+    found_behind = behind_later & charged
+    if prior:
+        found_behind[:prior] &= ~prior_found[:prior]   # found once
 
-    over = _overspend(records[charged_rows])
-    return LedgerResult(charged, double_spend, duplicate, clone, backwards, invalid, first_row,
-                        *over)
+    over = _overspend(records, charged, new)
+    return LedgerResult(charged, double_spend, duplicate, clone, backwards, found_behind,
+                        invalid, late, first_row, *over)
 
 
-def _behind(rows: npt.NDArray[np.int64], serial: npt.NDArray[np.uint64],
-            counter: npt.NDArray[np.uint32], when: npt.NDArray[np.uint32],
-            slack: int) -> npt.NDArray[np.int64]:
-    """The rows whose counter is below the largest counter of the same serial
-    scanned more than `slack` seconds earlier."""
-    if len(rows) == 0:
-        return rows
+def _conflicts(valid: Mask, serial: npt.NDArray[np.uint64], counter: npt.NDArray[np.int64],
+               when: npt.NDArray[np.int64], slack: int, judge: Mask) -> tuple[Mask, Mask]:
+    """For each row to judge: is there a valid row of the same serial that
+    arrived before it (a lower index) and was scanned more than `slack`
+    earlier with a counter at least as high (backwards)? And which rows
+    that arrived before a judged row were scanned more than `slack` after
+    it with a counter at most as high (behind_later: behind a row that
+    arrived after them)?
+
+    Honest credentials have no such pair at all, which one order-free pass
+    finds; only the serials that do are compared pair by pair in arrival
+    order.
+    """
+    n = len(serial)
+    backwards = np.zeros(n, dtype=np.bool_)
+    behind_later = np.zeros(n, dtype=np.bool_)
+    rows = np.flatnonzero(valid)
+    if len(rows) < 2:
+        return backwards, behind_later
     rows = rows[np.lexsort((when[rows], serial[rows]))]
-    s, t = serial[rows], when[rows].astype(np.int64)
-    c = counter[rows].astype(np.int64)
+    s, t, c = serial[rows], when[rows], counter[rows]
     new_serial = np.r_[True, s[1:] != s[:-1]]
     rank = np.cumsum(new_serial) - 1                       # dense serial number, sorted
     # Running max of the counter within each serial (lift each serial above the last).
@@ -122,13 +192,39 @@ def _behind(rows: npt.NDArray[np.int64], serial: npt.NDArray[np.uint64],
     running = np.maximum.accumulate(c + lift) - lift
     # For each row: how many rows of its serial were scanned before t - slack.
     key = rank * (1 << 34) + t                              # sortable (serial, time)
-    before = np.searchsorted(key, rank * (1 << 34) + t - slack, side="left")
+    before = np.searchsorted(key, key - slack, side="left")
     start = np.flatnonzero(new_serial)[rank]
     earlier = np.where(before > start, running[np.maximum(before - 1, 0)], -1)
-    return rows[c < earlier]
+    suspects = np.unique(rank[c <= earlier])
+    if not len(suspects):
+        return backwards, behind_later
+    bounds = np.r_[np.flatnonzero(new_serial), len(rows)]
+    for r in suspects.tolist():
+        members = np.sort(rows[bounds[r]:bounds[r + 1]])     # arrival order
+        _judge_pairs(members, when, counter, slack, judge, backwards, behind_later)
+    return backwards, behind_later
 
 
-def _overspend(charged: npt.NDArray[np.void]
+def _judge_pairs(members: npt.NDArray[np.int64], when: npt.NDArray[np.int64],
+                 counter: npt.NDArray[np.int64], slack: int, judge: Mask,
+                 backwards: Mask, behind_later: Mask, block: int = 1024) -> None:
+    """The rows of one conflicted serial, in arrival order: each judged row
+    against every row before it, a block of rows at a time."""
+    t, c = when[members], counter[members]
+    for lo in range(0, len(members), block):
+        hi = min(lo + block, len(members))
+        mine = judge[members[lo:hi]]
+        if not mine.any():
+            continue
+        tj, cj = t[lo:hi, None], c[lo:hi, None]
+        earlier = np.arange(hi)[None, :] < np.arange(lo, hi)[:, None]
+        behind = earlier & (t[None, :hi] < tj - slack) & (c[None, :hi] >= cj)
+        before = earlier & (t[None, :hi] > tj + slack) & (c[None, :hi] <= cj)
+        backwards[members[lo:hi]] |= mine & behind.any(axis=1)
+        behind_later[members[:hi]] |= (mine[:, None] & before).any(axis=0)
+
+
+def _overspend(records: npt.NDArray[np.void], charged: Mask, new: Mask
                ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], npt.NDArray[np.int64],
                           npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Credentials whose offline exposure went over their limit.
@@ -139,32 +235,41 @@ def _overspend(charged: npt.NDArray[np.void]
     the limit; summed across gateways at any moment, it must be too. A rider
     whose gateways upload between rides is never flagged, however much the
     day adds up to.
+
+    Only moments that a `new` record's exposure covers are judged: the
+    others were judged when the last record covering them was settled.
     """
-    if len(charged) == 0:
+    rows = np.flatnonzero(charged)
+    if len(rows) == 0:
         empty = np.zeros(0, dtype=np.int64)
         return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint64), empty, empty, empty
-    start = charged["gateway_time"].astype(np.int64)
-    end = np.maximum(charged["uploaded_at"].astype(np.int64), start)
-    amount = charged["amount"].astype(np.int64)
-    uniq, rank = np.unique(charged["serial"], return_inverse=True)
+    charged_rows = records[rows]
+    start = charged_rows["gateway_time"].astype(np.int64)
+    end = np.maximum(charged_rows["uploaded_at"].astype(np.int64), start)
+    amount = charged_rows["amount"].astype(np.int64)
+    uniq, rank = np.unique(charged_rows["serial"], return_inverse=True)
     rank = np.r_[rank, rank].astype(np.int64)
     when = np.r_[start, end]
     delta = np.r_[amount, -amount]
+    fresh = np.r_[new[rows], new[rows]]
     # One int64 key, (serial rank, time, release before payment): at equal times
     # an upload and the next scan in the same second do not overlap.
     order = np.argsort((rank << 34 | when) << 1 | (delta > 0), kind="stable")
-    rank, when, delta = rank[order], when[order], delta[order]
+    rank, when, delta, fresh = rank[order], when[order], delta[order], fresh[order]
     running = seg.running_total(rank, delta)
+    covered = seg.running_total(rank, np.where(fresh, delta, 0)) > 0
+    judged = np.where(covered, running, 0)
     # rank is dense (np.unique's inverse): group r is serial uniq[r].
-    peak = seg.reduce_by_group(np.maximum, rank, running, len(uniq))
+    peak = seg.reduce_by_group(np.maximum, rank, judged, len(uniq))
     # The earliest moment of each serial's peak (events are in time order).
-    hit = np.flatnonzero(running == peak[rank])
-    at_peak = when[hit[seg.starts(rank[hit])]]
+    hit = np.flatnonzero(covered & (running == peak[rank]))
+    at_peak = np.zeros(len(uniq), dtype=np.int64)
+    at_peak[rank[hit[seg.starts(rank[hit])]]] = when[hit[seg.starts(rank[hit])]]
     # The credential's limit and account, from its charged (valid) records.
-    by_serial = np.argsort(charged["serial"], kind="stable")
-    first = np.flatnonzero(np.r_[True, np.diff(charged["serial"][by_serial]) != 0])
-    limit = np.maximum.reduceat(charged["limit"][by_serial].astype(np.int64), first)
-    account = charged["account"][by_serial][first]
+    by_serial = np.argsort(charged_rows["serial"], kind="stable")
+    first = np.flatnonzero(np.r_[True, np.diff(charged_rows["serial"][by_serial]) != 0])
+    limit = np.maximum.reduceat(charged_rows["limit"][by_serial].astype(np.int64), first)
+    account = charged_rows["account"][by_serial][first]
     over = peak > limit
     return account[over], uniq[over], at_peak[over], peak[over], limit[over]
 

@@ -597,11 +597,13 @@ def _findings(records: npt.NDArray[np.void], gateway: npt.NDArray[np.int64], nam
             found.append(Finding(kind, int(r["serial"]), int(r["account"]), int(r["counter"]),
                                  (names[gateway[first]], names[gateway[i]]),
                                  (where(first), where(i)), int(r["amount"])))
-    for i in np.flatnonzero(result.backwards).tolist():
-        r = records[i]
-        found.append(Finding("clone", int(r["serial"]), int(r["account"]), int(r["counter"]),
-                             (names[gateway[i]],), (where(i),), int(r["amount"]),
-                             "counter went backwards"))
+    for mask, detail in ((result.backwards, "counter went backwards"),
+                         (result.found_behind, "counter went backwards (charged: it arrived first)")):
+        for i in np.flatnonzero(mask).tolist():
+            r = records[i]
+            found.append(Finding("clone", int(r["serial"]), int(r["account"]),
+                                 int(r["counter"]), (names[gateway[i]],), (where(i),),
+                                 int(r["amount"]), detail))
     for i in np.flatnonzero(result.invalid).tolist():
         r = records[i]
         found.append(Finding("invalid_token", int(r["serial"]), int(r["account"]),
