@@ -60,7 +60,7 @@ class LedgerResult:
     duplicate: Mask        # the same token again, at the same gateway
     clone: Mask            # another token with a (serial, counter) already used
     backwards: Mask        # a counter not above one that arrived before and was scanned
-                           # more than `slack` earlier: flagged, not charged
+                           # more than `slack` earlier: flagged, not charged (new rows only)
     found_behind: Mask     # charged, and then a record arrived that was scanned more
                            # than `slack` earlier with a counter at least as high
     invalid: Mask          # failed re-verification: the gateway should not have accepted it
@@ -158,6 +158,7 @@ def settle(records: npt.NDArray[np.void], gateway: npt.NDArray[np.int64],
     found_behind = behind_later & charged
     if prior:
         found_behind[:prior] &= ~prior_found[:prior]   # found once
+        backwards[:prior] = False                      # flagged when they arrived
 
     over = _overspend(records, charged, new)
     return LedgerResult(charged, double_spend, duplicate, clone, backwards, found_behind,

@@ -1,0 +1,171 @@
+"""Settlement periods: settle one period's records against what the closed
+periods carried forward, and carry forward what the next one needs.
+
+Every verdict of the ledger depends only on records that arrived before it
+(ledger.settle), so a stream settled in one piece or period by period gives
+the same charges and findings, provided each period sees what the earlier
+ones left behind. That is the Carry, and its size is set by the number of
+credentials and accounts and by `horizon`, not by how many periods closed:
+
+- the tail: the valid records scanned (or still outstanding offline) within
+  `horizon` seconds before the cut, with their verdicts, against which a
+  late upload's records are judged exactly;
+- the floor: per serial, the highest counter and latest scan among the older
+  valid records, which is all the clone check needs of them;
+- the charges not yet folded into per-account credit state (credit.freeze).
+
+Pure functions over numpy arrays: the store (settlement.py) reads and writes
+them, the tests compare settling in one piece and in many.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from qrpay import credit
+from qrpay.ledger import RECORD_DTYPE, Floor, LedgerResult, Mask, settle
+
+Table = dict[str, npt.NDArray[np.generic]]
+
+# Charged payments kept for the credit history (account, scan time, amount).
+CHARGE_DTYPE = np.dtype([("account", "<u8"), ("time", "<i8"), ("amount", "<i8")])
+
+
+@dataclass(frozen=True)
+class Carry:
+    """What a closed period leaves for the next one (see the module doc)."""
+
+    tail: npt.NDArray[np.void]                 # RECORD_DTYPE, in arrival order
+    tail_gateway: npt.NDArray[np.object_]      # the gateway id of each tail row
+    tail_charged: Mask
+    tail_flagged: Mask                         # flagged backwards when it arrived
+    tail_found: Mask                           # found behind a later arrival
+    floor: Floor
+    charges: npt.NDArray[np.void]              # CHARGE_DTYPE, not folded into `credit`
+    credit: npt.NDArray[np.void] | None        # credit.freeze state, or None
+
+    @staticmethod
+    def empty() -> Carry:
+        none = np.zeros(0, dtype=np.bool_)
+        return Carry(np.zeros(0, dtype=RECORD_DTYPE), np.zeros(0, dtype=object), none, none,
+                     none, Floor.empty(), np.zeros(0, dtype=CHARGE_DTYPE), None)
+
+    def to_tables(self) -> dict[str, Table]:
+        """As archive tables (columns of one length each)."""
+        tail: Table = {name: self.tail[name] for name in RECORD_DTYPE.names or ()}
+        tail["gateway"] = self.tail_gateway
+        tail["charged"], tail["flagged"] = self.tail_charged, self.tail_flagged
+        tail["found"] = self.tail_found
+        tables: dict[str, Table] = {
+            "carry_tail": tail,
+            "carry_floor": {"serial": self.floor.serial, "counter": self.floor.counter,
+                            "time": self.floor.time},
+            "carry_charges": {name: self.charges[name] for name in CHARGE_DTYPE.names or ()},
+        }
+        if self.credit is not None:
+            tables["carry_credit"] = {name: self.credit[name]
+                                      for name in self.credit.dtype.names or ()}
+        return tables
+
+    @staticmethod
+    def from_tables(tables: dict[str, Table]) -> Carry:
+        tail_columns = tables["carry_tail"]
+        tail = np.zeros(len(tail_columns["gateway"]), dtype=RECORD_DTYPE)
+        for name in RECORD_DTYPE.names or ():
+            tail[name] = tail_columns[name]
+        floor = tables["carry_floor"]
+        charges = np.zeros(len(tables["carry_charges"]["account"]), dtype=CHARGE_DTYPE)
+        for name in CHARGE_DTYPE.names or ():
+            charges[name] = tables["carry_charges"][name]
+        state = None
+        if "carry_credit" in tables:
+            columns = tables["carry_credit"]
+            state = np.zeros(len(next(iter(columns.values()))), dtype=credit.CREDIT_STATE_DTYPE)
+            for name in credit.CREDIT_STATE_DTYPE.names or ():
+                state[name] = columns[name]
+        return Carry(tail, np.asarray(tail_columns["gateway"], dtype=object),
+                     np.asarray(tail_columns["charged"], dtype=np.bool_),
+                     np.asarray(tail_columns["flagged"], dtype=np.bool_),
+                     np.asarray(tail_columns["found"], dtype=np.bool_),
+                     Floor(np.asarray(floor["serial"], dtype=np.uint64),
+                           np.asarray(floor["counter"], dtype=np.int64),
+                           np.asarray(floor["time"], dtype=np.int64)),
+                     charges, state)
+
+
+@dataclass(frozen=True)
+class Settled:
+    """A period's records settled against a Carry. The arrays cover the
+    carried tail first (`prior` rows) and then the period's records."""
+
+    records: npt.NDArray[np.void]          # tail + period, RECORD_DTYPE
+    gateway: npt.NDArray[np.int64]         # index into `names`
+    names: list[str]
+    prior: int
+    result: LedgerResult
+
+    @property
+    def new(self) -> slice:
+        return slice(self.prior, None)
+
+
+def settle_period(carry: Carry, records: npt.NDArray[np.void],
+                  gateway_ids: npt.NDArray[np.object_], slack: int) -> Settled:
+    """Settle `records` (arrival order; `gateway_ids` the gateway of each)
+    after everything `carry` stands for."""
+    names = sorted(set(carry.tail_gateway.tolist()) | set(gateway_ids.tolist()))
+    index = {name: i for i, name in enumerate(names)}
+    every = np.concatenate([carry.tail_gateway, gateway_ids]) if len(carry.tail) else gateway_ids
+    gateway = np.fromiter((index[g] for g in every.tolist()), dtype=np.int64, count=len(every))
+    both = np.concatenate([carry.tail, records]) if len(carry.tail) else records
+    result = settle(both, gateway, slack, prior=len(carry.tail), prior_charged=carry.tail_charged,
+                    prior_flagged=carry.tail_flagged, prior_found=carry.tail_found,
+                    floor=carry.floor)
+    return Settled(both, gateway, names, len(carry.tail), result)
+
+
+def carry_forward(carry: Carry, settled: Settled, keep_from: int,
+                  due_after: int = credit.DEFAULT_DUE_AFTER) -> Carry:
+    """The Carry after `settled` closes: the valid records scanned or still
+    outstanding offline at or after `keep_from` (the cut less the horizon)
+    stay in the tail; the older ones go into the floor. Charges and
+    repayments that can no longer change are left to credit state by the
+    caller (fold_credit)."""
+    records, result, prior = settled.records, settled.result, settled.prior
+    valid = records["reason"] == 0
+    charged = result.charged.copy()
+    flagged = result.backwards.copy()
+    flagged[:prior] = carry.tail_flagged
+    found = result.found_behind.copy()
+    found[:prior] |= carry.tail_found
+    recent = ((records["gateway_time"].astype(np.int64) >= keep_from)
+              | (records["uploaded_at"].astype(np.int64) >= keep_from))
+    keep = valid & recent
+    dropped = valid & ~recent
+    floor = _raise_floor(carry.floor, records[dropped])
+    names = np.array(settled.names, dtype=object)
+    new_charges = records[settled.new][charged[settled.new]]
+    charges = np.zeros(len(carry.charges) + len(new_charges), dtype=CHARGE_DTYPE)
+    charges[:len(carry.charges)] = carry.charges
+    charges["account"][len(carry.charges):] = new_charges["account"]
+    charges["time"][len(carry.charges):] = new_charges["gateway_time"]
+    charges["amount"][len(carry.charges):] = new_charges["amount"]
+    return Carry(records[keep], names[settled.gateway[keep]], charged[keep], flagged[keep],
+                 found[keep], floor, charges, carry.credit)
+
+
+def _raise_floor(floor: Floor, dropped: npt.NDArray[np.void]) -> Floor:
+    """The floor with `dropped` (valid records leaving the tail) folded in."""
+    if not len(dropped):
+        return floor
+    serial = np.concatenate([floor.serial, dropped["serial"]])
+    counter = np.concatenate([floor.counter, dropped["counter"].astype(np.int64)])
+    time = np.concatenate([floor.time, dropped["gateway_time"].astype(np.int64)])
+    order = np.argsort(serial, kind="stable")
+    serial, counter, time = serial[order], counter[order], time[order]
+    first = np.flatnonzero(np.r_[True, serial[1:] != serial[:-1]])
+    return Floor(serial[first], np.maximum.reduceat(counter, first),
+                 np.maximum.reduceat(time, first))
