@@ -21,12 +21,15 @@ them, the tests compare settling in one piece and in many.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import msgpack  # type: ignore[import-untyped]
 import numpy as np
 import numpy.typing as npt
 
 from qrpay import credit
 from qrpay.ledger import RECORD_DTYPE, Floor, LedgerResult, Mask, settle
+from qrpay.wire import pack
 
 Table = dict[str, npt.NDArray[np.generic]]
 
@@ -169,3 +172,31 @@ def _raise_floor(floor: Floor, dropped: npt.NDArray[np.void]) -> Floor:
     first = np.flatnonzero(np.r_[True, serial[1:] != serial[:-1]])
     return Floor(serial[first], np.maximum.reduceat(counter, first),
                  np.maximum.reduceat(time, first))
+
+
+def pack_tables(tables: dict[str, Table]) -> bytes:
+    """Tables as one msgpack document (numeric columns as raw little-endian
+    bytes, text columns as lists): how the store keeps the Carry."""
+    out: dict[str, dict[str, list[Any]]] = {}
+    for table, columns in tables.items():
+        out[table] = {}
+        for name, column in columns.items():
+            if column.dtype == object:
+                out[table][name] = ["str", [str(v) for v in column.tolist()]]
+            else:
+                array = np.ascontiguousarray(column, dtype=column.dtype.newbyteorder("<"))
+                out[table][name] = [array.dtype.str, array.tobytes()]
+    return pack(out)
+
+
+def unpack_tables(data: bytes) -> dict[str, Table]:
+    doc = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    tables: dict[str, Table] = {}
+    for table, columns in doc.items():
+        tables[table] = {}
+        for name, (kind, values) in columns.items():
+            if kind == "str":
+                tables[table][name] = np.array(values, dtype=object).reshape(-1)
+            else:
+                tables[table][name] = np.frombuffer(values, dtype=np.dtype(kind)).copy()
+    return tables

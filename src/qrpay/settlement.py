@@ -11,8 +11,10 @@ from __future__ import annotations
 import enum
 import hashlib
 import os
+import shutil
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,24 +25,30 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from qrpay import _args, credit, sqlitedb
+from qrpay import _args, clearing, credit, sqlitedb
+from qrpay import archive as archive_module
+from qrpay.clearing import FeeSchedule, OperatorClearing, Statement
 from qrpay.credential import Scene
 from qrpay.credit import DEFAULT_DUE_AFTER
 from qrpay.denylist import DenyList, _serial_array, sign_deny_list
 from qrpay.errors import (
-    Conflict, InvalidArgument, InvalidKey, IssuerKeyRole, MalformedMessage, Reason,
-    StaleUpdate, StoreUnavailable, UnknownGateway, UnknownKeyId,
+    ArchiveUnavailable, Conflict, InvalidArgument, InvalidKey, IssuerKeyRole, MalformedMessage,
+    PeriodClosed, Reason, StaleUpdate, StoreUnavailable, UnknownGateway, UnknownKeyId,
 )
 from qrpay.format import (
-    PUBLIC_KEY_LEN, TAG_BATCH, TOKEN_DEVICE_SIG, TOKEN_DTYPE, TOKEN_LEN, U32_MAX,
+    PUBLIC_KEY_LEN, TAG_BATCH, TAG_PERIOD, TOKEN_DEVICE_SIG, TOKEN_DTYPE, TOKEN_LEN, U32_MAX,
 )
-from qrpay.keys import GatewayPublicKey, IssuerKey, IssuerPublicKey
-from qrpay.ledger import RECORD_DTYPE, LedgerResult, sequence_gaps, settle, totals_by_account
+from qrpay.keys import GatewayPublicKey, IssuerKey, IssuerPublicKey, SettlementKey
+from qrpay.ledger import RECORD_DTYPE
+from qrpay.periods import Carry, Settled, carry_forward, pack_tables, settle_period, unpack_tables
+from qrpay.reports import Finding as Finding  # re-exported: callers import it from here
+from qrpay.reports import Report as Report
+from qrpay.reports import build_report, report_from_tables, report_tables
 from qrpay.token import (
     DEFAULT_MAX_AGE, DEFAULT_SKEW, BatchResult, _check_window, as_token_array, verify_batch,
 )
 from qrpay.trust import Role, TrustedKey, TrustStore
-from qrpay.wire import body_map, split_document, verify_document
+from qrpay.wire import body_map, sign_document, split_document, verify_document
 
 STORE_FILE = "settlement.sqlite3"
 MAX_RECORDS_PER_BATCH = 100_000
@@ -72,8 +80,25 @@ CREATE TABLE IF NOT EXISTS repayments (
 CREATE TABLE IF NOT EXISTS issuer_keys (
     kid BLOB PRIMARY KEY, public BLOB NOT NULL, not_before INTEGER NOT NULL,
     not_after INTEGER NOT NULL, roles INTEGER NOT NULL
-)
+);
+CREATE TABLE IF NOT EXISTS periods (
+    number INTEGER PRIMARY KEY, from_time INTEGER NOT NULL, until INTEGER NOT NULL,
+    closed_at INTEGER NOT NULL, records INTEGER NOT NULL, charged_total INTEGER NOT NULL,
+    rejected_total INTEGER NOT NULL, summary BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS carry (name TEXT PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS fee_schedules (version INTEGER PRIMARY KEY, document BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS flagged (serial INTEGER PRIMARY KEY, period INTEGER NOT NULL)
 """
+# Columns added to tables of stores made before periods: (table, column, declaration).
+_MIGRATIONS = (
+    ("repayments", "reference", "TEXT"),
+    ("gateways", "operator", "TEXT"),
+    ("batches", "period", "INTEGER"),          # NULL while its records are live
+    ("repayments", "folded", "INTEGER NOT NULL DEFAULT 0"),   # into the credit state
+)
+DEFAULT_HORIZON = 6 * 3600   # how late an upload is still checked exactly (docs: Periods)
+UNASSIGNED = "unassigned"    # the operator of a gateway registered without one
 # What the caller of each write must do when its commit failed: the outcome is
 # unknown (the WAL can hold the commit, and a crash or reopen make it durable).
 _RETRY_OPEN = "open the store again"
@@ -83,6 +108,8 @@ _RETRY_DENY = ("publish again and send only what that returns: a version this ca
                "have stored was never sent, and every later one holds its serials")
 _RETRY_REPAY = "record it again with the same reference: it is stored once"
 _RETRY_TRUST = "trust the same key again: it is stored once"
+_RETRY_CLOSE = ("close again with the same until: if this close is stored, that is "
+                "PeriodClosed and period_report answers; if not, it closes now")
 _SETTLEMENT_ROLES = Role.CREDENTIALS | Role.DENY_LIST   # what settlement checks keys for
 
 
@@ -102,44 +129,18 @@ class IngestResult:
 
 
 @dataclass(frozen=True)
-class Finding:
-    """One fraud or integrity finding. `kind` is one of: double_spend, clone,
-    overspend, invalid_token, duplicate_record, sequence_gap."""
+class PeriodSummary:
+    """A closed period: what it holds, and (from close_period) its clearing."""
 
-    kind: str
-    serial: int = 0
-    account: int = 0
-    counter: int = 0
-    gateways: tuple[str, ...] = ()
-    records: tuple[tuple[str, int], ...] = ()
-    amount: int = 0          # the amount involved, or for overspend the amount over
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class Report:
-    """Charges per account (for the bank debit) and every finding."""
-
-    accounts: npt.NDArray[np.uint64]
-    amounts: npt.NDArray[np.int64]
-    counts: npt.NDArray[np.int64]
-    findings: list[Finding] = field(default_factory=list)
-    records: int = 0
-    charged_total: int = 0
-    rejected_total: int = 0
-
-    def of_kind(self, kind: str) -> list[Finding]:
-        return [f for f in self.findings if f.kind == kind]
-
-    def flagged_serials(self) -> set[int]:
-        """Credentials to deny: caught in a double spend, a clone or an overspend."""
-        return {f.serial for f in self.findings
-                if f.kind in ("double_spend", "clone", "overspend")}
-
-    def charge_of(self, account: int) -> int:
-        at = np.searchsorted(self.accounts, np.uint64(account))
-        hit = at < len(self.accounts) and self.accounts[at] == account
-        return int(self.amounts[at]) if hit else 0
+    number: int
+    from_time: int        # scans in [from_time, until)
+    until: int
+    closed_at: int
+    records: int
+    charged_total: int
+    rejected_total: int   # not charged: invalid, repeated or flagged
+    clearing: list[OperatorClearing]
+    path: Path            # the period's archive folder
 
 
 class Settlement:
@@ -153,8 +154,18 @@ class Settlement:
     def __init__(self, directory: str | Path, trust: TrustStore | None = None,
                  gateways: Iterable[GatewayPublicKey] = (), *,
                  max_age: int = DEFAULT_MAX_AGE, skew: int = DEFAULT_SKEW,
-                 threads: int = 1) -> None:
+                 threads: int = 1, horizon: int | None = None, due_after: int | None = None,
+                 archive: str | os.PathLike[str] | None = None,
+                 archive_format: str | None = None) -> None:
         threads = _args.threads(threads)   # as verify_batch would at the first ingest
+        if horizon is not None:
+            horizon = _args.integer("horizon", horizon, 0, U32_MAX)
+        if due_after is not None:
+            due_after = _args.integer("due_after", due_after, 0, 2**40 - 1)
+        if archive_format is not None and archive_format not in archive_module.FORMATS:
+            raise InvalidArgument(f"archive_format is one of {archive_module.FORMATS}")
+        if archive is not None and not isinstance(archive, (str, os.PathLike)):
+            raise InvalidArgument(f"archive is a path, not {type(archive).__name__}")
         if trust is not None and not isinstance(trust, TrustStore):
             raise InvalidArgument(f"trust must be a TrustStore or None, not "
                                   f"{type(trust).__name__}")
@@ -172,6 +183,8 @@ class Settlement:
         self.max_age = max_age
         self.skew = skew
         self.threads = threads
+        self.archive = Path(archive) if archive is not None else self.directory / "archive"
+        self.archive_format = archive_format
         self._lock = threading.RLock()  # one connection: calls take turns
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -182,13 +195,16 @@ class Settlement:
             with self._write(_RETRY_OPEN) as db:
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     db.execute(statement)
-                columns = {row[1] for row in db.execute("PRAGMA table_info(repayments)")}
-                if "reference" not in columns:   # a store made before references
-                    db.execute("ALTER TABLE repayments ADD COLUMN reference TEXT")
+                for table, column, declaration in _MIGRATIONS:
+                    columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                    if column not in columns:   # a store made before it
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
                 # Older rows keep a NULL reference, which UNIQUE lets repeat.
                 db.execute("CREATE UNIQUE INDEX IF NOT EXISTS repayments_reference "
                            "ON repayments(reference)")
             self._load_trust()
+            self.horizon = self._setting("horizon", horizon, DEFAULT_HORIZON)
+            self.due_after = self._setting("due_after", due_after, DEFAULT_DUE_AFTER)
         except BaseException:
             self._db.close()
             raise
@@ -285,17 +301,27 @@ class Settlement:
 
     # -- gateways ----------------------------------------------------------------------
 
-    def register_gateway(self, key: GatewayPublicKey) -> str:
+    def register_gateway(self, key: GatewayPublicKey, operator: str | None = None) -> str:
+        """Register a gateway's key, and with `operator` the operator its
+        payments are cleared to (given again, it moves the gateway to that
+        operator from the next close on)."""
         if not isinstance(key, GatewayPublicKey):
             raise InvalidArgument("gateways are registered by their GatewayPublicKey")
+        if operator is not None and (not isinstance(operator, str)
+                                     or not clearing.OPERATOR_ID.fullmatch(operator)):
+            raise InvalidArgument("an operator id is 1 to 64 ASCII letters, digits and ._:- "
+                                  "(not starting with a sign)")
         gateway_id = key.gateway_id
         with self._write(_RETRY_GATEWAY) as db:
             row = db.execute("SELECT public FROM gateways WHERE id = ?", (gateway_id,)).fetchone()
             if row is not None and row[0] != key.to_bytes():
                 raise InvalidArgument(f"gateway id {gateway_id} already names another key")
             if row is None:
-                db.execute("INSERT INTO gateways(id, public) VALUES (?, ?)",
-                           (gateway_id, key.to_bytes()))
+                db.execute("INSERT INTO gateways(id, public, operator) VALUES (?, ?, ?)",
+                           (gateway_id, key.to_bytes(), operator))
+            elif operator is not None:
+                db.execute("UPDATE gateways SET operator = ? WHERE id = ?",
+                           (operator, gateway_id))
         return gateway_id
 
     def _gateway_key(self, public: bytes) -> tuple[str, GatewayPublicKey]:
@@ -391,36 +417,286 @@ class Settlement:
         # The same record numbers under another batch number.
         return IngestStatus.CONFLICT if overlap else None
 
-    # -- outputs -----------------------------------------------------------------------
+    def _setting(self, name: str, given: int | None, default: int) -> int:
+        """A setting every period of the store must share (horizon,
+        due_after): the one stored once a period closed, else `given`."""
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (name,))
+        if not rows:
+            return default if given is None else given
+        stored = int(rows[0][0])
+        if given is not None and given != stored:
+            raise InvalidArgument(f"this store closed its periods with {name} = {stored}, "
+                                  f"not {given}")
+        return stored
 
-    def _load(self) -> tuple[npt.NDArray[np.void], npt.NDArray[np.int64], list[str],
-                             list[tuple[str, int, int, int]]]:
-        rows = self._query("SELECT gateway, seq, first, last, records FROM batches "
+    # -- the open period -----------------------------------------------------------------
+
+    def _live(self, tokens: bool = False) -> tuple[
+            npt.NDArray[np.void], npt.NDArray[np.object_], list[tuple[str, int, int, int]],
+            list[npt.NDArray[np.uint8]], list[tuple[int, int]]]:
+        """The records not in a closed period, in arrival order, with the
+        gateway of each; (gateway, seq, first, last) of every batch ever
+        applied; and with `tokens`, each live batch's tokens and
+        (arrival, rows)."""
+        batches = [(str(g), int(q), int(f), int(l_)) for g, q, f, l_ in self._query(
+            "SELECT gateway, seq, first, last FROM batches ORDER BY arrival")]
+        columns = "arrival, gateway, records" + (", tokens" if tokens else "")
+        rows = self._query(f"SELECT {columns} FROM batches WHERE length(records) > 0 "
                            "ORDER BY arrival")
-        names = sorted({r[0] for r in rows})
-        index = {name: i for i, name in enumerate(names)}
-        parts = [np.frombuffer(r[4], dtype=RECORD_DTYPE) for r in rows]
+        parts = [np.frombuffer(r[2], dtype=RECORD_DTYPE) for r in rows]
         records = np.concatenate(parts) if parts else np.zeros(0, dtype=RECORD_DTYPE)
-        gateway = np.repeat(np.array([index[r[0]] for r in rows], dtype=np.int64),
-                            [len(p) for p in parts]) if parts else np.zeros(0, dtype=np.int64)
-        return records, gateway, names, [(r[0], r[1], r[2], r[3]) for r in rows]
+        names = np.array([r[1] for r in rows], dtype=object)
+        gateway = (np.repeat(names, [len(p) for p in parts]) if parts
+                   else np.zeros(0, dtype=object))
+        token_parts = ([np.frombuffer(r[3], dtype=np.uint8).reshape(len(p), -1)
+                        for r, p in zip(rows, parts)] if tokens else [])
+        return records, gateway, batches, token_parts, [(r[0], len(p)) for r, p in
+                                                        zip(rows, parts)]
 
-    def _settled(self) -> tuple[npt.NDArray[np.void], npt.NDArray[np.int64], list[str],
-                                list[tuple[str, int, int, int]], LedgerResult]:
-        """Everything ingested, and the ledger's verdict on each record."""
-        records, gateway, names, batches = self._load()
-        return records, gateway, names, batches, settle(records, gateway,
-                                                         slack=self.max_age + 2 * self.skew)
+    def _carry(self) -> Carry:
+        rows = self._query("SELECT data FROM carry WHERE name = 'carry'")
+        return Carry.from_tables(unpack_tables(rows[0][0])) if rows else Carry.empty()
+
+    def _open_period(self) -> tuple[int, int]:
+        """(number, from_time) of the open period."""
+        rows = self._query("SELECT number, until FROM periods ORDER BY number DESC LIMIT 1")
+        return (int(rows[0][0]) + 1, int(rows[0][1])) if rows else (1, 0)
+
+    @property
+    def _slack(self) -> int:
+        return self.max_age + 2 * self.skew
 
     def report(self) -> Report:
-        """Charges and findings over everything ingested so far."""
-        records, gateway, names, batches, result = self._settled()
-        accounts, amounts, counts = totals_by_account(records, result.charged)
-        findings = _findings(records, gateway, names, result)
-        findings += _gaps(records, gateway, names, batches)
-        return Report(accounts, amounts, counts, findings, len(records),
-                      int(amounts.sum()), int(records["amount"][~result.charged].astype(
-                          np.int64).sum()))
+        """Charges and findings of the open period: every record ingested and
+        not yet in a closed period, settled after the closed ones."""
+        with self._lock:   # records and carry of one moment
+            records, gateway, batches, _t, _a = self._live()
+            carry = self._carry()
+            number, from_time = self._open_period()
+        settled = settle_period(carry, records, gateway, self._slack)
+        return build_report(settled, batches, self.horizon, period=number, from_time=from_time)
+
+    # -- periods -------------------------------------------------------------------------
+
+    def close_period(self, until: int, key: SettlementKey, *, now: int | None = None
+                     ) -> PeriodSummary:
+        """Close the open period at `until`: settle every record scanned
+        before it that has arrived, after the closed periods; archive those
+        records with the report, the clearing and a statement per operator
+        signed with `key`; carry forward what the next period needs; and
+        remove them from the live store. See docs/SETTLEMENT.md (Periods)."""
+        if not isinstance(key, SettlementKey):
+            raise InvalidKey("a period is signed with a SettlementKey")
+        until = _args.integer("until", until, 1, U32_MAX)
+        closed_at = _args.integer("now", int(time.time()) if now is None else now, 0, U32_MAX)
+        with self._lock:
+            number, from_time = self._open_period()
+            if until <= from_time:
+                raise PeriodClosed(f"until {until} is not after the last close ({from_time}); "
+                                   "nothing changed")
+            if closed_at < until:
+                raise InvalidArgument(f"a period is closed after its end: now {closed_at} is "
+                                      f"before until {until}")
+            schedule = self.fee_schedule(from_time)
+            if schedule is None:
+                raise InvalidArgument(f"no fee schedule in force at {from_time}: set one with "
+                                      "set_fee_schedule (or qrpay settlement fees)")
+            records, gateway, batches, tokens, arrivals = self._live(tokens=True)
+            inside = records["gateway_time"] < until
+            carry = self._carry()
+            settled = settle_period(carry, records[inside], gateway[inside], self._slack)
+            report = build_report(settled, batches, self.horizon, period=number,
+                                  from_time=from_time, until=until)
+            clearings = self._clearing(settled, schedule)
+            statements = [clearing.sign_statement(key, Statement.from_clearing(
+                c, period=number, from_time=from_time, until=until, schedule=schedule,
+                issued_at=closed_at)) for c in clearings]
+            after = self._fold_credit(carry_forward(carry, settled, until - self.horizon,
+                                                    self.due_after), until - self.horizon)
+            token_rows = np.concatenate(tokens)[inside] if tokens else np.zeros(
+                (0, TOKEN_LEN), dtype=np.uint8)
+            summary = self._summary(key, report, clearings, settled, closed_at)
+            tables = _period_tables(settled, token_rows, report, clearings, statements, carry)
+            self._archive(number, tables, summary)
+            flagged = report.flagged_serials()
+            with self._write(_RETRY_CLOSE) as db:
+                db.execute("INSERT INTO periods(number, from_time, until, closed_at, records, "
+                           "charged_total, rejected_total, summary) VALUES (?,?,?,?,?,?,?,?)",
+                           (number, from_time, until, closed_at, report.records,
+                            report.charged_total, report.rejected_total, summary))
+                db.execute("INSERT OR REPLACE INTO carry(name, data) VALUES ('carry', ?)",
+                           (pack_tables(after.to_tables()),))
+                for name, value in (("horizon", self.horizon), ("due_after", self.due_after)):
+                    db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)",
+                               (name, value))
+                db.executemany("INSERT OR IGNORE INTO flagged(serial, period) VALUES (?, ?)",
+                               [(int(s) if s < 2**63 else int(s) - 2**64, number)
+                                for s in flagged])
+                db.execute("UPDATE repayments SET folded = 1 WHERE folded = 0 AND paid_at < ?",
+                           (until - self.horizon,))
+                self._keep_deferred(db, records, tokens, arrivals, inside, number)
+        return PeriodSummary(number, from_time, until, closed_at, report.records,
+                             report.charged_total, report.rejected_total, clearings,
+                             archive_module.period_dir(self.archive, number))
+
+    def _clearing(self, settled: Settled, schedule: FeeSchedule) -> list[OperatorClearing]:
+        """Per operator: the period's charged payments by scene, the fee and
+        the net; the valid ones not charged listed apart."""
+        records = settled.records[settled.new]
+        gateways = np.array(settled.names, dtype=object)[settled.gateway[settled.new]]
+        owners = self.operators()
+        operator = np.array([owners.get(g, UNASSIGNED) for g in gateways.tolist()],
+                            dtype=object)
+        names = sorted(set(owners.values()) | set(operator.tolist()) | {UNASSIGNED})
+        index = {name: i for i, name in enumerate(names)}
+        at = np.fromiter((index[o] for o in operator.tolist()), dtype=np.int64,
+                         count=len(operator))
+        charged = settled.result.charged[settled.new]
+        clearings = clearing.clear(records["amount"][charged], records["scene"][charged],
+                                   at[charged], names, schedule,
+                                   flagged_amount=records["amount"][~charged],
+                                   flagged_scene=records["scene"][~charged],
+                                   flagged_operator=at[~charged])
+        total = int(records["amount"][charged].astype(np.int64).sum())
+        clearing.check_invariants(total, clearings, total_flagged=int(
+            records["amount"][~charged].astype(np.int64).sum()))
+        return clearings
+
+    def _fold_credit(self, carry: Carry, cut: int) -> Carry:
+        """Fold the charges and repayments no later row can change into the
+        carried credit state (credit.freeze)."""
+        paid = np.array(self._query("SELECT account, amount, paid_at FROM repayments "
+                                    "WHERE folded = 0"), dtype=np.int64).reshape(-1, 3)
+        state = carry.credit
+        if state is not None and len(state):
+            cut = max(cut, int(state["cut"][0]))
+            paid[:, 2] = np.maximum(paid[:, 2], int(state["cut"][0]))
+        state, keep, _paid = credit.freeze(
+            carry.charges["account"], carry.charges["time"], carry.charges["amount"],
+            paid[:, 0], paid[:, 2], paid[:, 1], cut, self.due_after, state=state)
+        return Carry(carry.tail, carry.tail_gateway, carry.tail_charged, carry.tail_flagged,
+                     carry.tail_found, carry.floor, carry.charges[keep], state)
+
+    def _summary(self, key: SettlementKey, report: Report, clearings: list[OperatorClearing],
+                 settled: Settled, closed_at: int) -> bytes:
+        """The period's signed summary: what it holds and what it cleared."""
+        records = settled.records[settled.new]
+        return sign_document(key, TAG_PERIOD, {
+            "v": 1, "period": report.period, "from": report.from_time, "until": report.until,
+            "closed_at": closed_at, "records": report.records,
+            "charged_total": report.charged_total, "rejected_total": report.rejected_total,
+            "accounts": len(report.accounts),
+            "findings": {kind: len(report.of_kind(kind)) for kind in sorted(
+                {f.kind for f in report.findings})},
+            "operators": [[c.operator, c.gross, c.fee, c.net, c.flagged_amount]
+                          for c in clearings],
+            "records_digest": hashlib.blake2b(records.tobytes(), digest_size=32).digest(),
+        })
+
+    def _archive(self, number: int, tables: dict[str, archive_module.Table],
+                 summary: bytes) -> None:
+        """Write the period's folder before the store commits it. A folder
+        left by a close that crashed before its commit is replaced."""
+        folder = archive_module.period_dir(self.archive, number)
+        if folder.exists():
+            shutil.rmtree(folder)   # not committed: no period row names it
+        archive_module.write_period(self.archive, number, tables, summary,
+                                    format=self.archive_format)
+
+    def _keep_deferred(self, db: sqlite3.Connection, records: npt.NDArray[np.void],
+                       tokens: list[npt.NDArray[np.uint8]], arrivals: list[tuple[int, int]],
+                       inside: npt.NDArray[np.bool_], number: int) -> None:
+        """Empty the live batches of the records just archived; a batch with
+        records scanned at or after the cut keeps those."""
+        at = 0
+        for (arrival, count), token_rows in zip(arrivals, tokens):
+            mine = inside[at:at + count]
+            if mine.all():
+                db.execute("UPDATE batches SET records = X'', tokens = X'', period = ? "
+                           "WHERE arrival = ?", (number, arrival))
+            elif mine.any():
+                db.execute("UPDATE batches SET records = ?, tokens = ? WHERE arrival = ?",
+                           (records[at:at + count][~mine].tobytes(),
+                            token_rows[~mine].tobytes(), arrival))
+            at += count
+
+    def periods(self) -> list[PeriodSummary]:
+        """The closed periods, oldest first (clearing read from the archive
+        only by period_report / statement)."""
+        rows = self._query("SELECT number, from_time, until, closed_at, records, "
+                           "charged_total, rejected_total FROM periods ORDER BY number")
+        return [PeriodSummary(int(n), int(f), int(u), int(c), int(r), int(ch), int(rj), [],
+                              archive_module.period_dir(self.archive, int(n)))
+                for n, f, u, c, r, ch, rj in rows]
+
+    def _period_row(self, number: int) -> tuple[int, ...]:
+        number = _args.integer("number", number, 1, 2**62)
+        rows = self._query("SELECT from_time, until, records, rejected_total FROM periods "
+                           "WHERE number = ?", (number,))
+        if not rows:
+            raise InvalidArgument(f"period {number} is not closed")
+        return tuple(int(v) for v in rows[0])
+
+    def period_report(self, number: int) -> Report:
+        """The report of closed period `number`, read from its archive."""
+        from_time, until, records, rejected = self._period_row(number)
+        tables, _summary = archive_module.read_period(self.archive, number,
+                                                      ("charges", "findings"))
+        return report_from_tables(tables, records=records, rejected_total=rejected,
+                                  period=number, from_time=from_time, until=until)
+
+    def period_summary(self, number: int) -> bytes:
+        """The signed summary of closed period `number` (TAG_PERIOD), as stored."""
+        self._period_row(number)
+        return bytes(self._query("SELECT summary FROM periods WHERE number = ?",
+                                 (number,))[0][0])
+
+    def statement(self, number: int, operator: str) -> bytes:
+        """An operator's signed statement for closed period `number`
+        (clearing.verify_statement reads it)."""
+        self._period_row(number)
+        tables, _summary = archive_module.read_period(self.archive, number, ("statements",))
+        found = [bytes(doc) for op, doc in zip(tables["statements"]["operator"].tolist(),
+                                               tables["statements"]["document"].tolist())
+                 if op == operator]
+        if not found:
+            raise InvalidArgument(f"no statement for operator {operator!r} in period {number}")
+        return found[0]
+
+    # -- operators and fees ----------------------------------------------------------------
+
+    def operators(self) -> dict[str, str]:
+        """gateway id -> operator, for the gateways registered with one."""
+        return {str(g): str(o) for g, o in self._query(
+            "SELECT id, operator FROM gateways WHERE operator IS NOT NULL")}
+
+    def set_fee_schedule(self, schedule: FeeSchedule) -> bool:
+        """Store a fee schedule version: True if new, False if stored before
+        with the same content; Conflict if with other content. Each version
+        takes effect at its effective_from."""
+        if not isinstance(schedule, FeeSchedule):
+            raise InvalidArgument("a fee schedule is a qrpay.clearing.FeeSchedule")
+        document = schedule.to_bytes()
+        with self._write("set the same schedule again: it is stored once") as db:
+            row = db.execute("SELECT document FROM fee_schedules WHERE version = ?",
+                             (schedule.version,)).fetchone()
+            if row is not None:
+                if bytes(row[0]) != document:
+                    raise Conflict(f"fee schedule version {schedule.version} is stored with "
+                                   "other fees")
+                return False
+            db.execute("INSERT INTO fee_schedules(version, document) VALUES (?, ?)",
+                       (schedule.version, document))
+        return True
+
+    def fee_schedule(self, at: int | None = None) -> FeeSchedule | None:
+        """The schedule in force at `at` (the latest version already in
+        effect), or the latest stored when `at` is None."""
+        schedules = [FeeSchedule.from_bytes(bytes(d)) for (d,) in self._query(
+            "SELECT document FROM fee_schedules ORDER BY version")]
+        if at is not None:
+            schedules = [s for s in schedules if s.effective_from <= at]
+        return schedules[-1] if schedules else None
 
     def deny_list(self) -> DenyList | None:
         rows = self._query("SELECT document FROM deny_lists ORDER BY version DESC LIMIT 1")
@@ -442,7 +718,7 @@ class Settlement:
             # Gateways would refuse the list; so would this store on its next read.
             raise IssuerKeyRole("this issuer key is not trusted to sign deny lists")
         with self._lock:
-            flagged = self.report().flagged_serials() | revoked
+            flagged = self.report().flagged_serials() | self._flagged_before() | revoked
             # Read the previous list, sign and store in one write transaction:
             # two publishers (threads or processes) never pick one version.
             with self._write(_RETRY_DENY) as db:
@@ -532,19 +808,36 @@ class Settlement:
                                "WHERE account = ? ORDER BY id", (account,))
         return [(int(a), int(m), int(p)) for a, m, p in rows]
 
-    def credit_history(self, now: int, due_after: int = DEFAULT_DUE_AFTER
-                       ) -> npt.NDArray[np.void]:
+    def credit_history(self, now: int, due_after: int | None = None) -> npt.NDArray[np.void]:
         """Repayment behaviour per account at `now` (one qrpay.credit.CREDIT_DTYPE
-        row per account, sorted): every charged payment ingested so far, due
-        `due_after` seconds after its scan, against every repayment recorded.
+        row per account, sorted): every charged payment, due `due_after`
+        seconds after its scan (the store's, by default), against every
+        repayment recorded. Closed periods count through the carried credit
+        state, which answers for `now` from the last close's cut on (its
+        `until` less the horizon) and for the store's due_after only.
         Scoring reads it; see docs/SETTLEMENT.md (Repayments)."""
         with self._lock:   # charges and repayments as of one moment
-            records, _gateway, _names, _batches, result = self._settled()
-            rows = self._query("SELECT account, amount, paid_at FROM repayments")
-        charged = records[result.charged]
+            records, gateway, _batches, _t, _a = self._live()
+            carry = self._carry()
+            rows = self._query("SELECT account, amount, paid_at FROM repayments "
+                               "WHERE folded = 0")
+        settled = settle_period(carry, records, gateway, self._slack)
+        charged = settled.records[settled.new][settled.result.charged[settled.new]]
         paid = np.array(rows, dtype=np.int64).reshape(-1, 3)
-        return credit.history(charged["account"], charged["gateway_time"], charged["amount"],
-                              paid[:, 0], paid[:, 2], paid[:, 1], now, due_after)
+        state = carry.credit
+        if state is not None and len(state):
+            # A repayment recorded after its time was folded counts from the cut.
+            paid[:, 2] = np.maximum(paid[:, 2], int(state["cut"][0]))
+        account = np.concatenate([carry.charges["account"], charged["account"]])
+        time = np.concatenate([carry.charges["time"],
+                               charged["gateway_time"].astype(np.int64)])
+        amount = np.concatenate([carry.charges["amount"], charged["amount"].astype(np.int64)])
+        return credit.history(account, time, amount, paid[:, 0], paid[:, 2], paid[:, 1], now,
+                              self.due_after if due_after is None else due_after, state=state)
+
+    def _flagged_before(self) -> set[int]:
+        """Serials flagged in closed periods (stored signed as int64)."""
+        return {int(s) % 2**64 for (s,) in self._query("SELECT serial FROM flagged")}
 
     def batch_count(self) -> int:
         return int(self._query("SELECT COUNT(*) FROM batches")[0][0])
@@ -582,50 +875,37 @@ def _parse_records(items: list[Any], first: int, last: int
     return records, array, lengths
 
 
-def _findings(records: npt.NDArray[np.void], gateway: npt.NDArray[np.int64], names: list[str],
-              result: LedgerResult) -> list[Finding]:
-    """Turn the kernel's masks into findings: a loop over flagged rows only."""
-    found: list[Finding] = []
+def _period_tables(settled: Settled, tokens: npt.NDArray[np.uint8], report: Report,
+                   clearings: list[OperatorClearing], statements: list[bytes],
+                   carry_in: Carry) -> dict[str, archive_module.Table]:
+    """A closed period as archive tables: its records with their gateway,
+    token and verdicts; the report; the clearing; the signed statements;
+    and the Carry it was settled after (with the records, enough to settle
+    it again)."""
+    new, result = settled.new, settled.result
+    records = settled.records[new]
+    rows: archive_module.Table = {name: records[name] for name in RECORD_DTYPE.names or ()}
+    rows["gateway"] = np.array(settled.names, dtype=object)[settled.gateway[new]]
+    rows["token"] = np.array([bytes(t) for t in tokens], dtype=object)
+    for name in ("charged", "double_spend", "duplicate", "clone", "backwards", "invalid",
+                 "late"):
+        rows[name] = getattr(result, name)[new]
+    lines = [(c.operator, line) for c in clearings for line in c.lines]
+    tables: dict[str, archive_module.Table] = {
+        "records": rows,
+        **report_tables(report),
+        "clearing": {
+            "operator": np.array([op for op, _ in lines], dtype=object),
+            "scene": np.array([int(x.scene) for _, x in lines], dtype=np.uint8),
+            **{name: np.array([getattr(x, name) for _, x in lines], dtype=np.int64)
+               for name in ("count", "gross", "fee_bps", "fee", "net", "flagged_count",
+                            "flagged_amount")},
+        },
+        "statements": {
+            "operator": np.array([c.operator for c in clearings], dtype=object),
+            "document": np.array(statements, dtype=object).reshape(-1),
+        },
+        **carry_in.to_tables(),
+    }
+    return tables
 
-    def where(i: int) -> tuple[str, int]:
-        return names[gateway[i]], int(records["record"][i])
-
-    for kind, mask in (("double_spend", result.double_spend), ("clone", result.clone),
-                       ("duplicate_record", result.duplicate)):
-        for i in np.flatnonzero(mask).tolist():
-            r, first = records[i], int(result.first_row[i])
-            found.append(Finding(kind, int(r["serial"]), int(r["account"]), int(r["counter"]),
-                                 (names[gateway[first]], names[gateway[i]]),
-                                 (where(first), where(i)), int(r["amount"])))
-    for mask, detail in ((result.backwards, "counter went backwards"),
-                         (result.found_behind, "counter went backwards (charged: it arrived first)")):
-        for i in np.flatnonzero(mask).tolist():
-            r = records[i]
-            found.append(Finding("clone", int(r["serial"]), int(r["account"]),
-                                 int(r["counter"]), (names[gateway[i]],), (where(i),),
-                                 int(r["amount"]), detail))
-    for i in np.flatnonzero(result.invalid).tolist():
-        r = records[i]
-        found.append(Finding("invalid_token", int(r["serial"]), int(r["account"]),
-                             int(r["counter"]), (names[gateway[i]],), (where(i),),
-                             int(r["amount"]), Reason(int(r["reason"])).name))
-    for account, serial, at, spent, limit in zip(
-            result.over_account.tolist(), result.over_serial.tolist(),
-            result.over_at.tolist(), result.over_spent.tolist(), result.over_limit.tolist()):
-        found.append(Finding("overspend", serial, account, 0, (), (), spent - limit,
-                             f"{spent} outstanding offline against a limit of {limit} at {at}"))
-    return found
-
-
-def _gaps(records: npt.NDArray[np.void], gateway: npt.NDArray[np.int64], names: list[str],
-          batches: list[tuple[str, int, int, int]]) -> list[Finding]:
-    found = []
-    for g, name in enumerate(names):
-        for start, end in sequence_gaps(records["record"][gateway == g]):
-            found.append(Finding("sequence_gap", gateways=(name,),
-                                 detail=f"records {start}..{end} missing"))
-        seqs = sorted(seq for gw, seq, _f, _l in batches if gw == name)
-        for start, end in sequence_gaps(np.array(seqs, dtype=np.uint64)):
-            found.append(Finding("sequence_gap", gateways=(name,),
-                                 detail=f"batches {start}..{end} missing"))
-    return found

@@ -1,0 +1,346 @@
+"""Settlement periods through the store: close_period archives a day,
+clears it to operators with signed statements, carries forward what the
+next day needs; late batches settle in the next period; a store closed
+every few hours reports what a store never closed reports."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from qrpay import GatewayKey, IssuerKey, Scene, TrustStore, archive, errors
+from qrpay.clearing import FeeSchedule, statement_csv, verify_statement, verify_statement_csv
+from qrpay.keys import SettlementKey
+from qrpay.periods import Carry, settle_period
+from qrpay.reports import build_report, report_from_tables
+from qrpay.settlement import IngestStatus, Settlement
+from test_settlement import NOW, Rider, craft, make_rider
+
+DAY = 86_400
+SETTLEMENT_KEY = SettlementKey(b"\x07" * 32)
+FEES = FeeSchedule(version=1, bps={scene: 150 if scene is Scene.BUS else 0 for scene in Scene},
+                   effective_from=0)
+OPERATORS = ("bus-co", "bus-co", "clinic")
+
+
+@pytest.fixture
+def keys() -> list[GatewayKey]:
+    return [GatewayKey(bytes([60 + i]) * 32) for i in range(3)]
+
+
+def store(path: Path, trust: TrustStore, keys: list[GatewayKey], **options: Any) -> Settlement:
+    s = Settlement(path, trust, **options)
+    for key, operator in zip(keys, OPERATORS):
+        s.register_gateway(key.public, operator)
+    s.set_fee_schedule(FEES)
+    return s
+
+
+class Uploads:
+    """Signed batches per gateway, numbered as a gateway numbers them."""
+
+    def __init__(self, keys: list[GatewayKey]) -> None:
+        self.keys, self.seq, self.record = keys, [0] * len(keys), [0] * len(keys)
+
+    def batch(self, gw: int, scans: list[tuple[bytes, int, Scene, int]], created_at: int
+              ) -> bytes:
+        self.seq[gw] += 1
+        first = self.record[gw] + 1
+        self.record[gw] += len(scans)
+        return craft(self.keys[gw], self.seq[gw], first,
+                     [(t, a, int(sc), at) for t, a, sc, at in scans], created_at=created_at)
+
+
+def test_close_archives_the_day_and_clears_it_to_operators(
+        tmp_path: Path, deny_trust: TrustStore, issuer: IssuerKey, keys: list[GatewayKey]) -> None:
+    s = store(tmp_path / "s", deny_trust, keys)
+    up = Uploads(keys)
+    a, b, c = (make_rider(issuer, 21 + i) for i in range(3))
+    screenshot = a.token(NOW + 100, 1)
+    day1 = [(0, [(screenshot, 300, Scene.BUS, NOW + 100), (b.token(NOW + 200, 1), 250,
+                                                          Scene.BUS, NOW + 200)]),
+            (1, [(screenshot, 300, Scene.BUS, NOW + 130)]),        # shown twice: not charged
+            (2, [(c.token(NOW + 300, 1, Scene.CLINIC), 1_000, Scene.CLINIC, NOW + 300)])]
+    for gw, scans in day1:
+        assert s.ingest(up.batch(gw, scans, NOW + 3_600)).status is IngestStatus.APPLIED
+    # Day 2 arrives before the close: it stays in the open period.
+    s.ingest(up.batch(0, [(a.token(NOW + DAY + 50, 2), 400, Scene.BUS, NOW + DAY + 50)],
+                      NOW + DAY + 60))
+    before = s.report()
+    assert before.charged_total == 300 + 250 + 1_000 + 400
+
+    closed = s.close_period(NOW + DAY, SETTLEMENT_KEY, now=NOW + DAY + 120)
+    assert (closed.number, closed.from_time, closed.until) == (1, 0, NOW + DAY)
+    assert (closed.records, closed.charged_total, closed.rejected_total) == (4, 1_550, 300)
+    # What riders are charged is what operators are owed before fees;
+    # fees and net payables add up to it; the screenshot is listed apart.
+    by_operator = {c.operator: c for c in closed.clearing}
+    assert sum(c.gross for c in closed.clearing) == closed.charged_total
+    assert all(c.fee + c.net == c.gross for c in closed.clearing)
+    assert by_operator["bus-co"].gross == 550 and by_operator["bus-co"].fee == 550 * 150 // 10_000
+    assert by_operator["bus-co"].flagged_amount == 300
+    assert by_operator["clinic"].gross == 1_000 and by_operator["clinic"].fee == 0
+
+    period = s.period_report(1)
+    assert period.charged_total == 1_550 and period.records == 4 and period.until == NOW + DAY
+    assert {f.kind for f in period.findings} == {"double_spend"}
+    assert period.flagged_serials() == {a.serial}
+    now_open = s.report()
+    assert (now_open.period, now_open.from_time, now_open.records) == (2, NOW + DAY, 1)
+    assert now_open.charged_total == 400 and not now_open.findings
+    assert period.charged_total + now_open.charged_total == before.charged_total
+
+    # Each operator verifies its statement offline with the settlement key.
+    for operator in ("bus-co", "clinic"):
+        signed = s.statement(1, operator)
+        statement = verify_statement(signed, SETTLEMENT_KEY.public)
+        assert statement.gross == by_operator[operator].gross and statement.period == 1
+        verify_statement_csv(statement_csv(statement), signed, SETTLEMENT_KEY.public)
+    with pytest.raises(errors.BadSignature):
+        verify_statement(s.statement(1, "bus-co"), SettlementKey(b"\x08" * 32).public)
+
+    # The archive: one folder, readable without qrpay; the live store holds day 2 only.
+    assert archive.list_periods(s.archive) == [1]
+    tables, summary = archive.read_period(s.archive, 1, ("records",))
+    assert sorted(tables["records"]["amount"].tolist()) == [250, 300, 300, 1_000]
+    assert summary == s.period_summary(1)
+    live = s._query("SELECT COUNT(*) FROM batches WHERE length(records) > 0")[0][0]
+    assert live == 1 and s.batch_count() == 4
+    # A flagged credential stays on the next deny list after its period closed.
+    _doc, added = s.publish_deny_list(issuer, issued_at=NOW + DAY + 200)
+    assert added == [a.serial]
+    s.close()
+
+
+def test_pandas_reads_a_closed_period(tmp_path: Path, deny_trust: TrustStore,
+                                      issuer: IssuerKey, keys: list[GatewayKey]) -> None:
+    pandas = pytest.importorskip("pandas")   # in the test extra: never skipped in CI
+    s = store(tmp_path / "s", deny_trust, keys, archive_format="parquet")
+    up = Uploads(keys)
+    rider = make_rider(issuer, 30)
+    s.ingest(up.batch(0, [(rider.token(NOW + 10, 1), 123, Scene.BUS, NOW + 10)], NOW + 20))
+    s.close_period(NOW + 100, SETTLEMENT_KEY, now=NOW + 100)
+    frame = pandas.read_parquet(archive.period_dir(s.archive, 1) / "records.parquet")
+    assert frame["amount"].tolist() == [123] and bool(frame["charged"].iloc[0])
+    assert frame["gateway"].tolist() == [keys[0].public.gateway_id]
+    s.close()
+
+
+def test_a_late_batch_settles_in_the_next_period(
+        tmp_path: Path, deny_trust: TrustStore, issuer: IssuerKey, keys: list[GatewayKey]) -> None:
+    s = store(tmp_path / "s", deny_trust, keys)
+    up = Uploads(keys)
+    rider, other = make_rider(issuer, 40), make_rider(issuer, 41)
+    screenshot = rider.token(NOW + DAY - 300, 7)
+    s.ingest(up.batch(0, [(screenshot, 200, Scene.BUS, NOW + DAY - 300)], NOW + DAY - 200))
+    s.close_period(NOW + DAY, SETTLEMENT_KEY, now=NOW + DAY + 10)
+    # A bus that was offline uploads the evening's scans the next morning:
+    # the same screenshot, and an honest ride.
+    late = up.batch(1, [(screenshot, 200, Scene.BUS, NOW + DAY - 280),
+                        (other.token(NOW + DAY - 100, 1), 90, Scene.BUS, NOW + DAY - 100)],
+                    NOW + DAY + 4 * 3_600)
+    assert s.ingest(late).status is IngestStatus.APPLIED
+    report = s.report()
+    # Charged in the open period, at their scan times (the credit history's due dates).
+    assert report.period == 2 and report.charged_total == 90 and report.rejected_total == 200
+    [found] = report.findings
+    assert found.kind == "double_spend" and found.records[0][0] == keys[0].public.gateway_id
+    history = s.credit_history(NOW + 2 * DAY)
+    assert dict(zip(history["account"].tolist(), history["charged"].tolist())) == {
+        rider.account: 200, other.account: 90}
+    s.close()
+
+
+def test_closes_refuse_what_they_must(tmp_path: Path, deny_trust: TrustStore,
+                                      keys: list[GatewayKey]) -> None:
+    bare = Settlement(tmp_path / "bare", deny_trust)
+    with pytest.raises(errors.InvalidArgument, match="fee schedule"):
+        bare.close_period(NOW, SETTLEMENT_KEY, now=NOW)
+    bare.close()
+    s = store(tmp_path / "s", deny_trust, keys)
+    with pytest.raises(errors.InvalidKey):
+        s.close_period(NOW, IssuerKey(b"\x01" * 32), now=NOW)    # type: ignore[arg-type]
+    with pytest.raises(errors.InvalidArgument):
+        s.close_period(NOW, SETTLEMENT_KEY, now=NOW - 1)        # closed before its end
+    s.close_period(NOW, SETTLEMENT_KEY, now=NOW)
+    for until in (NOW, NOW - 5):
+        with pytest.raises(errors.PeriodClosed):
+            s.close_period(until, SETTLEMENT_KEY, now=NOW + 10)
+    with pytest.raises(errors.Conflict):
+        s.set_fee_schedule(FeeSchedule(1, {scene: 1 for scene in Scene}, 0))
+    assert not s.set_fee_schedule(FEES)
+    with pytest.raises(errors.InvalidArgument, match="horizon"):
+        Settlement(tmp_path / "s", deny_trust, horizon=60).close()
+    with pytest.raises(errors.InvalidArgument):
+        s.period_report(2)
+    with pytest.raises(errors.InvalidArgument):
+        s.register_gateway(keys[0].public, "=HYPERLINK(1)")
+    s.close()
+
+
+def test_a_close_that_failed_to_commit_closes_again(
+        tmp_path: Path, deny_trust: TrustStore, issuer: IssuerKey, keys: list[GatewayKey],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    s = store(tmp_path / "s", deny_trust, keys)
+    up = Uploads(keys)
+    rider = make_rider(issuer, 50)
+    s.ingest(up.batch(0, [(rider.token(NOW + 10, 1), 70, Scene.BUS, NOW + 10)], NOW + 20))
+
+    def broken(*_args: Any, **_kwargs: Any) -> None:
+        raise errors.StoreUnavailable("disk I/O error")
+
+    monkeypatch.setattr(Settlement, "_keep_deferred", broken)
+    with pytest.raises(errors.StoreUnavailable):
+        s.close_period(NOW + 100, SETTLEMENT_KEY, now=NOW + 100)
+    monkeypatch.undo()
+    assert s.periods() == [] and s.report().charged_total == 70   # rolled back whole
+    # The archive folder the failed close wrote is replaced, not trusted.
+    s.ingest(up.batch(0, [(rider.token(NOW + 50, 2), 30, Scene.BUS, NOW + 50)], NOW + 60))
+    closed = s.close_period(NOW + 100, SETTLEMENT_KEY, now=NOW + 100)
+    assert closed.charged_total == 100 and archive.list_periods(s.archive) == [1]
+    assert s.period_report(1).charged_total == 100
+    s.close()
+
+
+def test_a_closed_period_settles_again_from_its_archive(
+        tmp_path: Path, deny_trust: TrustStore, issuer: IssuerKey, keys: list[GatewayKey]) -> None:
+    s = store(tmp_path / "s", deny_trust, keys)
+    up = Uploads(keys)
+    riders = [make_rider(issuer, 60 + i) for i in range(3)]
+    for day in range(3):
+        for gw in range(3):
+            t = NOW + day * DAY + 1_000 * (gw + 1)
+            scans = [(r.token(t + i, 10 * day + gw + 1), 100 + i, Scene.BUS, t + i)
+                     for i, r in enumerate(riders)]
+            s.ingest(up.batch(gw, scans, t + 500))
+        s.close_period(NOW + (day + 1) * DAY, SETTLEMENT_KEY, now=NOW + (day + 1) * DAY)
+    for number in (1, 2, 3):
+        tables, _summary = archive.read_period(s.archive, number)
+        carry_in = Carry.from_tables(tables)
+        rows = tables["records"]
+        from qrpay.ledger import RECORD_DTYPE
+        records = np.zeros(len(rows["record"]), dtype=RECORD_DTYPE)
+        for name in RECORD_DTYPE.names or ():
+            records[name] = rows[name]
+        again = build_report(settle_period(carry_in, records, rows["gateway"], s._slack), [],
+                             s.horizon, period=number)
+        stored = s.period_report(number)
+        assert again.accounts.tolist() == stored.accounts.tolist()
+        assert again.amounts.tolist() == stored.amounts.tolist()
+        assert again.findings == [f for f in stored.findings if f.kind != "sequence_gap"]
+        assert report_from_tables(tables, records=stored.records, rejected_total=0,
+                                  period=number, from_time=0, until=0).charged_total == \
+            stored.charged_total
+    s.close()
+
+
+# -- one store closed often against one never closed --------------------------------------
+
+@st.composite
+def days(draw: Any) -> dict[str, Any]:
+    return {
+        "seed": draw(st.integers(0, 2**32 - 1)),
+        "scans": draw(st.integers(5, 40)),
+        "cuts": sorted(set(draw(st.lists(st.integers(1, 47), min_size=1, max_size=5)))),
+    }
+
+
+def _city(issuer: IssuerKey, seed: int, scans: int, keys: list[GatewayKey]
+          ) -> list[tuple[int, bytes]]:
+    """(arrival time, batch) of two days of scans: honest rides, screenshots
+    shown at another gateway, a copied phone with a stale counter, uploads
+    up to three hours late."""
+    rng = random.Random(seed)
+    riders = [make_rider(issuer, 80 + i, limit=2_000) for i in range(4)]
+    counter = [0] * len(riders)
+    up = Uploads(keys)
+    pending: list[list[tuple[bytes, int, Scene, int]]] = [[] for _ in keys]
+    out: list[tuple[int, bytes]] = []
+    t = NOW
+
+    def upload(g: int) -> None:
+        # Within the horizon (6 h): a batch spans at most 1.5 h and arrives
+        # a minute or three hours after its last scan.
+        arrival = pending[g][-1][3] + 60 + rng.choice([0, 0, 0, 3 * 3_600])
+        out.append((arrival, up.batch(g, pending[g], arrival)))
+        pending[g] = []
+
+    for _ in range(scans):
+        t += rng.randint(60, 4 * 3_600)
+        for g in range(len(keys)):
+            if pending[g] and pending[g][0][3] < t - 5_400:
+                upload(g)
+        who = rng.randrange(len(riders))
+        rider: Rider = riders[who]
+        kind = rng.choice(["ride"] * 6 + ["screenshot", "copy"])
+        counter[who] += 1
+        token = rider.token(t, counter[who])
+        if kind == "copy" and counter[who] > 2:
+            token = rider.token(t, rng.randint(1, counter[who] - 1))
+        gw = rng.randrange(len(keys))
+        pending[gw].append((token, rng.randint(50, 900), Scene.BUS, t))
+        if kind == "screenshot":
+            pending[(gw + 1) % len(keys)].append((token, 300, Scene.BUS, t + 20))
+        for g in range(len(keys)):
+            if pending[g] and rng.random() < 0.4:
+                upload(g)
+    for g in range(len(keys)):
+        if pending[g]:
+            upload(g)
+    out.sort(key=lambda item: item[0])
+    return out
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(days())
+def test_closing_every_few_hours_changes_nothing(
+        tmp_path_factory: pytest.TempPathFactory, deny_trust: TrustStore, issuer: IssuerKey,
+        keys: list[GatewayKey], day: dict[str, Any]) -> None:
+    batches = _city(issuer, day["seed"], day["scans"], keys)
+    base = tmp_path_factory.mktemp("periods")
+    once = store(base / "once", deny_trust, keys)
+    often = store(base / "often", deny_trust, keys)
+    cuts = [NOW + 3_600 * h for h in day["cuts"]]
+    closed: list[Any] = []
+    for arrival, data in batches:
+        while cuts and cuts[0] <= arrival:
+            cut = cuts.pop(0)
+            often.close_period(cut, SETTLEMENT_KEY, now=cut)
+            closed.append(often.period_report(len(closed) + 1))
+        for s in (once, often):
+            assert s.ingest(data).status is IngestStatus.APPLIED
+    closed.append(often.report())
+    whole = once.report()
+    charges: Counter[int] = Counter()
+    for report in closed:
+        for account, amount in zip(report.accounts.tolist(), report.amounts.tolist()):
+            charges[account] += amount
+    assert charges == Counter(dict(zip(whole.accounts.tolist(), whole.amounts.tolist())))
+    assert sum(r.rejected_total for r in closed) == whole.rejected_total
+
+    def findings(reports: list[Any]) -> Counter[Any]:
+        return Counter(f for r in reports for f in r.findings
+                       if f.kind not in ("overspend", "sequence_gap"))
+
+    assert findings(closed) == findings([whole])
+    assert not any(r.of_kind("late_upload") for r in closed)
+    over_once = {f.serial: f for f in whole.of_kind("overspend")}
+    over_often: dict[int, Any] = {}
+    for f in (f for r in closed for f in r.of_kind("overspend")):
+        if f.serial not in over_often or f.amount > over_often[f.serial].amount:
+            over_often[f.serial] = f
+    assert {k: v.amount for k, v in over_often.items()} == {
+        k: v.amount for k, v in over_once.items()}
+    assert closed[-1].of_kind("sequence_gap") == whole.of_kind("sequence_gap")
+    at = NOW + 3 * DAY
+    a, b = often.credit_history(at), once.credit_history(at)
+    assert a.tobytes() == b.tobytes() or np.array_equal(a, b, equal_nan=True)
+    once.close()
+    often.close()
