@@ -28,20 +28,21 @@ from typing import Any, TextIO, cast
 
 import numpy as np
 
-from qrpay import qrimage, simulate
+from qrpay import archive, clearing, qrimage, simulate
 from qrpay._args import MAX_THREADS
 from qrpay.anchor import ANCHOR_FILE
 from qrpay.credential import Credential, Scene
 from qrpay.denylist import DenyList
 from qrpay.errors import (
-    BadSignature, ClockUntrusted, Conflict, InvalidArgument, InvalidKey, JournalUnavailable,
-    MalformedCredential, MalformedMessage, MalformedToken, QrPayError, ScanRefused, StaleUpdate,
-    StoreUnavailable, TokenRejected, UnknownGateway,
+    ArchiveUnavailable, BadSignature, ClockUntrusted, Conflict, InvalidArgument, InvalidKey,
+    JournalUnavailable, MalformedCredential, MalformedMessage, MalformedToken, PeriodClosed,
+    QrPayError, ScanRefused, StaleUpdate, StoreUnavailable, TokenRejected, UnknownGateway,
 )
 from qrpay.format import U32_MAX
 from qrpay.gateway import JOURNAL_FILE, LOCK_FILE, Gateway
 from qrpay.keys import (
     DeviceKey, DevicePublicKey, GatewayKey, GatewayPublicKey, IssuerKey, IssuerPublicKey,
+    SettlementKey, SettlementPublicKey,
     SigningKey,
 )
 from qrpay.qr import decode_text, encode_text
@@ -59,14 +60,14 @@ EXIT_INTERRUPTED = 130   # 128 + SIGINT, as a shell reports Ctrl-C
 EXIT_BROKEN_PIPE = 141   # 128 + SIGPIPE: the reader of stdout went away
 
 ROLES: dict[str, type[SigningKey]] = {"issuer": IssuerKey, "device": DeviceKey,
-                                      "gateway": GatewayKey}
+                                      "gateway": GatewayKey, "settlement": SettlementKey}
 # Bad input: it could not be read as what it claims to be.
 _BAD_INPUT = (InvalidKey, InvalidArgument, MalformedCredential, MalformedMessage, MalformedToken)
 # Refusals: the input was well-formed and a check said no.
 _REFUSALS = (TokenRejected, ScanRefused, BadSignature, StaleUpdate, UnknownGateway, Conflict,
-             ClockUntrusted)
+             ClockUntrusted, PeriodClosed)
 # Faults: the journal or the store could not be used; nothing was decided.
-_UNAVAILABLE = (JournalUnavailable, StoreUnavailable)
+_UNAVAILABLE = (JournalUnavailable, StoreUnavailable, ArchiveUnavailable)
 
 
 class CliError(Exception):
@@ -521,6 +522,103 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_settlement_operator(args: argparse.Namespace) -> int:
+    keys = [GatewayPublicKey.from_text(_text_or_file(v, "gateway public key"))
+            for v in args.gateway_public]
+    with Settlement(_settlement_dir(args.settlement_dir, create=True)) as settlement:
+        for key in keys:
+            gateway_id = settlement.register_gateway(key, args.operator)
+            print(f"gateway {gateway_id} clears to operator {args.operator}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_settlement_fees(args: argparse.Namespace) -> int:
+    with Settlement(_settlement_dir(args.settlement_dir, create=True)) as settlement:
+        if args.schedule:
+            try:
+                data = json.loads(_read_text(args.schedule, "fee schedule"))
+            except json.JSONDecodeError as exc:
+                raise InvalidArgument(f"fee schedule {args.schedule} is not JSON: {exc}") from None
+            if not isinstance(data, dict):
+                raise InvalidArgument("a fee schedule is a JSON object")
+            schedule = clearing.FeeSchedule.from_dict(data)
+            stored = settlement.set_fee_schedule(schedule)
+            print(f"fee schedule version {schedule.version} "
+                  f"{'stored' if stored else 'was stored already'}", file=sys.stderr)
+        current = settlement.fee_schedule()
+    print(json.dumps(current.to_dict() if current else None, indent=1))
+    return EXIT_OK
+
+
+def cmd_close(args: argparse.Namespace) -> int:
+    key = _key(args.settlement_key, SettlementKey)
+    with _settlement(args) as settlement:
+        closed = settlement.close_period(args.until, key, now=args.now)
+    out = {"period": closed.number, "from": closed.from_time, "until": closed.until,
+           "closed_at": closed.closed_at, "records": closed.records,
+           "charged_total": closed.charged_total, "not_charged_total": closed.rejected_total,
+           "archive": str(closed.path),
+           "operators": [{"operator": c.operator, "gross": c.gross, "fee": c.fee, "net": c.net,
+                          "flagged_amount": c.flagged_amount} for c in closed.clearing]}
+    print(json.dumps(out, indent=2))
+    return EXIT_OK
+
+
+def cmd_statement_write(args: argparse.Namespace) -> int:
+    with Settlement(_settlement_dir(args.settlement_dir)) as settlement:
+        signed = settlement.statement(args.period, args.operator)
+    if args.csv:
+        # Rendered from the statement as verified, never from unchecked bytes.
+        if not args.settlement_public:
+            raise InvalidArgument("--csv needs --settlement-public: the CSV is written from "
+                                  "the verified statement")
+        public = SettlementPublicKey.from_text(_text_or_file(args.settlement_public,
+                                                             "settlement public key"))
+        _write_atomic(args.csv, clearing.statement_csv(
+            clearing.verify_statement(signed, public)).encode())
+    _write_atomic(args.out, signed)
+    print(f"statement of {args.operator} for period {args.period} written to {args.out}",
+          file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_statement_verify(args: argparse.Namespace) -> int:
+    public = SettlementPublicKey.from_text(_text_or_file(args.settlement_public,
+                                                         "settlement public key"))
+    signed = _read_bytes(args.statement, "statement")
+    if args.csv:
+        statement = clearing.verify_statement_csv(_read_text(args.csv, "statement CSV"), signed,
+                                                  public)
+    else:
+        statement = clearing.verify_statement(signed, public)
+    print(json.dumps({
+        "verified": True, "period": statement.period, "operator": statement.operator,
+        "from": statement.from_time, "until": statement.until,
+        "schedule_version": statement.schedule_version, "gross": statement.gross,
+        "fee": statement.fee, "net": statement.net, "flagged_count": statement.flagged_count,
+        "flagged_amount": statement.flagged_amount,
+        "lines": [{"scene": line.scene.name, "count": line.count, "gross": line.gross,
+                   "fee_bps": line.fee_bps, "fee": line.fee, "net": line.net}
+                  for line in statement.lines]}, indent=2))
+    return EXIT_OK
+
+
+def cmd_archive_ls(args: argparse.Namespace) -> int:
+    with Settlement(_settlement_dir(args.settlement_dir)) as settlement:
+        closed = settlement.periods()
+        on_disk = set(archive.list_periods(settlement.archive))
+    rows = [{"period": p.number, "from": p.from_time, "until": p.until,
+             "closed_at": p.closed_at, "records": p.records, "charged_total": p.charged_total,
+             "not_charged_total": p.rejected_total, "path": str(p.path),
+             "archived": p.number in on_disk} for p in closed]
+    print(json.dumps(rows, indent=1))
+    missing = [r["period"] for r in rows if not r["archived"]]
+    if missing:
+        print(f"closed periods missing from the archive: {missing}", file=sys.stderr)
+        return EXIT_REFUSED
+    return EXIT_OK
+
+
 def cmd_repay(args: argparse.Namespace) -> int:
     paid_at = _at(args.now)
     with _settlement(args) as settlement:
@@ -664,7 +762,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise CliError(f"--workdir {args.workdir} cannot be made: "
                            f"{exc.strerror or exc}") from None
-    report = simulate.run(args.citizens, args.trips, args.seed, args.threads, args.workdir)
+    report = simulate.run(args.citizens, args.trips, args.seed, args.threads, args.workdir,
+                          days=args.days)
     print(simulate.format_report(report))
     if args.json:
         _write_atomic(args.json, json.dumps(report.as_dict(), indent=2).encode())
@@ -820,6 +919,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settlement-dir", required=True)
     p.set_defaults(run=cmd_settlement_keys)
 
+    p = settle.add_parser(
+        "operator", help="register gateways with the operator their payments clear to",
+        description="Register gateway public keys with an operator (a bus company, a clinic): "
+                    "closing a period owes that operator the payments its gateways took. "
+                    "Again with another operator, the gateway moves from the next close on.")
+    p.add_argument("--settlement-dir", required=True)
+    p.add_argument("--gateway-public", required=True, action="append", metavar="KEY",
+                   help="a gateway public key (text, or a file holding it); repeatable")
+    p.add_argument("--operator", required=True,
+                   help="the operator id: 1-64 ASCII letters, digits and ._:-")
+    p.set_defaults(run=cmd_settlement_operator)
+    p = settle.add_parser(
+        "fees", help="store a fee schedule (JSON) and print the latest",
+        description='A fee schedule is JSON: {"version": 1, "effective_from": UNIX_TIME, '
+                    '"bps": {"BUS": 150, "FERRY": 200, ...}} with every scene listed, in '
+                    "basis points (1/100 of a percent). A period clears under the latest "
+                    "version in effect at its start.")
+    p.add_argument("--settlement-dir", required=True)
+    p.add_argument("--schedule", help="the schedule's JSON file (without it: only print)")
+    p.set_defaults(run=cmd_settlement_fees)
+
+    p = commands.add_parser(
+        "close", help="close a settlement period: archive, clear and sign statements (JSON)",
+        description="Settle every record scanned before --until that has arrived, archive the "
+                    "period (records, report, clearing, statements), carry forward what the "
+                    "next period needs and remove it from the live store. Prints the period "
+                    "and what each operator is owed.")
+    settlement_args(p)
+    p.add_argument("--until", required=True, type=_TIME, help="Unix time the period ends at")
+    p.add_argument("--settlement-key", required=True,
+                   help="file with the settlement secret key (qrpay keys new settlement)")
+    p.add_argument("--now", type=_TIME, help="Unix time of the close (default: the clock)")
+    p.set_defaults(run=cmd_close)
+
+    statement = commands.add_parser(
+        "statement", help="write or verify an operator's signed statement").add_subparsers(
+        dest="statement_command", required=True, metavar="ACTION")
+    p = statement.add_parser("write", help="write an operator's statement of a closed period")
+    p.add_argument("--settlement-dir", required=True)
+    p.add_argument("--period", required=True, type=_int(1, 2**62))
+    p.add_argument("--operator", required=True)
+    p.add_argument("--out", required=True, help="the signed statement (msgpack)")
+    p.add_argument("--csv", help="also write it as CSV here, for the operator's accountant "
+                                 "(needs --settlement-public)")
+    p.add_argument("--settlement-public", metavar="KEY",
+                   help="the settlement public key (text, or a file holding it), to verify "
+                        "the statement before it is written as CSV")
+    p.set_defaults(run=cmd_statement_write)
+    p = statement.add_parser(
+        "verify", help="verify a statement offline with the settlement public key (JSON)")
+    p.add_argument("statement", help="the signed statement file")
+    p.add_argument("--settlement-public", required=True, metavar="KEY",
+                   help="the settlement public key (text, or a file holding it)")
+    p.add_argument("--csv", help="also check that this CSV says what the statement says")
+    p.set_defaults(run=cmd_statement_verify)
+
+    arch = commands.add_parser("archive", help="look at the archive of closed periods"
+                               ).add_subparsers(dest="archive_command", required=True,
+                                                metavar="ACTION")
+    p = arch.add_parser("ls", help="list the closed periods and their archive folders (JSON)")
+    p.add_argument("--settlement-dir", required=True)
+    p.set_defaults(run=cmd_archive_ls)
+
     p = commands.add_parser("ingest", help="ingest upload batches into settlement")
     settlement_args(p)
     p.add_argument("batches", nargs="+")
@@ -875,6 +1037,9 @@ def build_parser() -> argparse.ArgumentParser:
                           % simulate.MIN_CITIZENS)
     sim.add_argument("--trips", type=_int(1), default=4,
                      help="rides per citizen in the day (default: %(default)s)")
+    sim.add_argument("--days", type=_int(1, simulate.MAX_DAYS), default=1,
+                     help="days to run, 1 to %d; a settlement period closes at the end of "
+                          "each (default: %%(default)s)" % simulate.MAX_DAYS)
     sim.add_argument("--seed", type=_int(0, 2**63 - 1), default=1,
                      help="random seed, 0 to 2**63-1 (default: %(default)s)")
     sim.add_argument("--threads", type=_int(1, MAX_THREADS), default=2,

@@ -28,15 +28,16 @@ from typing import Any, TextIO
 import numpy as np
 import numpy.typing as npt
 
-from qrpay import _args
+from qrpay import _args, archive, clearing
 from qrpay._impl import backend, core
 from qrpay.credential import Credential, Scene
 from qrpay.errors import InvalidArgument, Reason
 from qrpay.format import CRED_LIMIT, CRED_SERIAL
 from qrpay.gateway import Gateway, GatewayPolicy
-from qrpay.keys import DeviceKey, GatewayKey, IssuerKey
+from qrpay.keys import DeviceKey, GatewayKey, IssuerKey, SettlementKey
 from qrpay.scoring import LimitBand, LimitPolicy, Scorecard, auc
-from qrpay.settlement import IngestStatus, Report as SettlementReport, Settlement
+from qrpay.reports import Report as SettlementReport
+from qrpay.settlement import IngestStatus, PeriodSummary, Settlement
 from qrpay.synthetic import histories
 from qrpay.token import generate_batch
 from qrpay.trust import Role, TrustStore
@@ -53,6 +54,14 @@ GATEWAYS: tuple[tuple[str, Scene, int], ...] = (
     ("clinic-1", Scene.CLINIC, 1500), ("clinic-2", Scene.CLINIC, 1500),
     ("canteen-1", Scene.CANTEEN, 1200), ("library-1", Scene.LIBRARY, 100),
 )
+# Who runs each gateway, and the city's fee per scene in basis points.
+OPERATOR_OF = {"bus-1": "bus-co", "bus-2": "bus-co", "bus-3": "bus-co", "metro-1": "metro",
+               "ferry-1": "ferry-line", "clinic-1": "health", "clinic-2": "health",
+               "canteen-1": "canteen", "library-1": "library"}
+FEES = clearing.FeeSchedule(version=1, effective_from=0, bps={
+    Scene.BUS: 150, Scene.FERRY: 200, Scene.METRO: 150, Scene.CLINIC: 0, Scene.CANTEEN: 250,
+    Scene.LIBRARY: 0, Scene.RETAIL: 250})
+MAX_DAYS = 20   # the day's credentials are valid for 30 days, the month after included
 
 
 @dataclass
@@ -80,6 +89,7 @@ class Report:
     settlement: dict[str, Any] = field(default_factory=dict)
     planted: list[Planted] = field(default_factory=list)
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
+    periods: list[dict[str, Any]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -128,6 +138,7 @@ class _City:
     scene_of: dict[str, Scene]
     fare_of: dict[str, int]
     settlement: Settlement
+    settlement_key: SettlementKey
     uploads: list[bytes] = field(default_factory=list)
     citizens_by_account: dict[int, _Citizen] = field(default_factory=dict)
 
@@ -136,10 +147,14 @@ MIN_CITIZENS = 100   # enough riders for every planted attack to have its actors
 
 
 def run(citizens: int = 20_000, trips: int = 4, seed: int = 1, threads: int = 2,
-        workdir: str | Path | None = None, progress: TextIO | None = None) -> Report:
-    """Run the day in `workdir` (a fresh temporary directory by default; one
-    given must be new or empty). Every argument is checked before any work
-    starts: InvalidArgument."""
+        workdir: str | Path | None = None, progress: TextIO | None = None,
+        days: int = 1) -> Report:
+    """Run `days` days (the first with planted fraud) in `workdir` (a fresh
+    temporary directory by default; one given must be new or empty), closing
+    a settlement period at the end of each. Every argument is checked before
+    any work starts: InvalidArgument."""
+    if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_DAYS:
+        raise InvalidArgument(f"days is 1 to {MAX_DAYS}")
     if isinstance(citizens, bool) or not isinstance(citizens, int) or citizens < MIN_CITIZENS:
         raise InvalidArgument(f"simulate needs at least {MIN_CITIZENS} citizens")
     if isinstance(trips, bool) or not isinstance(trips, int) or trips < 1:
@@ -152,8 +167,8 @@ def run(citizens: int = 20_000, trips: int = 4, seed: int = 1, threads: int = 2,
     out = progress if progress is not None else sys.stderr
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="qrpay-simulate-") as tmp:
-            return _run(citizens, trips, seed, threads, Path(tmp), out)
-    return _run(citizens, trips, seed, threads, Path(workdir), out)
+            return _run(citizens, trips, seed, threads, Path(tmp), out, days)
+    return _run(citizens, trips, seed, threads, Path(workdir), out, days)
 
 
 def _check_workdir(workdir: Path) -> None:
@@ -171,7 +186,7 @@ def _check_workdir(workdir: Path) -> None:
 
 
 def _run(n_citizens: int, trips: int, seed: int, threads: int, workdir: Path,
-         progress: TextIO) -> Report:
+         progress: TextIO, days: int = 1) -> Report:
     rng = random.Random(seed)
     report = Report(n_citizens, seed, backend, threads)
     st = _Stages(report, progress)
@@ -186,7 +201,14 @@ def _run(n_citizens: int, trips: int, seed: int, threads: int, workdir: Path,
     plants.after_scans()
     final = _settle(report, st, city, plants)
     plants.after_settlement(final)
-    behind, history = _pay_later(report, st, city, final, limits, rng,
+    closes = [_close_day(report, st, city, 0, final)]
+    for day in range(1, days):
+        _morning(city, day)
+        _ride(report, st, city, None, trips, seed + day, threads, day)
+        closes.append(_close_day(report, st, city, day, city.settlement.report()))
+    _statements_still_verify(report, city, closes)
+    charged = _charges(city.settlement, len(closes))
+    behind, history = _pay_later(report, st, city, charged, limits, rng,
                                  plants.pick_defaulter(final))
     plants.after_a_month(behind, history)
     report.planted = plants.planted
@@ -255,10 +277,12 @@ def _issue(report: Report, st: _Stages, rng: random.Random, workdir: Path, card:
     gateways = {name: Gateway(workdir / "gateways" / name, GatewayKey(rng.randbytes(32)), trust,
                               policy)
                 for name, _scene, _fare in GATEWAYS}
-    settlement = Settlement(workdir / "settlement", trust,
-                            [g.key.public for g in gateways.values()], threads=threads)
+    settlement = Settlement(workdir / "settlement", trust, threads=threads)
+    for name, gateway in gateways.items():
+        settlement.register_gateway(gateway.key.public, OPERATOR_OF[name])
+    settlement.set_fee_schedule(FEES)
     return _City(issuer, trust, citizens, gateways, {n: s for n, s, _ in GATEWAYS},
-                 {n: f for n, _, f in GATEWAYS}, settlement,
+                 {n: f for n, _, f in GATEWAYS}, settlement, SettlementKey(rng.randbytes(32)),
                  citizens_by_account={c.account: c for c in citizens})
 
 
@@ -273,14 +297,17 @@ class _Scan:
     tag: str = ""          # set for planted scans, to find their outcome
 
 
-def _ride(report: Report, st: _Stages, city: _City, plants: _Plants, trips: int, seed: int,
-          threads: int) -> None:
+def _ride(report: Report, st: _Stages, city: _City, plants: _Plants | None, trips: int,
+          seed: int, threads: int, day: int = 0) -> None:
+    """One day of rides (`day` days after the first), with the planted
+    attacks when `plants` is given."""
     gen = np.random.default_rng(seed)
-    riders = [c for c in city.citizens if not plants.is_special(c)]
+    start = DAY_START + day * DAY
+    riders = [c for c in city.citizens if plants is None or not plants.is_special(c)]
     n = len(riders) * trips
     names = [name for name, _s, _f in GATEWAYS]
     # Each ride: a time in the day and a gateway whose scene the credential allows.
-    times = gen.integers(DAY_START + 6 * HOUR, DAY_START + 23 * HOUR, size=n)
+    times = gen.integers(start + 6 * HOUR, start + 23 * HOUR, size=n)
     who = np.repeat(np.arange(len(riders)), trips)
     order = np.lexsort((times, who))
     times, who = times[order], who[order]
@@ -303,22 +330,24 @@ def _ride(report: Report, st: _Stages, city: _City, plants: _Plants, trips: int,
     for i, w in enumerate(who):
         riders[w].counter += 1
         counters[i] = riders[w].counter
-    with st.stage("tokens made on phones", n):
+    suffix = f", day {day + 1}" if day else ""
+    with st.stage("tokens made on phones" + suffix, n):
         tokens = generate_batch([riders[w].credential for w in who],
                                 [riders[w].device for w in who],
                                 np.array([city.scene_of[g] for g in where], dtype=np.uint8),
                                 counters, times.astype(np.uint32), threads=threads)
     scans = [_Scan(int(t), g, tokens[i].tobytes(), city.fare_of[g])
              for i, (t, g) in enumerate(zip(times, where))]
-    scans += plants.during_day(scans)
+    if plants is not None:
+        scans += plants.during_day(scans)
     scans.sort(key=lambda s: s.at)
     outcomes: dict[str, list[tuple[Reason, bool]]] = defaultdict(list)
     by_reason: dict[str, int] = defaultdict(int)
-    with st.stage("scans at gateways, journaled, hourly uploads", len(scans)):
-        hour_end = DAY_START + 7 * HOUR
+    with st.stage("scans at gateways, journaled, hourly uploads" + suffix, len(scans)):
+        hour_end = start + 7 * HOUR
         pending: dict[str, list[_Scan]] = defaultdict(list)
         window_end = scans[0].at - scans[0].at % WINDOW + WINDOW if scans else 0
-        for scan in scans + [_Scan(DAY_START + DAY, "", b"", 0)]:
+        for scan in scans + [_Scan(start + DAY, "", b"", 0)]:
             if scan.at >= window_end:
                 for name, batch in pending.items():
                     _scan_batch(city.gateways[name], city.scene_of[name], batch, outcomes,
@@ -331,10 +360,13 @@ def _ride(report: Report, st: _Stages, city: _City, plants: _Plants, trips: int,
             if scan.gateway:
                 pending[scan.gateway].append(scan)
         _upload_all(city, max(hour_end, max(g.time_floor for g in city.gateways.values())))
-    report.scans = len(scans)
-    report.by_reason = dict(sorted(by_reason.items()))
-    report.accepted = by_reason.get("OK", 0)
-    plants.outcomes = outcomes
+    report.scans += len(scans)
+    for name, count in by_reason.items():
+        report.by_reason[name] = report.by_reason.get(name, 0) + count
+    report.by_reason = dict(sorted(report.by_reason.items()))
+    report.accepted = report.by_reason.get("OK", 0)
+    if plants is not None:
+        plants.outcomes = outcomes
 
 
 def _scan_batch(gateway: Gateway, scene: Scene, batch: list[_Scan],
@@ -389,6 +421,81 @@ def _settle(report: Report, st: _Stages, city: _City, plants: _Plants) -> Settle
     if final.of_kind("sequence_gap"):
         report.failures.append("settlement saw a sequence gap: an upload was lost")
     return final
+
+
+# -- periods and clearing ---------------------------------------------------------------------
+
+def _morning(city: _City, day: int) -> None:
+    """Each morning the gateways load the day's deny list (an older one makes
+    them refuse all but small amounts)."""
+    at = DAY_START + day * DAY
+    document, _added = city.settlement.publish_deny_list(city.issuer, at)
+    for gateway in city.gateways.values():
+        gateway.update_deny_list(document, now=at)
+
+
+def _close_day(report: Report, st: _Stages, city: _City, day: int,
+               open_report: SettlementReport) -> PeriodSummary:
+    """Close the day as a settlement period and check its clearing: riders
+    charged = operators owed before fees = fees + net payables; flagged money
+    listed apart; and every payment the gateways accepted that day accounted
+    for."""
+    s = city.settlement
+    until = DAY_START + (day + 1) * DAY
+    with st.stage(f"period {day + 1} closed, archived and cleared", open_report.records):
+        closed = s.close_period(until, city.settlement_key, now=until + HOUR)
+    gross = sum(c.gross for c in closed.clearing)
+    fee, net = sum(c.fee for c in closed.clearing), sum(c.net for c in closed.clearing)
+    flagged = sum(c.flagged_amount for c in closed.clearing)
+    accepted = sum(r.amount for g in city.gateways.values() for r in g.records()
+                   if until - DAY <= r.gateway_time < until)
+    entry = {"period": closed.number, "records": closed.records,
+             "charged": closed.charged_total, "owed_before_fees": gross, "fees": fee,
+             "net_payable": net, "flagged_not_charged": flagged,
+             "accepted_at_gateways": accepted,
+             "operators": {c.operator: c.net for c in closed.clearing if c.gross}}
+    report.periods.append(entry)
+    if not (closed.charged_total == gross == fee + net and flagged == closed.rejected_total
+            and closed.charged_total + closed.rejected_total == accepted
+            and open_report.charged_total == closed.charged_total):
+        report.failures.append(f"period {closed.number} does not add up: {entry}")
+    st.say(f"period {closed.number}: charged {closed.charged_total:,} = fees {fee:,} + "
+           f"payable to {sum(1 for c in closed.clearing if c.gross)} operators {net:,}; "
+           f"flagged {flagged:,} listed apart")
+    return closed
+
+
+def _statements_still_verify(report: Report, city: _City, closes: list[PeriodSummary]) -> None:
+    """After the last day, the first day's statements read back from the
+    archive and verify offline with the settlement key's public half."""
+    s = city.settlement
+    first = closes[0]
+    verified = 0
+    for c in first.clearing:
+        statement = clearing.verify_statement(s.statement(first.number, c.operator),
+                                              city.settlement_key.public)
+        verified += statement.net == c.net and statement.gross == c.gross
+    for closed in closes:
+        archive.verify_period(s.archive, closed.number)
+    if verified != len(first.clearing) or archive.list_periods(s.archive) != [
+            closed.number for closed in closes]:
+        report.failures.append("day 1's statements or the archive do not verify after "
+                               f"day {len(closes)}")
+    report.settlement["periods_closed"] = len(closes)
+    report.settlement["day_1_statements_verified"] = verified
+
+
+def _charges(s: Settlement, periods: int) -> SettlementReport:
+    """Every account's charges over the closed periods (for the bank debit)."""
+    totals: dict[int, int] = defaultdict(int)
+    for n in range(1, periods + 1):
+        period = s.period_report(n)
+        for account, amount in zip(period.accounts.tolist(), period.amounts.tolist()):
+            totals[int(account)] += int(amount)
+    accounts = np.array(sorted(totals), dtype=np.uint64)
+    amounts = np.array([totals[int(a)] for a in accounts.tolist()], dtype=np.int64)
+    return SettlementReport(accounts, amounts, np.zeros(len(accounts), dtype=np.int64),
+                            charged_total=int(amounts.sum()))
 
 
 # -- the month after ---------------------------------------------------------------------------
@@ -658,6 +765,10 @@ def format_report(report: Report) -> str:
         f"  flagged, not charged {m.get('not_charged_flagged', 0):>14,}",
         f"  unaccounted          {m.get('unaccounted', 0):>14,}",
         f"settlement: {report.settlement}",
+        "periods (charged = fees + net payable; flagged apart):",
+        *(f"  {p['period']:>3}: charged {p['charged']:>12,} fees {p['fees']:>10,} net "
+          f"{p['net_payable']:>12,} flagged {p['flagged_not_charged']:>9,}"
+          for p in report.periods),
         f"a month later: {report.repayment}",
         "planted attacks:",
         *(f"  [{'caught' if p.caught else 'MISSED'}] {p.name}: expected {p.expected}; "
