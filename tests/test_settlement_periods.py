@@ -344,3 +344,27 @@ def test_closing_every_few_hours_changes_nothing(
     assert a.tobytes() == b.tobytes() or np.array_equal(a, b, equal_nan=True)
     once.close()
     often.close()
+
+
+def test_a_batch_across_the_cut_is_split(tmp_path: Path, deny_trust: TrustStore,
+                                         issuer: IssuerKey, keys: list[GatewayKey]) -> None:
+    """Records scanned at or after `until` stay live, even in a batch whose
+    other records close; the batch itself stays applied (EXISTS again)."""
+    s = store(tmp_path / "s", deny_trust, keys)
+    up = Uploads(keys)
+    rider = make_rider(issuer, 90)
+    cut = NOW + DAY
+    batch = up.batch(0, [(rider.token(cut - 30, 1), 100, Scene.BUS, cut - 30),
+                         (rider.token(cut + 30, 2), 40, Scene.BUS, cut + 30)], cut + 60)
+    s.ingest(batch)
+    closed = s.close_period(cut, SETTLEMENT_KEY, now=cut + 120)
+    assert (closed.records, closed.charged_total) == (1, 100)
+    open_period = s.report()
+    assert (open_period.records, open_period.charged_total) == (1, 40)
+    assert s.ingest(batch).status is IngestStatus.EXISTS
+    closed = s.close_period(cut + DAY, SETTLEMENT_KEY, now=cut + DAY)
+    assert (closed.records, closed.charged_total) == (1, 40)
+    rows, _ = archive.read_period(s.archive, 2, ("records",))
+    assert rows["records"]["record"].tolist() == [2]
+    assert s.report().records == 0 and not s.report().findings
+    s.close()

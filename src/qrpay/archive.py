@@ -424,6 +424,9 @@ def write_period(root: str | os.PathLike[str], number: int, tables: Mapping[str,
     after a crash that came between the archive write and the caller's commit.
     `format` is "parquet" or "npy" (default: default_format())."""
     number = _number(number)
+    if format is not None and not isinstance(format, str):
+        raise InvalidArgument(f"format is one of {', '.join(FORMATS)}, not "
+                              f"{type(format).__name__}")
     fmt = default_format() if format is None else format
     if fmt not in FORMATS:
         raise InvalidArgument(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -683,7 +686,12 @@ def read_period(root: str | os.PathLike[str], number: int, tables: Iterable[str]
     if isinstance(tables, (str, bytes)):
         raise InvalidArgument("tables is an iterable of table names, not one name")
     manifest = _open(directory, number)
-    names = list(manifest.tables) if tables is None else list(dict.fromkeys(tables))
+    try:
+        names = list(manifest.tables) if tables is None else list(dict.fromkeys(tables))
+    except TypeError:
+        raise InvalidArgument("tables is an iterable of table names") from None
+    if not all(isinstance(name, str) for name in names):
+        raise InvalidArgument("tables is an iterable of table names (str)")
     for name in names:
         if name not in manifest.tables:
             raise InvalidArgument(f"period {number} has no table {name!r} "

@@ -513,7 +513,8 @@ def cmd_settlement_keys(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     with _settlement(args) as settlement:
         report = settlement.report()
-    out = {"records": report.records, "charged_total": report.charged_total,
+    out = {"period": report.period, "from": report.from_time,   # the open period
+           "records": report.records, "charged_total": report.charged_total,
            "not_charged_total": report.rejected_total,
            "charges": [{"account": int(a), "amount": int(m), "count": int(c)}
                        for a, m, c in zip(report.accounts, report.amounts, report.counts)],
@@ -987,7 +988,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("batches", nargs="+")
     p.set_defaults(run=cmd_ingest)
 
-    p = commands.add_parser("report", help="print settlement's charges and findings (JSON)")
+    p = commands.add_parser("report", help="print the open period's charges and findings "
+                                           "(JSON; closed periods: qrpay archive ls)")
     settlement_args(p)
     p.set_defaults(run=cmd_report)
 

@@ -1,0 +1,94 @@
+"""SIGKILL during close_period: the period is closed whole (its row, its
+archive folder, the carry, the live store emptied) or not at all (the live
+store as it was), and closing again gives the same period. Rounds:
+QRPAY_PERIOD_CRASH_ROUNDS (default 24 per backend)."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qrpay import GatewayKey, IssuerKey, Scene, TrustStore, archive
+from qrpay.settlement import Settlement
+from test_settlement import NOW, make_rider
+from test_settlement_periods import SETTLEMENT_KEY, Uploads, store
+
+ROUNDS = int(os.environ.get("QRPAY_PERIOD_CRASH_ROUNDS", "24"))
+WORKER = Path(__file__).with_name("period_crash_worker.py")
+UNTIL = NOW + 86_400
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, float]:
+    """A store with 3,000 records of one day over 3 gateways (and a few scanned
+    after the cut), its total charge, and how long a close of it takes."""
+    base = tmp_path_factory.mktemp("period-crash")
+    issuer = IssuerKey(bytes(range(32)))
+    trust = TrustStore()
+    trust.add(issuer)
+    keys = [GatewayKey(bytes([70 + i]) * 32) for i in range(3)]
+    s = store(base / "template", trust, keys)
+    s.trust_issuer(issuer.public)
+    up = Uploads(keys)
+    riders = [make_rider(issuer, 100 + i) for i in range(100)]
+    for hour in range(10):
+        for gw in range(3):
+            t = NOW + hour * 3_600 + gw
+            scans = [(r.token(t + i, hour * 3 + gw + 1), 50 + i, Scene.BUS, t + i)
+                     for i, r in enumerate(riders)]
+            s.ingest(up.batch(gw, scans, t + 1_000))
+    late = [(r.token(UNTIL + 10, 99), 7, Scene.BUS, UNTIL + 10) for r in riders[:5]]
+    s.ingest(up.batch(0, late, UNTIL + 20))
+    total = s.report().charged_total
+    s.close()
+    trial = base / "trial"
+    shutil.copytree(base / "template", trial)
+    start = time.perf_counter()
+    Settlement(trial).close_period(UNTIL, SETTLEMENT_KEY, now=UNTIL)
+    return base / "template", total, time.perf_counter() - start
+
+
+def test_kill_during_close_closes_whole_or_not_at_all(
+        template: tuple[Path, int, float], tmp_path: Path) -> None:
+    source, total, seconds = template
+    rng = random.Random(int(os.environ.get("QRPAY_CRASH_SEED", "0")) or None)
+    outcomes = {"closed": 0, "open": 0, "finished": 0, "orphan folder": 0}
+    for round_ in range(ROUNDS):
+        directory = tmp_path / f"r{round_}"
+        shutil.copytree(source, directory)
+        child = subprocess.Popen([sys.executable, str(WORKER), str(directory), str(UNTIL)],
+                                 stdout=subprocess.PIPE, text=True)
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0, seconds * 2))
+        child.send_signal(signal.SIGKILL)
+        said = child.stdout.read()
+        child.wait(timeout=30)
+        s = Settlement(directory)
+        closed = s.periods()
+        if said.startswith("closed"):
+            outcomes["finished"] += 1
+            assert [p.number for p in closed] == [1]     # acknowledged: it stays closed
+        if closed:
+            outcomes["closed"] += 1
+            archive.verify_period(s.archive, 1)
+            assert s.period_report(1).charged_total + s.report().charged_total == total
+            assert s.report().records == 5                # scanned after the cut: still live
+        else:
+            outcomes["open"] += 1
+            outcomes["orphan folder"] += archive.period_dir(s.archive, 1).exists()
+            assert s.report().charged_total == total      # nothing moved
+            again = s.close_period(UNTIL, SETTLEMENT_KEY, now=UNTIL)
+            assert again.number == 1 and again.charged_total + s.report().charged_total == total
+            assert archive.list_periods(s.archive) == [1]
+        s.close()
+    # The rounds must kill inside the close, not only before or after it.
+    assert outcomes["closed"] and outcomes["open"], outcomes
+    print(outcomes)
