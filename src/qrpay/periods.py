@@ -119,10 +119,15 @@ def settle_period(carry: Carry, records: npt.NDArray[np.void],
                   gateway_ids: npt.NDArray[np.object_], slack: int) -> Settled:
     """Settle `records` (arrival order; `gateway_ids` the gateway of each)
     after everything `carry` stands for."""
-    names = sorted(set(carry.tail_gateway.tolist()) | set(gateway_ids.tolist()))
-    index = {name: i for i, name in enumerate(names)}
     every = np.concatenate([carry.tail_gateway, gateway_ids]) if len(carry.tail) else gateway_ids
-    gateway = np.fromiter((index[g] for g in every.tolist()), dtype=np.int64, count=len(every))
+    # Ids come in runs (a batch's records, the tail's), so look each run up once.
+    run = np.flatnonzero(np.r_[True, every[1:] != every[:-1]]) if len(every) else np.zeros(
+        0, dtype=np.int64)
+    firsts = every[run].tolist()
+    names = sorted(set(firsts))
+    index = {name: i for i, name in enumerate(names)}
+    gateway = np.repeat(np.fromiter((index[g] for g in firsts), dtype=np.int64,
+                                    count=len(firsts)), np.diff(np.r_[run, len(every)]))
     both = np.concatenate([carry.tail, records]) if len(carry.tail) else records
     result = settle(both, gateway, slack, prior=len(carry.tail), prior_charged=carry.tail_charged,
                     prior_flagged=carry.tail_flagged, prior_found=carry.tail_found,
@@ -174,29 +179,69 @@ def _raise_floor(floor: Floor, dropped: npt.NDArray[np.void]) -> Floor:
                  np.maximum.reduceat(time, first))
 
 
+# Integer types a column is stored in when its values fit, narrowest first.
+_NARROW = tuple(np.dtype(t) for t in ("<u1", "<u2", "<u4", "<i1", "<i2", "<i4"))
+
+
 def pack_tables(tables: dict[str, Table]) -> bytes:
     """Tables as one msgpack document (numeric columns as raw little-endian
-    bytes, text columns as lists): how the store keeps the Carry."""
+    bytes, integers in the narrowest type that holds them; text columns as
+    their distinct values and an index per row): how the store keeps the
+    Carry, which is read and written at every close."""
     out: dict[str, dict[str, list[Any]]] = {}
     for table, columns in tables.items():
         out[table] = {}
         for name, column in columns.items():
             if column.dtype == object:
-                out[table][name] = ["str", [str(v) for v in column.tolist()]]
+                index: dict[str, int] = {}
+                codes = np.fromiter((index.setdefault(str(v), len(index))
+                                     for v in column.tolist()), dtype=np.int64,
+                                    count=len(column))
+                out[table][name] = ["strs", list(index), *_packed(codes)]
             else:
-                array = np.ascontiguousarray(column, dtype=column.dtype.newbyteorder("<"))
-                out[table][name] = [array.dtype.str, array.tobytes()]
+                out[table][name] = list(_packed(column))
     return pack(out)
 
 
-def unpack_tables(data: bytes) -> dict[str, Table]:
+def _packed(column: npt.NDArray[Any]) -> tuple[str, bytes] | tuple[str, bytes, str]:
+    """(dtype, bytes), or (dtype, bytes, the narrower dtype the bytes are in)."""
+    array = np.ascontiguousarray(column, dtype=column.dtype.newbyteorder("<"))
+    if array.dtype.kind in "iu" and array.size and array.dtype.itemsize > 1:
+        low, high = int(array.min()), int(array.max())
+        for narrow in _NARROW:
+            if narrow.itemsize >= array.dtype.itemsize:
+                continue
+            info = np.iinfo(narrow)
+            if info.min <= low and high <= info.max:
+                return array.dtype.str, array.astype(narrow).tobytes(), narrow.str
+    return array.dtype.str, array.tobytes()
+
+
+def _unpacked(kind: str, data: bytes, stored: str | None = None, widen: bool = True
+              ) -> npt.NDArray[Any]:
+    if stored is None:
+        return np.frombuffer(data, dtype=np.dtype(kind)).copy()
+    narrow = np.frombuffer(data, dtype=np.dtype(stored))
+    return narrow.astype(np.dtype(kind)) if widen else narrow.copy()
+
+
+def unpack_tables(data: bytes, widen: bool = True) -> dict[str, Table]:
+    """The tables pack_tables packed. Without `widen`, an integer column
+    stored narrower comes back in that type (same values): for a caller
+    that copies it into its own dtype anyway (Carry.from_tables)."""
     doc = msgpack.unpackb(data, raw=False, strict_map_key=True)
     tables: dict[str, Table] = {}
     for table, columns in doc.items():
         tables[table] = {}
-        for name, (kind, values) in columns.items():
-            if kind == "str":
+        for name, (kind, values, *rest) in columns.items():
+            if kind == "str":    # as stores packed them before "strs"
                 tables[table][name] = np.array(values, dtype=object).reshape(-1)
+            elif kind == "strs":
+                names = np.empty(len(values), dtype=object)
+                names[:] = values
+                codes = rest + [None] * (3 - len(rest))   # kind, bytes[, stored]
+                tables[table][name] = names[_unpacked(codes[0], codes[1], codes[2], False)]
             else:
-                tables[table][name] = np.frombuffer(values, dtype=np.dtype(kind)).copy()
+                tables[table][name] = _unpacked(kind, values, rest[0] if rest else None,
+                                                widen)
     return tables

@@ -66,15 +66,16 @@ class Report:
 
 def build_report(settled: Settled, batches: list[tuple[str, int, int, int]],
                  horizon: int, *, period: int = 0, from_time: int = 0,
-                 until: int = 0) -> Report:
+                 until: int = 0, gaps: list[Finding] | None = None) -> Report:
     """The Report of a settled period. `batches` are (gateway, seq, first,
-    last) of every batch ever applied, for the sequence gaps as they stand."""
+    last) of every batch ever applied, for the sequence gaps as they stand;
+    or `gaps` are those findings, worked out already (gap_findings)."""
     records, result = settled.records, settled.result
     new = np.zeros(len(records), dtype=np.bool_)
     new[settled.new] = True
     charged = result.charged & new
     accounts, amounts, counts = totals_by_account(records, charged)
-    findings = findings_of(settled, horizon) + gap_findings(batches)
+    findings = findings_of(settled, horizon) + (gap_findings(batches) if gaps is None else gaps)
     rejected = int(records["amount"][new & ~charged].astype(np.int64).sum())
     return Report(accounts, amounts, counts, findings, len(records) - settled.prior,
                   int(amounts.sum()), rejected, period, from_time, until)
@@ -131,13 +132,28 @@ def gap_findings(batches: list[tuple[str, int, int, int]]) -> list[Finding]:
     of the batches applied (a batch holds records first..last, one each):
     work per batch, not per record, as the batches of every closed period
     are in the list."""
+    by_gateway: dict[str, list[tuple[str, int, int, int]]] = {}
+    for b in batches:   # one pass: the list grows with every closed period
+        by_gateway.setdefault(b[0], []).append(b)
+    return holes_as_findings({
+        name: (_holes([(first, last) for _g, _s, first, last in mine]),
+               _holes([(seq, seq) for _g, seq, _f, _l in mine]))
+        for name, mine in by_gateway.items()})
+
+
+Holes = list[tuple[int, int]]
+
+
+def holes_as_findings(holes: dict[str, tuple[Holes, Holes]]) -> list[Finding]:
+    """sequence_gap findings from each gateway's missing (record ranges,
+    batch numbers), inclusive and ascending: by gateway, records first."""
     found = []
-    for name in sorted({b[0] for b in batches}):
-        mine = [b for b in batches if b[0] == name]
-        for start, end in _holes([(first, last) for _g, _s, first, last in mine]):
+    for name in sorted(holes):
+        records, batches = holes[name]
+        for start, end in records:
             found.append(Finding("sequence_gap", gateways=(name,),
                                  detail=f"records {start}..{end} missing"))
-        for start, end in _holes([(seq, seq) for _g, seq, _f, _l in mine]):
+        for start, end in batches:
             found.append(Finding("sequence_gap", gateways=(name,),
                                  detail=f"batches {start}..{end} missing"))
     return found

@@ -22,6 +22,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
 import numpy as np
 import numpy.typing as npt
 
@@ -40,10 +45,12 @@ from qrpay.format import (
 )
 from qrpay.keys import GatewayPublicKey, IssuerKey, IssuerPublicKey, SettlementKey
 from qrpay.ledger import RECORD_DTYPE
-from qrpay.periods import Carry, Settled, carry_forward, pack_tables, settle_period, unpack_tables
+from qrpay.periods import (
+    Carry, Settled, Table, carry_forward, pack_tables, settle_period, unpack_tables,
+)
 from qrpay.reports import Finding as Finding  # re-exported: callers import it from here
 from qrpay.reports import Report as Report
-from qrpay.reports import build_report, report_from_tables, report_tables
+from qrpay.reports import build_report, holes_as_findings, report_from_tables, report_tables
 from qrpay.token import (
     DEFAULT_MAX_AGE, DEFAULT_SKEW, BatchResult, _check_window, as_token_array, verify_batch,
 )
@@ -51,6 +58,7 @@ from qrpay.trust import Role, TrustedKey, TrustStore
 from qrpay.wire import body_map, sign_document, split_document, verify_document
 
 STORE_FILE = "settlement.sqlite3"
+CLOSE_LOCK = "close.lock"   # held while a period closes (see Settlement._closing)
 MAX_RECORDS_PER_BATCH = 100_000
 MAX_REFERENCE = 128   # characters of a repayment's reference (a bank's is 35 or fewer)
 _BATCH_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -111,6 +119,10 @@ _RETRY_TRUST = "trust the same key again: it is stored once"
 _RETRY_CLOSE = ("close again with the same until: if this close is stored, that is "
                 "PeriodClosed and period_report answers; if not, it closes now")
 _SETTLEMENT_ROLES = Role.CREDENTIALS | Role.DENY_LIST   # what settlement checks keys for
+# The carry is two rows: "carry" (tail and floor: what settling reads) and this
+# one (charges and credit state: what credit_history and the next close read).
+_CARRY_CREDIT = "credit"
+_WAL_LIMIT = 64 << 20   # bytes of WAL file kept after a checkpoint
 
 
 class IngestStatus(str, enum.Enum):
@@ -162,7 +174,8 @@ class Settlement:
             horizon = _args.integer("horizon", horizon, 0, U32_MAX)
         if due_after is not None:
             due_after = _args.integer("due_after", due_after, 0, 2**40 - 1)
-        if archive_format is not None and archive_format not in archive_module.FORMATS:
+        if archive_format is not None and (not isinstance(archive_format, str)
+                                           or archive_format not in archive_module.FORMATS):
             raise InvalidArgument(f"archive_format is one of {archive_module.FORMATS}")
         if archive is not None and not isinstance(archive, (str, os.PathLike)):
             raise InvalidArgument(f"archive is a path, not {type(archive).__name__}")
@@ -192,6 +205,14 @@ class Settlement:
             raise StoreUnavailable(f"settlement store {self.directory}: {exc}") from exc
         self._db = sqlitedb.connect(self.directory / STORE_FILE, StoreUnavailable)
         try:
+            # A close frees a day of blobs. Where SQLite is built with
+            # SECURE_DELETE (Debian's is), every freed page would be zeroed
+            # through the WAL: FAST zeroes only what is written anyway (the
+            # archived records stay in free pages until the next day's
+            # uploads reuse them). And the WAL is cut back after a checkpoint,
+            # not left the size of the largest close.
+            self._db.execute("PRAGMA secure_delete = FAST")
+            self._db.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT}")
             with self._write(_RETRY_OPEN) as db:
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     db.execute(statement)
@@ -432,14 +453,11 @@ class Settlement:
     # -- the open period -----------------------------------------------------------------
 
     def _live(self, tokens: bool = False) -> tuple[
-            npt.NDArray[np.void], npt.NDArray[np.object_], list[tuple[str, int, int, int]],
-            list[npt.NDArray[np.uint8]], list[tuple[int, int]]]:
+            npt.NDArray[np.void], npt.NDArray[np.object_], list[npt.NDArray[np.uint8]],
+            list[tuple[int, int]]]:
         """The records not in a closed period, in arrival order, with the
-        gateway of each; (gateway, seq, first, last) of every batch ever
-        applied; and with `tokens`, each live batch's tokens and
+        gateway of each; and with `tokens`, each live batch's tokens and
         (arrival, rows)."""
-        batches = [(str(g), int(q), int(f), int(l_)) for g, q, f, l_ in self._query(
-            "SELECT gateway, seq, first, last FROM batches ORDER BY arrival")]
         columns = "arrival, gateway, records" + (", tokens" if tokens else "")
         rows = self._query(f"SELECT {columns} FROM batches WHERE length(records) > 0 "
                            "ORDER BY arrival")
@@ -450,12 +468,42 @@ class Settlement:
                    else np.zeros(0, dtype=object))
         token_parts = ([np.frombuffer(r[3], dtype=np.uint8).reshape(len(p), -1)
                         for r, p in zip(rows, parts)] if tokens else [])
-        return records, gateway, batches, token_parts, [(r[0], len(p)) for r, p in
-                                                        zip(rows, parts)]
+        return records, gateway, token_parts, [(r[0], len(p)) for r, p in zip(rows, parts)]
 
-    def _carry(self) -> Carry:
-        rows = self._query("SELECT data FROM carry WHERE name = 'carry'")
-        return Carry.from_tables(unpack_tables(rows[0][0])) if rows else Carry.empty()
+    def _gaps(self) -> list[Finding]:
+        """reports.gap_findings over every batch ever applied, the holes
+        found by SQLite: the batches of every closed period stay in the
+        table, and only the holes come back."""
+        holes: dict[str, tuple[list[tuple[int, int]], list[tuple[int, int]]]] = {}
+        for at, sql in enumerate((
+                # Records: a batch starting past every range before it (by first, last).
+                "SELECT gateway, covered + 1, first - 1 FROM (SELECT gateway, first, "
+                "COALESCE(MAX(last) OVER (PARTITION BY gateway ORDER BY first, last ROWS "
+                "BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS covered FROM batches) "
+                "WHERE first > covered + 1 ORDER BY gateway, first",
+                # Batch numbers (unique per gateway): one past the number before it.
+                "SELECT gateway, before + 1, seq - 1 FROM (SELECT gateway, seq, "
+                "COALESCE(LAG(seq) OVER (PARTITION BY gateway ORDER BY seq), 0) AS before "
+                "FROM batches) WHERE seq > before + 1 ORDER BY gateway, seq")):
+            for gateway, start, end in self._query(sql):
+                holes.setdefault(str(gateway), ([], []))[at].append((int(start), int(end)))
+        return holes_as_findings(holes)
+
+    def _carry(self, credit: bool = True) -> Carry:
+        """The carried state. Without `credit`, its charges and credit state
+        are left out (empty): settling needs the tail and the floor only, and
+        the charges are about due_after's worth of days (docs: Periods)."""
+        names = ("carry", _CARRY_CREDIT) if credit else ("carry",)
+        tables: dict[str, Table] = {}
+        for name, data in self._query("SELECT name, data FROM carry WHERE name IN "
+                                      f"({','.join('?' * len(names))}) ORDER BY name",
+                                      names):
+            tables.update(unpack_tables(data, widen=False))   # before the split: one row
+        if "carry_tail" not in tables:
+            return Carry.empty()
+        if "carry_charges" not in tables:
+            tables["carry_charges"] = Carry.empty().to_tables()["carry_charges"]
+        return Carry.from_tables(tables)
 
     def _open_period(self) -> tuple[int, int]:
         """(number, from_time) of the open period."""
@@ -470,11 +518,13 @@ class Settlement:
         """Charges and findings of the open period: every record ingested and
         not yet in a closed period, settled after the closed ones."""
         with self._lock:   # records and carry of one moment
-            records, gateway, batches, _t, _a = self._live()
-            carry = self._carry()
+            records, gateway, _t, _a = self._live()
+            carry = self._carry(credit=False)
             number, from_time = self._open_period()
+            gaps = self._gaps()
         settled = settle_period(carry, records, gateway, self._slack)
-        return build_report(settled, batches, self.horizon, period=number, from_time=from_time)
+        return build_report(settled, [], self.horizon, period=number, from_time=from_time,
+                            gaps=gaps)
 
     # -- periods -------------------------------------------------------------------------
 
@@ -489,7 +539,7 @@ class Settlement:
             raise InvalidKey("a period is signed with a SettlementKey")
         until = _args.integer("until", until, 1, U32_MAX)
         closed_at = _args.integer("now", int(time.time()) if now is None else now, 0, U32_MAX)
-        with self._lock:
+        with self._lock, self._closing():
             number, from_time = self._open_period()
             if until <= from_time:
                 raise PeriodClosed(f"until {until} is not after the last close ({from_time}); "
@@ -501,31 +551,35 @@ class Settlement:
             if schedule is None:
                 raise InvalidArgument(f"no fee schedule in force at {from_time}: set one with "
                                       "set_fee_schedule (or qrpay settlement fees)")
-            records, gateway, batches, tokens, arrivals = self._live(tokens=True)
+            records, gateway, tokens, arrivals = self._live(tokens=True)
             inside = records["gateway_time"] < until
             carry = self._carry()
             settled = settle_period(carry, records[inside], gateway[inside], self._slack)
-            report = build_report(settled, batches, self.horizon, period=number,
-                                  from_time=from_time, until=until)
+            report = build_report(settled, [], self.horizon, period=number,
+                                  from_time=from_time, until=until, gaps=self._gaps())
             clearings = self._clearing(settled, schedule)
             statements = [clearing.sign_statement(key, Statement.from_clearing(
                 c, period=number, from_time=from_time, until=until, schedule=schedule,
                 issued_at=closed_at)) for c in clearings]
             after = self._fold_credit(carry_forward(carry, settled, until - self.horizon,
                                                     self.due_after), until - self.horizon)
-            token_rows = np.concatenate(tokens)[inside] if tokens else np.zeros(
-                (0, TOKEN_LEN), dtype=np.uint8)
             summary = self._summary(key, report, clearings, settled, closed_at)
-            tables = _period_tables(settled, token_rows, report, clearings, statements, carry)
+            tables = _period_tables(settled, _token_objects(tokens, inside), report, clearings,
+                                    statements, carry)
             self._archive(number, tables, summary)
             flagged = report.flagged_serials()
+            tables_after = after.to_tables()
+            credit_tables: dict[str, Table] = {name: tables_after.pop(name) for name in (
+                "carry_charges", "carry_credit") if name in tables_after}
+            carry_rows = [("carry", pack_tables(tables_after)),
+                          (_CARRY_CREDIT, pack_tables(credit_tables))]
             with self._write(_RETRY_CLOSE) as db:
                 db.execute("INSERT INTO periods(number, from_time, until, closed_at, records, "
                            "charged_total, rejected_total, summary) VALUES (?,?,?,?,?,?,?,?)",
                            (number, from_time, until, closed_at, report.records,
                             report.charged_total, report.rejected_total, summary))
-                db.execute("INSERT OR REPLACE INTO carry(name, data) VALUES ('carry', ?)",
-                           (pack_tables(after.to_tables()),))
+                db.executemany("INSERT OR REPLACE INTO carry(name, data) VALUES (?, ?)",
+                               carry_rows)
                 for name, value in (("horizon", self.horizon), ("due_after", self.due_after)):
                     db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)",
                                (name, value))
@@ -539,18 +593,35 @@ class Settlement:
                              report.charged_total, report.rejected_total, clearings,
                              archive_module.period_dir(self.archive, number))
 
+    @contextmanager
+    def _closing(self) -> Iterator[None]:
+        """One close at a time per store, across processes (a second waits
+        for the first): a close replaces an archive folder no committed
+        period names, which must not be another process's close in flight."""
+        if fcntl is None:   # pragma: no cover - not POSIX
+            yield
+            return
+        try:
+            handle = open(self.directory / CLOSE_LOCK, "ab")
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot open {self.directory / CLOSE_LOCK}: {exc}") from exc
+        with handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            yield
+
     def _clearing(self, settled: Settled, schedule: FeeSchedule) -> list[OperatorClearing]:
         """Per operator: the period's charged payments by scene, the fee and
         the net; the valid ones not charged listed apart."""
         records = settled.records[settled.new]
-        gateways = np.array(settled.names, dtype=object)[settled.gateway[settled.new]]
         owners = self.operators()
-        operator = np.array([owners.get(g, UNASSIGNED) for g in gateways.tolist()],
-                            dtype=object)
-        names = sorted(set(owners.values()) | set(operator.tolist()) | {UNASSIGNED})
+        # Per gateway, not per record: settled.gateway indexes settled.names.
+        present = np.unique(settled.gateway[settled.new]).tolist()
+        names = sorted(set(owners.values()) | {owners.get(settled.names[g], UNASSIGNED)
+                                               for g in present} | {UNASSIGNED})
         index = {name: i for i, name in enumerate(names)}
-        at = np.fromiter((index[o] for o in operator.tolist()), dtype=np.int64,
-                         count=len(operator))
+        of_gateway = np.array([index[owners.get(g, UNASSIGNED)] for g in settled.names],
+                              dtype=np.int64)
+        at = of_gateway[settled.gateway[settled.new]]
         charged = settled.result.charged[settled.new]
         clearings = clearing.clear(records["amount"][charged], records["scene"][charged],
                                    at[charged], names, schedule,
@@ -571,11 +642,24 @@ class Settlement:
         if state is not None and len(state):
             cut = max(cut, int(state["cut"][0]))
             paid[:, 2] = np.maximum(paid[:, 2], int(state["cut"][0]))
-        state, keep, _paid = credit.freeze(
-            carry.charges["account"], carry.charges["time"], carry.charges["amount"],
+        charges = carry.charges
+        # Only a charge fallen due before the cut can fold, and every other
+        # charge of its account is later in its FIFO order: without them
+        # freeze decides the same and sorts about a day of charges, not
+        # due_after's worth. (All of them when freeze would refuse the sums.)
+        due = charges["time"] < cut - self.due_after
+        if (float(charges["amount"].astype(np.float64).sum()) + (
+                float(state["charged"].astype(np.float64).sum()) if state is not None else 0.0)
+                >= credit.TOTAL_LIMIT):
+            due[:] = True
+        rows = np.flatnonzero(due)
+        state, kept, _paid = credit.freeze(
+            charges["account"][rows], charges["time"][rows], charges["amount"][rows],
             paid[:, 0], paid[:, 2], paid[:, 1], cut, self.due_after, state=state)
+        keep = np.ones(len(charges), dtype=np.bool_)
+        keep[rows[~kept]] = False
         return Carry(carry.tail, carry.tail_gateway, carry.tail_charged, carry.tail_flagged,
-                     carry.tail_found, carry.floor, carry.charges[keep], state)
+                     carry.tail_found, carry.floor, charges[keep], state)
 
     def _summary(self, key: SettlementKey, report: Report, clearings: list[OperatorClearing],
                  settled: Settled, closed_at: int) -> bytes:
@@ -608,17 +692,31 @@ class Settlement:
                        inside: npt.NDArray[np.bool_], number: int) -> None:
         """Empty the live batches of the records just archived; a batch with
         records scanned at or after the cut keeps those."""
-        at = 0
+        at, emptied, partial = 0, [], []
         for (arrival, count), token_rows in zip(arrivals, tokens):
             mine = inside[at:at + count]
             if mine.all():
-                db.execute("UPDATE batches SET records = X'', tokens = X'', period = ? "
-                           "WHERE arrival = ?", (number, arrival))
+                emptied.append(arrival)
             elif mine.any():
-                db.execute("UPDATE batches SET records = ?, tokens = ? WHERE arrival = ?",
-                           (records[at:at + count][~mine].tobytes(),
-                            token_rows[~mine].tobytes(), arrival))
+                partial.append((records[at:at + count][~mine].tobytes(),
+                                token_rows[~mine].tobytes(), arrival))
             at += count
+        # Emptied in place, a row would keep the b-tree page its blobs filled
+        # (SQLite merges pages on delete, not on update), and the table would
+        # grow by a page per batch ever applied: delete it, insert it again.
+        columns = [str(row[1]) for row in db.execute("PRAGMA table_info(batches)")]
+        blank = {"records": "X''", "tokens": "X''", "period": "?"}
+        kept = [c for c in columns if c not in blank]
+        insert = (f"INSERT INTO batches({', '.join(kept + list(blank))}) VALUES "
+                  f"({', '.join(['?'] * len(kept) + list(blank.values()))})")
+        for start in range(0, len(emptied), 500):   # within SQLite's bound on parameters
+            chunk = emptied[start:start + 500]
+            where = f"arrival IN ({','.join('?' * len(chunk))})"
+            rows = db.execute(f"SELECT {', '.join(kept)} FROM batches WHERE {where}",
+                              chunk).fetchall()
+            db.execute(f"DELETE FROM batches WHERE {where}", chunk)
+            db.executemany(insert, [(*row, number) for row in rows])
+        db.executemany("UPDATE batches SET records = ?, tokens = ? WHERE arrival = ?", partial)
 
     def periods(self) -> list[PeriodSummary]:
         """The closed periods, oldest first (clearing read from the archive
@@ -654,6 +752,9 @@ class Settlement:
     def statement(self, number: int, operator: str) -> bytes:
         """An operator's signed statement for closed period `number`
         (clearing.verify_statement reads it)."""
+        if not isinstance(operator, str):
+            raise InvalidArgument(f"operator is an operator id (str), not "
+                                  f"{type(operator).__name__}")
         self._period_row(number)
         tables, _summary = archive_module.read_period(self.archive, number, ("statements",))
         found = [bytes(doc) for op, doc in zip(tables["statements"]["operator"].tolist(),
@@ -692,6 +793,8 @@ class Settlement:
     def fee_schedule(self, at: int | None = None) -> FeeSchedule | None:
         """The schedule in force at `at` (the latest version already in
         effect), or the latest stored when `at` is None."""
+        if at is not None:
+            at = _args.integer("at", at, 0, 2**63 - 1)
         schedules = [FeeSchedule.from_bytes(bytes(d)) for (d,) in self._query(
             "SELECT document FROM fee_schedules ORDER BY version")]
         if at is not None:
@@ -817,7 +920,7 @@ class Settlement:
         `until` less the horizon) and for the store's due_after only.
         Scoring reads it; see docs/SETTLEMENT.md (Repayments)."""
         with self._lock:   # charges and repayments as of one moment
-            records, gateway, _batches, _t, _a = self._live()
+            records, gateway, _t, _a = self._live()
             carry = self._carry()
             rows = self._query("SELECT account, amount, paid_at FROM repayments "
                                "WHERE folded = 0")
@@ -875,7 +978,29 @@ def _parse_records(items: list[Any], first: int, last: int
     return records, array, lengths
 
 
-def _period_tables(settled: Settled, tokens: npt.NDArray[np.uint8], report: Report,
+def _token_objects(parts: list[npt.NDArray[np.uint8]], inside: npt.NDArray[np.bool_]
+                   ) -> npt.NDArray[np.object_]:
+    """The tokens of the `inside` rows as an object array of bytes (what the
+    archive stores whole, trailing NULs included), batch by batch: no copy
+    of every token as one array first."""
+    out = np.empty(int(np.count_nonzero(inside)), dtype=object)
+    at = done = 0
+    for part in parts:
+        mine = inside[at:at + len(part)]
+        at += len(part)
+        rows = part[mine] if not mine.all() else part
+        if not len(rows):
+            continue
+        if rows.shape[1]:   # a void item's tolist() is its bytes, whole
+            out[done:done + len(rows)] = np.ascontiguousarray(rows).view(
+                f"V{rows.shape[1]}").reshape(-1).tolist()
+        else:
+            out[done:done + len(rows)] = [b""] * len(rows)
+        done += len(rows)
+    return out
+
+
+def _period_tables(settled: Settled, tokens: npt.NDArray[np.object_], report: Report,
                    clearings: list[OperatorClearing], statements: list[bytes],
                    carry_in: Carry) -> dict[str, archive_module.Table]:
     """A closed period as archive tables: its records with their gateway,
@@ -886,7 +1011,7 @@ def _period_tables(settled: Settled, tokens: npt.NDArray[np.uint8], report: Repo
     records = settled.records[new]
     rows: archive_module.Table = {name: records[name] for name in RECORD_DTYPE.names or ()}
     rows["gateway"] = np.array(settled.names, dtype=object)[settled.gateway[new]]
-    rows["token"] = np.array([bytes(t) for t in tokens], dtype=object)
+    rows["token"] = tokens
     for name in ("charged", "double_spend", "duplicate", "clone", "backwards", "invalid",
                  "late"):
         rows[name] = getattr(result, name)[new]
