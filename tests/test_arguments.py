@@ -31,6 +31,9 @@ from qrpay._impl import core
 from qrpay.format import CRED_LIMIT, MAX_TIME, TOKEN_COUNTER, TOKEN_LEN, U32_MAX, kid_to_int
 from qrpay.qr import encode_text
 from qrpay.scoring import FeatureBins, LimitBand, LimitPolicy, Scorecard, auc, feature_psi, psi
+from qrpay import archive, clearing
+from qrpay.clearing import FeeSchedule
+from qrpay.keys import SettlementKey
 from qrpay.settlement import Settlement
 
 FORMAT_MD = Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md"
@@ -490,6 +493,14 @@ class World:
         self.batch_doc = self.gateway.export_batch(now=NOW)
         self.settlement = Settlement(self.fresh_dir(), self.trust, [self.gateway_key.public])
         self.settlement.ingest(self.batch_doc)
+        # A closed period (the first batch's), for the calls that read one.
+        self.settlement_key = SettlementKey(bytes(range(96, 128)))
+        self.fees = FeeSchedule(1, {scene: 100 for scene in Scene}, 0)
+        self.settlement.set_fee_schedule(self.fees)
+        self.settlement.register_gateway(self.gateway_key.public, "bus-co")
+        self.cut = NOW + 1_000
+        closed = self.settlement.close_period(self.cut, self.settlement_key, now=NOW + 1_000)
+        self.statement_doc = self.settlement.statement(closed.number, "bus-co")
         self.references = 0
         rng = np.random.default_rng(11)
         self.X = rng.normal(size=(300, 2))
@@ -507,6 +518,11 @@ class World:
     def reference(self) -> str:
         self.references += 1
         return f"ref-{self.references}"
+
+    def until(self) -> int:
+        """A cut after every one before: each close_period closes a new period."""
+        self.cut += 1
+        return self.cut
 
     def close(self) -> None:
         self.gateway.close()
@@ -693,7 +709,36 @@ ENTRIES: list[tuple[str, str, Any, Any]] = [
     ("settlement", "Settlement.repayments", lambda w, **a: w.settlement.repayments(**a),
      lambda w: {"account": 1001}),
     ("settlement", "Settlement.credit_history", lambda w, **a: w.settlement.credit_history(**a),
-     lambda w: {"now": NOW, "due_after": 86_400}),
+     lambda w: {"now": w.cut, "due_after": 7 * 86_400}),
+    # periods and clearing
+    ("periods", "Settlement(horizon, archive)", lambda w, **a: _open_settlement(**a),
+     lambda w: {"directory": w.fresh_dir(), "horizon": 3_600, "due_after": 86_400,
+                "archive": w.fresh_dir(), "archive_format": "npy"}),
+    ("periods", "Settlement.register_gateway(operator)",
+     lambda w, **a: w.settlement.register_gateway(**a),
+     lambda w: {"key": w.gateway_key.public, "operator": "bus-co"}),
+    ("periods", "Settlement.close_period", lambda w, **a: w.settlement.close_period(**a),
+     lambda w: {"until": w.until(), "key": w.settlement_key, "now": U32_MAX}),
+    ("periods", "Settlement.period_report", lambda w, **a: w.settlement.period_report(**a),
+     lambda w: {"number": 1}),
+    ("periods", "Settlement.statement", lambda w, **a: w.settlement.statement(**a),
+     lambda w: {"number": 1, "operator": "bus-co"}),
+    ("periods", "Settlement.set_fee_schedule", lambda w, **a: w.settlement.set_fee_schedule(**a),
+     lambda w: {"schedule": w.fees}),
+    ("periods", "Settlement.fee_schedule", lambda w, **a: w.settlement.fee_schedule(**a),
+     lambda w: {"at": NOW}),
+    ("periods", "FeeSchedule", lambda w, **a: FeeSchedule(**a),
+     lambda w: {"version": 2, "bps": {scene: 10 for scene in Scene}, "effective_from": NOW}),
+    ("periods", "clearing.clear", lambda w, **a: clearing.clear(**a),
+     lambda w: {"amount": [100, 200], "scene": [0, 2], "operator": [0, 1],
+                "operators": ["a", "b"], "schedule": w.fees}),
+    ("periods", "clearing.verify_statement", lambda w, **a: clearing.verify_statement(**a),
+     lambda w: {"data": w.statement_doc, "public": w.settlement_key.public}),
+    ("periods", "archive.read_period", lambda w, **a: archive.read_period(**a),
+     lambda w: {"root": w.settlement.archive, "number": 1, "tables": ["charges"]}),
+    ("periods", "archive.write_period", lambda w, **a: archive.write_period(**a),
+     lambda w: {"root": w.fresh_dir(), "number": 1, "tables": {"t": {"a": np.arange(3)}},
+                "summary": b"s", "format": "npy"}),
 ]
 AREAS = sorted({area for area, *_ in ENTRIES})
 

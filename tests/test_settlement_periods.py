@@ -368,3 +368,39 @@ def test_a_batch_across_the_cut_is_split(tmp_path: Path, deny_trust: TrustStore,
     assert rows["records"]["record"].tolist() == [2]
     assert s.report().records == 0 and not s.report().findings
     s.close()
+
+
+def test_two_closes_at_once_close_once(tmp_path: Path, deny_trust: TrustStore,
+                                       issuer: IssuerKey, keys: list[GatewayKey]) -> None:
+    """Two replicas (two connections) closing the same period: one closes
+    it, the other is told PeriodClosed; the archive holds the one that won."""
+    import threading
+
+    s = store(tmp_path / "s", deny_trust, keys)
+    up = Uploads(keys)
+    riders = [make_rider(issuer, 110 + i) for i in range(20)]
+    for gw in range(3):
+        s.ingest(up.batch(gw, [(r.token(NOW + gw * 100 + i, gw + 1), 10 + i, Scene.BUS,
+                                NOW + gw * 100 + i) for i, r in enumerate(riders)], NOW + 500))
+    total = s.report().charged_total
+    replicas = [s, Settlement(tmp_path / "s", deny_trust)]
+    start = threading.Barrier(2)
+    outcomes: list[object] = []
+
+    def close(replica: Settlement) -> None:
+        start.wait()
+        try:
+            outcomes.append(replica.close_period(NOW + DAY, SETTLEMENT_KEY, now=NOW + DAY))
+        except errors.PeriodClosed as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=close, args=(r,)) for r in replicas]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(type(o).__name__ for o in outcomes) == ["PeriodClosed", "PeriodSummary"]
+    archive.verify_period(s.archive, 1)
+    assert s.period_report(1).charged_total == total and [p.number for p in s.periods()] == [1]
+    for replica in replicas:
+        replica.close()
