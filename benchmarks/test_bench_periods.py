@@ -69,7 +69,7 @@ from qrpay.settlement import STORE_FILE, Settlement
 from qrpay.keys import SettlementKey
 
 FULL = os.environ.get("QRPAY_BENCH_FULL", "") not in ("", "0")
-DAYS = 30
+DAYS = int(os.environ.get("QRPAY_BENCH_DAYS", "30"))   # the targets compare day DAYS with day 1
 RECORDS = 1_000_000 if FULL else 20_000        # per day, planted rows included
 SERIALS = 200_000 if FULL else 4_000
 GATEWAYS = 200 if FULL else 40

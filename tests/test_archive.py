@@ -684,3 +684,32 @@ def test_import_and_npy_without_pyarrow(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
 
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("rows", [0, 1, 7])
+def test_a_2d_uint8_array_is_a_fixed_width_bytes_column(tmp_path: Path, fmt: str,
+                                                       rows: int) -> None:
+    """Tokens as one 204-byte row each: stored whole (trailing NULs too),
+    read back as the same 2-D array; in Parquet a fixed-size, uncompressed
+    BINARY column every reader takes."""
+    tokens = np.random.default_rng(rows).integers(0, 256, (rows, 204), dtype=np.uint8)
+    if rows:
+        tokens[0, -5:] = 0
+    archive.write_period(tmp_path, 1, {"r": {"n": np.arange(rows), "token": tokens}}, b"",
+                         format=fmt)
+    got = archive.read_period(tmp_path, 1)[0]["r"]["token"]
+    assert got.dtype == np.uint8 and got.shape == (rows, 204) and np.array_equal(got, tokens)
+    got[...] = 1   # writable, as np.load's arrays are
+    archive.verify_period(tmp_path, 1)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+        meta = pq.ParquetFile(tmp_path / "period-000001" / "r.parquet")
+        assert str(meta.schema_arrow.field("token").type) == "fixed_size_binary[204]"
+        if rows:
+            assert meta.metadata.row_group(0).column(1).compression == "UNCOMPRESSED"
+            assert pq.read_table(tmp_path / "period-000001" / "r.parquet")[
+                "token"][0].as_py() == tokens[0].tobytes()
+    with pytest.raises(InvalidArgument):
+        archive.write_period(tmp_path, 2, {"r": {"token": tokens.astype(np.int16)}}, b"",
+                             format=fmt)

@@ -67,6 +67,21 @@ _NUMERIC = {np.dtype(name).name: np.dtype(name) for name in (
     "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
     "float32", "float64")}
 _KINDS = frozenset(_NUMERIC) | {"bytes", "str"}
+# A column of equal-width bytes (tokens, keys) given as a 2-D uint8 array:
+# kind "fixed:WIDTH"; Parquet FIXED_LEN_BYTE_ARRAY, a 2-D .npy. Random bytes
+# as a rule, so stored without compression, and never as Python objects.
+_FIXED = re.compile(r"fixed:([1-9][0-9]{0,4})")
+_MAX_WIDTH = 65_535
+
+
+def _width(kind: str) -> int | None:
+    """The width of a fixed-width kind, or None for any other kind."""
+    match = _FIXED.fullmatch(kind)
+    return int(match.group(1)) if match and int(match.group(1)) <= _MAX_WIDTH else None
+
+
+def _known(kind: object) -> bool:
+    return isinstance(kind, str) and (kind in _KINDS or _width(kind) is not None)
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _PERIOD = re.compile(r"period-([0-9]{6,})")
 _TEMP = re.compile(r"\.period-[0-9]{6,}\.tmp-[0-9a-f]+")
@@ -81,8 +96,8 @@ _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 class _Column(NamedTuple):
     name: str
-    kind: str                    # a _NUMERIC name, "bytes" or "str"
-    values: npt.NDArray[Any]     # little-endian numbers, or an object array
+    kind: str                    # a _NUMERIC name, "bytes", "str" or "fixed:WIDTH"
+    values: npt.NDArray[Any]     # little-endian numbers, an object array, or 2-D uint8
 
 
 class _File(NamedTuple):
@@ -161,7 +176,7 @@ def _files(fmt: str, table: str, columns: Iterable[tuple[str, str]]) -> list[str
         return [f"{table}.parquet"]
     names = []
     for name, kind in columns:
-        if kind in _NUMERIC:
+        if kind in _NUMERIC or _width(kind) is not None:
             names.append(f"{table}.{name}.npy")
         else:
             names += [f"{table}.{name}.data.npy", f"{table}.{name}.offsets.npy"]
@@ -179,8 +194,12 @@ def _objects(values: list[Any]) -> npt.NDArray[Any]:
 
 def _column(table: str, name: str, values: object) -> _Column:
     where = f"{table}.{name}"
+    if (isinstance(values, np.ndarray) and values.ndim == 2 and values.dtype == np.uint8
+            and 0 < values.shape[1] <= _MAX_WIDTH):
+        return _Column(name, f"fixed:{values.shape[1]}", np.ascontiguousarray(values))
     if not isinstance(values, np.ndarray) or values.ndim != 1:
-        raise InvalidArgument(f"{where}: a column is a 1-D numpy array")
+        raise InvalidArgument(f"{where}: a column is a 1-D numpy array (or a 2-D uint8 "
+                              "array: one fixed-width bytes value per row)")
     dtype = values.dtype
     if dtype.name in _NUMERIC and dtype.kind in "biuf":
         return _Column(name, dtype.name, np.ascontiguousarray(values, dtype.newbyteorder("<")))
@@ -294,7 +313,7 @@ def _write_npy(directory: Path, table: str, columns: list[_Column]) -> dict[str,
     names = iter(_files("npy", table, ((c.name, c.kind) for c in columns)))
     files = {}
     for column in columns:
-        if column.kind in _NUMERIC:
+        if column.kind in _NUMERIC or _width(column.kind) is not None:
             name = next(names)
             files[name] = _save_npy(directory, name, column.values)
             continue
@@ -311,13 +330,24 @@ def _write_npy(directory: Path, table: str, columns: list[_Column]) -> dict[str,
 def _write_parquet(directory: Path, table: str, columns: list[_Column]) -> dict[str, _File]:
     pa, pq = _arrow("the parquet format", InvalidArgument)
     types = {"bytes": pa.binary(), "str": pa.string()}
-    arrays = [pa.array(c.values, type=types.get(c.kind)) for c in columns]
+
+    def arrow(column: _Column) -> Any:
+        width = _width(column.kind)
+        if width is None:
+            return pa.array(column.values, type=types.get(column.kind))
+        # Zero-copy: the rows are the values buffer of a fixed-size binary array.
+        return pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(width), len(column.values), [None, pa.py_buffer(column.values)])
+
+    arrays = [arrow(c) for c in columns]
     # Plain files: no pandas metadata, the default encodings; unsigned stays
     # unsigned (Parquet's UINT_* annotations), bytes are BINARY, str STRING.
     sink = pa.BufferOutputStream()
     pq.write_table(pa.table(arrays, names=[c.name for c in columns]), sink,
-                   compression=PARQUET_COMPRESSION,
-                   compression_level=PARQUET_COMPRESSION_LEVEL)
+                   compression={c.name: "NONE" if _width(c.kind) else PARQUET_COMPRESSION
+                                for c in columns},
+                   compression_level={c.name: PARQUET_COMPRESSION_LEVEL for c in columns
+                                      if not _width(c.kind)} or None)
     (name,) = _files("parquet", table, ())
     return {name: _write_file(directory, name, sink.getvalue())}
 
@@ -562,7 +592,7 @@ def _parse(path: Path, data: bytes, number: int) -> _Manifest:
         for name, table in _want(doc["tables"], dict).items():
             _want(table, dict, {"rows", "columns", "files"})
             columns = [(_check_name("a column", c[0]), c[1]) for c in _want(table["columns"], list)
-                       if _want(c, list) and len(c) == 2 and c[1] in _KINDS]
+                       if _want(c, list) and len(c) == 2 and _known(c[1])]
             if len(columns) != len(table["columns"]) or not columns:
                 raise ValueError("a column is [name, kind]")
             files = {f: _file(entry) for f, entry in _want(table["files"], dict).items()}
@@ -593,10 +623,11 @@ def _file(entry: Any) -> _File:
     return _File(_want(entry[0], int), entry[1])
 
 
-def _read_npy(path: Path, data: bytearray, dtype: np.dtype[Any], rows: int | None
-              ) -> npt.NDArray[Any]:
+def _read_npy(path: Path, data: bytearray, dtype: np.dtype[Any], rows: int | None,
+              width: int | None = None) -> npt.NDArray[Any]:
     """The array of a .npy file's bytes, as np.load(allow_pickle=False) reads
-    it but without a copy: a writable view of `data`."""
+    it but without a copy: a writable view of `data`. With `width`, a 2-D
+    array of that many columns."""
     head = io.BytesIO(bytes(data[:_NPY_HEAD]))
     try:
         version = npy_format.read_magic(head)
@@ -606,11 +637,15 @@ def _read_npy(path: Path, data: bytearray, dtype: np.dtype[Any], rows: int | Non
         shape, fortran, found = read_header(head)
     except (ValueError, EOFError) as exc:
         raise _bad(path, f"not a .npy file ({exc})") from None
-    if (found != dtype or fortran or len(shape) != 1 or rows not in (None, shape[0])
-            or head.tell() + shape[0] * dtype.itemsize != len(data)):
+    want = 1 if width is None else 2
+    cells = shape[0] * (1 if width is None else width)
+    if (found != dtype or fortran or len(shape) != want or rows not in (None, shape[0])
+            or (width is not None and shape[1] != width)
+            or head.tell() + cells * dtype.itemsize != len(data)):
         raise _bad(path, f"holds {found} x {shape}, not the manifest's "
                          f"{dtype} x {rows if rows is not None else 'n'}")
-    return np.frombuffer(data, dtype=dtype, count=shape[0], offset=head.tell())
+    array = np.frombuffer(data, dtype=dtype, count=cells, offset=head.tell())
+    return array if width is None else array.reshape(shape[0], width)
 
 
 def _strings(path: Path, raw: bytes, offsets: npt.NDArray[np.int64], kind: str
@@ -630,10 +665,11 @@ def _strings(path: Path, raw: bytes, offsets: npt.NDArray[np.int64], kind: str
 def _load_npy(directory: Path, table: str, entry: _Table) -> Table:
     out = {}
     for name, kind in entry.columns:
-        if kind in _NUMERIC:
+        if kind in _NUMERIC or _width(kind) is not None:
             path = directory / f"{table}.{name}.npy"
-            out[name] = _read_npy(path, _checked(path, entry.files[path.name]),
-                                  _NUMERIC[kind].newbyteorder("<"), entry.rows)
+            dtype = np.dtype(np.uint8) if _width(kind) else _NUMERIC[kind].newbyteorder("<")
+            out[name] = _read_npy(path, _checked(path, entry.files[path.name]), dtype,
+                                  entry.rows, _width(kind))
             continue
         data = directory / f"{table}.{name}.data.npy"
         offsets = directory / f"{table}.{name}.offsets.npy"
@@ -658,9 +694,17 @@ def _load_parquet(directory: Path, table: str, entry: _Table) -> Table:
     types = {"bytes": (pa.binary(), pa.large_binary()), "str": (pa.string(), pa.large_string())}
     out = {}
     for (name, kind), column in zip(entry.columns, read.columns):
-        wanted = types.get(kind) or (pa.from_numpy_dtype(_NUMERIC[kind]),)
+        width = _width(kind)
+        wanted = ((pa.binary(width),) if width else types.get(kind)
+                  or (pa.from_numpy_dtype(_NUMERIC[kind]),))
         if column.type not in wanted or column.null_count:
             raise _bad(path, f"column {name} is {column.type}, the manifest says {kind}")
+        if width:
+            whole = column.combine_chunks()
+            start = whole.offset * width
+            out[name] = np.frombuffer(whole.buffers()[1], dtype=np.uint8)[
+                start:start + len(whole) * width].reshape(len(whole), width).copy()
+            continue
         values = column.to_numpy()   # an object array of bytes or str for those kinds
         # Writable, as np.load's are: a zero-copy view of Arrow memory is not.
         out[name] = values if values.flags.writeable else values.copy()

@@ -20,7 +20,7 @@ them, the tests compare settling in one piece and in many.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
@@ -75,14 +75,19 @@ class Carry:
 
     @staticmethod
     def from_tables(tables: dict[str, Table]) -> Carry:
+        """The Carry of `to_tables`' tables; without carry_charges (as a
+        period's archive holds it: the tail and floor only) its charges are
+        empty and its credit state None."""
         tail_columns = tables["carry_tail"]
         tail = np.zeros(len(tail_columns["gateway"]), dtype=RECORD_DTYPE)
         for name in RECORD_DTYPE.names or ():
             tail[name] = tail_columns[name]
         floor = tables["carry_floor"]
-        charges = np.zeros(len(tables["carry_charges"]["account"]), dtype=CHARGE_DTYPE)
+        charges = np.zeros(len(tables["carry_charges"]["account"]) if "carry_charges" in tables
+                           else 0, dtype=CHARGE_DTYPE)
         for name in CHARGE_DTYPE.names or ():
-            charges[name] = tables["carry_charges"][name]
+            if len(charges):
+                charges[name] = tables["carry_charges"][name]
         state = None
         if "carry_credit" in tables:
             columns = tables["carry_credit"]
@@ -102,13 +107,16 @@ class Carry:
 @dataclass(frozen=True)
 class Settled:
     """A period's records settled against a Carry. The arrays cover the
-    carried tail first (`prior` rows) and then the period's records."""
+    carried tail rows the period needed first (`prior` rows: `from_tail`
+    says which) and then the period's records."""
 
-    records: npt.NDArray[np.void]          # tail + period, RECORD_DTYPE
+    records: npt.NDArray[np.void]          # needed tail rows + period, RECORD_DTYPE
     gateway: npt.NDArray[np.int64]         # index into `names`
     names: list[str]
     prior: int
     result: LedgerResult
+    from_tail: npt.NDArray[np.int64] = field(
+        default_factory=lambda: np.zeros(0, dtype=np.int64))   # rows of carry.tail
 
     @property
     def new(self) -> slice:
@@ -118,8 +126,19 @@ class Settled:
 def settle_period(carry: Carry, records: npt.NDArray[np.void],
                   gateway_ids: npt.NDArray[np.object_], slack: int) -> Settled:
     """Settle `records` (arrival order; `gateway_ids` the gateway of each)
-    after everything `carry` stands for."""
-    every = np.concatenate([carry.tail_gateway, gateway_ids]) if len(carry.tail) else gateway_ids
+    after everything `carry` stands for.
+
+    Of the tail, only the rows a period record can meet go through the
+    kernel (_needed); for every other serial each of its records was
+    scanned more than `slack` after all its tail rows, so the tail counts
+    only as a floor (its highest counter), exactly as the kernel would use
+    it."""
+    needed = _needed(carry, records, slack)
+    rest = np.ones(len(carry.tail), dtype=np.bool_)
+    rest[needed] = False
+    floor = _raise_floor(carry.floor, carry.tail[rest])
+    tail, tail_gateway = carry.tail[needed], carry.tail_gateway[needed]
+    every = np.concatenate([tail_gateway, gateway_ids]) if len(tail) else gateway_ids
     # Ids come in runs (a batch's records, the tail's), so look each run up once.
     run = np.flatnonzero(np.r_[True, every[1:] != every[:-1]]) if len(every) else np.zeros(
         0, dtype=np.int64)
@@ -128,11 +147,36 @@ def settle_period(carry: Carry, records: npt.NDArray[np.void],
     index = {name: i for i, name in enumerate(names)}
     gateway = np.repeat(np.fromiter((index[g] for g in firsts), dtype=np.int64,
                                     count=len(firsts)), np.diff(np.r_[run, len(every)]))
-    both = np.concatenate([carry.tail, records]) if len(carry.tail) else records
-    result = settle(both, gateway, slack, prior=len(carry.tail), prior_charged=carry.tail_charged,
-                    prior_flagged=carry.tail_flagged, prior_found=carry.tail_found,
-                    floor=carry.floor)
-    return Settled(both, gateway, names, len(carry.tail), result)
+    both = np.concatenate([tail, records]) if len(tail) else records
+    result = settle(both, gateway, slack, prior=len(tail),
+                    prior_charged=carry.tail_charged[needed],
+                    prior_flagged=carry.tail_flagged[needed],
+                    prior_found=carry.tail_found[needed], floor=floor)
+    return Settled(both, gateway, names, len(tail), result, needed)
+
+
+def _needed(carry: Carry, records: npt.NDArray[np.void], slack: int) -> npt.NDArray[np.int64]:
+    """The tail rows (indices, in order) a period record can meet other than
+    through its serial's highest counter: every tail row of a serial that
+    has a period record scanned within `slack` after (or before) one of its
+    tail rows, and the charged tail rows still outstanding offline when a
+    period record of their serial was scanned (overspend)."""
+    tail = carry.tail
+    if not len(tail) or not len(records):
+        return np.zeros(0, dtype=np.int64)
+    serials, at = np.unique(tail["serial"], return_inverse=True)
+    latest = np.full(len(serials), -1, dtype=np.int64)
+    np.maximum.at(latest, at, tail["gateway_time"].astype(np.int64))
+    where = np.searchsorted(serials, records["serial"]).clip(max=len(serials) - 1)
+    mine = serials[where] == records["serial"]
+    when = records["gateway_time"].astype(np.int64)
+    close = mine & (when - slack <= latest[where])
+    near = np.zeros(len(serials), dtype=np.bool_)
+    near[where[close]] = True
+    earliest = np.full(len(serials), np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(earliest, where[mine], when[mine])
+    outstanding = carry.tail_charged & (tail["uploaded_at"].astype(np.int64) > earliest[at])
+    return np.flatnonzero(near[at] | outstanding)
 
 
 def carry_forward(carry: Carry, settled: Settled, keep_from: int,
@@ -142,27 +186,32 @@ def carry_forward(carry: Carry, settled: Settled, keep_from: int,
     stay in the tail; the older ones go into the floor. Charges and
     repayments that can no longer change are left to credit state by the
     caller (fold_credit)."""
-    records, result, prior = settled.records, settled.result, settled.prior
+    result, prior = settled.result, settled.prior
+    new_records = settled.records[settled.new]
+    names = np.array(settled.names, dtype=object)
+    # The whole tail (the rows the period did not need keep their verdicts),
+    # then the period's records.
+    found_now = np.zeros(len(carry.tail), dtype=np.bool_)
+    found_now[settled.from_tail] = result.found_behind[:prior]
+    records = np.concatenate([carry.tail, new_records])
+    gateway = np.concatenate([carry.tail_gateway, names[settled.gateway[settled.new]]])
+    charged = np.concatenate([carry.tail_charged, result.charged[settled.new]])
+    flagged = np.concatenate([carry.tail_flagged, result.backwards[settled.new]])
+    found = np.concatenate([carry.tail_found | found_now, result.found_behind[settled.new]])
     valid = records["reason"] == 0
-    charged = result.charged.copy()
-    flagged = result.backwards.copy()
-    flagged[:prior] = carry.tail_flagged
-    found = result.found_behind.copy()
-    found[:prior] |= carry.tail_found
     recent = ((records["gateway_time"].astype(np.int64) >= keep_from)
               | (records["uploaded_at"].astype(np.int64) >= keep_from))
     keep = valid & recent
     dropped = valid & ~recent
     floor = _raise_floor(carry.floor, records[dropped])
-    names = np.array(settled.names, dtype=object)
-    new_charges = records[settled.new][charged[settled.new]]
+    new_charges = new_records[result.charged[settled.new]]
     charges = np.zeros(len(carry.charges) + len(new_charges), dtype=CHARGE_DTYPE)
     charges[:len(carry.charges)] = carry.charges
     charges["account"][len(carry.charges):] = new_charges["account"]
     charges["time"][len(carry.charges):] = new_charges["gateway_time"]
     charges["amount"][len(carry.charges):] = new_charges["amount"]
-    return Carry(records[keep], names[settled.gateway[keep]], charged[keep], flagged[keep],
-                 found[keep], floor, charges, carry.credit)
+    return Carry(records[keep], gateway[keep], charged[keep], flagged[keep], found[keep], floor,
+                 charges, carry.credit)
 
 
 def _raise_floor(floor: Floor, dropped: npt.NDArray[np.void]) -> Floor:

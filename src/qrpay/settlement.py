@@ -564,7 +564,7 @@ class Settlement:
             after = self._fold_credit(carry_forward(carry, settled, until - self.horizon,
                                                     self.due_after), until - self.horizon)
             summary = self._summary(key, report, clearings, settled, closed_at)
-            tables = _period_tables(settled, _token_objects(tokens, inside), report, clearings,
+            tables = _period_tables(settled, _token_rows(tokens, inside), report, clearings,
                                     statements, carry)
             self._archive(number, tables, summary)
             flagged = report.flagged_serials()
@@ -978,35 +978,22 @@ def _parse_records(items: list[Any], first: int, last: int
     return records, array, lengths
 
 
-def _token_objects(parts: list[npt.NDArray[np.uint8]], inside: npt.NDArray[np.bool_]
-                   ) -> npt.NDArray[np.object_]:
-    """The tokens of the `inside` rows as an object array of bytes (what the
-    archive stores whole, trailing NULs included), batch by batch: no copy
-    of every token as one array first."""
-    out = np.empty(int(np.count_nonzero(inside)), dtype=object)
-    at = done = 0
-    for part in parts:
-        mine = inside[at:at + len(part)]
-        at += len(part)
-        rows = part[mine] if not mine.all() else part
-        if not len(rows):
-            continue
-        if rows.shape[1]:   # a void item's tolist() is its bytes, whole
-            out[done:done + len(rows)] = np.ascontiguousarray(rows).view(
-                f"V{rows.shape[1]}").reshape(-1).tolist()
-        else:
-            out[done:done + len(rows)] = [b""] * len(rows)
-        done += len(rows)
-    return out
+def _token_rows(parts: list[npt.NDArray[np.uint8]], inside: npt.NDArray[np.bool_]
+                ) -> npt.NDArray[np.uint8]:
+    """The tokens of the `inside` rows, one TOKEN_LEN row each (the archive
+    stores them as a fixed-width bytes column)."""
+    if not parts:
+        return np.zeros((0, TOKEN_LEN), dtype=np.uint8)
+    rows = np.concatenate([p.reshape(len(p), TOKEN_LEN) for p in parts])
+    return rows[inside]
 
 
-def _period_tables(settled: Settled, tokens: npt.NDArray[np.object_], report: Report,
+def _period_tables(settled: Settled, tokens: npt.NDArray[np.uint8], report: Report,
                    clearings: list[OperatorClearing], statements: list[bytes],
                    carry_in: Carry) -> dict[str, archive_module.Table]:
     """A closed period as archive tables: its records with their gateway,
     token and verdicts; the report; the clearing; the signed statements;
-    and the Carry it was settled after (with the records, enough to settle
-    it again)."""
+    and the tail and floor it was settled after."""
     new, result = settled.new, settled.result
     records = settled.records[new]
     rows: archive_module.Table = {name: records[name] for name in RECORD_DTYPE.names or ()}
@@ -1030,7 +1017,10 @@ def _period_tables(settled: Settled, tokens: npt.NDArray[np.object_], report: Re
             "operator": np.array([c.operator for c in clearings], dtype=object),
             "document": np.array(statements, dtype=object).reshape(-1),
         },
-        **carry_in.to_tables(),
     }
+    # The tail and floor it was settled after: with the records, enough to
+    # settle it again. (The credit charges are the store's, not the period's.)
+    carried = carry_in.to_tables()
+    tables.update({name: carried[name] for name in ("carry_tail", "carry_floor")})
     return tables
 
