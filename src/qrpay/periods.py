@@ -123,20 +123,43 @@ class Settled:
         return slice(self.prior, None)
 
 
+@dataclass(frozen=True)
+class TailIndex:
+    """The tail by serial, worked out once per Carry (a store keeps it while
+    no period closes): the serials, each tail row's serial, each serial's
+    latest scan, and the floor with every tail serial's highest counter and
+    latest scan folded in."""
+
+    serials: npt.NDArray[np.uint64]     # sorted, distinct
+    at: npt.NDArray[np.int64]           # per tail row: its serial's index
+    latest: npt.NDArray[np.int64]       # per serial: its latest tail scan
+    merged: Floor
+
+
+def index_tail(carry: Carry) -> TailIndex:
+    tail = carry.tail
+    serials, at = np.unique(tail["serial"], return_inverse=True)
+    at = at.astype(np.int64).reshape(-1)
+    latest = np.full(len(serials), -1, dtype=np.int64)
+    np.maximum.at(latest, at, tail["gateway_time"].astype(np.int64))
+    return TailIndex(serials, at, latest, _raise_floor(carry.floor, tail))
+
+
 def settle_period(carry: Carry, records: npt.NDArray[np.void],
-                  gateway_ids: npt.NDArray[np.object_], slack: int) -> Settled:
+                  gateway_ids: npt.NDArray[np.object_], slack: int,
+                  index: TailIndex | None = None) -> Settled:
     """Settle `records` (arrival order; `gateway_ids` the gateway of each)
-    after everything `carry` stands for.
+    after everything `carry` stands for (`index`: index_tail(carry), if the
+    caller keeps it).
 
     Of the tail, only the rows a period record can meet go through the
     kernel (_needed); for every other serial each of its records was
     scanned more than `slack` after all its tail rows, so the tail counts
     only as a floor (its highest counter), exactly as the kernel would use
     it."""
-    needed = _needed(carry, records, slack)
-    rest = np.ones(len(carry.tail), dtype=np.bool_)
-    rest[needed] = False
-    floor = _raise_floor(carry.floor, carry.tail[rest])
+    index = index_tail(carry) if index is None else index
+    needed, near = _needed(carry, index, records, slack)
+    floor = _floor_for(carry.floor, index.merged, index.serials[near])
     tail, tail_gateway = carry.tail[needed], carry.tail_gateway[needed]
     every = np.concatenate([tail_gateway, gateway_ids]) if len(tail) else gateway_ids
     # Ids come in runs (a batch's records, the tail's), so look each run up once.
@@ -144,8 +167,8 @@ def settle_period(carry: Carry, records: npt.NDArray[np.void],
         0, dtype=np.int64)
     firsts = every[run].tolist()
     names = sorted(set(firsts))
-    index = {name: i for i, name in enumerate(names)}
-    gateway = np.repeat(np.fromiter((index[g] for g in firsts), dtype=np.int64,
+    lookup = {name: i for i, name in enumerate(names)}
+    gateway = np.repeat(np.fromiter((lookup[g] for g in firsts), dtype=np.int64,
                                     count=len(firsts)), np.diff(np.r_[run, len(every)]))
     both = np.concatenate([tail, records]) if len(tail) else records
     result = settle(both, gateway, slack, prior=len(tail),
@@ -155,28 +178,45 @@ def settle_period(carry: Carry, records: npt.NDArray[np.void],
     return Settled(both, gateway, names, len(tail), result, needed)
 
 
-def _needed(carry: Carry, records: npt.NDArray[np.void], slack: int) -> npt.NDArray[np.int64]:
+def _needed(carry: Carry, index: TailIndex, records: npt.NDArray[np.void], slack: int
+            ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
     """The tail rows (indices, in order) a period record can meet other than
     through its serial's highest counter: every tail row of a serial that
     has a period record scanned within `slack` after (or before) one of its
-    tail rows, and the charged tail rows still outstanding offline when a
-    period record of their serial was scanned (overspend)."""
-    tail = carry.tail
-    if not len(tail) or not len(records):
-        return np.zeros(0, dtype=np.int64)
-    serials, at = np.unique(tail["serial"], return_inverse=True)
-    latest = np.full(len(serials), -1, dtype=np.int64)
-    np.maximum.at(latest, at, tail["gateway_time"].astype(np.int64))
+    tail rows ("near" serials, also returned), and the charged tail rows
+    still outstanding offline when a period record of their serial was
+    scanned (overspend)."""
+    serials = index.serials
+    near = np.zeros(len(serials), dtype=np.bool_)
+    if not len(carry.tail) or not len(records):
+        return np.zeros(0, dtype=np.int64), near
     where = np.searchsorted(serials, records["serial"]).clip(max=len(serials) - 1)
     mine = serials[where] == records["serial"]
     when = records["gateway_time"].astype(np.int64)
-    close = mine & (when - slack <= latest[where])
-    near = np.zeros(len(serials), dtype=np.bool_)
+    close = mine & (when - slack <= index.latest[where])
     near[where[close]] = True
     earliest = np.full(len(serials), np.iinfo(np.int64).max, dtype=np.int64)
     np.minimum.at(earliest, where[mine], when[mine])
-    outstanding = carry.tail_charged & (tail["uploaded_at"].astype(np.int64) > earliest[at])
-    return np.flatnonzero(near[at] | outstanding)
+    outstanding = carry.tail_charged & (
+        carry.tail["uploaded_at"].astype(np.int64) > earliest[index.at])
+    return np.flatnonzero(near[index.at] | outstanding), near
+
+
+def _floor_for(floor: Floor, merged: Floor, near: npt.NDArray[np.uint64]) -> Floor:
+    """The floor a period is settled against: the merged one (tail folded
+    in), but for the `near` serials, whose tail rows go through the kernel,
+    the carried one."""
+    if not len(near):
+        return merged
+    drop = np.zeros(len(merged.serial), dtype=np.bool_)
+    at = np.searchsorted(merged.serial, near)
+    drop[at[merged.serial[at.clip(max=len(merged.serial) - 1)] == near]] = True
+    back = np.searchsorted(floor.serial, near).clip(max=max(len(floor.serial) - 1, 0))
+    hit = back[floor.serial[back] == near] if len(floor.serial) else back[:0]
+    serial = np.concatenate([merged.serial[~drop], floor.serial[hit]])
+    order = np.argsort(serial, kind="stable")
+    return Floor(serial[order], np.concatenate([merged.counter[~drop], floor.counter[hit]])[order],
+                 np.concatenate([merged.time[~drop], floor.time[hit]])[order])
 
 
 def carry_forward(carry: Carry, settled: Settled, keep_from: int,

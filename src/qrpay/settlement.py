@@ -46,7 +46,8 @@ from qrpay.format import (
 from qrpay.keys import GatewayPublicKey, IssuerKey, IssuerPublicKey, SettlementKey
 from qrpay.ledger import RECORD_DTYPE
 from qrpay.periods import (
-    Carry, Settled, Table, carry_forward, pack_tables, settle_period, unpack_tables,
+    Carry, Settled, Table, TailIndex, carry_forward, index_tail, pack_tables, settle_period,
+    unpack_tables,
 )
 from qrpay.reports import Finding as Finding  # re-exported: callers import it from here
 from qrpay.reports import Report as Report
@@ -199,6 +200,7 @@ class Settlement:
         self.archive = Path(archive) if archive is not None else self.directory / "archive"
         self.archive_format = archive_format
         self._lock = threading.RLock()  # one connection: calls take turns
+        self._carry_cache: tuple[int, Carry, TailIndex] | None = None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -519,12 +521,21 @@ class Settlement:
         not yet in a closed period, settled after the closed ones."""
         with self._lock:   # records and carry of one moment
             records, gateway, _t, _a = self._live()
-            carry = self._carry(credit=False)
             number, from_time = self._open_period()
+            carry, index = self._settling_carry(number)
             gaps = self._gaps()
-        settled = settle_period(carry, records, gateway, self._slack)
+        settled = settle_period(carry, records, gateway, self._slack, index)
         return build_report(settled, [], self.horizon, period=number, from_time=from_time,
                             gaps=gaps)
+
+    def _settling_carry(self, number: int) -> tuple[Carry, TailIndex]:
+        """The tail and floor the open period `number` settles after, and
+        their index: read and worked out once while that period is open (a
+        close in any process opens the next one)."""
+        if self._carry_cache is None or self._carry_cache[0] != number:
+            carry = self._carry(credit=False)
+            self._carry_cache = (number, carry, index_tail(carry))
+        return self._carry_cache[1], self._carry_cache[2]
 
     # -- periods -------------------------------------------------------------------------
 
