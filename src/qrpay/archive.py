@@ -347,7 +347,8 @@ def _write_parquet(directory: Path, table: str, columns: list[_Column]) -> dict[
                    compression={c.name: "NONE" if _width(c.kind) else PARQUET_COMPRESSION
                                 for c in columns},
                    compression_level={c.name: PARQUET_COMPRESSION_LEVEL for c in columns
-                                      if not _width(c.kind)} or None)
+                                      if not _width(c.kind)}
+                   if PARQUET_COMPRESSION_LEVEL is not None else None)
     (name,) = _files("parquet", table, ())
     return {name: _write_file(directory, name, sink.getvalue())}
 
