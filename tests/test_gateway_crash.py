@@ -19,8 +19,8 @@ proves that a restarted gateway continues (its clock from the time floor, its
 counters from the journal) without refusing anything. The worker inherits the
 environment, so `QRPAY_NO_EXTENSIONS=1 pytest` kills the pure-Python backend.
 
-QRPAY_CRASH_ROUNDS sets the number of kills (default 100, so the README's test
-command, which runs the suite once per backend, kills 200 gateways here; a
+QRPAY_CRASH_ROUNDS sets the number of kills (default 50, so the README's test
+command, which runs the suite once per backend, kills 100 gateways here; a
 long soak: QRPAY_CRASH_ROUNDS=5000 pytest tests/test_gateway_crash.py; QRPAY_CRASH_SEED
 picks another seeded run, e.g. to soak on both cores at once).
 """
@@ -49,7 +49,7 @@ from qrpay import AlreadyAccepted, QrPayError, Reason, generate_batch
 from qrpay.journal import Record
 
 WORKER = Path(__file__).with_name("crash_worker.py")
-ROUNDS = int(os.environ.get("QRPAY_CRASH_ROUNDS", "100"))
+ROUNDS = int(os.environ.get("QRPAY_CRASH_ROUNDS", "50"))
 ROUNDS_PER_JOURNAL = 5
 SEED = int(os.environ.get("QRPAY_CRASH_SEED", "20270115"))
 KILL_DELAY = (0.05, 0.6)   # seconds after the first ACK line

@@ -1,7 +1,7 @@
 """SIGKILL during close_period: the period is closed whole (its row, its
 archive folder, the carry, the live store emptied) or not at all (the live
 store as it was), and closing again gives the same period. Rounds:
-QRPAY_PERIOD_CRASH_ROUNDS (default 24 per backend)."""
+QRPAY_PERIOD_CRASH_ROUNDS (default 16 per backend)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from qrpay.settlement import Settlement
 from test_settlement import NOW, make_rider
 from test_settlement_periods import SETTLEMENT_KEY, Uploads, store
 
-ROUNDS = int(os.environ.get("QRPAY_PERIOD_CRASH_ROUNDS", "24"))
+ROUNDS = int(os.environ.get("QRPAY_PERIOD_CRASH_ROUNDS", "16"))
 WORKER = Path(__file__).with_name("period_crash_worker.py")
 UNTIL = NOW + 86_400
 

@@ -114,7 +114,7 @@ def _in_periods(records: np.ndarray, gateways: np.ndarray, cuts: list[int]
     return results, carry
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(streams())
 def test_one_period_or_many_settle_the_same(stream: Any) -> None:
     records, gateways, cuts = stream
