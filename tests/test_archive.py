@@ -545,6 +545,43 @@ def test_a_closed_period_is_never_overwritten(tmp_path: Path, fmt: str) -> None:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+def test_a_period_written_a_table_at_a_time(tmp_path: Path, fmt: str) -> None:
+    """PeriodWriter: tables added from other threads at once, then one
+    commit, read back as write_period's; given up, it leaves nothing; used
+    after its commit, a typed error."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tables = settlement_like(40)
+    with archive.PeriodWriter(tmp_path, 3, format=fmt) as writer:
+        with ThreadPoolExecutor(len(tables)) as pool:
+            list(pool.map(writer.add, *zip(*tables.items())))
+        assert list_periods(tmp_path) == []   # nothing in place before the commit
+        with pytest.raises(InvalidArgument, match="added already"):
+            writer.add("records", tables["records"])
+        final = writer.commit(b"summary")
+        with pytest.raises(InvalidArgument, match="committed"):
+            writer.add("more", {"a": np.zeros(1)})
+        with pytest.raises(InvalidArgument, match="committed"):
+            writer.commit(b"summary")
+    got, summary = read_period(tmp_path, 3)
+    assert summary == b"summary" and final == period_dir(tmp_path, 3)
+    assert_same({name: got[name] for name in tables}, tables)
+
+    with archive.PeriodWriter(tmp_path, 4, format=fmt) as writer:
+        writer.add("records", tables["records"])
+    assert list_periods(tmp_path) == [3] and temp_folders(tmp_path) == []
+    # An archived period: the same content is its folder, other content PeriodClosed.
+    with archive.PeriodWriter(tmp_path, 3, format=fmt) as writer:
+        for name, table in tables.items():
+            writer.add(name, table)
+        assert writer.commit(b"summary") == final
+    with archive.PeriodWriter(tmp_path, 3, format=fmt) as writer:
+        writer.add("records", tables["records"])
+        with pytest.raises(PeriodClosed):
+            writer.commit(b"summary")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_a_writer_that_loses_the_race_compares(tmp_path: Path, fmt: str,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     # Another process renames its period into place just before this one does.

@@ -736,11 +736,22 @@ ENTRIES: list[tuple[str, str, Any, Any]] = [
      lambda w: {"data": w.statement_doc, "public": w.settlement_key.public}),
     ("periods", "archive.read_period", lambda w, **a: archive.read_period(**a),
      lambda w: {"root": w.settlement.archive, "number": 1, "tables": ["charges"]}),
+    ("periods", "archive.PeriodWriter", lambda w, **a: _period_writer(**a),
+     lambda w: {"root": w.fresh_dir(), "number": 1, "format": "npy", "name": "t",
+                "table": {"a": np.arange(3)}, "summary": b"s"}),
     ("periods", "archive.write_period", lambda w, **a: archive.write_period(**a),
      lambda w: {"root": w.fresh_dir(), "number": 1, "tables": {"t": {"a": np.arange(3)}},
                 "summary": b"s", "format": "npy"}),
 ]
 AREAS = sorted({area for area, *_ in ENTRIES})
+
+
+def _period_writer(root: Any, number: Any, format: Any, name: Any, table: Any,
+                   summary: Any) -> Path:
+    """archive.PeriodWriter through its three calls: open, add, commit."""
+    with archive.PeriodWriter(root, number, format=format) as writer:
+        writer.add(name, table)
+        return writer.commit(summary)
 
 
 def junk_values(w: World) -> list[Any]:

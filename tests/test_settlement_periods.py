@@ -126,9 +126,12 @@ def test_pandas_reads_a_closed_period(tmp_path: Path, deny_trust: TrustStore,
     rider = make_rider(issuer, 30)
     s.ingest(up.batch(0, [(rider.token(NOW + 10, 1), 123, Scene.BUS, NOW + 10)], NOW + 20))
     s.close_period(NOW + 100, SETTLEMENT_KEY, now=NOW + 100)
-    frame = pandas.read_parquet(archive.period_dir(s.archive, 1) / "records.parquet")
-    assert frame["amount"].tolist() == [123] and bool(frame["charged"].iloc[0])
+    folder = archive.period_dir(s.archive, 1)
+    frame = pandas.read_parquet(folder / "records.parquet")
+    verdicts = pandas.read_parquet(folder / "verdicts.parquet")   # row for row
+    assert frame["amount"].tolist() == [123] and verdicts["charged"].tolist() == [True]
     assert frame["gateway"].tolist() == [keys[0].public.gateway_id]
+    assert bytes(frame["token"].iloc[0]) == rider.token(NOW + 10, 1)
     s.close()
 
 
@@ -228,8 +231,10 @@ def test_a_closed_period_settles_again_from_its_archive(
         records = np.zeros(len(rows["record"]), dtype=RECORD_DTYPE)
         for name in RECORD_DTYPE.names or ():
             records[name] = rows[name]
-        again = build_report(settle_period(carry_in, records, rows["gateway"], s._slack), [],
-                             s.horizon, period=number)
+        settled = settle_period(carry_in, records, rows["gateway"], s._slack)
+        for name, verdict in tables["verdicts"].items():
+            assert np.array_equal(getattr(settled.result, name)[settled.new], verdict), name
+        again = build_report(settled, [], s.horizon, period=number)
         stored = s.period_report(number)
         assert again.accounts.tolist() == stored.accounts.tolist()
         assert again.amounts.tolist() == stored.amounts.tolist()

@@ -19,6 +19,7 @@ nothing about settlement: it stores named tables of numpy columns.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -27,6 +28,7 @@ import os
 import re
 import secrets
 import shutil
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,7 +48,7 @@ from qrpay.errors import ArchiveUnavailable, InvalidArgument, MalformedMessage, 
 from qrpay.wire import pack, unpack_strict
 
 __all__ = [
-    "FORMATS", "Table", "available_formats", "default_format", "list_periods", "period_dir",
+    "FORMATS", "PeriodWriter", "Table", "available_formats", "default_format", "list_periods", "period_dir",
     "read_period", "verify_period", "write_period",
 ]
 
@@ -275,6 +277,16 @@ class _Sink:
         self.size += view.nbytes
         return view.nbytes
 
+    @property
+    def closed(self) -> bool:   # with tell and flush: a file-like pyarrow writes to
+        return self._file.closed
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self._file.flush()
+
     def finish(self) -> _File:
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -340,17 +352,25 @@ def _write_parquet(directory: Path, table: str, columns: list[_Column]) -> dict[
             pa.binary(width), len(column.values), [None, pa.py_buffer(column.values)])
 
     arrays = [arrow(c) for c in columns]
+    fixed = [c.name for c in columns if _width(c.kind)]
+    other = [c.name for c in columns if not _width(c.kind)]
     # Plain files: no pandas metadata, the default encodings; unsigned stays
     # unsigned (Parquet's UINT_* annotations), bytes are BINARY, str STRING.
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.table(arrays, names=[c.name for c in columns]), sink,
-                   compression={c.name: "NONE" if _width(c.kind) else PARQUET_COMPRESSION
-                                for c in columns},
-                   compression_level={c.name: PARQUET_COMPRESSION_LEVEL for c in columns
-                                      if not _width(c.kind)}
-                   if PARQUET_COMPRESSION_LEVEL is not None else None)
+    # Fixed-width columns hold random bytes: no compression, no dictionary
+    # and no min/max statistics (each would cost time and find nothing).
     (name,) = _files("parquet", table, ())
-    return {name: _write_file(directory, name, sink.getvalue())}
+    sink = _Sink(directory / name)
+    try:
+        pq.write_table(pa.table(arrays, names=[c.name for c in columns]),
+                       pa.PythonFile(sink, mode="w"),
+                       compression={**{c: "NONE" for c in fixed},
+                                    **{c: PARQUET_COMPRESSION for c in other}},
+                       compression_level={c: PARQUET_COMPRESSION_LEVEL for c in other}
+                       if PARQUET_COMPRESSION_LEVEL is not None and other else None,
+                       use_dictionary=other, write_statistics=other)
+        return {name: sink.finish()}
+    finally:
+        sink.close()
 
 
 _WRITERS = {"npy": _write_npy, "parquet": _write_parquet}
@@ -444,6 +464,114 @@ def _temporary(root: Path, number: int) -> Iterator[Path]:
             os.close(fd)
 
 
+def _format(format: object) -> str:
+    if format is not None and not isinstance(format, str):
+        raise InvalidArgument(f"format is one of {', '.join(FORMATS)}, not "
+                              f"{type(format).__name__}")
+    fmt = default_format() if format is None else format
+    if fmt not in FORMATS:
+        raise InvalidArgument(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt == "parquet":
+        _arrow("the parquet format", InvalidArgument)
+    return fmt
+
+
+class PeriodWriter:
+    """Period `number`, written a table at a time: `add` each table (from
+    any thread, so a caller can write its biggest table while it works out
+    the others), then `commit` with the summary. Used as a context manager,
+    a period not committed leaves nothing behind. write_period in one call.
+
+    If the period is archived already, `add` only checks and keeps the
+    tables, and `commit` returns the folder when they are that very content
+    (PeriodClosed otherwise), as write_period does."""
+
+    def __init__(self, root: str | os.PathLike[str], number: int, *,
+                 format: str | None = None) -> None:
+        self.number = _number(number)
+        self.format = _format(format)
+        self.root = _root(root)
+        self._final = period_dir(self.root, self.number)
+        self._columns: dict[str, list[_Column]] = {}
+        self._files: dict[str, dict[str, _File]] = {}
+        self._guard = threading.Lock()
+        self._temporary: contextlib.ExitStack | None = contextlib.ExitStack()
+        self._temp: Path | None = None
+        with self._failing("open"):
+            _make_root(self.root)
+            _sweep(self.root)
+            if not os.path.lexists(self._final):   # else: compared at commit
+                self._temp = self._temporary.enter_context(_temporary(self.root, self.number))
+
+    @contextmanager
+    def _failing(self, what: str) -> Iterator[None]:
+        """OS errors as ArchiveUnavailable; the module's own errors as they are."""
+        try:
+            yield
+        except (InvalidArgument, PeriodClosed, ArchiveUnavailable):
+            raise
+        except (OSError, ValueError) as exc:
+            raise ArchiveUnavailable(f"cannot {what} period {self.number} under "
+                                     f"{self.root}: {exc}") from exc
+
+    def add(self, name: str, table: Mapping[str, npt.NDArray[Any]]) -> None:
+        """Check and write one table (a name not added before)."""
+        ((name, columns),) = _tables({_check_name("a table", name): table}).items()
+        self._add(name, columns)
+
+    def _add(self, name: str, columns: list[_Column]) -> None:
+        with self._guard:
+            if self._temporary is None:
+                raise InvalidArgument(f"period {self.number}: committed or closed already")
+            if name in self._columns or len(self._columns) >= _MAX_NAMES:
+                raise InvalidArgument(f"table {name}: added already (or more than "
+                                      f"{_MAX_NAMES} tables)")
+            self._columns[name] = columns
+        if self._temp is not None:
+            with self._failing("write"):
+                files = _WRITERS[self.format](self._temp, name, columns)
+            with self._guard:
+                self._files[name] = files
+
+    def commit(self, summary: bytes) -> Path:
+        """Write the summary and the manifest, then put the period in place:
+        its folder, once every byte is durable."""
+        if not isinstance(summary, bytes):
+            raise InvalidArgument("a summary is bytes")
+        if self._temporary is None:
+            raise InvalidArgument(f"period {self.number}: committed or closed already")
+        with self._failing("write"), self._temporary:
+            self._temporary = None
+            if self._temp is None:
+                return _same_or_closed(self._final, self.number, self._columns, summary)
+            if set(self._files) != set(self._columns):
+                raise InvalidArgument(f"period {self.number}: a table failed to write")
+            summary_file = _write_file(self._temp, SUMMARY, summary)
+            _write_file(self._temp, MANIFEST, _manifest_bytes(
+                self.format, self.number, self._columns, self._files, summary_file))
+            sync_directory(self._temp)
+            try:
+                os.rename(self._temp, self._final)   # fails on a complete (non-empty) folder
+            except OSError:
+                if os.path.lexists(self._final):   # another writer was first
+                    return _same_or_closed(self._final, self.number, self._columns, summary)
+                raise
+            sync_directory(self.root)
+            return self._final
+
+    def close(self) -> None:
+        """Give up a period not committed: its temporary folder goes."""
+        if self._temporary is not None:
+            stack, self._temporary = self._temporary, None
+            stack.close()
+
+    def __enter__(self) -> PeriodWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def write_period(root: str | os.PathLike[str], number: int, tables: Mapping[str, Table],
                  summary: bytes, *, format: str | None = None) -> Path:
     """Archive period `number`: its tables and its (opaque) summary bytes.
@@ -455,41 +583,14 @@ def write_period(root: str | os.PathLike[str], number: int, tables: Mapping[str,
     after a crash that came between the archive write and the caller's commit.
     `format` is "parquet" or "npy" (default: default_format())."""
     number = _number(number)
-    if format is not None and not isinstance(format, str):
-        raise InvalidArgument(f"format is one of {', '.join(FORMATS)}, not "
-                              f"{type(format).__name__}")
-    fmt = default_format() if format is None else format
-    if fmt not in FORMATS:
-        raise InvalidArgument(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
-    if fmt == "parquet":
-        _arrow("the parquet format", InvalidArgument)
+    fmt = _format(format)
     if not isinstance(summary, bytes):
         raise InvalidArgument("a summary is bytes")
-    columns = _tables(tables)
-    root = _root(root)
-    final = period_dir(root, number)
-    try:
-        _make_root(root)
-        _sweep(root)
-        if os.path.lexists(final):
-            return _same_or_closed(final, number, columns, summary)
-        with _temporary(root, number) as temp:
-            files = {table: _WRITERS[fmt](temp, table, cols) for table, cols in columns.items()}
-            summary_file = _write_file(temp, SUMMARY, summary)
-            _write_file(temp, MANIFEST, _manifest_bytes(fmt, number, columns, files, summary_file))
-            sync_directory(temp)
-            try:
-                os.rename(temp, final)   # fails on a complete (non-empty) period folder
-            except OSError:
-                if os.path.lexists(final):   # another writer was first
-                    return _same_or_closed(final, number, columns, summary)
-                raise
-            sync_directory(root)
-        return final
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, (InvalidArgument, PeriodClosed, ArchiveUnavailable)):
-            raise
-        raise ArchiveUnavailable(f"cannot write period {number} under {root}: {exc}") from exc
+    columns = _tables(tables)   # every table checked before anything is written
+    with PeriodWriter(root, number, format=fmt) as writer:
+        for name, checked in columns.items():
+            writer._add(name, checked)
+        return writer.commit(summary)
 
 
 def _same_or_closed(final: Path, number: int, columns: dict[str, list[_Column]],

@@ -282,11 +282,11 @@ def pack_tables(tables: dict[str, Table]) -> bytes:
         out[table] = {}
         for name, column in columns.items():
             if column.dtype == object:
-                index: dict[str, int] = {}
-                codes = np.fromiter((index.setdefault(str(v), len(index))
-                                     for v in column.tolist()), dtype=np.int64,
-                                    count=len(column))
-                out[table][name] = ["strs", list(index), *_packed(codes)]
+                values = list(map(str, column.tolist()))
+                distinct = sorted(set(values))   # a few gateways, many rows: no loop in Python
+                codes = np.fromiter(map({v: i for i, v in enumerate(distinct)}.__getitem__,
+                                        values), dtype=np.int64, count=len(values))
+                out[table][name] = ["strs", distinct, *_packed(codes)]
             else:
                 out[table][name] = list(_packed(column))
     return pack(out)

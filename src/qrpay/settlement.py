@@ -16,6 +16,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -564,20 +565,28 @@ class Settlement:
                                       "set_fee_schedule (or qrpay settlement fees)")
             records, gateway, tokens, arrivals = self._live(tokens=True)
             inside = records["gateway_time"] < until
-            carry = self._carry()
-            settled = settle_period(carry, records[inside], gateway[inside], self._slack)
-            report = build_report(settled, [], self.horizon, period=number,
-                                  from_time=from_time, until=until, gaps=self._gaps())
-            clearings = self._clearing(settled, schedule)
-            statements = [clearing.sign_statement(key, Statement.from_clearing(
-                c, period=number, from_time=from_time, until=until, schedule=schedule,
-                issued_at=closed_at)) for c in clearings]
-            after = self._fold_credit(carry_forward(carry, settled, until - self.horizon,
-                                                    self.due_after), until - self.horizon)
-            summary = self._summary(key, report, clearings, settled, closed_at)
-            tables = _period_tables(settled, _token_rows(tokens, inside), report, clearings,
-                                    statements, carry)
-            self._archive(number, tables, summary)
+            with self._period_writer(number) as writer, ThreadPoolExecutor(
+                    1, thread_name_prefix="qrpay-archive") as pool:
+                # The records and tokens are written while they are settled
+                # (numpy, pyarrow and hashlib let go of the GIL in both).
+                written = pool.submit(lambda: writer.add("records", _records_table(
+                    records[inside], gateway[inside], _token_rows(tokens, inside))))
+                carry = self._carry()
+                settled = settle_period(carry, records[inside], gateway[inside], self._slack)
+                report = build_report(settled, [], self.horizon, period=number,
+                                      from_time=from_time, until=until, gaps=self._gaps())
+                clearings = self._clearing(settled, schedule)
+                statements = [clearing.sign_statement(key, Statement.from_clearing(
+                    c, period=number, from_time=from_time, until=until, schedule=schedule,
+                    issued_at=closed_at)) for c in clearings]
+                for name, table in _period_tables(settled, report, clearings, statements,
+                                                  carry).items():
+                    writer.add(name, table)
+                after = self._fold_credit(carry_forward(carry, settled, until - self.horizon,
+                                                        self.due_after), until - self.horizon)
+                summary = self._summary(key, report, clearings, settled, closed_at)
+                written.result()
+                writer.commit(summary)
             flagged = report.flagged_serials()
             tables_after = after.to_tables()
             credit_tables: dict[str, Table] = {name: tables_after.pop(name) for name in (
@@ -688,15 +697,14 @@ class Settlement:
             "records_digest": hashlib.blake2b(records.tobytes(), digest_size=32).digest(),
         })
 
-    def _archive(self, number: int, tables: dict[str, archive_module.Table],
-                 summary: bytes) -> None:
-        """Write the period's folder before the store commits it. A folder
-        left by a close that crashed before its commit is replaced."""
+    def _period_writer(self, number: int) -> archive_module.PeriodWriter:
+        """The writer of the period's folder, written before the store
+        commits it. A folder left by a close that crashed before its commit
+        is replaced."""
         folder = archive_module.period_dir(self.archive, number)
         if folder.exists():
             shutil.rmtree(folder)   # not committed: no period row names it
-        archive_module.write_period(self.archive, number, tables, summary,
-                                    format=self.archive_format)
+        return archive_module.PeriodWriter(self.archive, number, format=self.archive_format)
 
     def _keep_deferred(self, db: sqlite3.Connection, records: npt.NDArray[np.void],
                        tokens: list[npt.NDArray[np.uint8]], arrivals: list[tuple[int, int]],
@@ -995,27 +1003,36 @@ def _token_rows(parts: list[npt.NDArray[np.uint8]], inside: npt.NDArray[np.bool_
     stores them as a fixed-width bytes column)."""
     if not parts:
         return np.zeros((0, TOKEN_LEN), dtype=np.uint8)
-    rows = np.concatenate([p.reshape(len(p), TOKEN_LEN) for p in parts])
-    return rows[inside]
+    # One copy: a batch wholly inside as it is, the others masked.
+    chunks, at = [], 0
+    for part in parts:
+        rows, mine = part.reshape(-1, TOKEN_LEN), inside[at:at + len(part)]
+        at += len(part)
+        chunks.append(rows if mine.all() else rows[mine])
+    return np.concatenate(chunks)
 
 
-def _period_tables(settled: Settled, tokens: npt.NDArray[np.uint8], report: Report,
-                   clearings: list[OperatorClearing], statements: list[bytes],
-                   carry_in: Carry) -> dict[str, archive_module.Table]:
-    """A closed period as archive tables: its records with their gateway,
-    token and verdicts; the report; the clearing; the signed statements;
-    and the tail and floor it was settled after."""
-    new, result = settled.new, settled.result
-    records = settled.records[new]
+def _records_table(records: npt.NDArray[np.void], gateway: npt.NDArray[np.object_],
+                   tokens: npt.NDArray[np.uint8]) -> archive_module.Table:
+    """A closed period's records as an archive table: the RECORD_DTYPE
+    fields, the gateway and the token of each, in arrival order."""
     rows: archive_module.Table = {name: records[name] for name in RECORD_DTYPE.names or ()}
-    rows["gateway"] = np.array(settled.names, dtype=object)[settled.gateway[new]]
-    rows["token"] = tokens
-    for name in ("charged", "double_spend", "duplicate", "clone", "backwards", "invalid",
-                 "late"):
-        rows[name] = getattr(result, name)[new]
+    rows["gateway"], rows["token"] = gateway, tokens
+    return rows
+
+
+def _period_tables(settled: Settled, report: Report, clearings: list[OperatorClearing],
+                   statements: list[bytes], carry_in: Carry) -> dict[str, archive_module.Table]:
+    """The rest of a closed period as archive tables: the verdicts (row for
+    row with the records table), the report, the clearing, the signed
+    statements, and the tail and floor it was settled after."""
+    new, result = settled.new, settled.result
+    verdicts: archive_module.Table = {
+        name: getattr(result, name)[new] for name in (
+            "charged", "double_spend", "duplicate", "clone", "backwards", "invalid", "late")}
     lines = [(c.operator, line) for c in clearings for line in c.lines]
     tables: dict[str, archive_module.Table] = {
-        "records": rows,
+        "verdicts": verdicts,
         **report_tables(report),
         "clearing": {
             "operator": np.array([op for op, _ in lines], dtype=object),
