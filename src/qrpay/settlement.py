@@ -541,11 +541,11 @@ class Settlement:
             np.concatenate(charges) if charges else np.zeros(0, dtype=CHARGE_DTYPE))
         return Carry.from_tables(tables)
 
-    def _chunk_list(self) -> list[tuple[str, int, int]]:
-        """(name, earliest charge time, amount) of every charges chunk, in
-        the order they were added; from the index, no chunk is read."""
-        return [(str(name), int(first), int(amount)) for name, first, amount in self._query(
-            f"SELECT name, first_time, amount FROM carry WHERE {_CHUNKS} ORDER BY name")]
+    def _chunked_amount(self) -> int:
+        """The amounts of every chunk's charges added up: from the index, no
+        chunk is read (and in Python: SQLite's SUM stops at 2**63)."""
+        return sum(int(amount) for (amount,) in self._query(
+            f"SELECT amount FROM carry WHERE {_CHUNKS}"))
 
     def _read_chunks(self, before: int | None) -> list[_Chunk]:
         """The chunks that hold a charge scanned before `before` (every chunk
@@ -712,8 +712,8 @@ class Settlement:
         # freeze decides the same and sorts about a day of charges, not
         # due_after's worth. (All of them when freeze would refuse the sums.)
         line = cut - self.due_after
-        every = _near_total_limit(sum(amount for _n, _t, amount in self._chunk_list())
-                                  + int(carry.charges["amount"].sum()), state)
+        every = _near_total_limit(self._chunked_amount() + int(carry.charges["amount"].sum()),
+                                  state)
         stored = self._read_chunks(None if every else line)
         new = _Chunk(f"{_CHUNK}{number:010d}", carry.charges)
         charges = np.concatenate([chunk.charges for chunk in (*stored, new)])
@@ -1102,8 +1102,8 @@ def _near_total_limit(charged: int, state: npt.NDArray[np.void] | None) -> bool:
     """Whether the carried charges (`charged`, their exact sum) and the
     state's may add up to credit.TOTAL_LIMIT, as freeze adds them in floating
     point: then every charge is passed to freeze, for it to decide. The
-    margin covers its rounding (amounts below 2**32 need 2**30 charges to get
-    near the limit, and their sum is off by less than 2**30 * 2**-53 of it)."""
+    margin covers its rounding: numpy adds pairwise, off by about log2(n)
+    * 2**-53 of the sum, far less than 2**-20 for any n that fits in memory."""
     frozen = float(state["charged"].astype(np.float64).sum()) if state is not None else 0.0
     return float(charged) + frozen >= credit.TOTAL_LIMIT * (1 - 2**-20)
 
