@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from qrpay import GatewayKey, IssuerKey, Scene, TrustStore, archive, errors
+from qrpay import GatewayKey, IssuerKey, Scene, TrustStore, archive, credit, errors
 from qrpay.clearing import FeeSchedule, statement_csv, verify_statement, verify_statement_csv
 from qrpay.keys import SettlementKey
-from qrpay.periods import Carry, settle_period
+from qrpay.periods import (
+    Carry, charges_from_table, charges_table, pack_tables, settle_period, unpack_tables,
+)
 from qrpay.reports import build_report, report_from_tables
 from qrpay.settlement import IngestStatus, Settlement
 from test_settlement import NOW, Rider, craft, make_rider
@@ -310,14 +314,17 @@ def test_closing_every_few_hours_changes_nothing(
         keys: list[GatewayKey], day: dict[str, Any]) -> None:
     batches = _city(issuer, day["seed"], day["scans"], keys)
     base = tmp_path_factory.mktemp("periods")
-    once = store(base / "once", deny_trust, keys)
-    often = store(base / "often", deny_trust, keys)
+    # Charges fall due an hour after their scan: the closes fold the ones repaid.
+    once = store(base / "once", deny_trust, keys, due_after=3_600)
+    often = store(base / "often", deny_trust, keys, due_after=3_600)
+    for s in (once, often):
+        _repay(s, issuer, day["seed"])
     cuts = [NOW + 3_600 * h for h in day["cuts"]]
     closed: list[Any] = []
     for arrival, data in batches:
         while cuts and cuts[0] <= arrival:
             cut = cuts.pop(0)
-            often.close_period(cut, SETTLEMENT_KEY, now=cut)
+            close_checking_chunks(often, cut)
             closed.append(often.period_report(len(closed) + 1))
         for s in (once, often):
             assert s.ingest(data).status is IngestStatus.APPLIED
@@ -344,11 +351,121 @@ def test_closing_every_few_hours_changes_nothing(
     assert {k: v.amount for k, v in over_often.items()} == {
         k: v.amount for k, v in over_once.items()}
     assert closed[-1].of_kind("sequence_gap") == whole.of_kind("sequence_gap")
-    at = NOW + 3 * DAY
-    a, b = often.credit_history(at), once.credit_history(at)
-    assert a.tobytes() == b.tobytes() or np.array_equal(a, b, equal_nan=True)
+    assert_same_history(often, once, NOW + 3 * DAY)
     once.close()
     often.close()
+
+
+def _repay(s: Settlement, issuer: IssuerKey, seed: int) -> None:
+    """Repayments by _city's riders over its days, all recorded up front (a
+    repayment recorded after its time was folded would count from the cut)."""
+    rng = random.Random(seed ^ 0x5EED)
+    accounts = [make_rider(issuer, 80 + i).account for i in range(4)]
+    rows = [(rng.choice(accounts), rng.randint(100, 3_000), NOW + rng.randint(0, 2 * DAY))
+            for _ in range(8)]
+    s.record_repayments(*zip(*rows), [f"r{i}" for i in range(len(rows))])
+
+
+def assert_same_history(s: Settlement, reference: Settlement, at: int) -> None:
+    a, b = s.credit_history(at), reference.credit_history(at)
+    assert a.tobytes() == b.tobytes() or np.array_equal(a, b, equal_nan=True)
+
+
+# -- the carried charges, one chunk per close ---------------------------------------------
+
+class ChunkRow(NamedTuple):
+    rowid: int
+    first_time: int
+    amount: int
+    data: bytes
+
+
+def chunk_rows(s: Settlement) -> dict[str, ChunkRow]:
+    """The carry rows of the charges chunks, by name."""
+    return {str(name): ChunkRow(int(rowid), int(first), int(amount), bytes(data))
+            for rowid, name, first, amount, data in s._query(
+                "SELECT rowid, name, first_time, amount, data FROM carry "
+                "WHERE name LIKE 'charges:%'")}
+
+
+@contextmanager
+def chunks_read(s: Settlement) -> Iterator[list[str]]:
+    """The names of the chunks `s` reads from the store meanwhile."""
+    names: list[str] = []
+    read = s._read_chunks
+
+    def spy(before: int | None) -> Any:
+        chunks = read(before)
+        names.extend(chunk.name for chunk in chunks)
+        return chunks
+
+    setattr(s, "_read_chunks", spy)
+    try:
+        yield names
+    finally:
+        delattr(s, "_read_chunks")
+
+
+def close_checking_chunks(s: Settlement, until: int) -> None:
+    """Close `s` at `until`, checking what it does to the charges chunks:
+    it reads only those whose earliest charge fell due before its cut, the
+    others keep their row and bytes (not written again), it adds no chunk
+    but the period's, and every chunk's earliest time and amount are its
+    charges'."""
+    number = s._open_period()[0]
+    before = chunk_rows(s)
+    due = {name for name, row in before.items()
+           if row.first_time < until - s.horizon - s.due_after}
+    with chunks_read(s) as read:
+        s.close_period(until, SETTLEMENT_KEY, now=until)
+    after = chunk_rows(s)
+    assert sorted(read) == sorted(due)
+    assert {name: after.get(name) for name in set(before) - due} == {
+        name: before[name] for name in set(before) - due}
+    assert set(after) - set(before) <= {f"charges:{number:010d}"}
+    for row in after.values():
+        charges = charges_from_table(unpack_tables(row.data)["carry_charges"])
+        assert len(charges) and row.first_time == charges["time"].min()
+        assert row.amount == charges["amount"].sum()
+
+
+def _daily_rides(issuer: IssuerKey, keys: list[GatewayKey], days: int) -> list[bytes]:
+    """A batch a day: riders 70 and 71 ride twice a day (100 and 30 each)."""
+    riders = [make_rider(issuer, 70 + i) for i in range(2)]
+    up = Uploads(keys)
+    batches = []
+    for d in range(days):
+        at = NOW + d * DAY + 1_000
+        batches.append(up.batch(0, [(r.token(at + k, 2 * d + k + 1), (100, 30)[i], Scene.BUS,
+                                     at + k) for i, r in enumerate(riders) for k in (0, 1)],
+                                at + 60))
+    return batches
+
+
+def test_a_close_rewrites_only_the_chunks_fallen_due(
+        tmp_path: Path, deny_trust: TrustStore, issuer: IssuerKey, keys: list[GatewayKey]) -> None:
+    # Rider 70 repays every ride the same day; rider 71 only its first day's.
+    # Each day's charges are one chunk; two days (and the horizon) after,
+    # rider 70's fold and rider 71's stay, so the chunk is read and written
+    # again with rider 71's rows; the first day's is emptied and deleted.
+    days = 6
+    often = store(tmp_path / "often", deny_trust, keys, due_after=2 * DAY)
+    once = store(tmp_path / "once", deny_trust, keys, due_after=2 * DAY)
+    repaid = [(5070, 200, NOW + d * DAY + 7_200, f"a{d}") for d in range(days)]
+    for s in (often, once):
+        s.record_repayments(*zip(*repaid + [(5071, 60, NOW + 7_200, "b0")]))
+    for d, batch in enumerate(_daily_rides(issuer, keys, days)):
+        for s in (often, once):
+            assert s.ingest(batch).status is IngestStatus.APPLIED
+        close_checking_chunks(often, NOW + (d + 1) * DAY)
+        assert_same_history(often, once, NOW + (d + 1) * DAY)
+    rows = chunk_rows(often)
+    # Day 1 (period 2) onwards keep rider 71's rides; the last two days' are untouched.
+    assert sorted(rows) == [f"charges:{n:010d}" for n in range(2, days + 1)]
+    assert [rows[name].amount for name in sorted(rows)] == [60] * (days - 3) + [260, 260]
+    assert len(often.credit_history(NOW + days * DAY)) == 2
+    often.close()
+    once.close()
 
 
 def test_a_batch_across_the_cut_is_split(tmp_path: Path, deny_trust: TrustStore,
@@ -409,3 +526,54 @@ def test_two_closes_at_once_close_once(tmp_path: Path, deny_trust: TrustStore,
     assert s.period_report(1).charged_total == total and [p.number for p in s.periods()] == [1]
     for replica in replicas:
         replica.close()
+
+
+def test_a_store_with_its_charges_in_one_row_reads_and_moves_them(
+        tmp_path: Path, deny_trust: TrustStore, issuer: IssuerKey, keys: list[GatewayKey]) -> None:
+    # A store written before the chunks kept every carried charge in the
+    # credit row: it reads the same, and its next close moves them to a chunk.
+    often = store(tmp_path / "often", deny_trust, keys, due_after=2 * DAY)
+    once = store(tmp_path / "once", deny_trust, keys, due_after=2 * DAY)
+    for s in (often, once):
+        s.record_repayments([5070, 5071], [600, 60], [NOW + 3 * DAY, NOW + 7_200], ["a", "b"])
+    batches = _daily_rides(issuer, keys, 5)
+    for d, batch in enumerate(batches):
+        for s in (often, once):
+            s.ingest(batch)
+        if d < 2:
+            often.close_period(NOW + (d + 1) * DAY, SETTLEMENT_KEY, now=NOW + (d + 1) * DAY)
+    carried = often._carry()
+    tables = carried.to_tables()
+    with often._write("a test") as db:
+        db.execute("DELETE FROM carry WHERE name LIKE 'charges:%'")
+        db.execute("UPDATE carry SET data = ? WHERE name = 'credit'", (pack_tables({
+            name: tables[name] for name in ("carry_charges", "carry_credit")}),))
+    assert often._carry().charges.tobytes() == carried.charges.tobytes() and len(carried.charges)
+    assert_same_history(often, once, NOW + 2 * DAY)
+    for d in range(2, len(batches)):
+        close_checking_chunks(often, NOW + (d + 1) * DAY)
+        assert_same_history(often, once, NOW + (d + 1) * DAY)
+    [(credit_row,)] = often._query("SELECT data FROM carry WHERE name = 'credit'")
+    assert set(unpack_tables(credit_row)) == {"carry_credit"}
+    assert sorted(chunk_rows(often)) == [f"charges:{n:010d}" for n in range(3, 6)]
+    often.close()
+    once.close()
+
+
+def test_charges_near_the_total_limit_are_all_read_and_refused(
+        tmp_path: Path, deny_trust: TrustStore, issuer: IssuerKey, keys: list[GatewayKey],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Freeze refuses charges whose amounts add up to TOTAL_LIMIT: every
+    # chunk is passed to it then, none fallen due or not, as before the chunks.
+    s = store(tmp_path / "s", deny_trust, keys, due_after=2 * DAY)
+    for d, batch in enumerate(_daily_rides(issuer, keys, 3)):
+        s.ingest(batch)
+        if d < 2:
+            s.close_period(NOW + (d + 1) * DAY, SETTLEMENT_KEY, now=NOW + (d + 1) * DAY)
+    monkeypatch.setattr(credit, "TOTAL_LIMIT", 2 * 260 + 1)
+    with chunks_read(s) as read, pytest.raises(errors.InvalidArgument):
+        s.close_period(NOW + 3 * DAY, SETTLEMENT_KEY, now=NOW + 3 * DAY)
+    assert sorted(read) == sorted(chunk_rows(s)) == ["charges:0000000001", "charges:0000000002"]
+    monkeypatch.undo()
+    assert s.close_period(NOW + 3 * DAY, SETTLEMENT_KEY, now=NOW + 3 * DAY).number == 3
+    s.close()

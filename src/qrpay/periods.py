@@ -66,7 +66,7 @@ class Carry:
             "carry_tail": tail,
             "carry_floor": {"serial": self.floor.serial, "counter": self.floor.counter,
                             "time": self.floor.time},
-            "carry_charges": {name: self.charges[name] for name in CHARGE_DTYPE.names or ()},
+            "carry_charges": charges_table(self.charges),
         }
         if self.credit is not None:
             tables["carry_credit"] = {name: self.credit[name]
@@ -83,11 +83,8 @@ class Carry:
         for name in RECORD_DTYPE.names or ():
             tail[name] = tail_columns[name]
         floor = tables["carry_floor"]
-        charges = np.zeros(len(tables["carry_charges"]["account"]) if "carry_charges" in tables
-                           else 0, dtype=CHARGE_DTYPE)
-        for name in CHARGE_DTYPE.names or ():
-            if len(charges):
-                charges[name] = tables["carry_charges"][name]
+        charges = (charges_from_table(tables["carry_charges"]) if "carry_charges" in tables
+                   else np.zeros(0, dtype=CHARGE_DTYPE))
         state = None
         if "carry_credit" in tables:
             columns = tables["carry_credit"]
@@ -102,6 +99,20 @@ class Carry:
                            np.asarray(floor["counter"], dtype=np.int64),
                            np.asarray(floor["time"], dtype=np.int64)),
                      charges, state)
+
+
+def charges_table(charges: npt.NDArray[np.void]) -> Table:
+    """CHARGE_DTYPE rows as a table (what pack_tables packs)."""
+    return {name: charges[name] for name in CHARGE_DTYPE.names or ()}
+
+
+def charges_from_table(columns: Table) -> npt.NDArray[np.void]:
+    """The CHARGE_DTYPE rows of charges_table's table (its integer columns
+    may come back narrower: unpack_tables without widen)."""
+    charges = np.zeros(len(columns["account"]), dtype=CHARGE_DTYPE)
+    for name in CHARGE_DTYPE.names or ():
+        charges[name] = columns[name]
+    return charges
 
 
 @dataclass(frozen=True)

@@ -47,8 +47,8 @@ from qrpay.format import (
 from qrpay.keys import GatewayPublicKey, IssuerKey, IssuerPublicKey, SettlementKey
 from qrpay.ledger import RECORD_DTYPE
 from qrpay.periods import (
-    Carry, Settled, Table, TailIndex, carry_forward, index_tail, pack_tables, settle_period,
-    unpack_tables,
+    CHARGE_DTYPE, Carry, Settled, Table, TailIndex, carry_forward, charges_from_table,
+    charges_table, index_tail, pack_tables, settle_period, unpack_tables,
 )
 from qrpay.reports import Finding as Finding  # re-exported: callers import it from here
 from qrpay.reports import Report as Report
@@ -106,6 +106,10 @@ _MIGRATIONS = (
     ("gateways", "operator", "TEXT"),
     ("batches", "period", "INTEGER"),          # NULL while its records are live
     ("repayments", "folded", "INTEGER NOT NULL DEFAULT 0"),   # into the credit state
+    # Of a charges chunk (NULL in the other carry rows): its earliest charge
+    # time and its amounts added up, which a close chooses chunks by.
+    ("carry", "first_time", "INTEGER"),
+    ("carry", "amount", "INTEGER"),
 )
 DEFAULT_HORIZON = 6 * 3600   # how late an upload is still checked exactly (docs: Periods)
 UNASSIGNED = "unassigned"    # the operator of a gateway registered without one
@@ -121,9 +125,15 @@ _RETRY_TRUST = "trust the same key again: it is stored once"
 _RETRY_CLOSE = ("close again with the same until: if this close is stored, that is "
                 "PeriodClosed and period_report answers; if not, it closes now")
 _SETTLEMENT_ROLES = Role.CREDENTIALS | Role.DENY_LIST   # what settlement checks keys for
-# The carry is two rows: "carry" (tail and floor: what settling reads) and this
-# one (charges and credit state: what credit_history and the next close read).
+# The carry is a row "carry" (tail and floor: what settling reads), this one
+# (the credit state), and the charges not folded into it as one row per close
+# that added them (a chunk, named _CHUNK + its period's number, zero-padded so
+# names sort as periods do): a close reads and rewrites only the chunks that
+# may hold a charge fallen due (_fold_credit). A store written before the
+# chunks holds every charge in this row; its next close moves them to a chunk.
 _CARRY_CREDIT = "credit"
+_CHUNK = "charges:"
+_CHUNKS = "name > 'charges:' AND name < 'charges;'"   # every chunk's name (':' + 1 is ';')
 _WAL_LIMIT = 64 << 20   # bytes of WAL file kept after a checkpoint
 
 
@@ -155,6 +165,14 @@ class PeriodSummary:
     rejected_total: int   # not charged: invalid, repeated or flagged
     clearing: list[OperatorClearing]
     path: Path            # the period's archive folder
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """The charges one close added and not folded yet: one carry row, `name`."""
+
+    name: str
+    charges: npt.NDArray[np.void]   # CHARGE_DTYPE, in the order they were added
 
 
 class Settlement:
@@ -226,6 +244,10 @@ class Settlement:
                 # Older rows keep a NULL reference, which UNIQUE lets repeat.
                 db.execute("CREATE UNIQUE INDEX IF NOT EXISTS repayments_reference "
                            "ON repayments(reference)")
+                # Chunks are chosen from the index: the columns after a chunk's
+                # blob are only reached through its overflow pages.
+                db.execute("CREATE INDEX IF NOT EXISTS carry_chunks "
+                           "ON carry(name, first_time, amount)")
             self._load_trust()
             self.horizon = self._setting("horizon", horizon, DEFAULT_HORIZON)
             self.due_after = self._setting("due_after", due_after, DEFAULT_DUE_AFTER)
@@ -492,21 +514,46 @@ class Settlement:
                 holes.setdefault(str(gateway), ([], []))[at].append((int(start), int(end)))
         return holes_as_findings(holes)
 
-    def _carry(self, credit: bool = True) -> Carry:
+    def _carry(self, credit: bool = True, chunks: bool = True) -> Carry:
         """The carried state. Without `credit`, its charges and credit state
         are left out (empty): settling needs the tail and the floor only, and
-        the charges are about due_after's worth of days (docs: Periods)."""
+        the charges are about due_after's worth of days (docs: Periods).
+        Without `chunks`, the charges stored per close are left out (a close
+        reads only the due ones: _fold_credit); charges a store kept in one
+        row before the chunks are in either way."""
         names = ("carry", _CARRY_CREDIT) if credit else ("carry",)
+        chunked = f" OR ({_CHUNKS})" if credit and chunks else ""
         tables: dict[str, Table] = {}
-        for name, data in self._query("SELECT name, data FROM carry WHERE name IN "
-                                      f"({','.join('?' * len(names))}) ORDER BY name",
-                                      names):
-            tables.update(unpack_tables(data, widen=False))   # before the split: one row
+        charges: list[npt.NDArray[np.void]] = []
+        # One statement: the rows of one moment. Sorted here, chunks in the
+        # order they were added: SQLite's ORDER BY would copy every blob.
+        rows = self._query("SELECT name, data FROM carry WHERE name IN "
+                           f"({','.join('?' * len(names))}){chunked}", names)
+        for name, data in sorted(rows, key=lambda row: str(row[0])):
+            if str(name).startswith(_CHUNK):
+                charges.append(_chunk_charges(data))
+            else:
+                tables.update(unpack_tables(data, widen=False))   # before the split: one row
         if "carry_tail" not in tables:
             return Carry.empty()
-        if "carry_charges" not in tables:
-            tables["carry_charges"] = Carry.empty().to_tables()["carry_charges"]
+        if "carry_charges" in tables:   # kept in one row before the chunks: the oldest
+            charges.insert(0, charges_from_table(tables["carry_charges"]))
+        tables["carry_charges"] = charges_table(
+            np.concatenate(charges) if charges else np.zeros(0, dtype=CHARGE_DTYPE))
         return Carry.from_tables(tables)
+
+    def _chunked_amount(self) -> int:
+        """The amounts of every chunk's charges added up: from the index, no
+        chunk is read (and in Python: SQLite's SUM stops at 2**63)."""
+        return sum(int(amount) for (amount,) in self._query(
+            f"SELECT amount FROM carry WHERE {_CHUNKS}"))
+
+    def _read_chunks(self, before: int | None) -> list[_Chunk]:
+        """The chunks that hold a charge scanned before `before` (every chunk
+        for None), in the order they were added."""
+        rows = self._query(f"SELECT name, data FROM carry WHERE {_CHUNKS} AND first_time < ? "
+                           "ORDER BY name", (2**63 - 1 if before is None else before,))
+        return [_Chunk(str(name), _chunk_charges(data)) for name, data in rows]
 
     def _open_period(self) -> tuple[int, int]:
         """(number, from_time) of the open period."""
@@ -571,7 +618,7 @@ class Settlement:
                 # (numpy, pyarrow and hashlib let go of the GIL in both).
                 written = pool.submit(lambda: writer.add("records", _records_table(
                     records[inside], gateway[inside], _token_rows(tokens, inside))))
-                carry = self._carry()
+                carry = self._carry(chunks=False)   # _fold_credit reads the chunks it needs
                 settled = settle_period(carry, records[inside], gateway[inside], self._slack)
                 report = build_report(settled, [], self.horizon, period=number,
                                       from_time=from_time, until=until, gaps=self._gaps())
@@ -582,17 +629,15 @@ class Settlement:
                 for name, table in _period_tables(settled, report, clearings, statements,
                                                   carry).items():
                     writer.add(name, table)
-                after = self._fold_credit(carry_forward(carry, settled, until - self.horizon,
-                                                        self.due_after), until - self.horizon)
+                after, chunks = self._fold_credit(carry_forward(
+                    carry, settled, until - self.horizon, self.due_after), until - self.horizon,
+                    number)
                 summary = self._summary(key, report, clearings, settled, closed_at)
                 written.result()
                 writer.commit(summary)
             flagged = report.flagged_serials()
-            tables_after = after.to_tables()
-            credit_tables: dict[str, Table] = {name: tables_after.pop(name) for name in (
-                "carry_charges", "carry_credit") if name in tables_after}
-            carry_rows = [("carry", pack_tables(tables_after)),
-                          (_CARRY_CREDIT, pack_tables(credit_tables))]
+            carry_rows = _carry_rows(after)
+            emptied, chunk_rows = _chunk_rows(chunks)
             with self._write(_RETRY_CLOSE) as db:
                 db.execute("INSERT INTO periods(number, from_time, until, closed_at, records, "
                            "charged_total, rejected_total, summary) VALUES (?,?,?,?,?,?,?,?)",
@@ -600,6 +645,9 @@ class Settlement:
                             report.charged_total, report.rejected_total, summary))
                 db.executemany("INSERT OR REPLACE INTO carry(name, data) VALUES (?, ?)",
                                carry_rows)
+                db.executemany("DELETE FROM carry WHERE name = ?", emptied)
+                db.executemany("INSERT OR REPLACE INTO carry(name, data, first_time, amount) "
+                               "VALUES (?, ?, ?, ?)", chunk_rows)
                 for name, value in (("horizon", self.horizon), ("due_after", self.due_after)):
                     db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)",
                                (name, value))
@@ -653,24 +701,33 @@ class Settlement:
             records["amount"][~charged].astype(np.int64).sum()))
         return clearings
 
-    def _fold_credit(self, carry: Carry, cut: int) -> Carry:
+    def _fold_credit(self, carry: Carry, cut: int, number: int
+                     ) -> tuple[Carry, list[_Chunk]]:
         """Fold the charges and repayments no later row can change into the
-        carried credit state (credit.freeze)."""
+        carried credit state (credit.freeze). `carry.charges` are those not
+        in a chunk yet (the closing period `number`'s); of the chunks, only
+        those that may hold a charge fallen due are read. Returns the carry
+        with the new state (its charges are in the chunks) and the chunks to
+        write: the period's and every one that lost rows, with the rows kept
+        (an empty one is deleted)."""
         paid = np.array(self._query("SELECT account, amount, paid_at FROM repayments "
                                     "WHERE folded = 0"), dtype=np.int64).reshape(-1, 3)
         state = carry.credit
         if state is not None and len(state):
             cut = max(cut, int(state["cut"][0]))
             paid[:, 2] = np.maximum(paid[:, 2], int(state["cut"][0]))
-        charges = carry.charges
         # Only a charge fallen due before the cut can fold, and every other
         # charge of its account is later in its FIFO order: without them
         # freeze decides the same and sorts about a day of charges, not
         # due_after's worth. (All of them when freeze would refuse the sums.)
-        due = charges["time"] < cut - self.due_after
-        if (float(charges["amount"].astype(np.float64).sum()) + (
-                float(state["charged"].astype(np.float64).sum()) if state is not None else 0.0)
-                >= credit.TOTAL_LIMIT):
+        line = cut - self.due_after
+        every = _near_total_limit(self._chunked_amount() + int(carry.charges["amount"].sum()),
+                                  state)
+        stored = self._read_chunks(None if every else line)
+        new = _Chunk(f"{_CHUNK}{number:010d}", carry.charges)
+        charges = np.concatenate([chunk.charges for chunk in (*stored, new)])
+        due = charges["time"] < line
+        if every:
             due[:] = True
         rows = np.flatnonzero(due)
         state, kept, _paid = credit.freeze(
@@ -678,8 +735,9 @@ class Settlement:
             paid[:, 0], paid[:, 2], paid[:, 1], cut, self.due_after, state=state)
         keep = np.ones(len(charges), dtype=np.bool_)
         keep[rows[~kept]] = False
-        return Carry(carry.tail, carry.tail_gateway, carry.tail_charged, carry.tail_flagged,
-                     carry.tail_found, carry.floor, charges[keep], state)
+        empty = np.zeros(0, dtype=CHARGE_DTYPE)
+        return (Carry(carry.tail, carry.tail_gateway, carry.tail_charged, carry.tail_flagged,
+                      carry.tail_found, carry.floor, empty, state), _kept(stored, new, keep))
 
     def _summary(self, key: SettlementKey, report: Report, clearings: list[OperatorClearing],
                  settled: Settled, closed_at: int) -> bytes:
@@ -1052,3 +1110,46 @@ def _period_tables(settled: Settled, report: Report, clearings: list[OperatorCle
     tables.update({name: carried[name] for name in ("carry_tail", "carry_floor")})
     return tables
 
+
+def _chunk_charges(data: bytes) -> npt.NDArray[np.void]:
+    return charges_from_table(unpack_tables(data, widen=False)["carry_charges"])
+
+
+def _near_total_limit(charged: int, state: npt.NDArray[np.void] | None) -> bool:
+    """Whether the carried charges (`charged`, their exact sum) and the
+    state's may add up to credit.TOTAL_LIMIT, as freeze adds them in floating
+    point: then every charge is passed to freeze, for it to decide. The
+    margin covers its rounding: numpy adds pairwise, off by about log2(n)
+    * 2**-53 of the sum, far less than 2**-20 for any n that fits in memory."""
+    frozen = float(state["charged"].astype(np.float64).sum()) if state is not None else 0.0
+    return float(charged) + frozen >= credit.TOTAL_LIMIT * (1 - 2**-20)
+
+
+def _kept(stored: list[_Chunk], new: _Chunk, keep: npt.NDArray[np.bool_]) -> list[_Chunk]:
+    """The `stored` chunks and the `new` one with the rows `keep` keeps (of
+    their charges one after the other): `new` always, a stored one where it
+    lost rows (the others are not written again)."""
+    parts = np.split(keep, np.cumsum([len(chunk.charges) for chunk in stored]))
+    changed = [_Chunk(chunk.name, chunk.charges[part])
+               for chunk, part in zip(stored, parts) if not part.all()]
+    return changed + [_Chunk(new.name, new.charges[parts[-1]])]
+
+
+def _carry_rows(carry: Carry) -> list[tuple[str, bytes]]:
+    """The "carry" row (tail and floor) and the credit row (credit state) of
+    `carry`; its charges are stored as chunks (_chunk_rows)."""
+    tables = carry.to_tables()
+    del tables["carry_charges"]
+    credit_tables = {name: tables.pop(name) for name in ("carry_credit",) if name in tables}
+    return [("carry", pack_tables(tables)), (_CARRY_CREDIT, pack_tables(credit_tables))]
+
+
+def _chunk_rows(chunks: list[_Chunk]) -> tuple[list[tuple[str]],
+                                               list[tuple[str, bytes, int, int]]]:
+    """The names of the emptied chunks (to delete) and the carry rows of the
+    others: name, packed charges, earliest time and amount."""
+    emptied = [(chunk.name,) for chunk in chunks if not len(chunk.charges)]
+    rows = [(chunk.name, pack_tables({"carry_charges": charges_table(chunk.charges)}),
+             int(chunk.charges["time"].min()), int(chunk.charges["amount"].sum()))
+            for chunk in chunks if len(chunk.charges)]
+    return emptied, rows
