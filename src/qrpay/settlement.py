@@ -248,6 +248,16 @@ class Settlement:
                 # blob are only reached through its overflow pages.
                 db.execute("CREATE INDEX IF NOT EXISTS carry_chunks "
                            "ON carry(name, first_time, amount)")
+                # What a report or close reads stays a day's worth while the
+                # tables keep every batch and repayment ever: the live
+                # batches, the repayments not folded yet, and each gateway's
+                # ranges in order (sequence gaps) come from indexes.
+                db.execute("CREATE INDEX IF NOT EXISTS batches_live "
+                           "ON batches(arrival) WHERE period IS NULL")
+                db.execute("CREATE INDEX IF NOT EXISTS repayments_unfolded "
+                           "ON repayments(paid_at) WHERE folded = 0")
+                db.execute("CREATE INDEX IF NOT EXISTS batches_ranges "
+                           "ON batches(gateway, first, last)")
             self._load_trust()
             self.horizon = self._setting("horizon", horizon, DEFAULT_HORIZON)
             self.due_after = self._setting("due_after", due_after, DEFAULT_DUE_AFTER)
@@ -484,7 +494,9 @@ class Settlement:
         gateway of each; and with `tokens`, each live batch's tokens and
         (arrival, rows)."""
         columns = "arrival, gateway, records" + (", tokens" if tokens else "")
-        rows = self._query(f"SELECT {columns} FROM batches WHERE length(records) > 0 "
+        # A batch of a closed period has a period and no records (batches_live).
+        rows = self._query(f"SELECT {columns} FROM batches WHERE period IS NULL AND "
+                           "length(records) > 0 "
                            "ORDER BY arrival")
         parts = [np.frombuffer(r[2], dtype=RECORD_DTYPE) for r in rows]
         records = np.concatenate(parts) if parts else np.zeros(0, dtype=RECORD_DTYPE)
