@@ -110,7 +110,7 @@ def settle(records: npt.NDArray[np.void], gateway: npt.NDArray[np.int64],
     backwards, behind_later = _conflicts(valid, serial, counter, when, slack, new)
     late = np.zeros(n, dtype=np.bool_)
     if floor is not None and len(floor.serial):
-        at = np.searchsorted(floor.serial, serial).clip(max=len(floor.serial) - 1)
+        at = seg.search(floor.serial, serial).clip(max=len(floor.serial) - 1)
         known = valid & new & (floor.serial[at] == serial)
         late = known & (when - slack <= floor.time[at])
         # Every record in the floor arrived earlier and, for a record that

@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from qrpay import credit
+from qrpay._segments import search
 from qrpay.ledger import RECORD_DTYPE, Floor, LedgerResult, Mask, settle
 from qrpay.wire import pack
 
@@ -201,7 +202,7 @@ def _needed(carry: Carry, index: TailIndex, records: npt.NDArray[np.void], slack
     near = np.zeros(len(serials), dtype=np.bool_)
     if not len(carry.tail) or not len(records):
         return np.zeros(0, dtype=np.int64), near
-    where = np.searchsorted(serials, records["serial"]).clip(max=len(serials) - 1)
+    where = search(serials, records["serial"]).clip(max=len(serials) - 1)
     mine = serials[where] == records["serial"]
     when = records["gateway_time"].astype(np.int64)
     close = mine & (when - slack <= index.latest[where])
