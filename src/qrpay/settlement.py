@@ -631,7 +631,11 @@ class Settlement:
                 written = pool.submit(lambda: writer.add("records", _records_table(
                     records[inside], gateway[inside], _token_rows(tokens, inside))))
                 carry = self._carry(chunks=False)   # _fold_credit reads the chunks it needs
-                settled = settle_period(carry, records[inside], gateway[inside], self._slack)
+                # The tail's index, if a report() of this period worked it out (same tail).
+                cached = self._carry_cache
+                index = cached[2] if cached is not None and cached[0] == number else None
+                settled = settle_period(carry, records[inside], gateway[inside], self._slack,
+                                        index)
                 report = build_report(settled, [], self.horizon, period=number,
                                       from_time=from_time, until=until, gaps=self._gaps())
                 clearings = self._clearing(settled, schedule)
