@@ -29,7 +29,7 @@ import re
 import secrets
 import shutil
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -48,8 +48,8 @@ from qrpay.errors import ArchiveUnavailable, InvalidArgument, MalformedMessage, 
 from qrpay.wire import pack, unpack_strict
 
 __all__ = [
-    "FORMATS", "PeriodWriter", "Table", "available_formats", "default_format", "list_periods", "period_dir",
-    "read_period", "verify_period", "write_period",
+    "FORMATS", "PeriodWriter", "Table", "available_formats", "default_format", "list_periods",
+    "period_dir", "read_period", "verify_period", "write_period",
 ]
 
 Table = dict[str, npt.NDArray[Any]]
@@ -297,23 +297,26 @@ class _Sink:
         self._file.close()
 
 
-def _write_file(directory: Path, name: str, *chunks: Any) -> _File:
+def _written(directory: Path, name: str, fill: Callable[[_Sink], object]) -> _File:
+    """A new file, filled by `fill` and fsynced: its size and digest."""
     sink = _Sink(directory / name)
     try:
-        for chunk in chunks:
-            sink.write(chunk)
+        fill(sink)
         return sink.finish()
     finally:
         sink.close()
+
+
+def _write_file(directory: Path, name: str, *chunks: Any) -> _File:
+    def fill(sink: _Sink) -> None:
+        for chunk in chunks:
+            sink.write(chunk)
+    return _written(directory, name, fill)
 
 
 def _save_npy(directory: Path, name: str, array: npt.NDArray[Any]) -> _File:
-    sink = _Sink(directory / name)
-    try:
-        np.save(sink, array, allow_pickle=False)   # np.save takes any object with .write()
-        return sink.finish()
-    finally:
-        sink.close()
+    # np.save takes any object with .write()
+    return _written(directory, name, lambda sink: np.save(sink, array, allow_pickle=False))
 
 
 def _encoded(column: _Column) -> list[bytes]:
@@ -359,18 +362,12 @@ def _write_parquet(directory: Path, table: str, columns: list[_Column]) -> dict[
     # Fixed-width columns hold random bytes: no compression, no dictionary
     # and no min/max statistics (each would cost time and find nothing).
     (name,) = _files("parquet", table, ())
-    sink = _Sink(directory / name)
-    try:
-        pq.write_table(pa.table(arrays, names=[c.name for c in columns]),
-                       pa.PythonFile(sink, mode="w"),
-                       compression={**{c: "NONE" for c in fixed},
-                                    **{c: PARQUET_COMPRESSION for c in other}},
-                       compression_level={c: PARQUET_COMPRESSION_LEVEL for c in other}
-                       if PARQUET_COMPRESSION_LEVEL is not None and other else None,
-                       use_dictionary=other, write_statistics=other)
-        return {name: sink.finish()}
-    finally:
-        sink.close()
+    return {name: _written(directory, name, lambda sink: pq.write_table(
+        pa.table(arrays, names=[c.name for c in columns]), pa.PythonFile(sink, mode="w"),
+        compression={**{c: "NONE" for c in fixed}, **{c: PARQUET_COMPRESSION for c in other}},
+        compression_level={c: PARQUET_COMPRESSION_LEVEL for c in other}
+        if PARQUET_COMPRESSION_LEVEL is not None and other else None,
+        use_dictionary=other, write_statistics=other))}
 
 
 _WRITERS = {"npy": _write_npy, "parquet": _write_parquet}

@@ -597,6 +597,12 @@ class Settlement:
             self._carry_cache = (number, carry, index_tail(carry))
         return self._carry_cache[1], self._carry_cache[2]
 
+    def _cached_index(self, number: int) -> TailIndex | None:
+        """The tail's index, if a report() of open period `number` worked it
+        out (a close settles after the same tail)."""
+        cached = self._carry_cache
+        return cached[2] if cached is not None and cached[0] == number else None
+
     # -- periods -------------------------------------------------------------------------
 
     def close_period(self, until: int, key: SettlementKey, *, now: int | None = None
@@ -624,18 +630,16 @@ class Settlement:
                                       "set_fee_schedule (or qrpay settlement fees)")
             records, gateway, tokens, arrivals = self._live(tokens=True)
             inside = records["gateway_time"] < until
+            closing, closing_gateway = records[inside], gateway[inside]
             with self._period_writer(number) as writer, ThreadPoolExecutor(
                     1, thread_name_prefix="qrpay-archive") as pool:
                 # The records and tokens are written while they are settled
                 # (numpy, pyarrow and hashlib let go of the GIL in both).
                 written = pool.submit(lambda: writer.add("records", _records_table(
-                    records[inside], gateway[inside], _token_rows(tokens, inside))))
+                    closing, closing_gateway, _token_rows(tokens, inside))))
                 carry = self._carry(chunks=False)   # _fold_credit reads the chunks it needs
-                # The tail's index, if a report() of this period worked it out (same tail).
-                cached = self._carry_cache
-                index = cached[2] if cached is not None and cached[0] == number else None
-                settled = settle_period(carry, records[inside], gateway[inside], self._slack,
-                                        index)
+                settled = settle_period(carry, closing, closing_gateway, self._slack,
+                                        self._cached_index(number))
                 report = build_report(settled, [], self.horizon, period=number,
                                       from_time=from_time, until=until, gaps=self._gaps())
                 clearings = self._clearing(settled, schedule)
@@ -1156,7 +1160,7 @@ def _carry_rows(carry: Carry) -> list[tuple[str, bytes]]:
     `carry`; its charges are stored as chunks (_chunk_rows)."""
     tables = carry.to_tables()
     del tables["carry_charges"]
-    credit_tables = {name: tables.pop(name) for name in ("carry_credit",) if name in tables}
+    credit_tables = {"carry_credit": tables.pop("carry_credit")} if carry.credit is not None else {}
     return [("carry", pack_tables(tables)), (_CARRY_CREDIT, pack_tables(credit_tables))]
 
 
