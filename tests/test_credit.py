@@ -166,6 +166,21 @@ def test_matches_the_reference(charges: list[tuple[int, int, int]],
     assert same(got, reference(charges, payments, now, due_after))
 
 
+def test_amounts_near_the_limit_match_the_reference() -> None:
+    # Charges and repayments each adding up to just under 2**62, over a few
+    # accounts: the FIFO search lifts every account's totals above the last
+    # one's, and must not wrap.
+    big = (2**62 - 1) // 7
+    charges = [(a, NOW + (i + a) * DAY, big - i) for a in range(3) for i in range(2)] + [
+        (3, NOW, big)]
+    payments = [(0, NOW + 2 * DAY, big), (0, NOW + 9 * DAY, big - 1), (1, NOW + DAY, 2 * big),
+                (2, NOW + 20 * DAY, big - 5), (4, NOW, big)]
+    assert sum(m for *_, m in charges) < 2**62 and sum(m for *_, m in payments) < 2**62
+    now = NOW + 30 * DAY
+    assert same(as_dicts(run(charges, payments, now, 3 * DAY)),
+                reference(charges, payments, now, 3 * DAY))
+
+
 def test_a_million_charges_agree_with_the_reference_on_a_sample() -> None:
     rng = np.random.default_rng(5)
     n, m = 1_000_000, 200_000

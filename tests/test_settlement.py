@@ -669,6 +669,29 @@ def test_sequence_gaps_in_records_and_batches(settlement: Settlement,
             if f.gateways == (g2,)} == {"records 1..3 missing", "batches 1..1 missing"}
 
 
+def test_gaps_follow_batches_another_replica_applies(settlement: Settlement, tmp_path: Path,
+                                                    deny_trust: TrustStore,
+                                                    gw_keys: list[GatewayKey],
+                                                    riders: list[Rider]) -> None:
+    # A report keeps the holes it found while the batches stay the same; a
+    # batch another process applies (here: another Settlement on the same
+    # store) opens or closes one, and the next report sees it.
+    key = gw_keys[0]
+    other = Settlement(tmp_path / "settle", deny_trust, [k.public for k in gw_keys])
+    try:
+        t = [(riders[0].token(NOW, c), 10, Scene.BUS, NOW) for c in range(1, 8)]
+        settlement.ingest(craft(key, 1, 1, t[0:2]))
+        assert settlement.report().of_kind("sequence_gap") == []
+        other.ingest(craft(key, 3, 6, t[5:7]))
+        assert {f.detail for f in settlement.report().of_kind("sequence_gap")} == {
+            "records 3..5 missing", "batches 2..2 missing"}
+        assert len(settlement.report().of_kind("sequence_gap")) == 2   # kept, not lost
+        other.ingest(craft(key, 2, 3, t[2:5]))
+        assert settlement.report().of_kind("sequence_gap") == []
+    finally:
+        other.close()
+
+
 # -- repayments --------------------------------------------------------------------------------
 
 def test_repayments_are_recorded_and_read_back(tmp_path: Path, settlement: Settlement,

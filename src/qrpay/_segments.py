@@ -4,10 +4,13 @@ settlement kernel (ledger.py) and the repayment history (credit.py)."""
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
 import numpy.typing as npt
 
 Ints = npt.NDArray[np.int64]
+G = TypeVar("G", bound=np.generic)
 
 
 def starts(keys: npt.NDArray[np.generic]) -> Ints:
@@ -15,6 +18,14 @@ def starts(keys: npt.NDArray[np.generic]) -> Ints:
     if not len(keys):
         return np.zeros(0, dtype=np.int64)
     return np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+
+
+def distinct(values: npt.NDArray[G]) -> npt.NDArray[G]:
+    """np.unique(values) by sorting: numpy 2.3+ finds the distinct values of
+    a plain np.unique with a hash table, ten times slower here on a million
+    account numbers (0.26 s against 0.02 s)."""
+    ordered = np.sort(values)
+    return ordered[np.r_[True, ordered[1:] != ordered[:-1]]] if len(ordered) else ordered
 
 
 def running_total(groups: Ints, values: Ints) -> Ints:
@@ -41,14 +52,17 @@ def reduce_by_group(ufunc: np.ufunc, groups: Ints, values: Ints, n: int) -> Ints
 _SORTED_SEARCH_FROM = 1 << 16
 
 
-def search(sorted_keys: npt.NDArray[np.generic], queries: npt.NDArray[np.generic]
-           ) -> npt.NDArray[np.intp]:
+def search(sorted_keys: npt.NDArray[np.generic], queries: npt.NDArray[np.generic],
+           order: npt.NDArray[np.intp] | None = None) -> npt.NDArray[np.intp]:
     """np.searchsorted(sorted_keys, queries), the same answer, for many
     unsorted queries: they are sorted first, so the search walks the keys
-    in order (a million serials into 200,000: 0.2 s unsorted, 0.09 s this way)."""
-    if len(queries) < _SORTED_SEARCH_FROM:
-        return np.searchsorted(sorted_keys, queries)
-    order = np.argsort(queries)
+    in order (a million serials into 200,000: 0.2 s unsorted, 0.09 s this way).
+    `order`, a permutation of the queries that sorts them (or nearly), saves
+    the sort when the caller has one: any permutation gives the same answer."""
+    if order is None:
+        if len(queries) < _SORTED_SEARCH_FROM:
+            return np.searchsorted(sorted_keys, queries)
+        order = np.argsort(queries)
     out = np.empty(len(queries), dtype=np.intp)
     out[order] = np.searchsorted(sorted_keys, queries[order])
     return out

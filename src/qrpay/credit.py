@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from qrpay import _args
-from qrpay._segments import reduce_by_group, running_total
+from qrpay._segments import distinct, reduce_by_group, running_total, starts
 from qrpay.errors import InvalidArgument
 
 DAY: Final = 86_400
@@ -210,15 +210,15 @@ def _fifo(c: Columns, p: Columns, now: int, frozen: Rows) -> _Fifo:
     p_time = np.concatenate([np.zeros(len(early), dtype=np.int64), p[1][keep]])
     p_amount = np.concatenate([early["repaid"], p[2][keep]])
 
-    accounts = np.unique(np.concatenate([c_acct, p_acct, frozen["account"]]))
+    accounts = distinct(np.concatenate([c_acct, p_acct, frozen["account"]]))
     n = len(accounts)
-    cg = np.searchsorted(accounts, c_acct)   # dense account index of each row
+    # Charges oldest first per account (sorted before they are looked up:
+    # searchsorted is several times faster on sorted queries), and their
+    # running total within it, which starts after the frozen charges.
+    order = np.lexsort((c_time, c_acct))
+    row, c_time, c_amount = row[order], c_time[order], c_amount[order]
+    cg = np.searchsorted(accounts, c_acct[order])   # dense account index of each row
     pg = np.searchsorted(accounts, p_acct)
-
-    # Charges oldest first per account, and their running total within it,
-    # which starts after the frozen charges.
-    order = np.lexsort((c_time, cg))
-    row, cg, c_time, c_amount = row[order], cg[order], c_time[order], c_amount[order]
     total = running_total(cg, c_amount) + _aligned(frozen, accounts)["charged"][cg]
     order = np.lexsort((p_time, pg))
     pg, p_time, p_amount = pg[order], p_time[order], p_amount[order]
@@ -317,21 +317,23 @@ def _group_max(group: Ints, values: Ints, n: int) -> Ints:
 
 def _paid_in_full_at(cg: Ints, C: Ints, pg: Ints, P: Ints, p_time: Ints) -> Ints:
     """For each charge, the time of the first repayment of its account whose
-    running total is >= the charge's running total; -1 where none is."""
-    n_c = len(C)
-    group = np.concatenate([cg, pg])
-    value = np.concatenate([C, P])
-    is_payment = np.r_[np.zeros(n_c, dtype=np.int8), np.ones(len(P), dtype=np.int8)]
-    order = np.lexsort((is_payment, value, group))
-    # Position in the merged order of the next repayment at or after each row.
-    pos = np.where(is_payment[order] == 1, np.arange(len(order)), len(order))
-    next_payment = np.minimum.accumulate(pos[::-1])[::-1]
-    at = np.full(n_c, -1, dtype=np.int64)
-    charge_rows = np.flatnonzero(is_payment[order] == 0)
-    found = next_payment[charge_rows]
-    ok = found < len(order)
-    source = order[found[ok]] - n_c                 # index into the repayments
-    charge = order[charge_rows[ok]]
-    same = pg[source] == cg[charge]
-    at[charge[same]] = p_time[source[same]]
+    running total is >= the charge's running total; -1 where none is.
+
+    Both sides come sorted by account and, within it, by running total. Each
+    account's values are lifted above every earlier account's (by its last
+    repayment total plus two; a charge total above that, which no repayment
+    reaches, is clipped to it), so one searchsorted over all the repayments
+    finds each charge's first repayment at or above it. The lifted values
+    stay below 2**63: the repayments add up to less than 2**62."""
+    at = np.full(len(C), -1, dtype=np.int64)
+    if not len(C) or not len(P):
+        return at
+    top = np.zeros(int(max(cg[-1], pg[-1])) + 1, dtype=np.int64)   # 0: no repayment
+    last = np.r_[starts(pg)[1:], len(pg)] - 1
+    top[pg[last]] = P[last] + 1
+    base = np.r_[0, np.cumsum(top + 1)[:-1]]
+    found = np.searchsorted(P + base[pg], np.minimum(C, top[cg]) + base[cg], side="left")
+    ok = found < len(P)
+    ok[ok] = pg[found[ok]] == cg[ok]
+    at[ok] = p_time[found[ok]]
     return at

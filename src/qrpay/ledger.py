@@ -75,7 +75,8 @@ class LedgerResult:
 def settle(records: npt.NDArray[np.void], gateway: npt.NDArray[np.int64],
            slack: int = 0, *, prior: int = 0, prior_charged: Mask | None = None,
            prior_flagged: Mask | None = None, prior_found: Mask | None = None,
-           floor: Floor | None = None) -> LedgerResult:
+           floor: Floor | None = None, serial_order: npt.NDArray[np.intp] | None = None
+           ) -> LedgerResult:
     """Classify every record. `records` is RECORD_DTYPE in arrival order,
     `gateway` the index of the gateway each came from, and `slack` how far
     apart in gateway time two honest scans of one phone can appear out of
@@ -90,7 +91,10 @@ def settle(records: npt.NDArray[np.void], gateway: npt.NDArray[np.int64],
     summarises the older valid records no longer held. A record scanned
     within `slack` of the floor's latest time is `late`: the floor can not
     say which older records came before it in time, so only the held ones
-    are compared (see docs/SETTLEMENT.md, Periods).
+    are compared (see docs/SETTLEMENT.md, Periods). `serial_order`, a
+    permutation of the rows by serial that the caller worked out anyway,
+    saves sorting them again to look them up in the floor (any permutation
+    gives the same verdicts).
     """
     n = len(records)
     serial = records["serial"]
@@ -110,7 +114,7 @@ def settle(records: npt.NDArray[np.void], gateway: npt.NDArray[np.int64],
     backwards, behind_later = _conflicts(valid, serial, counter, when, slack, new)
     late = np.zeros(n, dtype=np.bool_)
     if floor is not None and len(floor.serial):
-        at = seg.search(floor.serial, serial).clip(max=len(floor.serial) - 1)
+        at = seg.search(floor.serial, serial, serial_order).clip(max=len(floor.serial) - 1)
         known = valid & new & (floor.serial[at] == serial)
         late = known & (when - slack <= floor.time[at])
         # Every record in the floor arrived earlier and, for a record that
@@ -196,7 +200,7 @@ def _conflicts(valid: Mask, serial: npt.NDArray[np.uint64], counter: npt.NDArray
     before = np.searchsorted(key, key - slack, side="left")
     start = np.flatnonzero(new_serial)[rank]
     earlier = np.where(before > start, running[np.maximum(before - 1, 0)], -1)
-    suspects = np.unique(rank[c <= earlier])
+    suspects = seg.distinct(rank[c <= earlier])
     if not len(suspects):
         return backwards, behind_later
     bounds = np.r_[np.flatnonzero(new_serial), len(rows)]
@@ -248,8 +252,15 @@ def _overspend(records: npt.NDArray[np.void], charged: Mask, new: Mask
     start = charged_rows["gateway_time"].astype(np.int64)
     end = np.maximum(charged_rows["uploaded_at"].astype(np.int64), start)
     amount = charged_rows["amount"].astype(np.int64)
-    uniq, rank = np.unique(charged_rows["serial"], return_inverse=True)
-    rank = np.r_[rank, rank].astype(np.int64)
+    # Each row's dense serial rank, from the one sort by serial the limits
+    # and accounts below need too.
+    by_serial = np.argsort(charged_rows["serial"], kind="stable")
+    serials = charged_rows["serial"][by_serial]
+    first = seg.starts(serials)
+    uniq = serials[first]
+    rank = np.empty(len(rows), dtype=np.int64)
+    rank[by_serial] = np.cumsum(np.r_[True, serials[1:] != serials[:-1]]) - 1
+    rank = np.r_[rank, rank]
     when = np.r_[start, end]
     delta = np.r_[amount, -amount]
     fresh = np.r_[new[rows], new[rows]]
@@ -260,15 +271,13 @@ def _overspend(records: npt.NDArray[np.void], charged: Mask, new: Mask
     running = seg.running_total(rank, delta)
     covered = seg.running_total(rank, np.where(fresh, delta, 0)) > 0
     judged = np.where(covered, running, 0)
-    # rank is dense (np.unique's inverse): group r is serial uniq[r].
+    # rank is dense: group r is serial uniq[r].
     peak = seg.reduce_by_group(np.maximum, rank, judged, len(uniq))
     # The earliest moment of each serial's peak (events are in time order).
     hit = np.flatnonzero(covered & (running == peak[rank]))
     at_peak = np.zeros(len(uniq), dtype=np.int64)
     at_peak[rank[hit[seg.starts(rank[hit])]]] = when[hit[seg.starts(rank[hit])]]
     # The credential's limit and account, from its charged (valid) records.
-    by_serial = np.argsort(charged_rows["serial"], kind="stable")
-    first = np.flatnonzero(np.r_[True, np.diff(charged_rows["serial"][by_serial]) != 0])
     limit = np.maximum.reduceat(charged_rows["limit"][by_serial].astype(np.int64), first)
     account = charged_rows["account"][by_serial][first]
     over = peak > limit
@@ -278,7 +287,7 @@ def _overspend(records: npt.NDArray[np.void], charged: Mask, new: Mask
 def sequence_gaps(record_numbers: npt.NDArray[np.uint64]) -> list[tuple[int, int]]:
     """Missing record numbers of one gateway as inclusive (from, to) ranges,
     counting from 1."""
-    seen = np.unique(record_numbers.astype(np.int64))
+    seen = seg.distinct(record_numbers.astype(np.int64))
     expected_next = np.r_[1, seen[:-1] + 1] if len(seen) else np.zeros(0, dtype=np.int64)
     gap = seen > expected_next
     return [(int(a), int(b)) for a, b in zip(expected_next[gap], seen[gap] - 1)]

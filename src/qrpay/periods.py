@@ -170,7 +170,10 @@ def settle_period(carry: Carry, records: npt.NDArray[np.void],
     only as a floor (its highest counter), exactly as the kernel would use
     it."""
     index = index_tail(carry) if index is None else index
-    needed, near = _needed(carry, index, records, slack)
+    # Both the tail's serials and the floor's are looked up: sort once.
+    order = (np.argsort(records["serial"]) if len(carry.tail) or len(carry.floor.serial)
+             else None)
+    needed, near = _needed(carry, index, records, slack, order)
     floor = _floor_for(carry.floor, index.merged, index.serials[near])
     tail, tail_gateway = carry.tail[needed], carry.tail_gateway[needed]
     every = np.concatenate([tail_gateway, gateway_ids]) if len(tail) else gateway_ids
@@ -186,23 +189,26 @@ def settle_period(carry: Carry, records: npt.NDArray[np.void],
     result = settle(both, gateway, slack, prior=len(tail),
                     prior_charged=carry.tail_charged[needed],
                     prior_flagged=carry.tail_flagged[needed],
-                    prior_found=carry.tail_found[needed], floor=floor)
+                    prior_found=carry.tail_found[needed], floor=floor,
+                    serial_order=None if order is None else np.r_[
+                        np.arange(len(tail)), order + len(tail)])
     return Settled(both, gateway, names, len(tail), result, needed)
 
 
-def _needed(carry: Carry, index: TailIndex, records: npt.NDArray[np.void], slack: int
+def _needed(carry: Carry, index: TailIndex, records: npt.NDArray[np.void], slack: int,
+            order: npt.NDArray[np.intp] | None = None
             ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
     """The tail rows (indices, in order) a period record can meet other than
     through its serial's highest counter: every tail row of a serial that
     has a period record scanned within `slack` after (or before) one of its
     tail rows ("near" serials, also returned), and the charged tail rows
     still outstanding offline when a period record of their serial was
-    scanned (overspend)."""
+    scanned (overspend). `order` sorts the records by serial, if known."""
     serials = index.serials
     near = np.zeros(len(serials), dtype=np.bool_)
     if not len(carry.tail) or not len(records):
         return np.zeros(0, dtype=np.int64), near
-    where = search(serials, records["serial"]).clip(max=len(serials) - 1)
+    where = search(serials, records["serial"], order).clip(max=len(serials) - 1)
     mine = serials[where] == records["serial"]
     when = records["gateway_time"].astype(np.int64)
     close = mine & (when - slack <= index.latest[where])
@@ -256,14 +262,20 @@ def carry_forward(carry: Carry, settled: Settled, keep_from: int,
     keep = valid & recent
     dropped = valid & ~recent
     floor = _raise_floor(carry.floor, records[dropped])
-    new_charges = new_records[result.charged[settled.new]]
-    charges = np.zeros(len(carry.charges) + len(new_charges), dtype=CHARGE_DTYPE)
-    charges[:len(carry.charges)] = carry.charges
-    charges["account"][len(carry.charges):] = new_charges["account"]
-    charges["time"][len(carry.charges):] = new_charges["gateway_time"]
-    charges["amount"][len(carry.charges):] = new_charges["amount"]
+    charges = np.concatenate([carry.charges, period_charges(settled)])
     return Carry(records[keep], gateway[keep], charged[keep], flagged[keep], found[keep], floor,
                  charges, carry.credit)
+
+
+def period_charges(settled: Settled) -> npt.NDArray[np.void]:
+    """The payments the period's records charged, as CHARGE_DTYPE rows in
+    arrival order."""
+    charged = settled.records[settled.new][settled.result.charged[settled.new]]
+    charges = np.zeros(len(charged), dtype=CHARGE_DTYPE)
+    charges["account"] = charged["account"]
+    charges["time"] = charged["gateway_time"]
+    charges["amount"] = charged["amount"]
+    return charges
 
 
 def _raise_floor(floor: Floor, dropped: npt.NDArray[np.void]) -> Floor:

@@ -15,10 +15,10 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -48,7 +48,7 @@ from qrpay.keys import GatewayPublicKey, IssuerKey, IssuerPublicKey, SettlementK
 from qrpay.ledger import RECORD_DTYPE
 from qrpay.periods import (
     CHARGE_DTYPE, Carry, Settled, Table, TailIndex, carry_forward, charges_from_table,
-    charges_table, index_tail, pack_tables, settle_period, unpack_tables,
+    charges_table, index_tail, pack_tables, period_charges, settle_period, unpack_tables,
 )
 from qrpay.reports import Finding as Finding  # re-exported: callers import it from here
 from qrpay.reports import Report as Report
@@ -220,6 +220,7 @@ class Settlement:
         self.archive_format = archive_format
         self._lock = threading.RLock()  # one connection: calls take turns
         self._carry_cache: tuple[int, Carry, TailIndex] | None = None
+        self._gaps_cache: tuple[tuple[Any, ...], list[Finding]] | None = None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -499,7 +500,7 @@ class Settlement:
                            "length(records) > 0 "
                            "ORDER BY arrival")
         parts = [np.frombuffer(r[2], dtype=RECORD_DTYPE) for r in rows]
-        records = np.concatenate(parts) if parts else np.zeros(0, dtype=RECORD_DTYPE)
+        records = _joined(parts)
         names = np.array([r[1] for r in rows], dtype=object)
         gateway = (np.repeat(names, [len(p) for p in parts]) if parts
                    else np.zeros(0, dtype=object))
@@ -510,7 +511,14 @@ class Settlement:
     def _gaps(self) -> list[Finding]:
         """reports.gap_findings over every batch ever applied, the holes
         found by SQLite: the batches of every closed period stay in the
-        table, and only the holes come back."""
+        table, and only the holes come back. Kept while the table holds the
+        same batches: rows are only ever added (a close writes the ones it
+        empties back with their arrival), so their count, highest arrival
+        and arrival sum say whether any came (6 ms; the holes, 0.1 s or more
+        after a month of closes)."""
+        (state,) = self._query("SELECT COUNT(*), MAX(arrival), TOTAL(arrival) FROM batches")
+        if self._gaps_cache is not None and self._gaps_cache[0] == tuple(state):
+            return list(self._gaps_cache[1])
         holes: dict[str, tuple[list[tuple[int, int]], list[tuple[int, int]]]] = {}
         for at, sql in enumerate((
                 # Records: a batch starting past every range before it (by first, last).
@@ -524,7 +532,9 @@ class Settlement:
                 "FROM batches) WHERE seq > before + 1 ORDER BY gateway, seq")):
             for gateway, start, end in self._query(sql):
                 holes.setdefault(str(gateway), ([], []))[at].append((int(start), int(end)))
-        return holes_as_findings(holes)
+        findings = holes_as_findings(holes)
+        self._gaps_cache = (tuple(state), findings)
+        return list(findings)
 
     def _carry(self, credit: bool = True, chunks: bool = True) -> Carry:
         """The carried state. Without `credit`, its charges and credit state
@@ -632,14 +642,17 @@ class Settlement:
             inside = records["gateway_time"] < until
             closing, closing_gateway = records[inside], gateway[inside]
             with self._period_writer(number) as writer, ThreadPoolExecutor(
-                    1, thread_name_prefix="qrpay-archive") as pool:
-                # The records and tokens are written while they are settled
-                # (numpy, pyarrow and hashlib let go of the GIL in both).
+                    2, thread_name_prefix="qrpay-close") as pool:
+                # The records and tokens are written while they are settled,
+                # and the credit state folded while the report is built
+                # (numpy, pyarrow and hashlib let go of the GIL in each).
                 written = pool.submit(lambda: writer.add("records", _records_table(
                     closing, closing_gateway, _token_rows(tokens, inside))))
-                carry = self._carry(chunks=False)   # _fold_credit reads the chunks it needs
+                carry = self._carry(chunks=False)   # the fold reads the chunks it needs
                 settled = settle_period(carry, closing, closing_gateway, self._slack,
                                         self._cached_index(number))
+                folding = pool.submit(self._credit_fold(
+                    carry, period_charges(settled), until - self.horizon, number))
                 report = build_report(settled, [], self.horizon, period=number,
                                       from_time=from_time, until=until, gaps=self._gaps())
                 clearings = self._clearing(settled, schedule)
@@ -649,15 +662,15 @@ class Settlement:
                 for name, table in _period_tables(settled, report, clearings, statements,
                                                   carry).items():
                     writer.add(name, table)
-                after, chunks = self._fold_credit(carry_forward(
-                    carry, settled, until - self.horizon, self.due_after), until - self.horizon,
-                    number)
+                forward = carry_forward(carry, settled, until - self.horizon, self.due_after)
                 summary = self._summary(key, report, clearings, settled, closed_at)
+                state, (emptied, chunk_rows) = folding.result()
+                # Its charges are in the chunks now, folded into `state` or kept.
+                after = replace(forward, charges=np.zeros(0, dtype=CHARGE_DTYPE), credit=state)
                 written.result()
                 writer.commit(summary)
             flagged = report.flagged_serials()
             carry_rows = _carry_rows(after)
-            emptied, chunk_rows = _chunk_rows(chunks)
             with self._write(_RETRY_CLOSE) as db:
                 db.execute("INSERT INTO periods(number, from_time, until, closed_at, records, "
                            "charged_total, rejected_total, summary) VALUES (?,?,?,?,?,?,?,?)",
@@ -721,43 +734,42 @@ class Settlement:
             records["amount"][~charged].astype(np.int64).sum()))
         return clearings
 
-    def _fold_credit(self, carry: Carry, cut: int, number: int
-                     ) -> tuple[Carry, list[_Chunk]]:
-        """Fold the charges and repayments no later row can change into the
-        carried credit state (credit.freeze). `carry.charges` are those not
-        in a chunk yet (the closing period `number`'s); of the chunks, only
-        those that may hold a charge fallen due are read. Returns the carry
-        with the new state (its charges are in the chunks) and the chunks to
-        write: the period's and every one that lost rows, with the rows kept
-        (an empty one is deleted)."""
+    def _credit_fold(self, carry: Carry, charges: npt.NDArray[np.void], cut: int, number: int
+                     ) -> Callable[[], tuple[npt.NDArray[np.void] | None, _ChunkRows]]:
+        """The fold of the charges and repayments no later row can change
+        into the carried credit state (credit.freeze), as a call to run in
+        another thread: what it needs of the store is read here. `charges`
+        are the closing period `number`'s (with `carry.charges`, any kept in
+        one row before the chunks, they make its chunk); of the stored
+        chunks, only those that may hold a charge fallen due are read. The
+        call returns the new state and the chunk rows to write (_chunk_rows):
+        the period's and every one that lost rows, with the rows kept."""
         paid = np.array(self._query("SELECT account, amount, paid_at FROM repayments "
                                     "WHERE folded = 0"), dtype=np.int64).reshape(-1, 3)
         state = carry.credit
         if state is not None and len(state):
             cut = max(cut, int(state["cut"][0]))
             paid[:, 2] = np.maximum(paid[:, 2], int(state["cut"][0]))
+        new = _Chunk(f"{_CHUNK}{number:010d}", np.concatenate([carry.charges, charges]))
         # Only a charge fallen due before the cut can fold, and every other
         # charge of its account is later in its FIFO order: without them
         # freeze decides the same and sorts about a day of charges, not
         # due_after's worth. (All of them when freeze would refuse the sums.)
         line = cut - self.due_after
-        every = _near_total_limit(self._chunked_amount() + int(carry.charges["amount"].sum()),
+        every = _near_total_limit(self._chunked_amount() + int(new.charges["amount"].sum()),
                                   state)
         stored = self._read_chunks(None if every else line)
-        new = _Chunk(f"{_CHUNK}{number:010d}", carry.charges)
-        charges = np.concatenate([chunk.charges for chunk in (*stored, new)])
-        due = charges["time"] < line
-        if every:
-            due[:] = True
-        rows = np.flatnonzero(due)
-        state, kept, _paid = credit.freeze(
-            charges["account"][rows], charges["time"][rows], charges["amount"][rows],
-            paid[:, 0], paid[:, 2], paid[:, 1], cut, self.due_after, state=state)
-        keep = np.ones(len(charges), dtype=np.bool_)
-        keep[rows[~kept]] = False
-        empty = np.zeros(0, dtype=CHARGE_DTYPE)
-        return (Carry(carry.tail, carry.tail_gateway, carry.tail_charged, carry.tail_flagged,
-                      carry.tail_found, carry.floor, empty, state), _kept(stored, new, keep))
+
+        def fold() -> tuple[npt.NDArray[np.void] | None, _ChunkRows]:
+            both = np.concatenate([chunk.charges for chunk in (*stored, new)])
+            rows = np.arange(len(both)) if every else np.flatnonzero(both["time"] < line)
+            folded, kept, _paid = credit.freeze(
+                both["account"][rows], both["time"][rows], both["amount"][rows],
+                paid[:, 0], paid[:, 2], paid[:, 1], cut, self.due_after, state=state)
+            keep = np.ones(len(both), dtype=np.bool_)
+            keep[rows[~kept]] = False
+            return folded, _chunk_rows(_kept(stored, new, keep))
+        return fold
 
     def _summary(self, key: SettlementKey, report: Report, clearings: list[OperatorClearing],
                  settled: Settled, closed_at: int) -> bytes:
@@ -1022,17 +1034,14 @@ class Settlement:
             rows = self._query("SELECT account, amount, paid_at FROM repayments "
                                "WHERE folded = 0")
         settled = settle_period(carry, records, gateway, self._slack)
-        charged = settled.records[settled.new][settled.result.charged[settled.new]]
         paid = np.array(rows, dtype=np.int64).reshape(-1, 3)
         state = carry.credit
         if state is not None and len(state):
             # A repayment recorded after its time was folded counts from the cut.
             paid[:, 2] = np.maximum(paid[:, 2], int(state["cut"][0]))
-        account = np.concatenate([carry.charges["account"], charged["account"]])
-        time = np.concatenate([carry.charges["time"],
-                               charged["gateway_time"].astype(np.int64)])
-        amount = np.concatenate([carry.charges["amount"], charged["amount"].astype(np.int64)])
-        return credit.history(account, time, amount, paid[:, 0], paid[:, 2], paid[:, 1], now,
+        charges = np.concatenate([carry.charges, period_charges(settled)])
+        return credit.history(charges["account"], charges["time"], charges["amount"],
+                              paid[:, 0], paid[:, 2], paid[:, 1], now,
                               self.due_after if due_after is None else due_after, state=state)
 
     def _flagged_before(self) -> set[int]:
@@ -1088,6 +1097,19 @@ def _token_rows(parts: list[npt.NDArray[np.uint8]], inside: npt.NDArray[np.bool_
         at += len(part)
         chunks.append(rows if mine.all() else rows[mine])
     return np.concatenate(chunks)
+
+
+def _joined(parts: list[npt.NDArray[np.void]]) -> npt.NDArray[np.void]:
+    """np.concatenate(parts) of RECORD_DTYPE rows, copied as bytes: numpy
+    promotes the structured dtype of each part first: 0.2 s on a day's
+    4,700 batches."""
+    out = np.empty(sum(len(p) for p in parts), dtype=RECORD_DTYPE)
+    flat, at = out.view(np.uint8), 0
+    for part in parts:
+        size = part.nbytes
+        flat[at:at + size] = part.view(np.uint8)
+        at += size
+    return out
 
 
 def _records_table(records: npt.NDArray[np.void], gateway: npt.NDArray[np.object_],
@@ -1164,8 +1186,10 @@ def _carry_rows(carry: Carry) -> list[tuple[str, bytes]]:
     return [("carry", pack_tables(tables)), (_CARRY_CREDIT, pack_tables(credit_tables))]
 
 
-def _chunk_rows(chunks: list[_Chunk]) -> tuple[list[tuple[str]],
-                                               list[tuple[str, bytes, int, int]]]:
+_ChunkRows = tuple[list[tuple[str]], list[tuple[str, bytes, int, int]]]
+
+
+def _chunk_rows(chunks: list[_Chunk]) -> _ChunkRows:
     """The names of the emptied chunks (to delete) and the carry rows of the
     others: name, packed charges, earliest time and amount."""
     emptied = [(chunk.name,) for chunk in chunks if not len(chunk.charges)]
