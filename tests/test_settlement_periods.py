@@ -425,8 +425,21 @@ def close_checking_chunks(s: Settlement, until: int) -> None:
     assert {name: after.get(name) for name in set(before) - due} == {
         name: before[name] for name in set(before) - due}
     assert set(after) - set(before) <= {f"charges:{number:010d}"}
-    for row in after.values():
-        charges = charges_from_table(unpack_tables(row.data)["carry_charges"])
+    # The period's archive holds every charge it made (its `charged` table);
+    # its chunk keeps no rows in the store but points there, unless some
+    # folded already (it holds the others) or a store from before the chunks
+    # moved its one-row charges in.
+    tables, _ = archive.read_period(s.archive, number, ["charged", "records", "verdicts"])
+    records, charged = tables["records"], tables["verdicts"]["charged"]
+    for column, field in (("account", "account"), ("time", "gateway_time"),
+                          ("amount", "amount")):
+        assert tables["charged"][column].tolist() == records[field][charged].tolist()
+    own = after.get(f"charges:{number:010d}")
+    if own is not None:
+        kept = s._chunk_charges(f"charges:{number:010d}", own.data)
+        assert own.data == b"" or len(kept) != int(charged.sum())
+    for name, row in after.items():
+        charges = s._chunk_charges(name, row.data)
         assert len(charges) and row.first_time == charges["time"].min()
         assert row.amount == charges["amount"].sum()
 
@@ -528,6 +541,82 @@ def test_two_closes_at_once_close_once(tmp_path: Path, deny_trust: TrustStore,
     assert s.period_report(1).charged_total == total and [p.number for p in s.periods()] == [1]
     for replica in replicas:
         replica.close()
+
+
+def test_unfolded_charges_are_read_from_their_periods_archive(
+        tmp_path: Path, deny_trust: TrustStore, issuer: IssuerKey, keys: list[GatewayKey]) -> None:
+    # A period's charges stay in its archive until they fall due: the store
+    # keeps only a pointer. With that archive folder gone the credit history
+    # and the next close fail with a typed error, not a wrong answer; put
+    # back, both answer as a store that never closed.
+    often = store(tmp_path / "often", deny_trust, keys, due_after=3 * DAY)
+    once = store(tmp_path / "once", deny_trust, keys, due_after=3 * DAY)
+    batches = _daily_rides(issuer, keys, 3)
+    for d, batch in enumerate(batches[:2]):
+        for s in (often, once):
+            s.ingest(batch)
+        often.close_period(NOW + (d + 1) * DAY, SETTLEMENT_KEY, now=NOW + (d + 1) * DAY)
+    assert {name: row.data for name, row in chunk_rows(often).items()} == {
+        "charges:0000000001": b"", "charges:0000000002": b""}
+    folder = archive.period_dir(often.archive, 1)
+    folder.rename(tmp_path / "moved")
+    with pytest.raises(errors.ArchiveUnavailable, match="period 1"):
+        often.credit_history(NOW + 2 * DAY)
+    for s in (often, once):
+        s.ingest(batches[2])
+    with pytest.raises(errors.ArchiveUnavailable, match="period 1"):
+        often.close_period(NOW + 6 * DAY, SETTLEMENT_KEY, now=NOW + 6 * DAY)
+    assert often._open_period()[0] == 3          # nothing closed
+    (tmp_path / "moved").rename(folder)
+    assert_same_history(often, once, NOW + 2 * DAY)
+    often.close_period(NOW + 6 * DAY, SETTLEMENT_KEY, now=NOW + 6 * DAY)
+    assert_same_history(often, once, NOW + 6 * DAY)
+    often.close()
+    once.close()
+
+
+def test_folded_repayments_move_to_the_archive_and_stay_stored_once(
+        tmp_path: Path, deny_trust: TrustStore, issuer: IssuerKey, keys: list[GatewayKey],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A close moves the repayments it folds into the credit state to its
+    # period's archive: the live table keeps the others, repayments() still
+    # lists them all, the credit history is a never-closing store's, and a
+    # reference stays stored once: the same repayment again is not stored,
+    # other content under it is a Conflict, and the 2**62 limit counts them.
+    often = store(tmp_path / "often", deny_trust, keys, due_after=DAY)
+    once = store(tmp_path / "once", deny_trust, keys, due_after=DAY)
+    paid = [(5070, 100 + d, NOW + d * DAY + 72_000, f"r{d}") for d in range(4)]
+    for d, batch in enumerate(_daily_rides(issuer, keys, 4)):
+        for s in (often, once):
+            s.ingest(batch)
+            s.record_repayments(*zip(paid[d]))
+        often.close_period(NOW + (d + 1) * DAY, SETTLEMENT_KEY, now=NOW + (d + 1) * DAY)
+    assert [r[:3] for r in paid] == once.repayments() == often.repayments()
+    assert often.repayments(5070) == once.repayments(5070) and often.repayments(5071) == []
+    live = often._query("SELECT reference FROM repayments")
+    assert live == [("r3",)]               # paid after the last cut: not folded yet
+    # Each folds at the first close whose cut (until less the horizon) it precedes.
+    assert sorted(often._query("SELECT period FROM repayment_refs")) == [(2,), (3,), (4,)]
+    assert_same_history(often, once, NOW + 5 * DAY)
+    assert often.record_repayments(*zip(*paid)) == 0
+    with pytest.raises(errors.Conflict, match="'r1' is stored already"):
+        often.record_repayment(5070, 999, NOW + DAY + 72_000, "r1")
+    monkeypatch.setattr(credit, "TOTAL_LIMIT", sum(r[1] for r in paid) + 10)
+    with pytest.raises(errors.InvalidArgument, match="2\\*\\*62"):
+        often.record_repayment(5070, 10, NOW + 4 * DAY, "r-over")
+    monkeypatch.undo()
+    # Two references with one hash: the one stored is found, the other stored.
+    monkeypatch.setattr("qrpay.settlement._reference_hash", lambda reference: 7)
+    with often._write("a test") as db:
+        db.execute("UPDATE repayment_refs SET hash = 7")
+    assert often.record_repayment(5071, 5, NOW + 4 * DAY, "r-new")
+    assert not often.record_repayment(5070, 102, NOW + 2 * DAY + 72_000, "r2")
+    # Without the archive that holds it, a reference is not guessed at.
+    archive.period_dir(often.archive, 3).rename(tmp_path / "moved")
+    with pytest.raises(errors.ArchiveUnavailable, match="period 3"):
+        often.record_repayment(5070, 1, NOW + 4 * DAY, "r-other")
+    often.close()
+    once.close()
 
 
 def test_a_store_with_its_charges_in_one_row_reads_and_moves_them(

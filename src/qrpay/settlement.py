@@ -91,6 +91,11 @@ CREATE TABLE IF NOT EXISTS issuer_keys (
     kid BLOB PRIMARY KEY, public BLOB NOT NULL, not_before INTEGER NOT NULL,
     not_after INTEGER NOT NULL, roles INTEGER NOT NULL
 );
+-- The references of the repayments moved to a period's archive, by a
+-- 64-bit hash of each: enough to know where to look when one comes again.
+CREATE TABLE IF NOT EXISTS repayment_refs (
+    hash INTEGER NOT NULL, period INTEGER NOT NULL, PRIMARY KEY (hash, period)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS periods (
     number INTEGER PRIMARY KEY, from_time INTEGER NOT NULL, until INTEGER NOT NULL,
     closed_at INTEGER NOT NULL, records INTEGER NOT NULL, charged_total INTEGER NOT NULL,
@@ -110,6 +115,10 @@ _MIGRATIONS = (
     # time and its amounts added up, which a close chooses chunks by.
     ("carry", "first_time", "INTEGER"),
     ("carry", "amount", "INTEGER"),
+    # Of a period: the repayments its close moved to its archive (folded
+    # into the credit state), how many and their amounts added up.
+    ("periods", "repayments", "INTEGER NOT NULL DEFAULT 0"),
+    ("periods", "repaid", "INTEGER NOT NULL DEFAULT 0"),
 )
 DEFAULT_HORIZON = 6 * 3600   # how late an upload is still checked exactly (docs: Periods)
 UNASSIGNED = "unassigned"    # the operator of a gateway registered without one
@@ -129,11 +138,15 @@ _SETTLEMENT_ROLES = Role.CREDENTIALS | Role.DENY_LIST   # what settlement checks
 # (the credit state), and the charges not folded into it as one row per close
 # that added them (a chunk, named _CHUNK + its period's number, zero-padded so
 # names sort as periods do): a close reads and rewrites only the chunks that
-# may hold a charge fallen due (_fold_credit). A store written before the
-# chunks holds every charge in this row; its next close moves them to a chunk.
+# may hold a charge fallen due (_credit_fold). A chunk none of whose charges
+# has folded yet holds no rows (_ARCHIVED): they are its period's `charged`
+# table in the archive, so the live store keeps about a day of them, not
+# due_after's worth. A store written before the chunks holds every charge in
+# this row; its next close moves them to a chunk.
 _CARRY_CREDIT = "credit"
 _CHUNK = "charges:"
 _CHUNKS = "name > 'charges:' AND name < 'charges;'"   # every chunk's name (':' + 1 is ';')
+_ARCHIVED = b""   # a chunk's data when its rows are the archive's (a kept chunk is never empty)
 _WAL_LIMIT = 64 << 20   # bytes of WAL file kept after a checkpoint
 
 
@@ -173,6 +186,7 @@ class _Chunk:
 
     name: str
     charges: npt.NDArray[np.void]   # CHARGE_DTYPE, in the order they were added
+    archived: bool = False          # all of its period's archived `charged` table
 
 
 class Settlement:
@@ -553,7 +567,7 @@ class Settlement:
                            f"({','.join('?' * len(names))}){chunked}", names)
         for name, data in sorted(rows, key=lambda row: str(row[0])):
             if str(name).startswith(_CHUNK):
-                charges.append(_chunk_charges(data))
+                charges.append(self._chunk_charges(str(name), data))
             else:
                 tables.update(unpack_tables(data, widen=False))   # before the split: one row
         if "carry_tail" not in tables:
@@ -575,7 +589,16 @@ class Settlement:
         for None), in the order they were added."""
         rows = self._query(f"SELECT name, data FROM carry WHERE {_CHUNKS} AND first_time < ? "
                            "ORDER BY name", (2**63 - 1 if before is None else before,))
-        return [_Chunk(str(name), _chunk_charges(data)) for name, data in rows]
+        return [_Chunk(str(name), self._chunk_charges(str(name), data), data == _ARCHIVED)
+                for name, data in rows]
+
+    def _chunk_charges(self, name: str, data: bytes) -> npt.NDArray[np.void]:
+        """A chunk's charges: its rows, or its period's archived ones."""
+        if data != _ARCHIVED:
+            return charges_from_table(unpack_tables(data, widen=False)["carry_charges"])
+        number = int(name[len(_CHUNK):])
+        tables, _summary = archive_module.read_period(self.archive, number, ["charged"])
+        return charges_from_table(tables["charged"])
 
     def _open_period(self) -> tuple[int, int]:
         """(number, from_time) of the open period."""
@@ -651,8 +674,11 @@ class Settlement:
                 carry = self._carry(chunks=False)   # the fold reads the chunks it needs
                 settled = settle_period(carry, closing, closing_gateway, self._slack,
                                         self._cached_index(number))
+                # One read: a repayment stored meanwhile is left to the next close.
+                paid, moved = self._live_repayments(until - self.horizon)
                 folding = pool.submit(self._credit_fold(
-                    carry, period_charges(settled), until - self.horizon, number))
+                    carry, period_charges(settled), paid, until - self.horizon, number, writer))
+                writer.add("repayments", moved)
                 report = build_report(settled, [], self.horizon, period=number,
                                       from_time=from_time, until=until, gaps=self._gaps())
                 clearings = self._clearing(settled, schedule)
@@ -687,12 +713,44 @@ class Settlement:
                 db.executemany("INSERT OR IGNORE INTO flagged(serial, period) VALUES (?, ?)",
                                [(int(s) if s < 2**63 else int(s) - 2**64, number)
                                 for s in flagged])
-                db.execute("UPDATE repayments SET folded = 1 WHERE folded = 0 AND paid_at < ?",
-                           (until - self.horizon,))
+                self._move_repayments(db, moved, number)
                 self._keep_deferred(db, records, tokens, arrivals, inside, number)
         return PeriodSummary(number, from_time, until, closed_at, report.records,
                              report.charged_total, report.rejected_total, clearings,
                              archive_module.period_dir(self.archive, number))
+
+    def _live_repayments(self, cut: int) -> tuple[npt.NDArray[np.int64], archive_module.Table]:
+        """The repayments not folded into the credit state yet, as (account,
+        amount, paid_at) rows; and those this close folds (before `cut`, and
+        any a store from before this kept, folded), which move to the
+        period's archive, as its table."""
+        every = self._query("SELECT id, account, amount, paid_at, reference, folded "
+                            "FROM repayments ORDER BY id")
+        paid = np.array([row[1:4] for row in every if not row[5]], dtype=np.int64).reshape(-1, 3)
+        rows = [row for row in every if row[5] or row[3] < cut]
+        reference = np.empty(len(rows), dtype=object)
+        reference[:] = ["" if row[4] is None else str(row[4]) for row in rows]
+        table: archive_module.Table = {
+            name: np.array([row[i] for row in rows], dtype=np.int64)
+            for i, name in enumerate(("id", "account", "amount", "paid_at"))}
+        table["account"] = table["account"].astype(np.uint64)
+        table["reference"] = reference    # "" for a row stored before references
+        return paid, table
+
+    def _move_repayments(self, db: sqlite3.Connection, moved: archive_module.Table,
+                         number: int) -> None:
+        """Delete the repayments archived with period `number` (by id: one
+        stored meanwhile is folded by the next close), keeping a hash of each
+        reference so that it is still stored once (_insert_repayments)."""
+        ids = moved["id"].tolist()
+        for at in range(0, len(ids), 500):   # within SQLite's bound on parameters
+            chunk = ids[at:at + 500]
+            db.execute(f"DELETE FROM repayments WHERE id IN ({','.join('?' * len(chunk))})",
+                       chunk)
+        db.executemany("INSERT OR IGNORE INTO repayment_refs(hash, period) VALUES (?, ?)",
+                       [(_reference_hash(str(r)), number) for r in moved["reference"] if r])
+        db.execute("UPDATE periods SET repayments = ?, repaid = ? WHERE number = ?",
+                   (len(ids), int(moved["amount"].sum()), number))
 
     @contextmanager
     def _closing(self) -> Iterator[None]:
@@ -734,23 +792,27 @@ class Settlement:
             records["amount"][~charged].astype(np.int64).sum()))
         return clearings
 
-    def _credit_fold(self, carry: Carry, charges: npt.NDArray[np.void], cut: int, number: int
+    def _credit_fold(self, carry: Carry, charges: npt.NDArray[np.void],
+                     paid: npt.NDArray[np.int64], cut: int, number: int,
+                     writer: archive_module.PeriodWriter
                      ) -> Callable[[], tuple[npt.NDArray[np.void] | None, _ChunkRows]]:
         """The fold of the charges and repayments no later row can change
         into the carried credit state (credit.freeze), as a call to run in
         another thread: what it needs of the store is read here. `charges`
-        are the closing period `number`'s (with `carry.charges`, any kept in
-        one row before the chunks, they make its chunk); of the stored
-        chunks, only those that may hold a charge fallen due are read. The
-        call returns the new state and the chunk rows to write (_chunk_rows):
-        the period's and every one that lost rows, with the rows kept."""
-        paid = np.array(self._query("SELECT account, amount, paid_at FROM repayments "
-                                    "WHERE folded = 0"), dtype=np.int64).reshape(-1, 3)
+        are the closing period `number`'s, which the call archives as its
+        `charged` table (with `carry.charges`, any kept in one row before the
+        chunks, they make its chunk) and `paid` the repayments not folded yet
+        (_live_repayments); of the stored chunks, only those that
+        may hold a charge fallen due are read. The call returns the new state
+        and the chunk rows to write (_chunk_rows): the period's and every one
+        that lost rows, with the rows kept."""
         state = carry.credit
         if state is not None and len(state):
             cut = max(cut, int(state["cut"][0]))
+            paid = paid.copy()
             paid[:, 2] = np.maximum(paid[:, 2], int(state["cut"][0]))
-        new = _Chunk(f"{_CHUNK}{number:010d}", np.concatenate([carry.charges, charges]))
+        new = _Chunk(f"{_CHUNK}{number:010d}", np.concatenate([carry.charges, charges]),
+                     archived=not len(carry.charges))
         # Only a charge fallen due before the cut can fold, and every other
         # charge of its account is later in its FIFO order: without them
         # freeze decides the same and sorts about a day of charges, not
@@ -761,6 +823,7 @@ class Settlement:
         stored = self._read_chunks(None if every else line)
 
         def fold() -> tuple[npt.NDArray[np.void] | None, _ChunkRows]:
+            writer.add("charged", charges_table(charges))
             both = np.concatenate([chunk.charges for chunk in (*stored, new)])
             rows = np.arange(len(both)) if every else np.flatnonzero(both["time"] < line)
             folded, kept, _paid = credit.freeze(
@@ -998,27 +1061,60 @@ class Settlement:
                 for stored in db.execute(
                         "SELECT account, amount, paid_at, reference FROM repayments WHERE "
                         f"reference IN ({','.join('?' * len(chunk))})", chunk).fetchall():
-                    if new.pop(stored[3]) != stored:
-                        raise Conflict(f"reference {stored[3]!r} is stored already as account "
-                                       f"{stored[0]}, amount {stored[1]}, paid at {stored[2]}")
+                    _same_repayment(new.pop(stored[3]), tuple(stored))
+            for stored in self._archived_repayments(db, list(new)):
+                _same_repayment(new.pop(stored[3]), stored)
             # credit_history sums every repayment: refuse now what it could not add up.
-            total = db.execute("SELECT COALESCE(SUM(amount), 0) FROM repayments").fetchone()[0]
+            total = (db.execute("SELECT COALESCE(SUM(amount), 0) FROM repayments").fetchone()[0]
+                     + db.execute("SELECT COALESCE(SUM(repaid), 0) FROM periods").fetchone()[0])
             if total + sum(amount for _, amount, _, _ in new.values()) >= credit.TOTAL_LIMIT:
                 raise InvalidArgument("repayments would add up to 2**62 or more")
             db.executemany("INSERT INTO repayments(account, amount, paid_at, reference) "
                            "VALUES (?, ?, ?, ?)", list(new.values()))
         return len(new)
 
+    def _archived_repayments(self, db: sqlite3.Connection, references: list[str]
+                             ) -> list[tuple[int, int, int, str]]:
+        """Of `references`, those stored and moved to a period's archive since:
+        (account, amount, paid_at, reference) as stored. Their hashes say
+        which periods to read (a hash two references share reads one more)."""
+        by_hash: dict[int, list[str]] = {}
+        for reference in references:
+            by_hash.setdefault(_reference_hash(reference), []).append(reference)
+        periods: dict[int, set[str]] = {}
+        hashes = list(by_hash)
+        for at in range(0, len(hashes), 500):
+            chunk = hashes[at:at + 500]
+            for digest, period in db.execute(
+                    "SELECT hash, period FROM repayment_refs WHERE hash IN "
+                    f"({','.join('?' * len(chunk))})", chunk).fetchall():
+                periods.setdefault(int(period), set()).update(by_hash[int(digest)])
+        found = []
+        for period, wanted in sorted(periods.items()):
+            table = archive_module.read_period(self.archive, period, ["repayments"])[0][
+                "repayments"]
+            for i in np.flatnonzero(np.isin(table["reference"], list(wanted))).tolist():
+                found.append((int(table["account"][i]), int(table["amount"][i]),
+                              int(table["paid_at"][i]), str(table["reference"][i])))
+        return found
+
     def repayments(self, account: int | None = None) -> list[tuple[int, int, int]]:
-        """(account, amount, paid_at) rows, oldest first."""
+        """(account, amount, paid_at) rows, oldest first: those a close
+        folded into the credit state are read from their period's archive."""
         if account is not None:
             account = _args.integer("account", account, 0, 2**63 - 1)
-        if account is None:
-            rows = self._query("SELECT account, amount, paid_at FROM repayments ORDER BY id")
-        else:
-            rows = self._query("SELECT account, amount, paid_at FROM repayments "
-                               "WHERE account = ? ORDER BY id", (account,))
-        return [(int(a), int(m), int(p)) for a, m, p in rows]
+        with self._lock:
+            live = self._query("SELECT id, account, amount, paid_at FROM repayments")
+            periods = [int(n) for (n,) in self._query(
+                "SELECT number FROM periods WHERE repayments > 0 ORDER BY number")]
+        rows = [tuple(int(x) for x in row) for row in live]
+        for number in periods:
+            table = archive_module.read_period(self.archive, number, ["repayments"])[0][
+                "repayments"]
+            rows.extend(zip(*(table[name].tolist()
+                              for name in ("id", "account", "amount", "paid_at"))))
+        return [(a, m, p) for _id, a, m, p in sorted(rows)
+                if account is None or a == account]
 
     def credit_history(self, now: int, due_after: int | None = None) -> npt.NDArray[np.void]:
         """Repayment behaviour per account at `now` (one qrpay.credit.CREDIT_DTYPE
@@ -1050,6 +1146,19 @@ class Settlement:
 
     def batch_count(self) -> int:
         return int(self._query("SELECT COUNT(*) FROM batches")[0][0])
+
+
+def _reference_hash(reference: str) -> int:
+    """A reference's 64-bit BLAKE2b, as SQLite's signed integer."""
+    return int.from_bytes(hashlib.blake2b(reference.encode(), digest_size=8).digest(),
+                          "little", signed=True)
+
+
+def _same_repayment(given: tuple[int, int, int, str], stored: tuple[Any, ...]) -> None:
+    """Conflict unless the repayment given is the one stored under its reference."""
+    if given != stored:
+        raise Conflict(f"reference {stored[3]!r} is stored already as account "
+                       f"{stored[0]}, amount {stored[1]}, paid at {stored[2]}")
 
 
 def _reference(reference: object) -> str:
@@ -1153,10 +1262,6 @@ def _period_tables(settled: Settled, report: Report, clearings: list[OperatorCle
     return tables
 
 
-def _chunk_charges(data: bytes) -> npt.NDArray[np.void]:
-    return charges_from_table(unpack_tables(data, widen=False)["carry_charges"])
-
-
 def _near_total_limit(charged: int, state: npt.NDArray[np.void] | None) -> bool:
     """Whether the carried charges (`charged`, their exact sum) and the
     state's may add up to credit.TOTAL_LIMIT, as freeze adds them in floating
@@ -1170,11 +1275,13 @@ def _near_total_limit(charged: int, state: npt.NDArray[np.void] | None) -> bool:
 def _kept(stored: list[_Chunk], new: _Chunk, keep: npt.NDArray[np.bool_]) -> list[_Chunk]:
     """The `stored` chunks and the `new` one with the rows `keep` keeps (of
     their charges one after the other): `new` always, a stored one where it
-    lost rows (the others are not written again)."""
+    lost rows (the others are not written again). A chunk that lost none
+    stays archived if it was."""
     parts = np.split(keep, np.cumsum([len(chunk.charges) for chunk in stored]))
     changed = [_Chunk(chunk.name, chunk.charges[part])
                for chunk, part in zip(stored, parts) if not part.all()]
-    return changed + [_Chunk(new.name, new.charges[parts[-1]])]
+    whole = bool(parts[-1].all())
+    return changed + [_Chunk(new.name, new.charges[parts[-1]], new.archived and whole)]
 
 
 def _carry_rows(carry: Carry) -> list[tuple[str, bytes]]:
@@ -1193,7 +1300,8 @@ def _chunk_rows(chunks: list[_Chunk]) -> _ChunkRows:
     """The names of the emptied chunks (to delete) and the carry rows of the
     others: name, packed charges, earliest time and amount."""
     emptied = [(chunk.name,) for chunk in chunks if not len(chunk.charges)]
-    rows = [(chunk.name, pack_tables({"carry_charges": charges_table(chunk.charges)}),
+    rows = [(chunk.name, _ARCHIVED if chunk.archived else pack_tables(
+                {"carry_charges": charges_table(chunk.charges)}),
              int(chunk.charges["time"].min()), int(chunk.charges["amount"].sum()))
             for chunk in chunks if len(chunk.charges)]
     return emptied, rows

@@ -96,6 +96,6 @@ def transaction(db: sqlite3.Connection, error: type[QrPayError]) -> Iterator[sql
             db.execute("ROLLBACK")
         except sqlite3.Error:
             pass  # the transaction is already gone
-        if isinstance(exc, (sqlite3.Error, OSError)):
+        if isinstance(exc, (sqlite3.Error, OSError)) and not isinstance(exc, QrPayError):
             raise error(f"{exc}") from exc
-        raise
+        raise   # a typed error of ours (an archive that cannot be read) stays what it is
