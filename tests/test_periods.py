@@ -13,12 +13,14 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import msgpack  # type: ignore[import-untyped]
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qrpay.ledger import RECORD_DTYPE
-from qrpay.periods import Carry, Settled, carry_forward, settle_period
+from qrpay.periods import Carry, Settled, carry_forward, pack_tables, settle_period, unpack_tables
+from qrpay.wire import pack
 
 SLACK = 120
 MAX_DELAY = 3_000          # how late an upload may be, in seconds after its scan
@@ -168,3 +170,53 @@ def test_tables_round_trip() -> None:
     assert again.tail_gateway.tolist() == carry.tail_gateway.tolist() == ["a", "b", "a"]
     assert again.floor.serial.tolist() == carry.floor.serial.tolist()
     assert again.charges.tobytes() == carry.charges.tobytes()
+
+
+@given(st.lists(st.tuples(st.integers(0, 2**64 - 1), st.integers(-(2**15), 2**15),
+                          st.integers(0, 3)), max_size=3000),
+       st.sampled_from(["<u8", "<i8", "<u4", "<i2", "<u1"]))
+@settings(max_examples=60, deadline=None)
+def test_packed_tables_come_back_as_they_were(rows: list[tuple[int, int, int]],
+                                              kind: str) -> None:
+    # Columns long enough to be compressed and not, compressible (small
+    # values, repeats) and not (random 64-bit), narrowed and not: every one
+    # comes back with its values and dtype, widened or not.
+    n = len(rows)
+    wide = np.array([r[0] for r in rows], dtype=np.uint64)
+    small = np.array([r[1] for r in rows], dtype=np.int64)
+    repeat = np.repeat(np.array([r[2] for r in rows], dtype=np.dtype(kind)), 5)
+    tables = {"t": {"wide": wide, "small": small, "flag": small > 0,
+                    "names": np.array([f"g{r[2]}" for r in rows], dtype=object).reshape(n)},
+              "u": {"repeat": repeat, "scale": np.arange(n * 3, dtype=np.float64) / 7}}
+    data = pack_tables(tables)
+    for widen in (True, False):
+        back = unpack_tables(data, widen=widen)
+        for table, columns in tables.items():
+            for name, column in columns.items():
+                got = back[table][name]
+                assert got.tolist() == column.tolist(), (table, name)
+                if widen or column.dtype == object:
+                    assert got.dtype == column.dtype
+    entries = msgpack.unpackb(data)
+    if n >= 1000:   # the random column stays raw, the repeats are compressed
+        assert entries["t"]["wide"][-1] != "zs" and entries["u"]["repeat"][-1] == "zs"
+
+
+def test_tables_packed_before_compression_still_read() -> None:
+    # A carry row a store wrote before columns were compressed.
+    old = pack({"t": {"n": ["<u8", np.arange(5000, dtype="<u4").tobytes(), "<u4"],
+                      "x": ["<i8", np.arange(3, dtype="<i8").tobytes()]}})
+    back = unpack_tables(old)
+    assert back["t"]["n"].tolist() == list(range(5000)) and back["t"]["n"].dtype == np.uint64
+    assert back["t"]["x"].tolist() == [0, 1, 2]
+
+
+def test_packing_compresses_what_shrinks_and_keeps_the_rest_raw() -> None:
+    rng = np.random.default_rng(3)
+    wide = rng.integers(0, 2**63, 20_000).astype(np.uint64)           # random: stays raw
+    slow = (1_800_000_000 + np.arange(20_000) // 3).astype(np.int64)   # narrowed, compressed
+    entries = msgpack.unpackb(pack_tables({"t": {"wide": wide, "slow": slow}}))["t"]
+    assert entries["wide"][-1] != "zs" and entries["slow"][-1] == "zs"
+    assert len(entries["slow"][1]) < 0.5 * 4 * len(slow)
+    back = unpack_tables(pack_tables({"t": {"wide": wide, "slow": slow}}))["t"]
+    assert back["wide"].tolist() == wide.tolist() and back["slow"].tolist() == slow.tolist()

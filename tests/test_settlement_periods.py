@@ -6,6 +6,7 @@ every few hours reports what a store never closed reports."""
 from __future__ import annotations
 
 import random
+import sqlite3
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -617,6 +618,28 @@ def test_folded_repayments_move_to_the_archive_and_stay_stored_once(
         often.record_repayment(5070, 1, NOW + 4 * DAY, "r-other")
     often.close()
     once.close()
+
+
+def test_a_close_leaves_no_wal_behind_unless_someone_reads(
+        tmp_path: Path, deny_trust: TrustStore, issuer: IssuerKey, keys: list[GatewayKey]) -> None:
+    # A close writes its carry through the WAL; the file is cut back after
+    # it, except while another connection reads (then nothing waits for it).
+    s = store(tmp_path / "s", deny_trust, keys)
+    wal = tmp_path / "s" / "settlement.sqlite3-wal"
+    batches = _daily_rides(issuer, keys, 2)
+    s.ingest(batches[0])
+    s.close_period(NOW + DAY, SETTLEMENT_KEY, now=NOW + DAY)
+    assert wal.stat().st_size == 0
+    reader = sqlite3.connect(tmp_path / "s" / "settlement.sqlite3", isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM batches").fetchall()   # holds a read snapshot
+        s.ingest(batches[1])
+        s.close_period(NOW + 2 * DAY, SETTLEMENT_KEY, now=NOW + 2 * DAY)
+        assert wal.stat().st_size > 0                 # kept for the reader
+    finally:
+        reader.close()
+    s.close()
 
 
 def test_a_store_with_its_charges_in_one_row_reads_and_moves_them(

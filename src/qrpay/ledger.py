@@ -91,13 +91,19 @@ def settle(records: npt.NDArray[np.void], gateway: npt.NDArray[np.int64],
     summarises the older valid records no longer held. A record scanned
     within `slack` of the floor's latest time is `late`: the floor can not
     say which older records came before it in time, so only the held ones
-    are compared (see docs/SETTLEMENT.md, Periods). `serial_order`, a
-    permutation of the rows by serial that the caller worked out anyway,
-    saves sorting them again to look them up in the floor (any permutation
-    gives the same verdicts).
+    are compared (see docs/SETTLEMENT.md, Periods).
+
+    Every step groups the rows by serial: they are sorted by it once
+    (stable: arrival order within a serial), and each step orders a serial's
+    rows by what it needs from there, a nearly sorted pass. `serial_order`
+    is that sort if the caller has it (checked: ValueError if it is not).
     """
     n = len(records)
     serial = records["serial"]
+    by_serial = _serial_order(serial, serial_order)
+    grouped = serial[by_serial]
+    rank = np.empty(n, dtype=np.int64)    # dense serial number of each row
+    rank[by_serial] = np.cumsum(np.r_[True, grouped[1:] != grouped[:-1]]) - 1 if n else 0
     counter = records["counter"].astype(np.int64)
     when = records["gateway_time"].astype(np.int64)
     token_id = records["token_id"]
@@ -111,10 +117,10 @@ def settle(records: npt.NDArray[np.void], gateway: npt.NDArray[np.int64],
     # counter. A record that breaks this against one that arrived before it
     # comes from a copied phone: flagged, and not charged. One that arrived
     # first was charged; it is found behind when the other arrives.
-    backwards, behind_later = _conflicts(valid, serial, counter, when, slack, new)
+    backwards, behind_later = _conflicts(valid, by_serial, rank, counter, when, slack, new)
     late = np.zeros(n, dtype=np.bool_)
     if floor is not None and len(floor.serial):
-        at = seg.search(floor.serial, serial, serial_order).clip(max=len(floor.serial) - 1)
+        at = seg.search(floor.serial, serial, by_serial).clip(max=len(floor.serial) - 1)
         known = valid & new & (floor.serial[at] == serial)
         late = known & (when - slack <= floor.time[at])
         # Every record in the floor arrived earlier and, for a record that
@@ -130,8 +136,7 @@ def settle(records: npt.NDArray[np.void], gateway: npt.NDArray[np.int64],
 
     # Group the other valid records by (serial, counter); arrival order breaks
     # ties, so the first occurrence to arrive is the one charged.
-    arrival = np.arange(n)
-    order = np.lexsort((arrival, counter, serial))
+    order = _within(by_serial, rank, counter)
     order = order[(valid & ~backwards)[order]]
     s, c = serial[order], counter[order]
     starts = np.ones(len(order), dtype=np.bool_)
@@ -164,13 +169,44 @@ def settle(records: npt.NDArray[np.void], gateway: npt.NDArray[np.int64],
         found_behind[:prior] &= ~prior_found[:prior]   # found once
         backwards[:prior] = False                      # flagged when they arrived
 
-    over = _overspend(records, charged, new)
+    over = _overspend(records, charged, new, by_serial)
     return LedgerResult(charged, double_spend, duplicate, clone, backwards, found_behind,
                         invalid, late, first_row, *over)
 
 
-def _conflicts(valid: Mask, serial: npt.NDArray[np.uint64], counter: npt.NDArray[np.int64],
-               when: npt.NDArray[np.int64], slack: int, judge: Mask) -> tuple[Mask, Mask]:
+def _serial_order(serial: npt.NDArray[np.uint64], given: npt.NDArray[np.intp] | None
+                  ) -> npt.NDArray[np.intp]:
+    """The rows sorted by serial, arrival order within one: `given`, after
+    checking it is that (a wrong one would change verdicts), or worked out."""
+    if given is None:
+        return np.argsort(serial, kind="stable")
+    order = np.asarray(given)
+    if order.shape != serial.shape or order.dtype.kind not in "iu":
+        raise ValueError("serial_order must be one integer index per row")
+    if len(order):
+        seen = np.zeros(len(order), dtype=np.bool_)
+        seen[order.clip(0, len(order) - 1)] = True
+        grouped = serial[order.clip(0, len(order) - 1)]
+        tie = grouped[1:] == grouped[:-1]
+        if (order.min() < 0 or order.max() >= len(order) or not seen.all()
+                or np.any(grouped[1:] < grouped[:-1]) or np.any(order[1:][tie] <= order[:-1][tie])):
+            raise ValueError("serial_order must sort the rows by serial, stably")
+    return order.astype(np.intp, copy=False)
+
+
+def _within(by_serial: npt.NDArray[np.intp], rank: npt.NDArray[np.int64],
+            key: npt.NDArray[np.int64]) -> npt.NDArray[np.intp]:
+    """The rows sorted by (serial, key, arrival), from `by_serial` (rows by
+    serial, arrival within) and each row's dense serial `rank`: np.lexsort's
+    answer, from a stable sort of an almost sorted column (a serial's
+    counters and scan times rise as its records arrive). `key` is below 2**32."""
+    combined = (rank[by_serial] << 32) | key[by_serial]
+    return by_serial[np.argsort(combined, kind="stable")]
+
+
+def _conflicts(valid: Mask, by_serial: npt.NDArray[np.intp], rank: npt.NDArray[np.int64],
+               counter: npt.NDArray[np.int64], when: npt.NDArray[np.int64], slack: int,
+               judge: Mask) -> tuple[Mask, Mask]:
     """For each row to judge: is there a valid row of the same serial that
     arrived before it (a lower index) and was scanned more than `slack`
     earlier with a counter at least as high (backwards)? And which rows
@@ -182,16 +218,16 @@ def _conflicts(valid: Mask, serial: npt.NDArray[np.uint64], counter: npt.NDArray
     finds; only the serials that do are compared pair by pair in arrival
     order.
     """
-    n = len(serial)
+    n = len(valid)
     backwards = np.zeros(n, dtype=np.bool_)
     behind_later = np.zeros(n, dtype=np.bool_)
-    rows = np.flatnonzero(valid)
-    if len(rows) < 2:
+    if np.count_nonzero(valid) < 2:
         return backwards, behind_later
-    rows = rows[np.lexsort((when[rows], serial[rows]))]
-    s, t, c = serial[rows], when[rows], counter[rows]
-    new_serial = np.r_[True, s[1:] != s[:-1]]
-    rank = np.cumsum(new_serial) - 1                       # dense serial number, sorted
+    rows = _within(by_serial, rank, when)                  # by (serial, scan time)
+    rows = rows[valid[rows]]
+    t, c = when[rows], counter[rows]
+    new_serial = np.r_[True, rank[rows][1:] != rank[rows][:-1]]
+    rank = np.cumsum(new_serial) - 1                       # dense among the valid rows
     # Running max of the counter within each serial (lift each serial above the last).
     lift = rank * (int(c.max()) + 1)
     running = np.maximum.accumulate(c + lift) - lift
@@ -229,8 +265,8 @@ def _judge_pairs(members: npt.NDArray[np.int64], when: npt.NDArray[np.int64],
         behind_later[members[:hi]] |= (mine[:, None] & before).any(axis=0)
 
 
-def _overspend(records: npt.NDArray[np.void], charged: Mask, new: Mask
-               ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], npt.NDArray[np.int64],
+def _overspend(records: npt.NDArray[np.void], charged: Mask, new: Mask,
+               by_serial_all: npt.NDArray[np.intp]) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], npt.NDArray[np.int64],
                           npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Credentials whose offline exposure went over their limit.
 
@@ -252,18 +288,23 @@ def _overspend(records: npt.NDArray[np.void], charged: Mask, new: Mask
     start = charged_rows["gateway_time"].astype(np.int64)
     end = np.maximum(charged_rows["uploaded_at"].astype(np.int64), start)
     amount = charged_rows["amount"].astype(np.int64)
-    # Each row's dense serial rank, from the one sort by serial the limits
-    # and accounts below need too.
-    by_serial = np.argsort(charged_rows["serial"], kind="stable")
+    # Each row's dense serial rank, from the rows by serial (`by_serial_all`,
+    # which the limits and accounts below need too): the charged ones, as
+    # indices among them.
+    position = np.cumsum(charged) - 1
+    by_serial = position[by_serial_all[charged[by_serial_all]]]
     serials = charged_rows["serial"][by_serial]
     first = seg.starts(serials)
     uniq = serials[first]
-    rank = np.empty(len(rows), dtype=np.int64)
-    rank[by_serial] = np.cumsum(np.r_[True, serials[1:] != serials[:-1]]) - 1
-    rank = np.r_[rank, rank]
-    when = np.r_[start, end]
-    delta = np.r_[amount, -amount]
-    fresh = np.r_[new[rows], new[rows]]
+    grouped = np.cumsum(np.r_[True, serials[1:] != serials[:-1]]) - 1
+    # Each row's payment (at its scan) and release (at its upload), the rows
+    # by serial (arrival order within one): each half is then almost in key
+    # order, which the stable sort merges fast, and rows of one serial keep
+    # their arrival order among equal keys, as in any layout.
+    rank = np.r_[grouped, grouped]
+    when = np.r_[start[by_serial], end[by_serial]]
+    delta = np.r_[amount[by_serial], -amount[by_serial]]
+    fresh = np.r_[new[rows][by_serial], new[rows][by_serial]]
     # One int64 key, (serial rank, time, release before payment): at equal times
     # an upload and the next scan in the same second do not overlap.
     order = np.argsort((rank << 34 | when) << 1 | (delta > 0), kind="stable")

@@ -715,6 +715,8 @@ class Settlement:
                                 for s in flagged])
                 self._move_repayments(db, moved, number)
                 self._keep_deferred(db, records, tokens, arrivals, inside, number)
+            # The close wrote tens of MB to the WAL: not left on disk at that size.
+            sqlitedb.shrink_wal(self._db)
         return PeriodSummary(number, from_time, until, closed_at, report.records,
                              report.charged_total, report.rejected_total, clearings,
                              archive_module.period_dir(self.archive, number))

@@ -65,6 +65,21 @@ def connect(path: Path, error: type[QrPayError], check: str = "quick_check"
         raise
 
 
+def shrink_wal(db: sqlite3.Connection) -> None:
+    """Copy the WAL into the database and cut the file to nothing, if no
+    other connection is reading (one that is keeps it: nothing waits). For
+    after a large transaction, whose WAL would otherwise stay on disk at its
+    size. A failure here changes nothing committed: it is ignored."""
+    try:
+        db.execute("PRAGMA busy_timeout = 0")
+        try:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+    except sqlite3.Error:
+        pass
+
+
 def query(db: sqlite3.Connection, error: type[QrPayError], what: str, sql: str,
           args: tuple[Any, ...] = ()) -> list[Any]:
     """All rows of one read; an SQLite failure becomes `error` ("what: ...")."""
