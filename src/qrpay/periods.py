@@ -257,25 +257,38 @@ def carry_forward(carry: Carry, settled: Settled, keep_from: int,
     caller (fold_credit)."""
     result, prior = settled.result, settled.prior
     new_records = settled.records[settled.new]
-    names = np.array(settled.names, dtype=object)
-    # The whole tail (the rows the period did not need keep their verdicts),
-    # then the period's records.
     found_now = np.zeros(len(carry.tail), dtype=np.bool_)
     found_now[settled.from_tail] = result.found_behind[:prior]
-    records = np.concatenate([carry.tail, new_records])
-    gateway = np.concatenate([carry.tail_gateway, names[settled.gateway[settled.new]]])
-    charged = np.concatenate([carry.tail_charged, result.charged[settled.new]])
-    flagged = np.concatenate([carry.tail_flagged, result.backwards[settled.new]])
-    found = np.concatenate([carry.tail_found | found_now, result.found_behind[settled.new]])
+    # The whole tail (the rows the period did not need keep their verdicts),
+    # then the period's records: each part masked apart, so that only the
+    # rows kept are copied (and only their gateway ids made).
+    keep_tail, drop_tail = _kept_rows(carry.tail, keep_from)
+    keep_new, drop_new = _kept_rows(new_records, keep_from)
+    names = np.array(settled.names, dtype=object)
+    tail = np.concatenate([carry.tail[keep_tail], new_records[keep_new]])
+    gateway = np.concatenate([carry.tail_gateway[keep_tail],
+                              names[settled.gateway[settled.new][keep_new]]])
+    charged = np.concatenate([carry.tail_charged[keep_tail],
+                              result.charged[settled.new][keep_new]])
+    flagged = np.concatenate([carry.tail_flagged[keep_tail],
+                              result.backwards[settled.new][keep_new]])
+    found = np.concatenate([(carry.tail_found | found_now)[keep_tail],
+                            result.found_behind[settled.new][keep_new]])
+    floor = _raise_floor(carry.floor, np.concatenate([carry.tail[drop_tail],
+                                                      new_records[drop_new]]))
+    charges = np.concatenate([carry.charges, period_charges(settled)])
+    return Carry(tail, gateway, charged, flagged, found, floor, charges, carry.credit)
+
+
+def _kept_rows(records: npt.NDArray[np.void], keep_from: int
+               ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """Of `records`, the valid ones scanned or uploaded at or after
+    `keep_from` (they stay in the tail) and the other valid ones (they go
+    into the floor)."""
     valid = records["reason"] == 0
     recent = ((records["gateway_time"].astype(np.int64) >= keep_from)
               | (records["uploaded_at"].astype(np.int64) >= keep_from))
-    keep = valid & recent
-    dropped = valid & ~recent
-    floor = _raise_floor(carry.floor, records[dropped])
-    charges = np.concatenate([carry.charges, period_charges(settled)])
-    return Carry(records[keep], gateway[keep], charged[keep], flagged[keep], found[keep], floor,
-                 charges, carry.credit)
+    return valid & recent, valid & ~recent
 
 
 def period_charges(settled: Settled) -> npt.NDArray[np.void]:

@@ -665,12 +665,14 @@ class Settlement:
             inside = records["gateway_time"] < until
             closing, closing_gateway = records[inside], gateway[inside]
             with self._period_writer(number) as writer, ThreadPoolExecutor(
-                    2, thread_name_prefix="qrpay-close") as pool:
-                # The records and tokens are written while they are settled,
-                # and the credit state folded while the report is built
-                # (numpy, pyarrow and hashlib let go of the GIL in each).
-                written = pool.submit(lambda: writer.add("records", _records_table(
-                    closing, closing_gateway, _token_rows(tokens, inside))))
+                    3, thread_name_prefix="qrpay-close") as pool:
+                # The records and tokens are written while they are settled;
+                # the credit state is folded, the other tables written, the
+                # records hashed and the carry packed while the report and
+                # the carry are worked out (numpy, pyarrow, zlib and hashlib
+                # let go of the GIL in each).
+                written = [pool.submit(lambda: writer.add("records", _records_table(
+                    closing, closing_gateway, _token_rows(tokens, inside))))]
                 carry = self._carry(chunks=False)   # the fold reads the chunks it needs
                 settled = settle_period(carry, closing, closing_gateway, self._slack,
                                         self._cached_index(number))
@@ -678,25 +680,28 @@ class Settlement:
                 paid, moved = self._live_repayments(until - self.horizon)
                 folding = pool.submit(self._credit_fold(
                     carry, period_charges(settled), paid, until - self.horizon, number, writer))
-                writer.add("repayments", moved)
+                written.append(pool.submit(writer.add, "repayments", moved))
+                digest = pool.submit(_records_digest, settled)
                 report = build_report(settled, [], self.horizon, period=number,
                                       from_time=from_time, until=until, gaps=self._gaps())
                 clearings = self._clearing(settled, schedule)
                 statements = [clearing.sign_statement(key, Statement.from_clearing(
                     c, period=number, from_time=from_time, until=until, schedule=schedule,
                     issued_at=closed_at)) for c in clearings]
-                for name, table in _period_tables(settled, report, clearings, statements,
-                                                  carry).items():
-                    writer.add(name, table)
+                written.extend(pool.submit(writer.add, name, table) for name, table in
+                               _period_tables(settled, report, clearings, statements,
+                                              carry).items())
                 forward = carry_forward(carry, settled, until - self.horizon, self.due_after)
-                summary = self._summary(key, report, clearings, settled, closed_at)
                 state, (emptied, chunk_rows) = folding.result()
                 # Its charges are in the chunks now, folded into `state` or kept.
                 after = replace(forward, charges=np.zeros(0, dtype=CHARGE_DTYPE), credit=state)
-                written.result()
+                packing = pool.submit(_carry_rows, after)
+                summary = self._summary(key, report, clearings, digest.result(), closed_at)
+                for table_written in written:
+                    table_written.result()
                 writer.commit(summary)
+                carry_rows = packing.result()
             flagged = report.flagged_serials()
-            carry_rows = _carry_rows(after)
             with self._write(_RETRY_CLOSE) as db:
                 db.execute("INSERT INTO periods(number, from_time, until, closed_at, records, "
                            "charged_total, rejected_total, summary) VALUES (?,?,?,?,?,?,?,?)",
@@ -837,9 +842,8 @@ class Settlement:
         return fold
 
     def _summary(self, key: SettlementKey, report: Report, clearings: list[OperatorClearing],
-                 settled: Settled, closed_at: int) -> bytes:
+                 records_digest: bytes, closed_at: int) -> bytes:
         """The period's signed summary: what it holds and what it cleared."""
-        records = settled.records[settled.new]
         return sign_document(key, TAG_PERIOD, {
             "v": 1, "period": report.period, "from": report.from_time, "until": report.until,
             "closed_at": closed_at, "records": report.records,
@@ -849,7 +853,7 @@ class Settlement:
                 {f.kind for f in report.findings})},
             "operators": [[c.operator, c.gross, c.fee, c.net, c.flagged_amount]
                           for c in clearings],
-            "records_digest": hashlib.blake2b(records.tobytes(), digest_size=32).digest(),
+            "records_digest": records_digest,
         })
 
     def _period_writer(self, number: int) -> archive_module.PeriodWriter:
@@ -1208,6 +1212,11 @@ def _token_rows(parts: list[npt.NDArray[np.uint8]], inside: npt.NDArray[np.bool_
         at += len(part)
         chunks.append(rows if mine.all() else rows[mine])
     return np.concatenate(chunks)
+
+
+def _records_digest(settled: Settled) -> bytes:
+    """BLAKE2b-256 of the period's records as stored (RECORD_DTYPE bytes)."""
+    return hashlib.blake2b(settled.records[settled.new].tobytes(), digest_size=32).digest()
 
 
 def _joined(parts: list[npt.NDArray[np.void]]) -> npt.NDArray[np.void]:
