@@ -1,7 +1,8 @@
 """SIGKILL during close_period: the period is closed whole (its row, its
-archive folder, the carry, the live store emptied) or not at all (the live
-store as it was), and closing again gives the same period. Rounds:
-QRPAY_PERIOD_CRASH_ROUNDS (default 16 per backend)."""
+archive folder, the carry, the live store emptied, the folded repayments
+moved to the archive) or not at all (the live store as it was), and closing
+again gives the same period. Rounds: QRPAY_PERIOD_CRASH_ROUNDS (default 16
+per backend)."""
 
 from __future__ import annotations
 
@@ -26,10 +27,17 @@ WORKER = Path(__file__).with_name("period_crash_worker.py")
 UNTIL = NOW + 86_400
 
 
+# Repayments of the riders' accounts: the first 20 paid before the close's
+# cut (until less the horizon: they fold and move to the archive), 5 after.
+REPAID = [(5100 + i, 40 + i, NOW + 7_200 if i < 20 else UNTIL - 3_600, f"bank-{i}")
+          for i in range(25)]
+
+
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, float]:
     """A store with 3,000 records of one day over 3 gateways (and a few scanned
-    after the cut), its total charge, and how long a close of it takes."""
+    after the cut) and REPAID, its total charge, and how long a close of it
+    takes."""
     base = tmp_path_factory.mktemp("period-crash")
     issuer = IssuerKey(bytes(range(32)))
     trust = TrustStore()
@@ -47,6 +55,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, float
             s.ingest(up.batch(gw, scans, t + 1_000))
     late = [(r.token(UNTIL + 10, 99), 7, Scene.BUS, UNTIL + 10) for r in riders[:5]]
     s.ingest(up.batch(0, late, UNTIL + 20))
+    s.record_repayments(*zip(*REPAID))
     total = s.report().charged_total
     s.close()
     trial = base / "trial"
@@ -87,6 +96,10 @@ def test_kill_during_close_closes_whole_or_not_at_all(
         child.wait(timeout=30)
         s = Settlement(directory)
         closed = s.periods()
+        # Every repayment is there once, moved or not; none is stored again.
+        assert sorted(s.repayments()) == sorted(r[:3] for r in REPAID)
+        assert s.record_repayments(*zip(*REPAID)) == 0
+        live = len(s._query("SELECT id FROM repayments"))
         if said.startswith("closed"):
             outcomes["finished"] += 1
             assert [p.number for p in closed] == [1]     # acknowledged: it stays closed
@@ -95,10 +108,12 @@ def test_kill_during_close_closes_whole_or_not_at_all(
             archive.verify_period(s.archive, 1)
             assert s.period_report(1).charged_total + s.report().charged_total == total
             assert s.report().records == 5                # scanned after the cut: still live
+            assert live == 5                              # the 20 folded are archived
         else:
             outcomes["open"] += 1
             outcomes["orphan folder"] += archive.period_dir(s.archive, 1).exists()
             assert s.report().charged_total == total      # nothing moved
+            assert live == 25
             again = s.close_period(UNTIL, SETTLEMENT_KEY, now=UNTIL)
             assert again.number == 1 and again.charged_total + s.report().charged_total == total
             assert archive.list_periods(s.archive) == [1]

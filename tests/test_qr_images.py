@@ -3,10 +3,13 @@ and verified; payloads that cover every byte value 0-255 survive too."""
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
-from qrpay import Credential, DeviceKey, Scene, TokenGenerator, TrustStore, qrimage, verify
+from qrpay import (Credential, DeviceKey, IssuerKey, Scene, TokenGenerator, TrustStore, qrimage,
+                   verify)
 from qrpay.format import TOKEN_LEN
 
 
@@ -60,3 +63,16 @@ def test_credentials_of_other_devices_do_not_verify_after_decode(
     [decoded] = qrimage.decode_image(qrimage.render(forged, "png"))
     with pytest.raises(errors.BadDeviceSignature):
         verify(decoded, trust, now)
+
+
+def test_a_qr_code_that_also_looks_like_a_1d_barcode_decodes_once() -> None:
+    # This token's QR code holds modules that zxing also reads as an ITF
+    # barcode (found by trying keys): decode_image reads QR codes only.
+    from qrpay._impl import core
+    issuer = IssuerKey(bytes(range(32)))
+    cred = issuer.issue(account=1001, device_public=DeviceKey(b"\x05" * 32).public,
+                        limit=1000, scenes=[Scene.BUS], not_before=1_799_000_000,
+                        not_after=1_801_000_000, serial=77)
+    token = core.make_token(cred.raw, DeviceKey(hashlib.sha256(b"itf-315").digest())._secret,
+                            1_800_000_000, 1, Scene.BUS)
+    assert qrimage.decode_image(qrimage.render(token, "png")) == [token]

@@ -426,15 +426,18 @@ def close_checking_chunks(s: Settlement, until: int) -> None:
     assert {name: after.get(name) for name in set(before) - due} == {
         name: before[name] for name in set(before) - due}
     assert set(after) - set(before) <= {f"charges:{number:010d}"}
-    # The period's archive holds every charge it made (its `charged` table);
-    # its chunk keeps no rows in the store but points there, unless some
-    # folded already (it holds the others) or a store from before the chunks
-    # moved its one-row charges in.
+    # The period's archive holds every charge it made (its `charged` table,
+    # by account and time); its chunk keeps no rows in the store but points
+    # there, unless some folded already (it holds the others) or a store
+    # from before the chunks moved its one-row charges in.
     tables, _ = archive.read_period(s.archive, number, ["charged", "records", "verdicts"])
     records, charged = tables["records"], tables["verdicts"]["charged"]
-    for column, field in (("account", "account"), ("time", "gateway_time"),
-                          ("amount", "amount")):
-        assert tables["charged"][column].tolist() == records[field][charged].tolist()
+    archived = sorted(zip(*(tables["charged"][c].tolist() for c in ("account", "time",
+                                                                     "amount"))))
+    assert archived == sorted(zip(*(records[f][charged].tolist() for f in (
+        "account", "gateway_time", "amount"))))
+    keys = list(zip(tables["charged"]["account"].tolist(), tables["charged"]["time"].tolist()))
+    assert keys == sorted(keys)        # by account, then scan time
     own = after.get(f"charges:{number:010d}")
     if own is not None:
         kept = s._chunk_charges(f"charges:{number:010d}", own.data)

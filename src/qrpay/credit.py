@@ -212,12 +212,11 @@ def _fifo(c: Columns, p: Columns, now: int, frozen: Rows) -> _Fifo:
 
     accounts = distinct(np.concatenate([c_acct, p_acct, frozen["account"]]))
     n = len(accounts)
-    # Charges oldest first per account (sorted before they are looked up:
-    # searchsorted is several times faster on sorted queries), and their
-    # running total within it, which starts after the frozen charges.
-    order = np.lexsort((c_time, c_acct))
-    row, c_time, c_amount = row[order], c_time[order], c_amount[order]
-    cg = np.searchsorted(accounts, c_acct[order])   # dense account index of each row
+    # Charges oldest first per account, and their running total within it,
+    # which starts after the frozen charges.
+    cg = np.searchsorted(accounts, c_acct)   # dense account index of each row
+    order = _by_group_then_time(cg, c_time)
+    row, cg, c_time, c_amount = row[order], cg[order], c_time[order], c_amount[order]
     pg = np.searchsorted(accounts, p_acct)
     total = running_total(cg, c_amount) + _aligned(frozen, accounts)["charged"][cg]
     order = np.lexsort((p_time, pg))
@@ -229,6 +228,19 @@ def _fifo(c: Columns, p: Columns, now: int, frozen: Rows) -> _Fifo:
     paid_at = _paid_in_full_at(cg, total, pg, P, p_time)
     return _Fifo(accounts, row, cg, c_time, c_amount, total, paid_at,
                  _group_sum(pg, p_amount, n))
+
+
+def _by_group_then_time(group: Ints, time: Ints) -> Ints:
+    """np.lexsort((time, group)): as one stable sort of a single key where it
+    fits in int64. The stable sort takes runs already in order (charges a
+    close stored by account and time) as they are, where lexsort sorts all
+    over again."""
+    if not len(group):
+        return np.zeros(0, dtype=np.int64)
+    low, span = int(time.min()), int(time.max()) - int(time.min()) + 1
+    if (int(group.max()) + 1) * span >= 2**63:
+        return np.lexsort((time, group))
+    return np.argsort(group * span + (time - low), kind="stable")
 
 
 def _inputs(charge_account: npt.ArrayLike, charge_time: npt.ArrayLike,

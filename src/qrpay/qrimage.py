@@ -75,7 +75,10 @@ def decode_image(image: bytes | str | Path) -> list[bytes]:
     try:
         source = io.BytesIO(image) if isinstance(image, bytes) else Path(image).open("rb")
         with source, _pil.open(source) as img:
-            found = zxingcpp.read_barcodes(img.convert("L"))
+            # QR codes only: zxing also reads 1-D symbologies, and now and
+            # then finds an "ITF" barcode inside a QR code's modules.
+            found = zxingcpp.read_barcodes(img.convert("L"),
+                                           formats=zxingcpp.BarcodeFormat.QRCode)
     except FileNotFoundError:
         raise InvalidArgument(f"cannot read the image: no such file: {image!s:.200}") from None
     except _pil.UnidentifiedImageError:   # its message shows a Python file object

@@ -818,19 +818,23 @@ class Settlement:
             cut = max(cut, int(state["cut"][0]))
             paid = paid.copy()
             paid[:, 2] = np.maximum(paid[:, 2], int(state["cut"][0]))
-        new = _Chunk(f"{_CHUNK}{number:010d}", np.concatenate([carry.charges, charges]),
-                     archived=not len(carry.charges))
+        name = f"{_CHUNK}{number:010d}"
         # Only a charge fallen due before the cut can fold, and every other
         # charge of its account is later in its FIFO order: without them
         # freeze decides the same and sorts about a day of charges, not
         # due_after's worth. (All of them when freeze would refuse the sums.)
         line = cut - self.due_after
-        every = _near_total_limit(self._chunked_amount() + int(new.charges["amount"].sum()),
-                                  state)
+        every = _near_total_limit(self._chunked_amount() + int(carry.charges["amount"].sum())
+                                  + int(charges["amount"].sum()), state)
         stored = self._read_chunks(None if every else line)
 
         def fold() -> tuple[npt.NDArray[np.void] | None, _ChunkRows]:
-            writer.add("charged", charges_table(charges))
+            # By account, then time: the order freeze wants them in, so that
+            # the close in which they fall due finds them sorted.
+            ordered = charges[np.lexsort((charges["time"], charges["account"]))]
+            writer.add("charged", charges_table(ordered))
+            new = _Chunk(name, np.concatenate([carry.charges, ordered]),
+                         archived=not len(carry.charges))
             both = np.concatenate([chunk.charges for chunk in (*stored, new)])
             rows = np.arange(len(both)) if every else np.flatnonzero(both["time"] < line)
             folded, kept, _paid = credit.freeze(
