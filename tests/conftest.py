@@ -7,12 +7,15 @@ from __future__ import annotations
 import importlib
 import os
 from pathlib import Path
+from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
 from hypothesis import HealthCheck, settings
 
 import qrpay
+import stores
+from pg_server import PostgresServer
 from qrpay import Credential, DeviceKey, IssuerKey, Role, Scene, TokenGenerator, TrustStore
 
 DATA = Path(__file__).parent / "data"
@@ -43,6 +46,40 @@ def compiled_core() -> ModuleType:
 
 def pytest_report_header() -> str:
     return f"qrpay backend: {qrpay.backend}"
+
+
+# -- the settlement store on SQLite and on PostgreSQL (tests/stores.py) ----------------------
+
+# The store layer is pure Python, the same under either core: the twin's run
+# (QRPAY_NO_EXTENSIONS=1) settles on SQLite only, and the compiled run on both.
+STORE_KINDS = ("sqlite",) if NO_EXTENSIONS else ("sqlite", "postgresql")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "sqlite_only: a test of SQLite itself, in a module "
+                                       "whose tests run on each store")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "store_kind" in metafunc.fixturenames:
+        sqlite_only = metafunc.definition.get_closest_marker("sqlite_only") is not None
+        metafunc.parametrize("store_kind", ["sqlite"] if sqlite_only else list(STORE_KINDS))
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """The session's PostgreSQL server (started on first use; failing to start
+    is an error, not a skip)."""
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def each_store(store_kind: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    stores.use(request.getfixturevalue("postgres") if store_kind == "postgresql" else None)
+    yield store_kind
+    stores.use(None)
 
 
 @pytest.fixture

@@ -690,7 +690,7 @@ ENTRIES: list[tuple[str, str, Any, Any]] = [
      lambda w: {"key": w.issuer.public, "not_before": 0, "not_after": U32_MAX,
                 "roles": Role.CREDENTIALS | Role.DENY_LIST}),
     ("settlement", "Settlement", lambda w, **a: _open_settlement(**a),
-     lambda w: {"directory": w.fresh_dir(), "trust": w.trust,
+     lambda w: {"store": w.fresh_dir(), "trust": w.trust,
                 "gateways": [w.gateway_key.public], "max_age": 60, "skew": 30, "threads": 1}),
     ("settlement", "Settlement.register_gateway",
      lambda w, **a: w.settlement.register_gateway(**a), lambda w: {"key": w.gateway_key.public}),
@@ -712,7 +712,7 @@ ENTRIES: list[tuple[str, str, Any, Any]] = [
      lambda w: {"now": w.cut, "due_after": 7 * 86_400}),
     # periods and clearing
     ("periods", "Settlement(horizon, archive)", lambda w, **a: _open_settlement(**a),
-     lambda w: {"directory": w.fresh_dir(), "horizon": 3_600, "due_after": 86_400,
+     lambda w: {"store": w.fresh_dir(), "horizon": 3_600, "due_after": 86_400,
                 "archive": w.fresh_dir(), "archive_format": "npy"}),
     ("periods", "Settlement.register_gateway(operator)",
      lambda w, **a: w.settlement.register_gateway(**a),

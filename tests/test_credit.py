@@ -18,7 +18,7 @@ from qrpay import DeviceKey, GatewayKey, IssuerKey, Scene, TokenGenerator, Trust
 from qrpay.credit import CREDIT_DTYPE, DAY, history
 from qrpay.errors import InvalidArgument
 from qrpay.gateway import Gateway, GatewayPolicy
-from qrpay.settlement import Settlement
+from stores import open_settlement
 
 NOW = 1_800_000_000
 
@@ -199,6 +199,7 @@ def test_a_million_charges_agree_with_the_reference_on_a_sample() -> None:
         assert same(got, want)
 
 
+@pytest.mark.usefixtures("each_store")
 def test_settlement_credit_history(tmp_path: Path) -> None:
     issuer = IssuerKey(bytes(range(32)))
     trust = TrustStore()
@@ -208,7 +209,7 @@ def test_settlement_credit_history(tmp_path: Path) -> None:
                                         scenes=[Scene.BUS], not_before=NOW - 60,
                                         not_after=NOW + 30 * DAY), device)
     key = GatewayKey(bytes(range(64, 96)))
-    settlement = Settlement(tmp_path / "s", trust, [key.public])
+    settlement = open_settlement(tmp_path / "s", trust, [key.public])
     with Gateway(tmp_path / "g", key, trust, GatewayPolicy(deny_list_max_age=None)) as bus:
         token = phone.make(Scene.BUS, NOW)
         bus.scan(token, 200, Scene.BUS, NOW)

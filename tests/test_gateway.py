@@ -569,11 +569,13 @@ def test_retention_is_validated() -> None:
     assert GatewayPolicy().prune_after == 7 * 86_400
 
 
+@pytest.mark.usefixtures("each_store")
 def test_settlement_sees_one_gapless_stream_across_pruning_and_restarts(
         tmp_path: Path, gateway_key: GatewayKey, trust: TrustStore,
         generator: TokenGenerator, now: int) -> None:
-    from qrpay.settlement import IngestStatus, Settlement
-    settlement = Settlement(tmp_path / "settlement", trust, [gateway_key.public])
+    from qrpay.settlement import IngestStatus
+    from stores import open_settlement
+    settlement = open_settlement(tmp_path / "settlement", trust, [gateway_key.public])
     policy = {"deny_list_max_age": None, "retention": 0}
     gw = open_gateway(tmp_path / "gw", gateway_key, trust, **policy)
     charged = 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,11 @@ from qrpay.gateway import Gateway, GatewayPolicy
 from qrpay.settlement import (
     MAX_RECORDS_PER_BATCH, IngestStatus, Settlement,
 )
+from qrpay.storedb import StoreDatabase
 from qrpay.wire import pack, sign_document, split_document, unpack_strict
+from stores import open_settlement
+
+pytestmark = pytest.mark.usefixtures("each_store")
 
 NOW = 1_800_000_000
 PERMISSIVE = GatewayPolicy(deny_list_max_age=None, max_offline_uses=10_000)
@@ -43,7 +48,7 @@ def gw_keys() -> list[GatewayKey]:
 @pytest.fixture
 def settlement(tmp_path: Path, deny_trust: TrustStore, gw_keys: list[GatewayKey]
                ) -> Iterator[Settlement]:
-    s = Settlement(tmp_path / "settle", deny_trust, [k.public for k in gw_keys])
+    s = open_settlement(tmp_path / "settle", deny_trust, [k.public for k in gw_keys])
     yield s
     s.close()
 
@@ -171,7 +176,7 @@ def test_the_store_survives_reopening(tmp_path: Path, settlement: Settlement,
     settlement.ingest(data)
     before = snapshot(settlement)
     settlement.close()
-    reopened = Settlement(tmp_path / "settle", deny_trust)  # keys persisted
+    reopened = open_settlement(tmp_path / "settle", deny_trust)  # keys persisted
     try:
         assert snapshot(reopened) == before
         assert reopened.ingest(data).status == IngestStatus.EXISTS
@@ -419,7 +424,7 @@ def test_any_single_field_value_gives_a_result_or_a_typed_error(
         body["records"][0][position] = value
     else:
         body[field] = value
-    s = Settlement(tmp_path_factory.mktemp("fuzz"), trust, [key.public])
+    s = open_settlement(tmp_path_factory.mktemp("fuzz"), trust, [key.public])
     try:
         before = snapshot(s)
         try:
@@ -677,7 +682,7 @@ def test_gaps_follow_batches_another_replica_applies(settlement: Settlement, tmp
     # batch another process applies (here: another Settlement on the same
     # store) opens or closes one, and the next report sees it.
     key = gw_keys[0]
-    other = Settlement(tmp_path / "settle", deny_trust, [k.public for k in gw_keys])
+    other = open_settlement(tmp_path / "settle", deny_trust, [k.public for k in gw_keys])
     try:
         t = [(riders[0].token(NOW, c), 10, Scene.BUS, NOW) for c in range(1, 8)]
         settlement.ingest(craft(key, 1, 1, t[0:2]))
@@ -737,7 +742,7 @@ def test_repayments_are_recorded_and_read_back(tmp_path: Path, settlement: Settl
     assert settlement.record_repayments([], [], [], []) == 0
     assert settlement.repayments() == every
     settlement.close()
-    again = Settlement(tmp_path / "settle", deny_trust)
+    again = open_settlement(tmp_path / "settle", deny_trust)
     try:
         assert again.repayments() == every
     finally:
@@ -771,7 +776,7 @@ def test_a_repayment_reference_is_stored_once(tmp_path: Path, settlement: Settle
     # amount by one account at one second are two rows.
     assert settlement.record_repayment(42, 500, NOW, "TX-5") is True
     settlement.close()
-    again = Settlement(tmp_path / "settle", deny_trust)
+    again = open_settlement(tmp_path / "settle", deny_trust)
     try:
         assert again.record_repayment(42, 500, NOW, "TX-5") is False
         assert again.repayments(42) == [(42, 500, NOW), (42, 500, NOW)]
@@ -779,6 +784,7 @@ def test_a_repayment_reference_is_stored_once(tmp_path: Path, settlement: Settle
         again.close()
 
 
+@pytest.mark.sqlite_only
 def test_a_store_from_before_references_opens(tmp_path: Path, deny_trust: TrustStore) -> None:
     """A store made by code without repayment references (the table without
     its column) opens, keeps its rows, and takes referenced repayments."""
@@ -796,20 +802,34 @@ def test_a_store_from_before_references_opens(tmp_path: Path, deny_trust: TrustS
             assert s.repayments() == [(42, 100, NOW), (42, 100, NOW), (42, 200, NOW + 1)]
 
 
-class _FailingCommit:
-    """Stands in for the store's connection: the next COMMIT is made durable
-    (or rolled back) and then reported failed, the two outcomes a commit whose
-    fdatasync failed can have after a crash."""
+class _Rollback(Exception):
+    pass
 
-    def __init__(self, db: sqlite3.Connection, durable: bool) -> None:
+
+class _FailingCommit:
+    """Stands in for the store's database: the next write transaction is
+    committed (or rolled back) and then reported failed, the two outcomes a
+    commit can have when its fdatasync fails or the connection to the server
+    drops before the answer comes back."""
+
+    def __init__(self, db: StoreDatabase, durable: bool) -> None:
         self.db, self.durable, self.armed = db, durable, True
 
-    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
-        if sql == "COMMIT" and self.armed:
-            self.armed = False
-            self.db.execute("COMMIT" if self.durable else "ROLLBACK")
-            raise sqlite3.OperationalError("disk I/O error")
-        return self.db.execute(sql, *args)
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        if not self.armed:
+            with self.db.transaction() as tx:
+                yield tx
+            return
+        self.armed = False
+        try:
+            with self.db.transaction() as tx:
+                yield tx
+                if not self.durable:
+                    raise _Rollback
+        except _Rollback:
+            pass
+        raise errors.StoreUnavailable("disk I/O error")
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.db, name)
@@ -821,7 +841,7 @@ def test_a_failed_commit_says_the_outcome_is_unknown_and_the_retry_is_safe(
         issuer: IssuerKey, durable: bool) -> None:
     """Every write: a failed COMMIT raises StoreUnavailable saying the outcome
     is unknown and what to retry; doing so ends with the write stored once."""
-    s = Settlement(tmp_path / "settle", deny_trust)
+    s = open_settlement(tmp_path / "settle", deny_trust)
     real = s._db
     batch = craft(gw_keys[0], 1, 1, [(riders[0].token(NOW, 1), 100, Scene.BUS, NOW)])
 
@@ -930,13 +950,13 @@ def test_a_batch_settlement_lacks_the_key_for_is_refused_until_the_key_is_truste
                                      (rider.token(NOW, 2), 150, Scene.BUS, NOW)])
     wrong = TrustStore()
     wrong.add(IssuerKey(b"\x31" * 32))           # say, a mistyped --issuer-public
-    s = Settlement(tmp_path / "s", wrong, [gw_keys[0].public])
+    s = open_settlement(tmp_path / "s", wrong, [gw_keys[0].public])
     try:
         with pytest.raises(errors.UnknownKeyId, match=f"2 of 2 records.*{issuer.kid.hex()}"):
             s.ingest(batch)
         assert s.batch_count() == 0 and s.trusted_issuers() == []   # the caller's: not stored
         # Another process trusts the key meanwhile: this store sees it at the next try.
-        other = Settlement(tmp_path / "s")
+        other = open_settlement(tmp_path / "s")
         assert other.trust_issuer(issuer.public).roles == Role.CREDENTIALS | Role.DENY_LIST
         other.close()
         result = s.ingest(batch)
@@ -945,7 +965,7 @@ def test_a_batch_settlement_lacks_the_key_for_is_refused_until_the_key_is_truste
     finally:
         s.close()
     # Remembered: a store opened with no keys of its own trusts it.
-    s = Settlement(tmp_path / "s")
+    s = open_settlement(tmp_path / "s")
     try:
         assert [t.key for t in s.trusted_issuers()] == [issuer.public]
         assert s.trust.get(issuer.kid).roles == Role.CREDENTIALS | Role.DENY_LIST
@@ -957,7 +977,7 @@ def test_a_batch_settlement_lacks_the_key_for_is_refused_until_the_key_is_truste
 
 def test_stored_issuer_keys_and_the_callers_combine(tmp_path: Path, issuer: IssuerKey) -> None:
     other = IssuerKey(b"\x32" * 32)
-    s = Settlement(tmp_path / "s")
+    s = open_settlement(tmp_path / "s")
     s.trust_issuer(issuer, roles=Role.CREDENTIALS, not_before=NOW - 10, not_after=NOW + 10)
     # The same key again replaces its window and roles; bad arguments are typed.
     s.trust_issuer(issuer, roles=Role.CREDENTIALS, not_before=NOW - 100, not_after=NOW + 100)
@@ -973,7 +993,7 @@ def test_stored_issuer_keys_and_the_callers_combine(tmp_path: Path, issuer: Issu
     mine = TrustStore()
     mine.add(issuer, roles=Role.CREDENTIALS | Role.DENY_LIST)    # wider than stored
     mine.add(other, roles=Role.CREDENTIALS | Role.DENY_LIST)
-    s = Settlement(tmp_path / "s", mine)
+    s = open_settlement(tmp_path / "s", mine)
     try:
         # Both keys; the stored one as stored; the caller's store is not changed.
         assert s.trust.get(issuer.kid).roles == Role.CREDENTIALS
@@ -989,14 +1009,14 @@ def test_stored_issuer_keys_and_the_callers_combine(tmp_path: Path, issuer: Issu
     finally:
         s.close()
     with pytest.raises(errors.InvalidArgument):
-        Settlement(tmp_path / "s", "qrpay:issuer-public:x")  # type: ignore[arg-type]
+        open_settlement(tmp_path / "s", "qrpay:issuer-public:x")  # type: ignore[arg-type]
 
 
 def test_a_deny_list_issued_before_the_latest_is_not_published(tmp_path: Path,
                                                                 deny_trust: TrustStore,
                                                                 issuer: IssuerKey) -> None:
     # Gateways refuse it: its version would be used up for nothing (issue 11).
-    s = Settlement(tmp_path / "s", deny_trust)
+    s = open_settlement(tmp_path / "s", deny_trust)
     try:
         s.publish_deny_list(issuer, NOW)
         with pytest.raises(errors.StaleUpdate, match="before the latest deny list"):
@@ -1013,13 +1033,13 @@ def test_publishing_continues_after_the_deny_list_key_is_rotated(tmp_path: Path,
                                                                  issuer: IssuerKey) -> None:
     old_trust = TrustStore()
     old_trust.add(issuer, roles=Role.CREDENTIALS | Role.DENY_LIST)
-    s = Settlement(tmp_path / "s", old_trust)
+    s = open_settlement(tmp_path / "s", old_trust)
     s.publish_deny_list(issuer, NOW, revoke=[11])
     s.close()
     successor = IssuerKey(b"\x55" * 32)
     new_trust = TrustStore()
     new_trust.add(successor, roles=Role.CREDENTIALS | Role.DENY_LIST)
-    s = Settlement(tmp_path / "s", new_trust)
+    s = open_settlement(tmp_path / "s", new_trust)
     document, added = s.publish_deny_list(successor, NOW + 60, revoke=[12])
     assert added == [12]
     published = DenyList.load(document, new_trust)
@@ -1031,4 +1051,4 @@ def test_publishing_continues_after_the_deny_list_key_is_rotated(tmp_path: Path,
 def test_bad_settings_are_refused_when_the_store_opens(tmp_path: Path, deny_trust: TrustStore,
                                                        kwargs: dict[str, int]) -> None:
     with pytest.raises(errors.InvalidArgument):
-        Settlement(tmp_path / "s", deny_trust, **kwargs)
+        open_settlement(tmp_path / "s", deny_trust, **kwargs)

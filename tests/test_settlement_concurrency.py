@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -15,12 +16,15 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from qrpay import (
     DeviceKey, Gateway, GatewayKey, IssuerKey, Scene, TokenGenerator, TrustStore,
 )
 from qrpay.denylist import DenyList
 from qrpay.gateway import GatewayPolicy
 from qrpay.settlement import IngestStatus, Settlement
+from stores import location, open_settlement
 
 
 TRIALS = 1000        # racing pairs per run: ~3 s
@@ -99,12 +103,13 @@ def _batches(tmp_path: Path, issuer: IssuerKey, trust: TrustStore
     return keys, batches
 
 
+@pytest.mark.usefixtures("each_store")
 def test_threads_sharing_a_settlement(tmp_path: Path, issuer: IssuerKey,
                                       deny_trust: TrustStore) -> None:
     """Threads mix every call on one Settlement, each batch and repayment more
     than once; the store then holds exactly what the calls acknowledged."""
     keys, batches = _batches(tmp_path, issuer, deny_trust)
-    settlement = Settlement(tmp_path / "settle", deny_trust, [k.public for k in keys])
+    settlement = open_settlement(tmp_path / "settle", deny_trust, [k.public for k in keys])
     statuses: dict[int, list[IngestStatus]] = {i: [] for i in range(len(batches))}
     given: set[int] = set()                  # repayment references recorded
     new_rows: list[int] = []                 # how many rows each call said it stored
@@ -167,3 +172,74 @@ def test_threads_sharing_a_settlement(tmp_path: Path, issuer: IssuerKey,
     assert sorted(versions) == list(range(1, len(versions) + 1))
     assert settlement.deny_list().version == len(versions)   # type: ignore[union-attr]
     settlement.close()
+
+
+# -- several processes writing one store at once ---------------------------------------------
+
+PROCESSES = 4
+# One writer process: opens the store (a new one: every process creates it
+# at once), then ingests every batch twice in an order of its own, records
+# shared repayments and publishes deny lists, printing what each call said.
+WRITER = """
+import pickle, random, sys, json
+from qrpay import IssuerKey, Role, TrustStore
+from qrpay.denylist import DenyList
+from qrpay.settlement import Settlement
+store, archive, data, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+with open(data, "rb") as f:
+    keys, batches = pickle.load(f)
+issuer = IssuerKey(bytes(range(32)))
+trust = TrustStore()
+trust.add(issuer.public, roles=Role.CREDENTIALS | Role.DENY_LIST)
+rng = random.Random(seed)
+out = {"ingest": [], "repaid": 0, "versions": []}
+with Settlement(store, trust, keys, archive=archive) as s:
+    order = list(range(len(batches))) * 2
+    rng.shuffle(order)
+    for n, i in enumerate(order):
+        out["ingest"].append([i, s.ingest(batches[i]).status.value])
+        if n % 4 == 0:
+            refs = rng.sample(range(30), 4)
+            out["repaid"] += s.record_repayments([1000 + r for r in refs], [1 + r for r in refs],
+                                                 [NOW + r for r in refs], [f"TX-{r}" for r in refs])
+        if n % 6 == 0:
+            document, _ = s.publish_deny_list(issuer, NOW)
+            out["versions"].append(DenyList.load(document, trust).version)
+print(json.dumps(out))
+""".replace("NOW", str(NOW))
+
+
+@pytest.mark.usefixtures("each_store")
+def test_processes_writing_one_store_store_each_write_once(
+        tmp_path: Path, issuer: IssuerKey, deny_trust: TrustStore) -> None:
+    """PROCESSES processes create one new store at the same moment and write
+    it at once, every batch twice each: each batch is APPLIED by exactly one
+    call and stored once, each repayment reference stored once, and every
+    deny list published gets a version of its own (unique keys and
+    transactions in the database, no lock of one process's)."""
+    keys, batches = _batches(tmp_path, issuer, deny_trust)
+    data = tmp_path / "batches.pickle"
+    data.write_bytes(pickle.dumps(([k.public for k in keys], batches)))
+    store = location(tmp_path / "settle")
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, store, str(tmp_path / "archive"),
+                                 str(data), str(seed)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+               for seed in range(PROCESSES)]
+    outputs = [p.communicate(timeout=300) for p in writers]
+    assert [p.returncode for p in writers] == [0] * PROCESSES, outputs
+    results = [json.loads(out) for out, _err in outputs]
+    statuses: dict[int, list[str]] = {}
+    for result in results:
+        for i, status in result["ingest"]:
+            statuses.setdefault(i, []).append(status)
+    assert sorted(statuses) == list(range(len(batches)))
+    for i, said in statuses.items():
+        assert said.count("applied") == 1 and said.count("exists") == len(said) - 1, (i, said)
+    versions = sorted(v for r in results for v in r["versions"])
+    assert versions == list(range(1, len(versions) + 1))
+    with open_settlement(tmp_path / "settle", deny_trust, archive=tmp_path / "archive") as s:
+        assert s.batch_count() == len(batches)
+        assert s.report().records == 3 * len(batches)
+        references = {a for a, _m, _p in s.repayments()}
+        assert len(s.repayments()) == len(references) == sum(r["repaid"] for r in results)
+        assert s.deny_list().version == len(versions)   # type: ignore[union-attr]

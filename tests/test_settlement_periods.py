@@ -32,6 +32,9 @@ SETTLEMENT_KEY = SettlementKey(b"\x07" * 32)
 FEES = FeeSchedule(version=1, bps={scene: 150 if scene is Scene.BUS else 0 for scene in Scene},
                    effective_from=0)
 OPERATORS = ("bus-co", "bus-co", "clinic")
+from stores import open_settlement
+
+pytestmark = pytest.mark.usefixtures("each_store")
 
 
 @pytest.fixture
@@ -40,7 +43,7 @@ def keys() -> list[GatewayKey]:
 
 
 def store(path: Path, trust: TrustStore, keys: list[GatewayKey], **options: Any) -> Settlement:
-    s = Settlement(path, trust, **options)
+    s = open_settlement(path, trust, **options)
     for key, operator in zip(keys, OPERATORS):
         s.register_gateway(key.public, operator)
     s.set_fee_schedule(FEES)
@@ -167,7 +170,7 @@ def test_a_late_batch_settles_in_the_next_period(
 
 def test_closes_refuse_what_they_must(tmp_path: Path, deny_trust: TrustStore,
                                       keys: list[GatewayKey]) -> None:
-    bare = Settlement(tmp_path / "bare", deny_trust)
+    bare = open_settlement(tmp_path / "bare", deny_trust)
     with pytest.raises(errors.InvalidArgument, match="fee schedule"):
         bare.close_period(NOW, SETTLEMENT_KEY, now=NOW)
     bare.close()
@@ -184,7 +187,7 @@ def test_closes_refuse_what_they_must(tmp_path: Path, deny_trust: TrustStore,
         s.set_fee_schedule(FeeSchedule(1, {scene: 1 for scene in Scene}, 0))
     assert not s.set_fee_schedule(FEES)
     with pytest.raises(errors.InvalidArgument, match="horizon"):
-        Settlement(tmp_path / "s", deny_trust, horizon=60).close()
+        open_settlement(tmp_path / "s", deny_trust, horizon=60).close()
     with pytest.raises(errors.InvalidArgument):
         s.period_report(2)
     with pytest.raises(errors.InvalidArgument):
@@ -377,7 +380,6 @@ def assert_same_history(s: Settlement, reference: Settlement, at: int) -> None:
 # -- the carried charges, one chunk per close ---------------------------------------------
 
 class ChunkRow(NamedTuple):
-    rowid: int
     first_time: int
     amount: int
     data: bytes
@@ -385,9 +387,9 @@ class ChunkRow(NamedTuple):
 
 def chunk_rows(s: Settlement) -> dict[str, ChunkRow]:
     """The carry rows of the charges chunks, by name."""
-    return {str(name): ChunkRow(int(rowid), int(first), int(amount), bytes(data))
-            for rowid, name, first, amount, data in s._query(
-                "SELECT rowid, name, first_time, amount, data FROM carry "
+    return {str(name): ChunkRow(int(first), int(amount), bytes(data))
+            for name, first, amount, data in s._query(
+                "SELECT name, first_time, amount, data FROM carry "
                 "WHERE name LIKE 'charges:%'")}
 
 
@@ -524,7 +526,7 @@ def test_two_closes_at_once_close_once(tmp_path: Path, deny_trust: TrustStore,
         s.ingest(up.batch(gw, [(r.token(NOW + gw * 100 + i, gw + 1), 10 + i, Scene.BUS,
                                 NOW + gw * 100 + i) for i, r in enumerate(riders)], NOW + 500))
     total = s.report().charged_total
-    replicas = [s, Settlement(tmp_path / "s", deny_trust)]
+    replicas = [s, open_settlement(tmp_path / "s", deny_trust)]
     start = threading.Barrier(2)
     outcomes: list[object] = []
 
@@ -620,9 +622,11 @@ def test_folded_repayments_move_to_the_archive_and_stay_stored_once(
     with pytest.raises(errors.ArchiveUnavailable, match="period 3"):
         often.record_repayment(5070, 1, NOW + 4 * DAY, "r-other")
     often.close()
+
     once.close()
 
 
+@pytest.mark.sqlite_only
 def test_a_close_leaves_no_wal_behind_unless_someone_reads(
         tmp_path: Path, deny_trust: TrustStore, issuer: IssuerKey, keys: list[GatewayKey]) -> None:
     # A close writes its carry through the WAL; the file is cut back after

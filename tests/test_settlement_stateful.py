@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import pytest
 from hypothesis import event, settings, strategies as st
 from hypothesis.stateful import (
     Bundle, RuleBasedStateMachine, invariant, multiple, precondition, rule,
+    run_state_machine_as_test,
 )
 
 from qrpay import (
@@ -30,6 +32,8 @@ from qrpay.format import (
 from qrpay.gateway import Gateway, GatewayPolicy
 from qrpay.settlement import Finding, IngestStatus, Settlement
 from qrpay.wire import sign_document
+import stores
+from stores import open_settlement
 
 NOW = 1_800_000_000
 # How far apart in gateway time an honest phone's tokens can be scanned out of
@@ -119,7 +123,7 @@ class SettlementMachine(RuleBasedStateMachine):
         self.gateways = [Gateway(self.dir / f"gw{i}", key, TRUST, POLICY)
                          for i, key in enumerate(GATEWAY_KEYS)]
         self.ids = [gw.id for gw in self.gateways]
-        self.settlement = Settlement(self.dir / "settlement", TRUST,
+        self.settlement = open_settlement(self.dir / "settlement", TRUST,
                                      [k.public for k in GATEWAY_KEYS])
         self.id_by_public = {k.public.to_bytes(): k.public.gateway_id
                              for k in GATEWAY_KEYS}
@@ -399,7 +403,7 @@ class SettlementMachine(RuleBasedStateMachine):
     def reopened_store_reports_the_same(self) -> None:
         if len(self.arrived) % 7:  # now and then: reopening costs a little
             return
-        again = Settlement(self.dir / "settlement", TRUST)
+        again = open_settlement(self.dir / "settlement", TRUST)
         try:
             a, b = again.report(), self.settlement.report()
             assert a.findings == b.findings and a.amounts.tolist() == b.amounts.tolist()
@@ -407,9 +411,15 @@ class SettlementMachine(RuleBasedStateMachine):
             again.close()
 
 
-SettlementMachine.TestCase.settings = settings(
-    max_examples=settings.default.max_examples, stateful_step_count=60, deadline=None)
-TestSettlementModel = SettlementMachine.TestCase
+@pytest.mark.usefixtures("each_store")
+def test_settlement_model() -> None:
+    # On PostgreSQL the same machine checks the store, not the kernel again:
+    # a third of the runs (each opens a store of its own).
+    examples = settings.default.max_examples
+    if stores.kind() == "postgresql":
+        examples = max(10, examples // 3)
+    run_state_machine_as_test(SettlementMachine, settings=settings(
+        max_examples=examples, stateful_step_count=60, deadline=None))
 
 
 def test_model_helpers() -> None:

@@ -12,7 +12,6 @@ import enum
 import hashlib
 import os
 import shutil
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -23,15 +22,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX
-    fcntl = None  # type: ignore[assignment]
-
 import numpy as np
 import numpy.typing as npt
 
-from qrpay import _args, clearing, credit, sqlitedb
+from qrpay import _args, clearing, credit, storedb
 from qrpay import archive as archive_module
 from qrpay.clearing import FeeSchedule, OperatorClearing, Statement
 from qrpay.credential import Scene
@@ -53,14 +47,15 @@ from qrpay.periods import (
 from qrpay.reports import Finding as Finding  # re-exported: callers import it from here
 from qrpay.reports import Report as Report
 from qrpay.reports import build_report, holes_as_findings, report_from_tables, report_tables
+from qrpay.storedb import STORE_FILE as STORE_FILE  # re-exported: the CLI checks for it
+from qrpay.storedb import StoreDatabase, Transaction
 from qrpay.token import (
     DEFAULT_MAX_AGE, DEFAULT_SKEW, BatchResult, _check_window, as_token_array, verify_batch,
 )
 from qrpay.trust import Role, TrustedKey, TrustStore
 from qrpay.wire import body_map, sign_document, split_document, verify_document
 
-STORE_FILE = "settlement.sqlite3"
-CLOSE_LOCK = "close.lock"   # held while a period closes (see Settlement._closing)
+CLOSE_LOCK = "close"   # held while a period closes (see Settlement._closing)
 MAX_RECORDS_PER_BATCH = 100_000
 MAX_REFERENCE = 128   # characters of a repayment's reference (a bank's is 35 or fewer)
 _BATCH_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -105,6 +100,23 @@ CREATE TABLE IF NOT EXISTS carry (name TEXT PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS fee_schedules (version INTEGER PRIMARY KEY, document BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS flagged (serial INTEGER PRIMARY KEY, period INTEGER NOT NULL)
 """
+# After the migrations (some index their columns).
+_INDEXES = """
+-- Older rows keep a NULL reference, which UNIQUE lets repeat.
+CREATE UNIQUE INDEX IF NOT EXISTS repayments_reference ON repayments(reference);
+-- Chunks are chosen from the index: the columns after a chunk's blob are
+-- only reached through its overflow pages.
+CREATE INDEX IF NOT EXISTS carry_chunks ON carry(name, first_time, amount);
+-- What a report or close reads stays a day's worth while the tables keep
+-- every batch and repayment ever: the live batches, the repayments not
+-- folded yet, and each gateway's ranges in order (sequence gaps) come from
+-- indexes.
+CREATE INDEX IF NOT EXISTS batches_live ON batches(arrival) WHERE period IS NULL;
+CREATE INDEX IF NOT EXISTS repayments_unfolded ON repayments(paid_at) WHERE folded = 0;
+CREATE INDEX IF NOT EXISTS batches_ranges ON batches(gateway, first, last)
+"""
+# The columns of a batch row other than its records, tokens and period.
+_BATCH_KEYS = ("arrival", "gateway", "seq", "digest", "first", "last", "created_at")
 # Columns added to tables of stores made before periods: (table, column, declaration).
 _MIGRATIONS = (
     ("repayments", "reference", "TEXT"),
@@ -147,7 +159,6 @@ _CARRY_CREDIT = "credit"
 _CHUNK = "charges:"
 _CHUNKS = "name > 'charges:' AND name < 'charges;'"   # every chunk's name (':' + 1 is ';')
 _ARCHIVED = b""   # a chunk's data when its rows are the archive's (a kept chunk is never empty)
-_WAL_LIMIT = 64 << 20   # bytes of WAL file kept after a checkpoint
 
 
 class IngestStatus(str, enum.Enum):
@@ -190,14 +201,18 @@ class _Chunk:
 
 
 class Settlement:
-    """The settlement store (an SQLite file in `directory`) with the registry
-    of gateway keys and of the issuer keys it trusts to re-verify tokens.
+    """The settlement store with the registry of gateway keys and of the
+    issuer keys it trusts to re-verify tokens. `store` is a directory (or
+    `sqlite:///DIR`): an SQLite file in it, the embedded default; or
+    `postgresql://USER@HOST/DB[?schema=NAME]` for several processes or
+    machines on one database (storedb.py, pgstore.py), which needs `archive`
+    (a folder every one of them reads: closed periods are written there).
 
     `self.trust` is the issuer keys stored in the store (`trust_issuer`)
     together with those of `trust`, which are used by this object only and
     never stored; a key in both is used as stored."""
 
-    def __init__(self, directory: str | Path, trust: TrustStore | None = None,
+    def __init__(self, store: str | os.PathLike[str], trust: TrustStore | None = None,
                  gateways: Iterable[GatewayPublicKey] = (), *,
                  max_age: int = DEFAULT_MAX_AGE, skew: int = DEFAULT_SKEW,
                  threads: int = 1, horizon: int | None = None, due_after: int | None = None,
@@ -217,10 +232,13 @@ class Settlement:
             raise InvalidArgument(f"trust must be a TrustStore or None, not "
                                   f"{type(trust).__name__}")
         max_age, skew = _check_window(max_age, skew)
-        if not isinstance(directory, (str, os.PathLike)):
-            raise InvalidArgument(f"directory is a path, not {type(directory).__name__}")
+        if not isinstance(store, (str, os.PathLike)):
+            raise InvalidArgument(f"store is a directory or a URL, not {type(store).__name__}")
+        if storedb.is_postgres(store) and archive is None:
+            raise InvalidArgument("a postgresql:// store needs archive=DIR (a folder every "
+                                  "process on the store reads)")
+        location = store if storedb.is_postgres(store) else storedb.sqlite_directory(store)
         gateways = _args.items("gateways", gateways)
-        self.directory = Path(directory)
         # Settlement's own store: the caller's keys are copied in (and the
         # stored ones added after the schema is there), so it never changes
         # a store the caller shares with gateways.
@@ -230,49 +248,24 @@ class Settlement:
         self.max_age = max_age
         self.skew = skew
         self.threads = threads
-        self.archive = Path(archive) if archive is not None else self.directory / "archive"
+        self.archive = (Path(archive) if archive is not None
+                        else storedb.sqlite_directory(store) / "archive")
         self.archive_format = archive_format
         self._lock = threading.RLock()  # one connection: calls take turns
         self._carry_cache: tuple[int, Carry, TailIndex] | None = None
         self._gaps_cache: tuple[tuple[Any, ...], list[Finding]] | None = None
+        self._db: StoreDatabase = storedb.open_database(location)
+        self.directory = self._db.directory   # the SQLite store's folder; None on PostgreSQL
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreUnavailable(f"settlement store {self.directory}: {exc}") from exc
-        self._db = sqlitedb.connect(self.directory / STORE_FILE, StoreUnavailable)
-        try:
-            # A close frees a day of blobs. Where SQLite is built with
-            # SECURE_DELETE (Debian's is), every freed page would be zeroed
-            # through the WAL: FAST zeroes only what is written anyway (the
-            # archived records stay in free pages until the next day's
-            # uploads reuse them). And the WAL is cut back after a checkpoint,
-            # not left the size of the largest close.
-            self._db.execute("PRAGMA secure_delete = FAST")
-            self._db.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT}")
             with self._write(_RETRY_OPEN) as db:
-                for statement in filter(str.strip, _SCHEMA.split(";")):
+                for statement in self._db.schema(_SCHEMA):
                     db.execute(statement)
                 for table, column, declaration in _MIGRATIONS:
-                    columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
-                    if column not in columns:   # a store made before it
-                        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
-                # Older rows keep a NULL reference, which UNIQUE lets repeat.
-                db.execute("CREATE UNIQUE INDEX IF NOT EXISTS repayments_reference "
-                           "ON repayments(reference)")
-                # Chunks are chosen from the index: the columns after a chunk's
-                # blob are only reached through its overflow pages.
-                db.execute("CREATE INDEX IF NOT EXISTS carry_chunks "
-                           "ON carry(name, first_time, amount)")
-                # What a report or close reads stays a day's worth while the
-                # tables keep every batch and repayment ever: the live
-                # batches, the repayments not folded yet, and each gateway's
-                # ranges in order (sequence gaps) come from indexes.
-                db.execute("CREATE INDEX IF NOT EXISTS batches_live "
-                           "ON batches(arrival) WHERE period IS NULL")
-                db.execute("CREATE INDEX IF NOT EXISTS repayments_unfolded "
-                           "ON repayments(paid_at) WHERE folded = 0")
-                db.execute("CREATE INDEX IF NOT EXISTS batches_ranges "
-                           "ON batches(gateway, first, last)")
+                    if column not in self._db.columns(db, table):   # a store made before it
+                        db.execute(self._db.schema(
+                            f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")[0])
+                for statement in self._db.schema(_INDEXES):
+                    db.execute(statement)
             self._load_trust()
             self.horizon = self._setting("horizon", horizon, DEFAULT_HORIZON)
             self.due_after = self._setting("due_after", due_after, DEFAULT_DUE_AFTER)
@@ -283,7 +276,7 @@ class Settlement:
             self.register_gateway(key)
 
     @contextmanager
-    def _write(self, retry: str) -> Iterator[sqlite3.Connection]:
+    def _write(self, retry: str) -> Iterator[Transaction]:
         """One write transaction, under the lock. A failure after the body ran
         is a failed COMMIT (say fdatasync returned EIO): rolled back here, yet
         its frames may be in the WAL, and a crash or a reopen can still make it
@@ -292,7 +285,7 @@ class Settlement:
         with self._lock:
             ran = False
             try:
-                with sqlitedb.transaction(self._db, StoreUnavailable) as db:
+                with self._db.transaction() as db:
                     yield db
                     ran = True
             except StoreUnavailable as exc:
@@ -305,7 +298,7 @@ class Settlement:
         # The one connection is shared: a read must not see another thread's
         # transaction half-way.
         with self._lock:
-            return sqlitedb.query(self._db, StoreUnavailable, "settlement store", sql, args)
+            return self._db.query(sql, args)
 
     def close(self) -> None:
         with self._lock:   # not under another thread's call
@@ -334,8 +327,10 @@ class Settlement:
                              (entry.kid,)).fetchone()
             if row is not None and row[0] != public:
                 raise InvalidArgument(f"kid {entry.kid.hex()} already names another trusted key")
-            db.execute("INSERT OR REPLACE INTO issuer_keys(kid, public, not_before, not_after, "
-                       "roles) VALUES (?, ?, ?, ?, ?)",
+            db.execute("INSERT INTO issuer_keys(kid, public, not_before, not_after, roles) "
+                       "VALUES (?, ?, ?, ?, ?) ON CONFLICT (kid) DO UPDATE SET "
+                       "public = excluded.public, not_before = excluded.not_before, "
+                       "not_after = excluded.not_after, roles = excluded.roles",
                        (entry.kid, public, entry.not_before, entry.not_after, int(entry.roles)))
         with self._lock:
             self._trust_entry(entry)
@@ -477,16 +472,18 @@ class Settlement:
 
     def _status(self, gateway_id: str, seq: int, first: int, last: int,
                 digest: bytes) -> IngestStatus | None:
-        """EXISTS or CONFLICT if (gateway, seq) or its record range is taken."""
-        with self._lock:
-            existing = self._query("SELECT digest FROM batches WHERE gateway = ? AND seq = ?",
-                                   (gateway_id, seq))
-            if existing:
-                return IngestStatus.EXISTS if existing[0][0] == digest else IngestStatus.CONFLICT
-            overlap = self._query("SELECT 1 FROM batches WHERE gateway = ? AND first <= ? "
-                                  "AND last >= ?", (gateway_id, last, first))
+        """EXISTS or CONFLICT if (gateway, seq) or its record range is taken.
+        One statement: read in two, another process's batch committed between
+        them would make this batch's own copy look like an overlap."""
+        rows = self._query("SELECT seq, digest FROM batches WHERE gateway = ? AND "
+                           "(seq = ? OR (first <= ? AND last >= ?))",
+                           (gateway_id, seq, last, first))
+        for stored_seq, stored_digest in rows:
+            if stored_seq == seq:
+                return (IngestStatus.EXISTS if bytes(stored_digest) == digest
+                        else IngestStatus.CONFLICT)
         # The same record numbers under another batch number.
-        return IngestStatus.CONFLICT if overlap else None
+        return IngestStatus.CONFLICT if rows else None
 
     def _setting(self, name: str, given: int | None, default: int) -> int:
         """A setting every period of the store must share (horizon,
@@ -530,7 +527,8 @@ class Settlement:
         empties back with their arrival), so their count, highest arrival
         and arrival sum say whether any came (6 ms; the holes, 0.1 s or more
         after a month of closes)."""
-        (state,) = self._query("SELECT COUNT(*), MAX(arrival), TOTAL(arrival) FROM batches")
+        (state,) = self._query("SELECT COUNT(*), MAX(arrival), COALESCE(SUM(arrival), 0) "
+                               "FROM batches")
         if self._gaps_cache is not None and self._gaps_cache[0] == tuple(state):
             return list(self._gaps_cache[1])
         holes: dict[str, tuple[list[tuple[int, int]], list[tuple[int, int]]]] = {}
@@ -538,12 +536,12 @@ class Settlement:
                 # Records: a batch starting past every range before it (by first, last).
                 "SELECT gateway, covered + 1, first - 1 FROM (SELECT gateway, first, "
                 "COALESCE(MAX(last) OVER (PARTITION BY gateway ORDER BY first, last ROWS "
-                "BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS covered FROM batches) "
+                "BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS covered FROM batches) AS r "
                 "WHERE first > covered + 1 ORDER BY gateway, first",
                 # Batch numbers (unique per gateway): one past the number before it.
                 "SELECT gateway, before + 1, seq - 1 FROM (SELECT gateway, seq, "
                 "COALESCE(LAG(seq) OVER (PARTITION BY gateway ORDER BY seq), 0) AS before "
-                "FROM batches) WHERE seq > before + 1 ORDER BY gateway, seq")):
+                "FROM batches) AS b WHERE seq > before + 1 ORDER BY gateway, seq")):
             for gateway, start, end in self._query(sql):
                 holes.setdefault(str(gateway), ([], []))[at].append((int(start), int(end)))
         findings = holes_as_findings(holes)
@@ -707,21 +705,23 @@ class Settlement:
                            "charged_total, rejected_total, summary) VALUES (?,?,?,?,?,?,?,?)",
                            (number, from_time, until, closed_at, report.records,
                             report.charged_total, report.rejected_total, summary))
-                db.executemany("INSERT OR REPLACE INTO carry(name, data) VALUES (?, ?)",
-                               carry_rows)
+                db.executemany("INSERT INTO carry(name, data) VALUES (?, ?) ON CONFLICT (name) "
+                               "DO UPDATE SET data = excluded.data", carry_rows)
                 db.executemany("DELETE FROM carry WHERE name = ?", emptied)
-                db.executemany("INSERT OR REPLACE INTO carry(name, data, first_time, amount) "
-                               "VALUES (?, ?, ?, ?)", chunk_rows)
+                db.executemany("INSERT INTO carry(name, data, first_time, amount) "
+                               "VALUES (?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+                               "data = excluded.data, first_time = excluded.first_time, "
+                               "amount = excluded.amount", chunk_rows)
                 for name, value in (("horizon", self.horizon), ("due_after", self.due_after)):
-                    db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)",
-                               (name, value))
-                db.executemany("INSERT OR IGNORE INTO flagged(serial, period) VALUES (?, ?)",
+                    db.execute("INSERT INTO meta(key, value) VALUES (?, ?) "
+                               "ON CONFLICT DO NOTHING", (name, str(value).encode()))
+                db.executemany("INSERT INTO flagged(serial, period) VALUES (?, ?) "
+                               "ON CONFLICT DO NOTHING",
                                [(int(s) if s < 2**63 else int(s) - 2**64, number)
                                 for s in flagged])
                 self._move_repayments(db, moved, number)
                 self._keep_deferred(db, records, tokens, arrivals, inside, number)
-            # The close wrote tens of MB to the WAL: not left on disk at that size.
-            sqlitedb.shrink_wal(self._db)
+            self._db.compact()
         return PeriodSummary(number, from_time, until, closed_at, report.records,
                              report.charged_total, report.rejected_total, clearings,
                              archive_module.period_dir(self.archive, number))
@@ -744,7 +744,7 @@ class Settlement:
         table["reference"] = reference    # "" for a row stored before references
         return paid, table
 
-    def _move_repayments(self, db: sqlite3.Connection, moved: archive_module.Table,
+    def _move_repayments(self, db: Transaction, moved: archive_module.Table,
                          number: int) -> None:
         """Delete the repayments archived with period `number` (by id: one
         stored meanwhile is folded by the next close), keeping a hash of each
@@ -754,7 +754,8 @@ class Settlement:
             chunk = ids[at:at + 500]
             db.execute(f"DELETE FROM repayments WHERE id IN ({','.join('?' * len(chunk))})",
                        chunk)
-        db.executemany("INSERT OR IGNORE INTO repayment_refs(hash, period) VALUES (?, ?)",
+        db.executemany("INSERT INTO repayment_refs(hash, period) VALUES (?, ?) "
+                       "ON CONFLICT DO NOTHING",
                        [(_reference_hash(str(r)), number) for r in moved["reference"] if r])
         db.execute("UPDATE periods SET repayments = ?, repaid = ? WHERE number = ?",
                    (len(ids), int(moved["amount"].sum()), number))
@@ -764,15 +765,7 @@ class Settlement:
         """One close at a time per store, across processes (a second waits
         for the first): a close replaces an archive folder no committed
         period names, which must not be another process's close in flight."""
-        if fcntl is None:   # pragma: no cover - not POSIX
-            yield
-            return
-        try:
-            handle = open(self.directory / CLOSE_LOCK, "ab")
-        except OSError as exc:
-            raise StoreUnavailable(f"cannot open {self.directory / CLOSE_LOCK}: {exc}") from exc
-        with handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        with self._db.exclusive(CLOSE_LOCK):
             yield
 
     def _clearing(self, settled: Settled, schedule: FeeSchedule) -> list[OperatorClearing]:
@@ -869,7 +862,7 @@ class Settlement:
             shutil.rmtree(folder)   # not committed: no period row names it
         return archive_module.PeriodWriter(self.archive, number, format=self.archive_format)
 
-    def _keep_deferred(self, db: sqlite3.Connection, records: npt.NDArray[np.void],
+    def _keep_deferred(self, db: Transaction, records: npt.NDArray[np.void],
                        tokens: list[npt.NDArray[np.uint8]], arrivals: list[tuple[int, int]],
                        inside: npt.NDArray[np.bool_], number: int) -> None:
         """Empty the live batches of the records just archived; a batch with
@@ -886,18 +879,16 @@ class Settlement:
         # Emptied in place, a row would keep the b-tree page its blobs filled
         # (SQLite merges pages on delete, not on update), and the table would
         # grow by a page per batch ever applied: delete it, insert it again.
-        columns = [str(row[1]) for row in db.execute("PRAGMA table_info(batches)")]
-        blank = {"records": "X''", "tokens": "X''", "period": "?"}
-        kept = [c for c in columns if c not in blank]
-        insert = (f"INSERT INTO batches({', '.join(kept + list(blank))}) VALUES "
-                  f"({', '.join(['?'] * len(kept) + list(blank.values()))})")
+        kept = list(_BATCH_KEYS)
+        insert = (f"INSERT INTO batches({', '.join(kept)}, records, tokens, period) "
+                  f"VALUES ({', '.join(['?'] * (len(kept) + 3))})")
         for start in range(0, len(emptied), 500):   # within SQLite's bound on parameters
             chunk = emptied[start:start + 500]
             where = f"arrival IN ({','.join('?' * len(chunk))})"
             rows = db.execute(f"SELECT {', '.join(kept)} FROM batches WHERE {where}",
                               chunk).fetchall()
             db.execute(f"DELETE FROM batches WHERE {where}", chunk)
-            db.executemany(insert, [(*row, number) for row in rows])
+            db.executemany(insert, [(*row, b"", b"", number) for row in rows])
         db.executemany("UPDATE batches SET records = ?, tokens = ? WHERE arrival = ?", partial)
 
     def periods(self) -> list[PeriodSummary]:
@@ -1083,7 +1074,7 @@ class Settlement:
                            "VALUES (?, ?, ?, ?)", list(new.values()))
         return len(new)
 
-    def _archived_repayments(self, db: sqlite3.Connection, references: list[str]
+    def _archived_repayments(self, db: Transaction, references: list[str]
                              ) -> list[tuple[int, int, int, str]]:
         """Of `references`, those stored and moved to a period's archive since:
         (account, amount, paid_at, reference) as stored. Their hashes say
