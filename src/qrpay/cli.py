@@ -513,13 +513,9 @@ def cmd_settlement_keys(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     with _settlement(args) as settlement:
         report = settlement.report()
-    out = {"period": report.period, "from": report.from_time,   # the open period
-           "records": report.records, "charged_total": report.charged_total,
-           "not_charged_total": report.rejected_total,
-           "charges": [{"account": int(a), "amount": int(m), "count": int(c)}
-                       for a, m, c in zip(report.accounts, report.amounts, report.counts)],
-           "findings": [vars(f) for f in report.findings]}
-    print(json.dumps(out, indent=2, default=list))
+    out = report.as_dict()
+    del out["until"]   # the open period has none
+    print(json.dumps(out, indent=2))
     return EXIT_OK
 
 
@@ -870,6 +866,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "again. See docs/GATEWAY.md, Failure modes.")
     gateway_args(p)
     p.set_defaults(run=cmd_gateway_recover)
+    from qrpay import cli_online   # serve and gateway sync: their extras load when they run
+    cli_online.add_parsers(commands, gateway, gateway_args)
 
     deny = commands.add_parser("deny-list", help="publish or apply deny lists").add_subparsers(
         dest="deny_command", required=True, metavar="ACTION")

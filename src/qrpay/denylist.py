@@ -4,6 +4,7 @@ an older one."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,6 +105,12 @@ class DenyList:
                        bytes(data))
         except (BadSignature, MalformedMessage) as exc:
             raise JournalUnavailable(f"the stored deny list does not verify: {exc}") from exc
+
+
+def deny_list_etag(raw: bytes, version: int) -> str:
+    """The HTTP entity tag of a signed deny list: its version and a hash of
+    its bytes, so that a gateway holding it is answered 304 (docs/SERVICE.md)."""
+    return f'"v{version}-{hashlib.blake2b(raw, digest_size=8).hexdigest()}"'
 
 
 def sign_deny_list(key: IssuerKey, version: int, serials: Iterable[int], issued_at: int) -> bytes:

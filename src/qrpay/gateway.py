@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, NamedTuple, TypeVar, Union
+from typing import IO, TYPE_CHECKING, NamedTuple, TypeVar, Union
 
 try:
     import fcntl
@@ -42,6 +42,9 @@ from qrpay.qr import decode_text
 from qrpay.token import DEFAULT_MAX_AGE, DEFAULT_SKEW, BatchResult, verify_batch
 from qrpay.trust import TrustStore
 from qrpay.wire import sign_document
+
+if TYPE_CHECKING:   # httpx is an extra: imported when a sync runs
+    from qrpay.sync import SettlementClient, SyncReport
 
 BATCH_FORMAT = 1
 JOURNAL_FILE = "journal.sqlite3"
@@ -641,6 +644,24 @@ class Gateway:
             self._seen -= pruned.keys
             self._forgotten = pruned.newest_issued_at
             return pruned.records
+
+    def unacked_records(self) -> int:
+        """How many records settlement does not hold yet as far as this
+        gateway knows: scanned after the last acked batch, or in an older
+        batch not acked."""
+        with self._mutex:
+            journal = self._ready()
+            behind = sum(b.last - b.first + 1 for b in journal.batches("acked = 0")
+                         if b.last <= self._acked_through)
+            return max(0, self._next_record - 1 - self._acked_through) + behind
+
+    def sync(self, client: SettlementClient, *, now: float | None = None,
+             max_records: int = 1000, max_batches: int | None = None) -> SyncReport:
+        """Online: upload the waiting batches to the settlement service, ack
+        each one it holds, and fetch its deny list (qrpay.sync.sync; needs
+        httpx). Offline, the batches stay queued: `report.online` is False."""
+        from qrpay.sync import sync
+        return sync(self, client, now=now, max_records=max_records, max_batches=max_batches)
 
     def records(self) -> list[Record]:
         """Every record still in the journal, in order (for audits and tests):

@@ -95,6 +95,7 @@ class PostgresDatabase(StoreDatabase):
         self.directory = None
         self._conn: psycopg.Connection[Any] | None = None
         self._held: set[str] = set()   # session-level locks (exclusive) this connection holds
+        self._closed = False
         self._connection()
 
     # -- connections ---------------------------------------------------------------------
@@ -103,6 +104,8 @@ class PostgresDatabase(StoreDatabase):
         conn = self._conn
         if conn is not None and not conn.closed and not conn.broken:
             return conn
+        if self._closed:
+            raise StoreUnavailable(f"settlement store {self.location} is closed")
         if conn is not None:
             conn.close()
         self._conn = None
@@ -188,5 +191,6 @@ class PostgresDatabase(StoreDatabase):
                 pass   # the session is gone, and the server released its locks with it
 
     def close(self) -> None:
+        self._closed = True   # no reconnecting from here on
         if self._conn is not None:
             self._conn.close()

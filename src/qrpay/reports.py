@@ -5,6 +5,7 @@ their form as archive tables, which pandas or DuckDB read without qrpay."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -62,6 +63,19 @@ class Report:
         at = np.searchsorted(self.accounts, np.uint64(account))
         hit = at < len(self.accounts) and self.accounts[at] == account
         return int(self.amounts[at]) if hit else 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data (`qrpay report`, the service's
+        period reports): plain ints and strings, findings as their fields."""
+        return {"period": self.period, "from": self.from_time, "until": self.until,
+                "records": self.records, "charged_total": self.charged_total,
+                "not_charged_total": self.rejected_total,
+                "charges": [{"account": int(a), "amount": int(m), "count": int(c)}
+                            for a, m, c in zip(self.accounts.tolist(), self.amounts.tolist(),
+                                               self.counts.tolist())],
+                "findings": [{**vars(f), "gateways": list(f.gateways),
+                              "records": [list(r) for r in f.records]}
+                             for f in self.findings]}
 
 
 def build_report(settled: Settled, batches: list[tuple[str, int, int, int]],

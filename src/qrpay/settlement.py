@@ -939,6 +939,12 @@ class Settlement:
 
     # -- operators and fees ----------------------------------------------------------------
 
+    def gateways(self) -> dict[str, str | None]:
+        """Every registered gateway id -> its operator (None if registered
+        without one)."""
+        return {str(g): None if o is None else str(o) for g, o in self._query(
+            "SELECT id, operator FROM gateways")}
+
     def operators(self) -> dict[str, str]:
         """gateway id -> operator, for the gateways registered with one."""
         return {str(g): str(o) for g, o in self._query(
