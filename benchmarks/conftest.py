@@ -35,6 +35,7 @@ any other test. A benchmark test that failed is shown as ERROR in the summary.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from collections.abc import Callable
@@ -427,3 +428,22 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
             terminalreporter.write_line(f"  info   {line}")
     terminalreporter.write_line(
         "(a MISS does not fail the run: timings on a shared machine are noisy)")
+
+
+@pytest.fixture(scope="session")
+def write_at_end() -> Callable[[pytest.FixtureRequest, list[str]], None]:
+    """_write_at_end, as a fixture (the modules do not import conftest)."""
+    return _write_at_end
+
+
+def _write_at_end(request: pytest.FixtureRequest, lines: list[str]) -> None:
+    """Print `lines` in the terminal summary area of a module's run, past
+    pytest's output capture (the modules with their own tables call it
+    from a module-scoped fixture after their benchmarks ran)."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or not lines:
+        return
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        for line in lines:
+            reporter.write_line(line)

@@ -44,7 +44,6 @@ fields at their format offsets and random bytes for keys and signatures.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import shutil
@@ -363,16 +362,10 @@ class Owed:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def closing_lines(request: pytest.FixtureRequest) -> Iterator[None]:
+def closing_lines(request: pytest.FixtureRequest, write_at_end: Any) -> Iterator[None]:
     FIGURES.clear()
     yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is None or "days" not in FIGURES:
-        return
-    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-        for line in summary_lines():
-            reporter.write_line(line)
+    write_at_end(request, summary_lines() if "days" in FIGURES else [])
 
 
 def summary_lines() -> list[str]:

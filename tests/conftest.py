@@ -50,6 +50,10 @@ def pytest_report_header() -> str:
 
 # -- the settlement store on SQLite and on PostgreSQL (tests/stores.py) ----------------------
 
+# The load test runs in the compiled run: in the twin's, the service replicas
+# it starts would verify its 100,000 tokens in Python.
+collect_ignore = ["test_service_load.py"] if NO_EXTENSIONS else []
+
 # The store layer is pure Python, the same under either core: the twin's run
 # (QRPAY_NO_EXTENSIONS=1) settles on SQLite only, and the compiled run on both.
 STORE_KINDS = ("sqlite",) if NO_EXTENSIONS else ("sqlite", "postgresql")

@@ -22,7 +22,9 @@ from qrpay.clearing import FeeSchedule, verify_statement
 from qrpay.errors import InvalidArgument
 from qrpay.format import TAG_BATCH
 from qrpay.gateway import GatewayPolicy
-from qrpay.keys import SettlementKey
+from qrpay.keys import RootKey, SettlementKey
+from qrpay.trust import TrustedKey
+from qrpay.trustbundle import sign_trust_bundle
 from qrpay.service import ServiceConfig, create_app
 from qrpay.sync import SettlementClient
 from qrpay.wire import sign_document
@@ -34,6 +36,7 @@ pytestmark = pytest.mark.usefixtures("each_store")
 NOW = 1_800_000_000
 ISSUER = IssuerKey(bytes(range(32)))
 SETTLEMENT_KEY = SettlementKey(b"\x07" * 32)
+ROOT = RootKey(b"\x21" * 32)
 GATEWAY_KEYS = [GatewayKey(bytes([70 + i]) * 32) for i in range(2)]
 POLICY = GatewayPolicy(deny_list_max_age=None, max_offline_uses=10_000)
 
@@ -69,7 +72,8 @@ def service(tmp_path: Path, store: tuple[str, Path]) -> Any:
     location, archive = store
     proc = ServiceProcess(location, tmp_path / "service.log", archive=str(archive),
                           extra=["--deny-list-key", str(_secret_file(tmp_path, ISSUER)),
-                                 "--settlement-public", SETTLEMENT_KEY.public.to_text()])
+                                 "--settlement-public", SETTLEMENT_KEY.public.to_text(),
+                                 "--root-public", ROOT.public.to_text()])
     proc.start()
     yield proc
     proc.stop()
@@ -253,3 +257,69 @@ def test_the_sync_command_exits_by_what_happened(service: Any, tmp_path: Path) -
     assert main(["gateway", "sync", "--server", service.url, *common]) == 75
     with Gateway(tmp_path / "gw", GATEWAY_KEYS[0], _trust(), POLICY) as gateway:
         assert gateway.unacked_records() == 1
+
+
+def test_a_gateway_behind_by_a_few_versions_gets_a_delta(service: Any, tmp_path: Path) -> None:
+    trust = _trust()
+
+    def publish(revoke: list[int], at: int) -> int:
+        answer = httpx.post(f"{service.url}/v1/deny-list", headers=operator_headers(),
+                            json={"issued_at": at, "revoke": revoke})
+        assert answer.status_code == 201
+        return int(answer.json()["version"])
+
+    with Gateway(tmp_path / "gw", GATEWAY_KEYS[0], trust, POLICY) as gateway, \
+            SettlementClient(service.url, retries=1, backoff=0.01) as client:
+        publish([1, 2], NOW + 10)
+        first = gateway.sync(client, now=NOW + 20)
+        assert first.deny_list_updated and not first.deny_list_delta   # none held: whole
+        publish([3], NOW + 30)
+        assert publish([4], NOW + 40) == 3
+        second = gateway.sync(client, now=NOW + 50)
+        assert second.deny_list_updated and second.deny_list_delta
+        assert gateway.deny_list.version == 3 and gateway.deny_list.serials.tolist() == [1, 2, 3, 4]
+        whole = httpx.get(f"{service.url}/v1/deny-list")
+        assert whole.headers["x-qrpay-deny-list-kind"] == "full"
+        held = httpx.get(f"{service.url}/v1/deny-list",
+                         headers={"If-None-Match": whole.headers["etag"]})
+        assert held.status_code == 304
+        delta = httpx.get(f"{service.url}/v1/deny-list", params={"since": "1"})
+        assert delta.headers["x-qrpay-deny-list-kind"] == "delta"
+        assert len(delta.content) < len(whole.content) + 200
+        assert httpx.get(f"{service.url}/v1/deny-list", params={"since": "x"}).status_code == 400
+
+
+def test_operators_store_trust_bundles_and_gateways_apply_them(
+        service: Any, tmp_path: Path) -> None:
+    rotated = IssuerKey(b"\x2b" * 32)
+    roles = Role.CREDENTIALS | Role.DENY_LIST
+    first = sign_trust_bundle(ROOT, 1, [TrustedKey(ISSUER.public, 0, NOW + 86_400, roles),
+                                        TrustedKey(rotated.public, 0, NOW + 86_400, roles)], NOW)
+    with httpx.Client(base_url=service.url) as http:
+        assert http.get("/v1/trust").status_code == 404
+        assert http.post("/v1/trust", content=first).status_code == 401
+        assert http.post("/v1/trust", content=first, headers=operator_headers()).status_code == 201
+        assert http.post("/v1/trust", content=first, headers=operator_headers()).status_code == 200
+        forged = bytearray(first)
+        forged[-4] ^= 1
+        answer = http.post("/v1/trust", content=bytes(forged), headers=operator_headers())
+        assert answer.status_code == 403 and answer.json()["error"] == "BAD_SIGNATURE"
+        older = sign_trust_bundle(ROOT, 1, [], NOW - 10)
+        answer = http.post("/v1/trust", content=older, headers=operator_headers())
+        assert answer.status_code == 409 and answer.json()["error"] == "STALE_UPDATE"
+        served = http.get("/v1/trust")
+        assert served.content == first
+        assert http.get("/v1/trust", headers={"If-None-Match": served.headers["etag"]}
+                        ).status_code == 304
+    provisioned = TrustStore()
+    provisioned.add(ISSUER, roles=roles)
+    device = DeviceKey(b"\x2c" * 32)
+    phone = TokenGenerator(rotated.issue(account=77, device_public=device.public, limit=10_000,
+                                         scenes=[Scene.BUS], not_before=NOW - 60,
+                                         not_after=NOW + 86_400), device)
+    with Gateway(tmp_path / "gw", GATEWAY_KEYS[1], provisioned, POLICY,
+                 root=ROOT.public) as gateway, SettlementClient(service.url) as client:
+        report = gateway.sync(client, now=NOW + 5)
+        assert report.trust_updated and report.trust_version == 1
+        assert gateway.scan(phone.make(Scene.BUS, NOW + 6), 30, Scene.BUS, now=NOW + 6).amount == 30
+        assert not gateway.sync(client, now=NOW + 7).trust_updated   # 304: held

@@ -42,7 +42,7 @@ from qrpay.format import U32_MAX
 from qrpay.gateway import JOURNAL_FILE, LOCK_FILE, Gateway
 from qrpay.keys import (
     DeviceKey, DevicePublicKey, GatewayKey, GatewayPublicKey, IssuerKey, IssuerPublicKey,
-    SettlementKey, SettlementPublicKey,
+    RootKey, SettlementKey, SettlementPublicKey,
     SigningKey,
 )
 from qrpay.qr import decode_text, encode_text
@@ -60,7 +60,8 @@ EXIT_INTERRUPTED = 130   # 128 + SIGINT, as a shell reports Ctrl-C
 EXIT_BROKEN_PIPE = 141   # 128 + SIGPIPE: the reader of stdout went away
 
 ROLES: dict[str, type[SigningKey]] = {"issuer": IssuerKey, "device": DeviceKey,
-                                      "gateway": GatewayKey, "settlement": SettlementKey}
+                                      "gateway": GatewayKey, "settlement": SettlementKey,
+                                      "root": RootKey}
 # Bad input: it could not be read as what it claims to be.
 _BAD_INPUT = (InvalidKey, InvalidArgument, MalformedCredential, MalformedMessage, MalformedToken)
 # Refusals: the input was well-formed and a check said no.
@@ -208,13 +209,18 @@ def _is_store(directory: str, names: tuple[str, ...], what: str, creators: str) 
                        f"{' or '.join(names)}); {creators} make one")
 
 
-def _gateway(args: argparse.Namespace, create: bool = False) -> Gateway:
-    """The gateway in --gateway-dir; only `scan` and `deny-list apply` may
-    create one."""
+def _gateway_dir(args: argparse.Namespace, create: bool = False) -> str:
+    """--gateway-dir; only `scan` and `deny-list apply` may create one."""
     if not create:
         _is_store(args.gateway_dir, (JOURNAL_FILE, ANCHOR_FILE), "gateway",
                   "`qrpay scan` and `qrpay deny-list apply`")
-    return Gateway(args.gateway_dir, _key(args.gateway_key, GatewayKey), _trust(args))
+    return str(args.gateway_dir)
+
+
+def _gateway(args: argparse.Namespace, create: bool = False) -> Gateway:
+    """The gateway in --gateway-dir; only `scan` and `deny-list apply` may
+    create one."""
+    return Gateway(_gateway_dir(args, create), _key(args.gateway_key, GatewayKey), _trust(args))
 
 
 def _load_matrix(path: str, label: str | None = None

@@ -13,7 +13,8 @@ import sys
 from dataclasses import asdict
 
 from qrpay import cli, storedb
-from qrpay.keys import IssuerKey, IssuerPublicKey, SettlementPublicKey
+from qrpay.gateway import Gateway
+from qrpay.keys import GatewayKey, IssuerKey, IssuerPublicKey, RootPublicKey, SettlementPublicKey
 from qrpay.settlement import Settlement
 from qrpay.trust import Role, TrustStore
 
@@ -31,6 +32,12 @@ def _operator_token(args: argparse.Namespace) -> str:
         raise cli.CliError(f"the operator endpoints need a token of 16 characters or more: "
                            f"--operator-token-file FILE or ${TOKEN_ENV}")
     return token
+
+
+def _root(args: argparse.Namespace) -> RootPublicKey | None:
+    if not args.root_public:
+        return None
+    return RootPublicKey.from_text(cli._text_or_file(args.root_public, "root public key"))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -55,7 +62,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         operator_token=token, max_batch_body=args.max_batch_body,
         deny_list_key=cli._key(args.deny_list_key, IssuerKey) if args.deny_list_key else None,
         settlement_public=SettlementPublicKey.from_text(cli._text_or_file(
-            args.settlement_public, "settlement public key")) if args.settlement_public else None)
+            args.settlement_public, "settlement public key")) if args.settlement_public else None,
+        root_public=_root(args))
     logging.basicConfig(level=args.log_level.upper(), format="%(message)s", stream=sys.stderr)
     with Settlement(args.store, trust, threads=args.threads, archive=args.archive) as settlement:
         app = create_app(settlement, config)
@@ -72,7 +80,8 @@ def cmd_gateway_sync(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise cli.CliError(f"gateway sync needs httpx: pip install 'qrpay[sync]' ({exc})"
                            ) from None
-    with cli._gateway(args) as gateway, SettlementClient(
+    with Gateway(cli._gateway_dir(args), cli._key(args.gateway_key, GatewayKey),
+                 cli._trust(args), root=_root(args)) as gateway, SettlementClient(
             args.server, timeout=args.timeout, retries=args.retries) as client:
         report = gateway.sync(client, now=args.now, max_batches=args.max_batches)
     print(json.dumps({"online": report.online, "acked": report.acked,
@@ -113,6 +122,9 @@ def add_parsers(commands: argparse._SubParsersAction,   # type: ignore[type-arg]
                         "(POST /v1/deny-list)")
     p.add_argument("--settlement-public", metavar="KEY",
                    help="the settlement public key: lets operators fetch CSV statements")
+    p.add_argument("--root-public", metavar="KEY",
+                   help="the trust root's public key: lets operators store trust bundles "
+                        "(POST /v1/trust) for gateways to fetch")
     p.add_argument("--max-batch-body", type=cli._int(1024, 1 << 30), default=16 << 20,
                    help="largest batch upload in bytes (default: 16 MiB)")
     p.add_argument("--threads", type=cli._int(1, 256), default=1,
@@ -129,7 +141,12 @@ def add_parsers(commands: argparse._SubParsersAction,   # type: ignore[type-arg]
                     "fetch and apply the deny list. Exit 0 when all went, 1 when a batch was "
                     "kept, 75 when the service was not reached (all stays queued).")
     gateway_args(p)   # type: ignore[operator]
-    p.add_argument("--server", required=True, help="the service's base URL, http://HOST:PORT")
+    p.add_argument("--server", required=True, action="append",
+                   help="the service's base URL, http://HOST:PORT; repeat for several replicas "
+                        "(a failed try moves on to the next)")
+    p.add_argument("--root-public", metavar="KEY",
+                   help="the trust root this gateway was provisioned with: also fetch and "
+                        "apply the service's trust bundle")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per request "
                                                               "(default: 10)")
     p.add_argument("--retries", type=cli._int(0, 20), default=4,

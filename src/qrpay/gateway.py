@@ -30,17 +30,18 @@ import numpy.typing as npt
 from qrpay import _args
 from qrpay.anchor import Anchor, AnchorFile
 from qrpay.credential import Scene, as_scene
-from qrpay.denylist import DenyList
+from qrpay.denylist import DenyDelta, DenyList
 from qrpay.errors import (
-    ClockUntrusted, InvalidArgument, JournalUnavailable, MalformedMessage, MalformedText, Reason,
-    StaleUpdate, raise_for,
+    BadSignature, ClockUntrusted, InvalidArgument, JournalUnavailable, MalformedMessage,
+    MalformedText, Reason, StaleUpdate, raise_for,
 )
 from qrpay.format import MAX_TIME, MAX_WINDOW, TAG_BATCH, U32_MAX
 from qrpay.journal import Batch, Journal, Record
-from qrpay.keys import GatewayKey
+from qrpay.keys import GatewayKey, RootPublicKey
 from qrpay.qr import decode_text
 from qrpay.token import DEFAULT_MAX_AGE, DEFAULT_SKEW, BatchResult, verify_batch
 from qrpay.trust import TrustStore
+from qrpay.trustbundle import TrustBundle
 from qrpay.wire import sign_document
 
 if TYPE_CHECKING:   # httpx is an extra: imported when a sync runs
@@ -156,7 +157,8 @@ class Gateway:
 
     def __init__(self, directory: str | Path, key: GatewayKey, trust: TrustStore,
                  policy: GatewayPolicy | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, *,
+                 root: RootPublicKey | None = None) -> None:
         if not isinstance(key, GatewayKey):
             raise InvalidArgument("a gateway signs with a GatewayKey")
         if not isinstance(trust, TrustStore):
@@ -165,6 +167,8 @@ class Gateway:
             raise InvalidArgument("policy is a GatewayPolicy")
         if not callable(clock):
             raise InvalidArgument("clock is a function returning Unix seconds")
+        if root is not None and not isinstance(root, RootPublicKey):
+            raise InvalidArgument("root is the RootPublicKey trust bundles are signed with")
         if not isinstance(directory, (str, os.PathLike)):
             raise InvalidArgument("directory is a path")
         self.directory = Path(directory)
@@ -174,6 +178,8 @@ class Gateway:
             raise JournalUnavailable(f"cannot create {self.directory}: {exc}") from exc
         self.key = key
         self.trust = trust
+        self.root = root
+        self.trust_bundle: TrustBundle | None = None
         self.policy = policy or GatewayPolicy()
         self._clock = clock
         self.id = key.public.gateway_id
@@ -282,6 +288,18 @@ class Gateway:
                 s = self._spend.setdefault(r.account, _Spend())
                 s.amount += r.amount
                 s.uses += 1
+        bundle = j.get("trust_bundle")
+        if isinstance(bundle, bytes):
+            # Applied before the deny list is read back: it may be signed
+            # by a key only the bundle trusts.
+            if self.root is None:
+                raise InvalidArgument("this gateway holds a trust bundle: open it with root=")
+            try:
+                self.trust_bundle = TrustBundle.load(bundle, self.root)
+            except (BadSignature, MalformedMessage) as exc:
+                raise JournalUnavailable(f"the stored trust bundle does not verify: {exc}"
+                                         ) from exc
+            self.trust_bundle.apply_to(self.trust)
         raw = j.get("deny_list")
         self.deny_list = DenyList.empty()
         if isinstance(raw, bytes):
@@ -421,6 +439,53 @@ class Gateway:
             self.deny_list = new
             self._save_anchor(sync=True)
             return new
+
+    def apply_deny_delta(self, data: bytes, now: float | None = None) -> DenyList:
+        """Apply a signed deny-list delta (from the settlement service) on
+        top of the list in force: it must start from that list's version,
+        verify, and make exactly the list its signed digest names; otherwise
+        raise (StaleUpdate when it starts elsewhere: fetch the whole list)
+        and keep the old one."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise MalformedMessage(f"a deny-list delta is bytes, not {type(data).__name__}")
+        with self._mutex:
+            journal = self._ready()
+            t = self._trusted_now(now)
+            delta = DenyDelta.load(bytes(data), self.trust)
+            if self.deny_list.version == delta.version and delta.base < delta.version:
+                return self.deny_list    # applied already: a retry
+            if delta.issued_at > t + self.policy.skew:
+                raise StaleUpdate(f"deny-list delta issued at {delta.issued_at}, after now ({t})")
+            new = delta.apply(self.deny_list)
+            self._write(lambda: journal.set("deny_list", new.raw))
+            self.deny_list = new
+            self._save_anchor(sync=True)
+            return new
+
+    def update_trust(self, data: bytes, now: float | None = None) -> TrustBundle:
+        """Apply a trust bundle signed by this gateway's root key: its issuer
+        keys are added to (or replace theirs in) the trust store, from now
+        on and after every reopen. Only a newer version, issued no later
+        than now (plus the skew); the bundle held again changes nothing."""
+        if self.root is None:
+            raise InvalidArgument("this gateway has no root key: open it with root=")
+        with self._mutex:
+            journal = self._ready()
+            t = self._trusted_now(now)
+            held = self.trust_bundle
+            if held is not None and data == held.raw:
+                return held
+            bundle = TrustBundle.load(data, self.root)
+            if bundle.issued_at > t + self.policy.skew:
+                raise StaleUpdate(f"trust bundle issued at {bundle.issued_at}, after now ({t})")
+            if held is not None and (bundle.version <= held.version
+                                     or bundle.issued_at < held.issued_at):
+                raise StaleUpdate(f"trust bundle version {bundle.version} is not newer than "
+                                  f"version {held.version}")
+            self._write(lambda: journal.set("trust_bundle", bundle.raw))
+            bundle.apply_to(self.trust)
+            self.trust_bundle = bundle
+            return bundle
 
     def deny_list_stale(self, now: int) -> bool:
         if not _is_time(now):

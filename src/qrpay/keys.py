@@ -151,6 +151,11 @@ class SettlementPublicKey(PublicKey):
     __slots__ = ()
 
 
+class RootPublicKey(PublicKey):
+    role = "root"
+    __slots__ = ()
+
+
 class SigningKey:
     """An Ed25519 signing key. Export with `secret_bytes()` / `secret_text()`;
     the names say what they hand out."""
@@ -284,6 +289,19 @@ class SettlementKey(SigningKey):
 
     @property
     def public(self) -> SettlementPublicKey:
+        return self._public  # type: ignore[return-value]
+
+
+class RootKey(SigningKey):
+    """The trust root: signs trust bundles (the issuer keys gateways trust,
+    with their windows and roles). Kept offline; gateways are provisioned
+    with its public key once (qrpay.trustbundle)."""
+
+    public_class = RootPublicKey
+    __slots__ = ()
+
+    @property
+    def public(self) -> RootPublicKey:
         return self._public  # type: ignore[return-value]
 
 

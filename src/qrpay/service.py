@@ -14,6 +14,7 @@ time of each request.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -36,7 +37,7 @@ from qrpay.errors import (
     BadSignature, Conflict, InvalidArgument, MalformedMessage, PeriodClosed, QrPayError,
     StaleUpdate, StoreUnavailable, UnknownGateway, UnknownKeyId,
 )
-from qrpay.keys import GatewayPublicKey, IssuerKey, SettlementPublicKey
+from qrpay.keys import GatewayPublicKey, IssuerKey, RootPublicKey, SettlementPublicKey
 from qrpay.settlement import IngestResult, IngestStatus, Settlement
 
 MAX_BATCH_BODY = 16 << 20   # bytes: a batch of 100,000 records is about 12 MB
@@ -56,6 +57,7 @@ class ServiceConfig:
     max_batch_body: int = MAX_BATCH_BODY
     deny_list_key: IssuerKey | None = None
     settlement_public: SettlementPublicKey | None = None   # for CSV statements
+    root_public: RootPublicKey | None = None   # verifies trust bundles operators upload
 
     def __post_init__(self) -> None:
         if not isinstance(self.operator_token, str) or len(self.operator_token) < 16:
@@ -67,6 +69,8 @@ class ServiceConfig:
         if self.settlement_public is not None and not isinstance(self.settlement_public,
                                                                  SettlementPublicKey):
             raise InvalidArgument("settlement_public is a SettlementPublicKey")
+        if self.root_public is not None and not isinstance(self.root_public, RootPublicKey):
+            raise InvalidArgument("root_public is a RootPublicKey")
 
     def __repr__(self) -> str:
         return (f"ServiceConfig(operator_token=***, max_batch_body={self.max_batch_body}, "
@@ -159,24 +163,63 @@ def create_app(settlement: Settlement, config: ServiceConfig) -> Starlette:
             # keeps the batch and uploads it again later.
             return _error(422, exc)
         except StoreUnavailable as exc:
-            return _error(503, exc, headers={"Retry-After": str(RETRY_AFTER)})
+            return _unavailable(exc)
         return _ingested(result)
 
     async def deny_list(request: Request) -> Response:
         try:
             current = await run_in_threadpool(settlement.deny_list)
         except StoreUnavailable as exc:
-            return _error(503, exc, headers={"Retry-After": str(RETRY_AFTER)})
+            return _unavailable(exc)
         if current is None:
             return _error(404, "no_deny_list", "no deny list is published yet")
-        tag = deny_list_etag(current.raw, current.version)
+        tag = deny_list_etag(current)
         headers = {"ETag": tag, "Cache-Control": "no-cache",
                    "X-Qrpay-Deny-List-Version": str(current.version)}
-        if tag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+        if _held(request, tag):
             return Response(status_code=304, headers=headers)
-        return Response(current.raw, media_type=MSGPACK, headers=headers)
+        since = request.query_params.get("since")
+        if since is not None:
+            if not since.isdigit() or len(since) > 18:
+                return _error(400, "INVALID_ARGUMENT", "since is a deny-list version")
+            delta = (await run_in_threadpool(settlement.deny_list_delta, int(since))
+                     if int(since) < current.version else None)
+            if delta is not None:
+                return Response(delta, media_type=MSGPACK,
+                                headers={**headers, "X-Qrpay-Deny-List-Kind": "delta"})
+        # Too far behind for a delta (or none asked for): the whole list.
+        return Response(current.raw, media_type=MSGPACK,
+                        headers={**headers, "X-Qrpay-Deny-List-Kind": "full"})
+
+    async def trust(request: Request) -> Response:
+        try:
+            latest = await run_in_threadpool(settlement.trust_bundle)
+        except StoreUnavailable as exc:
+            return _unavailable(exc)
+        if latest is None:
+            return _error(404, "no_trust_bundle", "no trust bundle is stored yet")
+        tag = f'"{hashlib.blake2b(latest, digest_size=12).hexdigest()}"'
+        headers = {"ETag": tag, "Cache-Control": "no-cache"}
+        if _held(request, tag):
+            return Response(status_code=304, headers=headers)
+        return Response(latest, media_type=MSGPACK, headers=headers)
 
     # -- operators --------------------------------------------------------------------------
+
+    async def store_trust(request: Request) -> Response:
+        if config.root_public is None:
+            return _error(501, "no_root_public", "this server cannot verify trust bundles: "
+                          "start it with --root-public KEY")
+        try:
+            body = await _body(request, 1 << 20)
+        except TooLarge:
+            return _error(413, "too_large", "a trust bundle is at most 1 MiB")
+        try:
+            stored = await run_in_threadpool(settlement.store_trust_bundle, body,
+                                             config.root_public)
+        except BadSignature as exc:
+            return _error(403, exc)
+        return JSONResponse({"stored": stored}, status_code=201 if stored else 200)
 
     async def json_body(request: Request) -> dict[str, Any]:
         try:
@@ -255,6 +298,8 @@ def create_app(settlement: Settlement, config: ServiceConfig) -> Starlette:
     routes = [
         Route("/v1/batches", upload_batch, methods=["POST"]),
         Route("/v1/deny-list", deny_list, methods=["GET"]),
+        Route("/v1/trust", trust, methods=["GET"]),
+        Route("/v1/trust", operator(_typed(store_trust)), methods=["POST"]),
         Route("/v1/gateways", operator(_typed(register_gateway)), methods=["POST"]),
         Route("/v1/deny-list", operator(_typed(publish_deny_list)), methods=["POST"]),
         Route("/v1/periods", operator(_typed(periods)), methods=["GET"]),
@@ -265,6 +310,17 @@ def create_app(settlement: Settlement, config: ServiceConfig) -> Starlette:
         Route("/readyz", ready, methods=["GET"]),
     ]
     return Starlette(routes=routes, middleware=[Middleware(AccessLog)])
+
+
+def _held(request: Request, tag: str) -> bool:
+    """Whether If-None-Match names `tag`: the client holds that version."""
+    return tag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]
+
+
+def _unavailable(exc: StoreUnavailable) -> JSONResponse:
+    """503: the store did not answer (a write's outcome may be unknown:
+    the same request again settles it)."""
+    return _error(503, exc, headers={"Retry-After": str(RETRY_AFTER)})
 
 
 def _number(text: str) -> int:

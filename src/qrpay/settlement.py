@@ -30,7 +30,7 @@ from qrpay import archive as archive_module
 from qrpay.clearing import FeeSchedule, OperatorClearing, Statement
 from qrpay.credential import Scene
 from qrpay.credit import DEFAULT_DUE_AFTER
-from qrpay.denylist import DenyList, _serial_array, sign_deny_list
+from qrpay.denylist import DenyList, _serial_array, sign_deny_delta, sign_deny_list
 from qrpay.errors import (
     ArchiveUnavailable, Conflict, InvalidArgument, InvalidKey, IssuerKeyRole, MalformedMessage,
     PeriodClosed, Reason, StaleUpdate, StoreUnavailable, UnknownGateway, UnknownKeyId,
@@ -38,7 +38,7 @@ from qrpay.errors import (
 from qrpay.format import (
     PUBLIC_KEY_LEN, TAG_BATCH, TAG_PERIOD, TOKEN_DEVICE_SIG, TOKEN_DTYPE, TOKEN_LEN, U32_MAX,
 )
-from qrpay.keys import GatewayPublicKey, IssuerKey, IssuerPublicKey, SettlementKey
+from qrpay.keys import GatewayPublicKey, IssuerKey, IssuerPublicKey, RootPublicKey, SettlementKey
 from qrpay.ledger import RECORD_DTYPE
 from qrpay.periods import (
     CHARGE_DTYPE, Carry, Settled, Table, TailIndex, carry_forward, charges_from_table,
@@ -53,6 +53,7 @@ from qrpay.token import (
     DEFAULT_MAX_AGE, DEFAULT_SKEW, BatchResult, _check_window, as_token_array, verify_batch,
 )
 from qrpay.trust import Role, TrustedKey, TrustStore
+from qrpay.trustbundle import TrustBundle
 from qrpay.wire import body_map, sign_document, split_document, verify_document
 
 CLOSE_LOCK = "close"   # held while a period closes (see Settlement._closing)
@@ -78,6 +79,13 @@ CREATE TABLE IF NOT EXISTS batches (
     UNIQUE (gateway, seq)
 );
 CREATE TABLE IF NOT EXISTS deny_lists (version INTEGER PRIMARY KEY, document BLOB NOT NULL);
+-- Trust bundles (signed by the root key gateways are provisioned with), as given.
+CREATE TABLE IF NOT EXISTS trust_bundles (version INTEGER PRIMARY KEY, document BLOB NOT NULL);
+-- Signed deltas to each deny list from the DENY_DELTAS versions before it.
+CREATE TABLE IF NOT EXISTS deny_deltas (
+    base INTEGER NOT NULL, version INTEGER NOT NULL, document BLOB NOT NULL,
+    PRIMARY KEY (base, version)
+);
 CREATE TABLE IF NOT EXISTS repayments (
     id INTEGER PRIMARY KEY, account INTEGER NOT NULL, amount INTEGER NOT NULL,
     paid_at INTEGER NOT NULL, reference TEXT
@@ -132,6 +140,7 @@ _MIGRATIONS = (
     ("periods", "repayments", "INTEGER NOT NULL DEFAULT 0"),
     ("periods", "repaid", "INTEGER NOT NULL DEFAULT 0"),
 )
+DENY_DELTAS = 8   # deny-list versions a gateway may be behind and still get a delta
 DEFAULT_HORIZON = 6 * 3600   # how late an upload is still checked exactly (docs: Periods)
 UNASSIGNED = "unassigned"    # the operator of a gateway registered without one
 # What the caller of each write must do when its commit failed: the outcome is
@@ -1017,7 +1026,50 @@ class Settlement:
                 document = sign_deny_list(key, version, old | flagged, issued_at)
                 db.execute("INSERT INTO deny_lists(version, document) VALUES (?, ?)",
                            (version, document))
+                new = DenyList.reload(document, self.trust)
+                earlier = db.execute("SELECT document FROM deny_lists WHERE version < ? AND "
+                                     "version >= ? ORDER BY version",
+                                     (version, version - DENY_DELTAS)).fetchall()
+                db.executemany("INSERT INTO deny_deltas(base, version, document) VALUES (?, ?, ?)",
+                               [(base.version, version, sign_deny_delta(key, base, new))
+                                for base in (DenyList.reload(bytes(d), self.trust)
+                                             for (d,) in earlier)])
         return document, sorted(flagged - old)
+
+    def store_trust_bundle(self, data: bytes, root: RootPublicKey) -> bool:
+        """Keep a trust bundle for gateways to fetch (GET /v1/trust), after
+        verifying it against the root key: True if stored now, False if
+        this very bundle is the latest already; StaleUpdate if its version
+        or time is not after the latest's. Settlement's own trust store is
+        not changed (trust_issuer does that)."""
+        bundle = TrustBundle.load(data, root)
+        with self._write("store the same bundle again: it is stored once") as db:
+            row = db.execute("SELECT document FROM trust_bundles ORDER BY version DESC "
+                             "LIMIT 1").fetchone()
+            if row is not None:
+                latest = TrustBundle.load(bytes(row[0]), root)
+                if latest.raw == bundle.raw:
+                    return False
+                if bundle.version <= latest.version or bundle.issued_at < latest.issued_at:
+                    raise StaleUpdate(f"trust bundle version {bundle.version} is not after the "
+                                      f"latest stored (version {latest.version})")
+            db.execute("INSERT INTO trust_bundles(version, document) VALUES (?, ?)",
+                       (bundle.version, bundle.raw))
+        return True
+
+    def trust_bundle(self) -> bytes | None:
+        """The latest trust bundle stored (store_trust_bundle), as signed."""
+        rows = self._query("SELECT document FROM trust_bundles ORDER BY version DESC LIMIT 1")
+        return bytes(rows[0][0]) if rows else None
+
+    def deny_list_delta(self, since: int) -> bytes | None:
+        """The signed delta from deny-list version `since` to the latest, if
+        `since` is one of the DENY_DELTAS versions before it (else None:
+        fetch the whole list)."""
+        since = _args.integer("since", since, 0, 2**63 - 1)
+        rows = self._query("SELECT document FROM deny_deltas WHERE base = ? AND version = "
+                           "(SELECT MAX(version) FROM deny_lists)", (since,))
+        return bytes(rows[0][0]) if rows else None
 
     def record_repayment(self, account: int, amount: int, paid_at: int, reference: str) -> bool:
         """A repayment event: part of the account history that scoring reads.

@@ -9,9 +9,10 @@ Needs httpx (`pip install 'qrpay[sync]'`).
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("gateway sync needs httpx: pip install 'qrpay[sync]'") from exc
 
+from qrpay.denylist import deny_list_etag
 from qrpay.errors import InvalidArgument, MalformedMessage, QrPayError, Reason, StaleUpdate
 from qrpay.wire import split_document, unpack_strict
 
@@ -54,6 +56,9 @@ class SyncReport:
     waiting: int = 0                # records exported or not, still unacked after the sync
     deny_list_version: int = 0      # in force after the sync
     deny_list_updated: bool = False
+    deny_list_delta: bool = False   # it came as a delta on top of the one held
+    trust_version: int = 0          # of the trust bundle in force (0: none)
+    trust_updated: bool = False
     online: bool = True             # False: the service was not reached; try again later
     problems: list[str] = field(default_factory=list)
 
@@ -63,23 +68,31 @@ class SyncReport:
 
 
 class SettlementClient:
-    """HTTP to one settlement service (or the load balancer in front of its
-    replicas). Connection failures and 502/503/504 answers are retried
-    `retries` times with exponential backoff and jitter (`backoff` seconds,
-    doubling); then ServiceUnavailable. Other answers are returned as they are."""
+    """HTTP to the settlement service: one base URL (a load balancer in
+    front of the replicas), or several (the replicas themselves: a try that
+    fails moves on to the next). Connection failures and 502/503/504
+    answers are retried `retries` times with exponential backoff and jitter
+    (`backoff` seconds, doubling); then ServiceUnavailable. Other answers
+    are returned as they are."""
 
-    def __init__(self, base_url: str, *, timeout: float = 10.0, retries: int = 4,
-                 backoff: float = 0.25, transport: httpx.BaseTransport | None = None,
+    def __init__(self, base_url: str | Sequence[str], *, timeout: float = 10.0,
+                 retries: int = 4, backoff: float = 0.25,
+                 transport: httpx.BaseTransport | None = None,
                  sleep: Callable[[float], None] = time.sleep) -> None:
-        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-            raise InvalidArgument("the service URL is http://HOST:PORT or https://...")
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls or not all(isinstance(u, str) and u.startswith(("http://", "https://"))
+                               for u in urls):
+            raise InvalidArgument("the service URL is http://HOST:PORT or https://..., "
+                                  "or a list of them")
         if not isinstance(retries, int) or not 0 <= retries <= 20:
             raise InvalidArgument("retries is from 0 to 20")
         if not 0 < timeout <= 600 or not 0 <= backoff <= 60:
             raise InvalidArgument("timeout is in (0, 600] seconds, backoff in [0, 60]")
-        self.base_url = base_url.rstrip("/")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.base_url = self.urls[0]
         self.retries, self.backoff, self._sleep = retries, backoff, sleep
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport,
+        self._next = 0
+        self._http = httpx.Client(timeout=timeout, transport=transport,
                                   headers={"User-Agent": "qrpay-gateway"})
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -88,24 +101,35 @@ class SettlementClient:
             if attempt:
                 delay = self.backoff * 2 ** (attempt - 1)
                 self._sleep(delay * (0.5 + random.random()))   # jitter: replicas not hit in step
+            url = self.urls[self._next % len(self.urls)]
             try:
-                response = self._http.request(method, path, **kwargs)
+                response = self._http.request(method, url + path, **kwargs)
             except httpx.TransportError as exc:
-                failure = f"{type(exc).__name__}: {exc}"
+                failure = f"{url}: {type(exc).__name__}: {exc}"
+                self._next += 1   # the next try goes to the next replica
                 continue
             if response.status_code not in RETRIED_STATUSES:
                 return response
-            failure = f"HTTP {response.status_code}"
-        raise ServiceUnavailable(f"{method} {self.base_url}{path}: {failure} "
-                                 f"(after {self.retries + 1} tries)")
+            failure = f"{url}: HTTP {response.status_code}"
+            self._next += 1
+        raise ServiceUnavailable(f"{method} {path}: {failure} (after {self.retries + 1} tries)")
 
     def upload(self, batch: bytes) -> httpx.Response:
         return self._request("POST", "/v1/batches", content=batch,
                              headers={"Content-Type": "application/msgpack"})
 
-    def deny_list(self, etag: str | None = None) -> httpx.Response:
+    def deny_list(self, etag: str | None = None, since: int | None = None) -> httpx.Response:
+        """The latest deny list: 304 if `etag` names it, a signed delta
+        (header X-Qrpay-Deny-List-Kind: delta) when `since` is a recent
+        version, else the whole list."""
         headers = {"If-None-Match": etag} if etag else {}
-        return self._request("GET", "/v1/deny-list", headers=headers)
+        params = {"since": str(since)} if since else {}
+        return self._request("GET", "/v1/deny-list", headers=headers, params=params)
+
+    def trust(self, etag: str | None = None) -> httpx.Response:
+        """The latest trust bundle (304 if `etag` names it)."""
+        headers = {"If-None-Match": etag} if etag else {}
+        return self._request("GET", "/v1/trust", headers=headers)
 
     def close(self) -> None:
         self._http.close()
@@ -177,34 +201,76 @@ def sync(gateway: Gateway, client: SettlementClient, *, now: float | None = None
                                    f"(HTTP {outcome.http_status}) {outcome.detail}".rstrip())
             break
         gateway.ack(seq)
+    if report.online and gateway.root is not None:
+        _fetch_trust(gateway, client, report, now)
     if report.online:
         _fetch_deny_list(gateway, client, report, now)
     report.waiting = gateway.unacked_records()
+    report.trust_version = gateway.trust_bundle.version if gateway.trust_bundle else 0
     report.deny_list_version = gateway.deny_list.version
     return report
 
 
-def _fetch_deny_list(gateway: Gateway, client: SettlementClient, report: SyncReport,
-                     now: float | None) -> None:
-    from qrpay.denylist import deny_list_etag
-    held = gateway.deny_list
-    etag = deny_list_etag(held.raw, held.version) if held.version else None
+def _fetch_trust(gateway: Gateway, client: SettlementClient, report: SyncReport,
+                 now: float | None) -> None:
+    """The trust bundle, before the deny list (which a key only the new
+    bundle trusts may sign)."""
+    held = gateway.trust_bundle
+    etag = f'"{hashlib.blake2b(held.raw, digest_size=12).hexdigest()}"' if held else None
     try:
-        response = client.deny_list(etag)
+        response = client.trust(etag)
     except ServiceUnavailable as exc:
         report.online = False
-        report.problems.append(f"deny list: {exc}")
+        report.problems.append(f"trust bundle: {exc}")
         return
-    if response.status_code in (304, 404):   # the one held, or none published yet
+    if response.status_code in (304, 404):
         return
     if response.status_code != 200:
-        report.problems.append(f"deny list: HTTP {response.status_code}")
+        report.problems.append(f"trust bundle: HTTP {response.status_code}")
         return
     try:
-        applied = gateway.update_deny_list(response.content, now=now)
+        applied = gateway.update_trust(response.content, now=now)
     except StaleUpdate:
-        return   # an older replica's answer, or the list held: never goes back
-    except QrPayError as exc:   # does not verify: refused, the old list stays in force
-        report.problems.append(f"deny list refused: {exc} ({exc.reason.name})")
+        return   # an older replica's answer: never goes back
+    except QrPayError as exc:
+        report.problems.append(f"trust bundle refused: {exc} ({exc.reason.name})")
         return
-    report.deny_list_updated = applied.version != held.version
+    report.trust_updated = held is None or applied.version != held.version
+
+
+def _fetch_deny_list(gateway: Gateway, client: SettlementClient, report: SyncReport,
+                     now: float | None) -> None:
+    """The deny list: a delta on top of the version held when the service
+    has one, else the whole list; a delta that does not apply (a replica
+    with an older view, a list held that the service does not know) falls
+    back to the whole list."""
+    held = gateway.deny_list
+    etag = deny_list_etag(held) if held.version else None
+    for since in ((held.version, None) if held.version else (None,)):
+        try:
+            response = client.deny_list(etag, since)
+        except ServiceUnavailable as exc:
+            report.online = False
+            report.problems.append(f"deny list: {exc}")
+            return
+        if response.status_code in (304, 404):   # the one held, or none published yet
+            return
+        if response.status_code != 200:
+            report.problems.append(f"deny list: HTTP {response.status_code}")
+            return
+        delta = response.headers.get("x-qrpay-deny-list-kind") == "delta"
+        try:
+            applied = (gateway.apply_deny_delta(response.content, now=now) if delta
+                       else gateway.update_deny_list(response.content, now=now))
+        except StaleUpdate:
+            if delta:
+                continue   # fetch the whole list
+            return   # an older replica's answer, or the list held: never goes back
+        except QrPayError as exc:   # does not verify: refused, the old list stays in force
+            report.problems.append(f"deny list refused: {exc} ({exc.reason.name})")
+            if delta:
+                continue
+            return
+        report.deny_list_updated = applied.version != held.version
+        report.deny_list_delta = delta
+        return
