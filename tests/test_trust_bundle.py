@@ -85,3 +85,29 @@ def test_a_gateway_rotates_an_issuer_key_in_and_out(tmp_path: Path) -> None:
         assert gateway.scan(_token(NEW, NOW + 30), 10, Scene.BUS, now=NOW + 30).amount == 10
     with pytest.raises(errors.InvalidArgument, match="root"):
         Gateway(tmp_path / "gw", GatewayKey(b"\x26" * 32), _provisioned(), POLICY)
+
+
+def test_the_command_line_signs_and_shows_a_bundle(tmp_path: Path) -> None:
+    import json
+
+    from qrpay.cli import main
+    (tmp_path / "root.key").write_text(ROOT.secret_text())
+    (tmp_path / "keys.json").write_text(json.dumps([
+        {"key": NEW.public.to_text(), "roles": "credentials,deny-list", "not_after": NOW + 99},
+        {"key": OLD.public.to_text(), "roles": "credentials", "not_before": 5}]))
+    assert main(["trust-bundle", "sign", "--root-key", str(tmp_path / "root.key"), "--keys",
+                 str(tmp_path / "keys.json"), "--version", "4", "--now", str(NOW),
+                 "--out", str(tmp_path / "bundle")]) == 0
+    bundle = TrustBundle.load((tmp_path / "bundle").read_bytes(), ROOT.public)
+    assert bundle.version == 4 and bundle.issued_at == NOW
+    assert {(k.kid, k.roles, k.not_before, k.not_after) for k in bundle.keys} == {
+        (NEW.kid, BOTH, 0, NOW + 99), (OLD.kid, Role.CREDENTIALS, 5, 2**32 - 1)}
+    assert main(["trust-bundle", "show", "--root-public", ROOT.public.to_text(),
+                 "--file", str(tmp_path / "bundle")]) == 0
+    other = RootKey(b"\x27" * 32).public.to_text()
+    assert main(["trust-bundle", "show", "--root-public", other,
+                 "--file", str(tmp_path / "bundle")]) == 2      # another root's: refused
+    (tmp_path / "keys.json").write_text('{"not": "a list"}')
+    assert main(["trust-bundle", "sign", "--root-key", str(tmp_path / "root.key"), "--keys",
+                 str(tmp_path / "keys.json"), "--version", "5",
+                 "--out", str(tmp_path / "b2")]) == 2
