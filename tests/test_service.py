@@ -323,3 +323,23 @@ def test_operators_store_trust_bundles_and_gateways_apply_them(
         assert report.trust_updated and report.trust_version == 1
         assert gateway.scan(phone.make(Scene.BUS, NOW + 6), 30, Scene.BUS, now=NOW + 6).amount == 30
         assert not gateway.sync(client, now=NOW + 7).trust_updated   # 304: held
+
+
+def test_settlement_commands_take_a_store_url(store: tuple[str, Path], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from qrpay.cli import main
+    location, archive = store
+    batch = tmp_path / "batch"
+    batch.write_bytes(_batch(GATEWAY_KEYS[0], 1, 1, [(_phone(5).make(Scene.BUS, NOW), 120)]))
+    key = tmp_path / "settlement.key"
+    key.write_text(SETTLEMENT_KEY.secret_text())
+    where = ["--settlement-dir", location, "--archive", str(archive)]
+    assert main(["ingest", *where, str(batch)]) == 0
+    capsys.readouterr()
+    assert main(["report", *where]) == 0
+    assert json.loads(capsys.readouterr().out)["charged_total"] == 120
+    assert main(["close", *where, "--until", str(NOW + 3600), "--settlement-key", str(key),
+                 "--now", str(NOW + 3600)]) == 0
+    assert json.loads(capsys.readouterr().out)["charged_total"] == 120
+    if stores.kind() == "postgresql":   # its archive is not implied by the URL
+        assert main(["report", "--settlement-dir", location]) == 2

@@ -28,7 +28,7 @@ from typing import Any, TextIO, cast
 
 import numpy as np
 
-from qrpay import archive, clearing, qrimage, simulate
+from qrpay import archive, clearing, qrimage, simulate, storedb
 from qrpay._args import MAX_THREADS
 from qrpay.anchor import ANCHOR_FILE
 from qrpay.credential import Credential, Scene
@@ -430,22 +430,33 @@ def cmd_deny_apply(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _settlement_dir(directory: str, create: bool = False) -> str:
-    """A settlement directory; only `settlement trust`, `ingest` and
-    `deny-list publish` may create one."""
-    if not create:
-        _is_store(directory, (STORE_FILE,), "settlement",
+def _settlement_dir(location: str, create: bool = False) -> str:
+    """A settlement directory (or sqlite:///DIR); only `settlement trust`,
+    `ingest` and `deny-list publish` may create one. A postgresql:// store
+    is as given: its schema is made when missing."""
+    if not create and not storedb.is_postgres(location):
+        _is_store(str(storedb.sqlite_directory(location)), (STORE_FILE,), "settlement",
                   "`qrpay settlement trust`, `qrpay ingest` and `qrpay deny-list publish`")
-    return directory
+    return location
+
+
+def _open_store(args: argparse.Namespace, create: bool = False, trust: TrustStore | None = None,
+                gateways: Sequence[GatewayPublicKey] = ()) -> Settlement:
+    """The store --settlement-dir names, with --archive (required for a
+    postgresql:// store)."""
+    location = _settlement_dir(args.settlement_dir, create)
+    if storedb.is_postgres(location) and not args.archive:
+        raise CliError("a postgresql:// store needs --archive DIR (the folder of its closed "
+                       "periods)")
+    return Settlement(location, trust, gateways, archive=args.archive)
 
 
 def _settlement(args: argparse.Namespace, create: bool = False) -> Settlement:
     """The store, trusting the issuer keys stored in it (`qrpay settlement
     trust`) and, for this command only, any --issuer-public."""
-    directory = _settlement_dir(args.settlement_dir, create)
     gateways = [GatewayPublicKey.from_text(_text_or_file(v, "gateway public key"))
                 for v in args.gateway_public or []]
-    return Settlement(directory, _trust(args) if args.issuer_public else None, gateways)
+    return _open_store(args, create, _trust(args) if args.issuer_public else None, gateways)
 
 
 def _needs_issuer_keys(settlement: Settlement) -> None:
@@ -498,7 +509,7 @@ def _role_names(roles: Role) -> list[str]:
 def cmd_settlement_trust(args: argparse.Namespace) -> int:
     keys = [IssuerPublicKey.from_text(_text_or_file(v, "issuer public key"))
             for v in args.issuer_public]
-    with Settlement(_settlement_dir(args.settlement_dir, create=True)) as settlement:
+    with _open_store(args, create=True) as settlement:
         for key in keys:
             entry = settlement.trust_issuer(key, args.not_before, args.not_after, args.roles)
             print(f"settlement trusts issuer key {entry.kid.hex()} for "
@@ -508,7 +519,7 @@ def cmd_settlement_trust(args: argparse.Namespace) -> int:
 
 
 def cmd_settlement_keys(args: argparse.Namespace) -> int:
-    with Settlement(_settlement_dir(args.settlement_dir)) as settlement:
+    with _open_store(args) as settlement:
         stored = settlement.trusted_issuers()
     print(json.dumps([{"key": t.key.to_text(), "kid": t.kid.hex(), "roles": _role_names(t.roles),
                        "not_before": t.not_before, "not_after": t.not_after} for t in stored],
@@ -528,7 +539,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_settlement_operator(args: argparse.Namespace) -> int:
     keys = [GatewayPublicKey.from_text(_text_or_file(v, "gateway public key"))
             for v in args.gateway_public]
-    with Settlement(_settlement_dir(args.settlement_dir, create=True)) as settlement:
+    with _open_store(args, create=True) as settlement:
         for key in keys:
             gateway_id = settlement.register_gateway(key, args.operator)
             print(f"gateway {gateway_id} clears to operator {args.operator}", file=sys.stderr)
@@ -536,7 +547,7 @@ def cmd_settlement_operator(args: argparse.Namespace) -> int:
 
 
 def cmd_settlement_fees(args: argparse.Namespace) -> int:
-    with Settlement(_settlement_dir(args.settlement_dir, create=True)) as settlement:
+    with _open_store(args, create=True) as settlement:
         if args.schedule:
             try:
                 data = json.loads(_read_text(args.schedule, "fee schedule"))
@@ -568,7 +579,7 @@ def cmd_close(args: argparse.Namespace) -> int:
 
 
 def cmd_statement_write(args: argparse.Namespace) -> int:
-    with Settlement(_settlement_dir(args.settlement_dir)) as settlement:
+    with _open_store(args) as settlement:
         signed = settlement.statement(args.period, args.operator)
     if args.csv:
         # Rendered from the statement as verified, never from unchecked bytes.
@@ -607,7 +618,7 @@ def cmd_statement_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_archive_ls(args: argparse.Namespace) -> int:
-    with Settlement(_settlement_dir(args.settlement_dir)) as settlement:
+    with _open_store(args) as settlement:
         closed = settlement.periods()
         on_disk = set(archive.list_periods(settlement.archive))
     rows = [{"period": p.number, "from": p.from_time, "until": p.until,
@@ -883,8 +894,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", required=True)
     p.set_defaults(run=cmd_deny_apply)
 
+    def store_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--settlement-dir", required=True, metavar="DIR|URL",
+                       help="the settlement directory, or the store's URL: sqlite:///DIR or "
+                            "postgresql://USER@HOST/DB[?schema=NAME] (docs/SERVICE.md)")
+        p.add_argument("--archive", metavar="DIR",
+                       help="the folder of closed periods (default: DIR/archive; required "
+                            "with postgresql://)")
+
     def settlement_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--settlement-dir", required=True)
+        store_args(p)
         p.add_argument("--issuer-public", action="append", metavar="KEY",
                        help="also trust this issuer public key (text, or a file holding it), "
                             "for this command only; repeatable. The keys stored with "
@@ -910,7 +929,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "a batch holding a token of a key it does not trust is refused (exit 1, "
                     "UNKNOWN_KID), not stored, so the gateway keeps it and can upload it again "
                     "once the key is trusted. The same key again replaces its window and roles.")
-    p.add_argument("--settlement-dir", required=True)
+    store_args(p)
     p.add_argument("--issuer-public", required=True, action="append", metavar="KEY",
                    help="the issuer public key (text, or a file holding it); repeatable")
     p.add_argument("--roles", type=_roles, default=Role.CREDENTIALS | Role.DENY_LIST,
@@ -922,7 +941,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Unix time it is trusted to (default: 2**32-1)")
     p.set_defaults(run=cmd_settlement_trust)
     p = settle.add_parser("keys", help="print the issuer keys the settlement store trusts (JSON)")
-    p.add_argument("--settlement-dir", required=True)
+    store_args(p)
     p.set_defaults(run=cmd_settlement_keys)
 
     p = settle.add_parser(
@@ -930,7 +949,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Register gateway public keys with an operator (a bus company, a clinic): "
                     "closing a period owes that operator the payments its gateways took. "
                     "Again with another operator, the gateway moves from the next close on.")
-    p.add_argument("--settlement-dir", required=True)
+    store_args(p)
     p.add_argument("--gateway-public", required=True, action="append", metavar="KEY",
                    help="a gateway public key (text, or a file holding it); repeatable")
     p.add_argument("--operator", required=True,
@@ -942,7 +961,7 @@ def build_parser() -> argparse.ArgumentParser:
                     '"bps": {"BUS": 150, "FERRY": 200, ...}} with every scene listed, in '
                     "basis points (1/100 of a percent). A period clears under the latest "
                     "version in effect at its start.")
-    p.add_argument("--settlement-dir", required=True)
+    store_args(p)
     p.add_argument("--schedule", help="the schedule's JSON file (without it: only print)")
     p.set_defaults(run=cmd_settlement_fees)
 
@@ -963,7 +982,7 @@ def build_parser() -> argparse.ArgumentParser:
         "statement", help="write or verify an operator's signed statement").add_subparsers(
         dest="statement_command", required=True, metavar="ACTION")
     p = statement.add_parser("write", help="write an operator's statement of a closed period")
-    p.add_argument("--settlement-dir", required=True)
+    store_args(p)
     p.add_argument("--period", required=True, type=_int(1, 2**62))
     p.add_argument("--operator", required=True)
     p.add_argument("--out", required=True, help="the signed statement (msgpack)")
@@ -985,7 +1004,7 @@ def build_parser() -> argparse.ArgumentParser:
                                ).add_subparsers(dest="archive_command", required=True,
                                                 metavar="ACTION")
     p = arch.add_parser("ls", help="list the closed periods and their archive folders (JSON)")
-    p.add_argument("--settlement-dir", required=True)
+    store_args(p)
     p.set_defaults(run=cmd_archive_ls)
 
     p = commands.add_parser("ingest", help="ingest upload batches into settlement")
