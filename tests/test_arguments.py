@@ -8,6 +8,8 @@ every public entry point wrong types and values with hypothesis.
 
 from __future__ import annotations
 
+import re
+
 import contextlib
 import os
 import threading
@@ -38,6 +40,12 @@ from qrpay.settlement import Settlement
 
 FORMAT_MD = Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md"
 
+
+def _stable_id(value: object) -> str:
+    """A test id without memory addresses (pytest-xdist's workers must
+    collect the same ids)."""
+    return re.sub(r" at 0x[0-9a-f]+", "", repr(value))
+
 # Values that are not Unix seconds: NaN, infinities, bools, strings, None
 # where a time is required, containers, out of range.
 NOT_TIMES = [float("nan"), float("inf"), float("-inf"), "abc", "1800000000", True, False,
@@ -67,7 +75,7 @@ def rows_of(issuer: IssuerKey, roles: int = int(Role.CREDENTIALS)) -> list[Any]:
 
 # -- F1: now, clocks and windows ------------------------------------------------------------
 
-@pytest.mark.parametrize("bad", NOT_TIMES, ids=repr)
+@pytest.mark.parametrize("bad", NOT_TIMES, ids=_stable_id)
 def test_now_that_is_not_a_time_is_invalid_argument(bad: object, token: bytes,
                                                      trust: TrustStore,
                                                      generator: TokenGenerator,
@@ -94,7 +102,7 @@ def test_times_as_numbers_still_work(token: bytes, trust: TrustStore, now: int) 
         assert verify_batch([token], trust, t).ok.all()  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("bad", NOT_WINDOWS, ids=repr)
+@pytest.mark.parametrize("bad", NOT_WINDOWS, ids=_stable_id)
 def test_window_that_is_not_an_int_is_invalid_argument(bad: object, token: bytes,
                                                        trust: TrustStore, now: int) -> None:
     for kwargs in ({"max_age": bad}, {"skew": bad}):
@@ -259,7 +267,7 @@ def test_trust_must_be_a_trust_store(token: bytes, issuer: IssuerKey, now: int) 
 
 # -- F4: threads, roles, cache_size: the same error at the same call on both cores --------------
 
-@pytest.mark.parametrize("bad", NOT_THREADS, ids=repr)
+@pytest.mark.parametrize("bad", NOT_THREADS, ids=_stable_id)
 def test_threads_out_of_range_is_invalid_argument(bad: object, token: bytes,
                                                   trust: TrustStore, issuer: IssuerKey,
                                                   credential: Credential,

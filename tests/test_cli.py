@@ -768,10 +768,11 @@ def test_a_mistyped_directory_is_not_made_a_new_store(
 
 def test_a_value_that_is_neither_text_nor_a_file_says_no_such_file(
         tmp_path: Path, keys: dict[str, Path | str], credential: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     # Item 7: a mistyped file name was parsed as key or token text ("expected a
     # key starting with 'qrpay:device-public', found 'no prefix'").
-    missing = str(tmp_path / "phone.pub")
+    missing = "phone.pub"   # relative, in tmp_path: a long path is shortened in messages
+    monkeypatch.chdir(tmp_path)
     gw = gateway_args(tmp_path, keys)
     cases = [
         (["issue", "--issuer-key", str(keys["issuer"]), "--device-public", missing,
