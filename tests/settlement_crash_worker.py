@@ -4,8 +4,8 @@ after each ingest returns. The test SIGKILLs it at random moments.
 
     python settlement_crash_worker.py CONFIG.json
 
-CONFIG holds: directory, issuer (public key hex), gateways (public key
-hex list) and batches (file paths).
+CONFIG holds: directory (or a store URL) and archive, issuer (public key
+hex), gateways (public key hex list) and batches (file paths).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ def main(config_path: str) -> int:
     trust = TrustStore()
     trust.add(IssuerPublicKey(bytes.fromhex(config["issuer"])))
     settlement = Settlement(config["directory"], trust,
-                            [GatewayPublicKey(bytes.fromhex(g)) for g in config["gateways"]])
+                            [GatewayPublicKey(bytes.fromhex(g)) for g in config["gateways"]],
+                            archive=config.get("archive"))
     print("ready", flush=True)
     for i, path in enumerate(config["batches"]):
         result = settlement.ingest(Path(path).read_bytes())

@@ -43,3 +43,38 @@ def open_settlement(path: str | os.PathLike[str], *args: Any, **kwargs: Any) -> 
         return Settlement(path, *args, **kwargs)
     kwargs.setdefault("archive", Path(path) / "archive")
     return Settlement(location(path), *args, **kwargs)
+
+
+def copy_store(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """A copy of the store at path `source` (and its archive) at `target`:
+    the folder on SQLite; on PostgreSQL also every table of its schema,
+    rows and identity counters, in a schema of its own."""
+    import shutil
+    if Path(source).exists():   # on PostgreSQL, only its archive (if any) is a folder
+        shutil.copytree(source, target)
+    if _server is None:
+        return
+    import psycopg
+    from psycopg import sql
+    old = _schema_of(location(source))
+    new = _schema_of(location(target))
+    with psycopg.connect(_server.dsn, autocommit=True) as db, db.transaction():
+        db.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(new)))
+        tables = [r[0] for r in db.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+            (old,)).fetchall()]
+        for table in tables:
+            src, dst = sql.Identifier(old, table), sql.Identifier(new, table)
+            db.execute(sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING ALL)").format(dst, src))
+            db.execute(sql.SQL("INSERT INTO {} OVERRIDING SYSTEM VALUE SELECT * FROM {}"
+                               ).format(dst, src))
+            for (column,) in db.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_schema = %s "
+                    "AND table_name = %s AND is_identity = 'YES'", (new, table)).fetchall():
+                db.execute(sql.SQL("SELECT setval(pg_get_serial_sequence(%s, %s), "
+                                   "COALESCE((SELECT MAX({}) FROM {}), 0) + 1, false)").format(
+                    sql.Identifier(column), dst), (f"{new}.{table}", column))
+
+
+def _schema_of(url: str) -> str:
+    return url.rsplit("schema=", 1)[1]

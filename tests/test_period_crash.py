@@ -1,14 +1,13 @@
 """SIGKILL during close_period: the period is closed whole (its row, its
 archive folder, the carry, the live store emptied, the folded repayments
 moved to the archive) or not at all (the live store as it was), and closing
-again gives the same period. Rounds: QRPAY_PERIOD_CRASH_ROUNDS (default 16
-per backend)."""
+again gives the same period, on SQLite and on PostgreSQL. Rounds:
+QRPAY_PERIOD_CRASH_ROUNDS (default 16 per backend and store)."""
 
 from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from qrpay import GatewayKey, IssuerKey, Scene, TrustStore, archive
-from qrpay.settlement import Settlement
+import stores
+from stores import copy_store, open_settlement
 from test_settlement import NOW, make_rider
 from test_settlement_periods import SETTLEMENT_KEY, Uploads, store
 
@@ -33,12 +33,14 @@ REPAID = [(5100 + i, 40 + i, NOW + 7_200 if i < 20 else UNTIL - 3_600, f"bank-{i
           for i in range(25)]
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, float]:
+pytestmark = pytest.mark.usefixtures("each_store")
+
+
+@pytest.fixture
+def template(tmp_path: Path) -> tuple[Path, int]:
     """A store with 3,000 records of one day over 3 gateways (and a few scanned
-    after the cut) and REPAID, its total charge, and how long a close of it
-    takes."""
-    base = tmp_path_factory.mktemp("period-crash")
+    after the cut) and REPAID, and its total charge."""
+    base = tmp_path / "period-crash"
     issuer = IssuerKey(bytes(range(32)))
     trust = TrustStore()
     trust.add(issuer)
@@ -58,23 +60,24 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, float
     s.record_repayments(*zip(*REPAID))
     total = s.report().charged_total
     s.close()
-    trial = base / "trial"
-    shutil.copytree(base / "template", trial)
-    start = time.perf_counter()
-    Settlement(trial).close_period(UNTIL, SETTLEMENT_KEY, now=UNTIL)
-    return base / "template", total, time.perf_counter() - start
+    return base / "template", total
+
+
+def _worker(directory: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, str(WORKER), stores.location(directory),
+                             str(UNTIL), str(directory / "archive")],
+                            stdout=subprocess.PIPE, text=True)
 
 
 def test_kill_during_close_closes_whole_or_not_at_all(
-        template: tuple[Path, int, float], tmp_path: Path) -> None:
-    source, total, _seconds = template
+        template: tuple[Path, int], tmp_path: Path) -> None:
+    source, total = template
     rng = random.Random(int(os.environ.get("QRPAY_CRASH_SEED", "0")) or None)
     outcomes = {"closed": 0, "open": 0, "finished": 0, "orphan folder": 0}
     # How long a close takes in a worker now (the machine may be loaded):
     # kills are spread over twice that.
-    shutil.copytree(source, tmp_path / "calibrate")
-    child = subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / "calibrate"),
-                              str(UNTIL)], stdout=subprocess.PIPE, text=True)
+    copy_store(source, tmp_path / "calibrate")
+    child = _worker(tmp_path / "calibrate")
     assert child.stdout is not None and child.stdout.readline().strip() == "ready"
     start = time.perf_counter()
     assert child.stdout.readline().startswith("closed")
@@ -86,15 +89,14 @@ def test_kill_during_close_closes_whole_or_not_at_all(
                               and not (outcomes["closed"] and outcomes["open"])):
         round_ += 1
         directory = tmp_path / f"r{round_}"
-        shutil.copytree(source, directory)
-        child = subprocess.Popen([sys.executable, str(WORKER), str(directory), str(UNTIL)],
-                                 stdout=subprocess.PIPE, text=True)
+        copy_store(source, directory)
+        child = _worker(directory)
         assert child.stdout is not None and child.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0, seconds * 1.5))
         child.send_signal(signal.SIGKILL)
         said = child.stdout.read()
         child.wait(timeout=30)
-        s = Settlement(directory)
+        s = open_settlement(directory)
         closed = s.periods()
         # Every repayment is there once, moved or not; none is stored again.
         assert sorted(s.repayments()) == sorted(r[:3] for r in REPAID)

@@ -2,7 +2,8 @@
 large prepared batches and is SIGKILLed at random (seeded) moments. After
 every kill the store holds each batch whole or not at all, and everything the
 worker was told was stored is there. Ingesting everything again answers
-`exists` for what is present and ends with the report of a clean run."""
+`exists` for what is present and ends with the report of a clean run. On
+SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ from qrpay.format import TAG_BATCH, TOKEN_DEVICE_SIG, TOKEN_LEN
 from qrpay.ledger import RECORD_DTYPE
 from qrpay.settlement import STORE_FILE, IngestStatus, Settlement
 from qrpay.wire import sign_document
+import stores
+from stores import open_settlement
+
+pytestmark = pytest.mark.usefixtures("each_store")
 
 WORKER = Path(__file__).with_name("settlement_crash_worker.py")
 NOW = 1_800_000_000
@@ -108,7 +113,7 @@ def _trust(p: Prepared) -> TrustStore:
 
 
 def _open(p: Prepared, directory: Path) -> Settlement:
-    return Settlement(directory, _trust(p), [g.public for g in p.gateways])
+    return open_settlement(directory, _trust(p), [g.public for g in p.gateways])
 
 
 def _summary(s: Settlement) -> tuple[Any, ...]:
@@ -117,16 +122,17 @@ def _summary(s: Settlement) -> tuple[Any, ...]:
             r.charged_total, r.rejected_total)
 
 
-def _stored(directory: Path) -> list[tuple[str, int, int, int, int]]:
+def _stored(s: Settlement, directory: Path) -> list[tuple[str, int, int, int, int]]:
     """(gateway, seq, first, last, rows in the records blob) in arrival order;
-    also checks the tokens blob and the database's integrity."""
-    db = sqlite3.connect(directory / STORE_FILE)
-    try:
-        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        rows = db.execute("SELECT gateway, seq, first, last, length(records), length(tokens) "
-                          "FROM batches ORDER BY arrival").fetchall()
-    finally:
-        db.close()
+    also checks the tokens blob and (SQLite) the database's integrity."""
+    if stores.kind() == "sqlite":
+        db = sqlite3.connect(directory / STORE_FILE)
+        try:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        finally:
+            db.close()
+    rows = s._query("SELECT gateway, seq, first, last, length(records), length(tokens) "
+                    "FROM batches ORDER BY arrival")
     out = []
     for gateway, seq, first, last, rec_len, tok_len in rows:
         assert rec_len % RECORD_DTYPE.itemsize == 0
@@ -143,7 +149,7 @@ def _check_whole_or_absent(p: Prepared, directory: Path, acknowledged: int) -> i
     s = _open(p, directory)  # opening runs SQLite recovery
     try:
         ids = [g.public.gateway_id for g in p.gateways]
-        stored = _stored(directory)
+        stored = _stored(s, directory)
         assert [(g, seq) for g, seq, *_ in stored] == [
             (ids[g], seq) for g, seq, _n in p.expected[:len(stored)]]
         for (g, seq, first, last, count), (_g, _s, expected) in zip(stored, p.expected):
@@ -165,7 +171,8 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Prepared:
 def clean(prepared: Prepared, tmp_path_factory: pytest.TempPathFactory
           ) -> tuple[tuple[Any, ...], float]:
     """The report of an uninterrupted run, and how long one ingest takes."""
-    s = _open(prepared, tmp_path_factory.mktemp("clean"))
+    s = Settlement(tmp_path_factory.mktemp("clean"), _trust(prepared),
+                   [g.public for g in prepared.gateways])
     try:
         start = time.perf_counter()
         for data in prepared.batches:
@@ -226,7 +233,8 @@ def test_kill_during_ingest_leaves_whole_batches(
         directory = tmp_path / f"settle-{campaigns}"
         config = tmp_path / f"config-{campaigns}.json"
         config.write_text(json.dumps({
-            "directory": str(directory),
+            "directory": stores.location(directory),
+            "archive": str(directory / "archive"),
             "issuer": prepared.issuer.public.to_bytes().hex(),
             "gateways": [g.public.to_bytes().hex() for g in prepared.gateways],
             "batches": [str(f) for f in prepared.files]}))
@@ -234,7 +242,7 @@ def test_kill_during_ingest_leaves_whole_batches(
         for _round in range(rng.randint(1, 6)):
             code, acknowledged = _run_worker(config, rng, per_batch,
                                              len(prepared.batches) - stored, startup)
-            if directory.joinpath(STORE_FILE).exists():
+            if stores.kind() == "postgresql" or directory.joinpath(STORE_FILE).exists():
                 stored = _check_whole_or_absent(prepared, directory, acknowledged)
             else:
                 assert acknowledged == 0
