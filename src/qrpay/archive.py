@@ -842,6 +842,38 @@ def read_period(root: str | os.PathLike[str], number: int, tables: Iterable[str]
     return _load(directory, manifest, names)
 
 
+def _entry(root: str | os.PathLike[str], number: int, table: str) -> tuple[Path, _Manifest, _Table]:
+    directory = period_dir(root, number)
+    manifest = _open(directory, number)
+    if not isinstance(table, str) or table not in manifest.tables:
+        raise InvalidArgument(f"period {number} has no table {table!r} "
+                              f"(it has {', '.join(manifest.tables) or 'none'})")
+    return directory, manifest, manifest.tables[table]
+
+
+def table_rows(root: str | os.PathLike[str], number: int, table: str) -> int:
+    """How many rows `table` of period `number` has, from its manifest."""
+    return _entry(root, number, table)[2].rows
+
+
+def read_columns(root: str | os.PathLike[str], number: int, table: str,
+                 columns: Iterable[str]) -> Table:
+    """Some columns of one table of period `number`, each file checked
+    against the manifest first (in the npy format only those columns' files
+    are read; a Parquet table is one file, checked and read whole)."""
+    directory, manifest, entry = _entry(root, number, table)
+    wanted = list(dict.fromkeys(columns)) if not isinstance(columns, (str, bytes)) else None
+    known = {name for name, _kind in entry.columns}
+    if wanted is None or not all(isinstance(c, str) and c in known for c in wanted):
+        raise InvalidArgument(f"columns is an iterable of {table}'s column names: "
+                              f"{', '.join(sorted(known))}")
+    if manifest.format == "npy":
+        return _load_npy(directory, table, entry._replace(
+            columns=[(n, k) for n, k in entry.columns if n in wanted]))
+    whole = _LOADERS[manifest.format](directory, table, entry)
+    return {name: whole[name] for name in wanted}
+
+
 def verify_period(root: str | os.PathLike[str], number: int) -> None:
     """Re-hash every file of period `number` against its manifest (without
     decoding, so without pyarrow): ArchiveUnavailable naming the first file

@@ -883,9 +883,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "again. See docs/GATEWAY.md, Failure modes.")
     gateway_args(p)
     p.set_defaults(run=cmd_gateway_recover)
-    from qrpay import cli_online, cli_trust   # serve and sync load their extras when they run
+    from qrpay import cli_online, cli_scale, cli_trust   # extras load when a command runs
     cli_online.add_parsers(commands, gateway, gateway_args)
     cli_trust.add_parsers(commands)
+    cli_scale.add_parsers(commands)
 
     deny = commands.add_parser("deny-list", help="publish or apply deny lists").add_subparsers(
         dest="deny_command", required=True, metavar="ACTION")

@@ -1,0 +1,108 @@
+"""`qrpay scale ...`: the archive's jobs on a Dask cluster (qrpay.scale,
+docs/SCALE.md): on the scheduler `--scheduler tcp://HOST:PORT` names, or on a
+LocalCluster of `--workers N` processes started for the command."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from qrpay import cli
+from qrpay.errors import Reason
+
+
+@contextmanager
+def _client(args: argparse.Namespace) -> Iterator[Any]:
+    try:
+        import distributed as module
+    except ImportError as exc:
+        raise cli.CliError(f"qrpay scale needs the scale extra: pip install 'qrpay[scale]' "
+                           f"({exc})") from None
+    distributed: Any = module   # untyped
+    if args.scheduler:
+        with distributed.Client(args.scheduler, timeout="30s") as client:
+            yield client
+        return
+    with distributed.LocalCluster(n_workers=args.workers, threads_per_worker=1,
+                                  processes=True, dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        yield client
+
+
+def _progress(what: str) -> Callable[[int, int], None] | None:
+    """A progress line on stderr when it is a terminal (never in a pipe)."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        width = 30
+        filled = width * done // max(total, 1)
+        end = "\n" if done == total else ""
+        print(f"\r{what} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} tasks",
+              end=end, file=sys.stderr, flush=True)
+    return show
+
+
+def _periods(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise cli.CliError("--periods is a comma-separated list of period numbers") from None
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from qrpay import scale
+    trust = cli._trust(args)
+    with _client(args) as client:
+        result = scale.reverify(args.archive, trust, _periods(args.periods), client=client,
+                                rows_per_task=args.rows_per_task,
+                                progress=_progress("re-verifying"))
+    if args.failed_out:
+        with open(args.failed_out, "w", newline="", encoding="utf-8") as handle:
+            out = csv.writer(handle)
+            out.writerow(["period", "row", "record", "reason"])
+            for row in result.failed.tolist():
+                out.writerow([row[0], row[1], row[2], Reason(row[3]).name])
+    print(json.dumps({"periods": list(result.periods), "tokens": result.tokens,
+                      "by_reason": result.by_reason(), "failed": len(result.failed)}, indent=1))
+    return cli.EXIT_OK if not len(result.failed) else cli.EXIT_REFUSED
+
+
+def add_parsers(commands: argparse._SubParsersAction) -> None:   # type: ignore[type-arg]
+    group = commands.add_parser(
+        "scale", help="the archive's jobs on a Dask cluster (pip install 'qrpay[scale]')"
+    ).add_subparsers(dest="scale_command", required=True, metavar="ACTION")
+
+    def cluster_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--archive", required=True, help="the archive folder (every worker "
+                                                        "reads it: a shared mount)")
+        where = p.add_mutually_exclusive_group()
+        where.add_argument("--scheduler", metavar="tcp://HOST:PORT",
+                           help="a running Dask scheduler (dask scheduler; dask worker on "
+                                "each machine)")
+        where.add_argument("--workers", type=cli._int(1, 1024), default=2,
+                           help="without --scheduler: a local cluster of N worker processes "
+                                "(default: 2)")
+        p.add_argument("--periods", help="comma-separated period numbers (default: all)")
+
+    p = group.add_parser(
+        "verify", help="verify every archived token again (JSON counts by reason)",
+        description="Every token of the chosen periods is verified again on the cluster at "
+                    "the time its gateway scanned it; prints the counts per reason. Exit 1 "
+                    "when any fails (--failed-out lists them).")
+    cluster_args(p)
+    p.add_argument("--issuer-public", action="append", metavar="KEY", required=True,
+                   help="an issuer public key tokens are verified with (text or file); "
+                        "repeatable")
+    p.add_argument("--rows-per-task", type=cli._int(1, 2**40), default=1_000_000,
+                   help="tokens per task (default: 1,000,000; docs/SCALE.md, Sizing "
+                        "partitions)")
+    p.add_argument("--failed-out", metavar="CSV", help="write the rows that fail here")
+    p.set_defaults(run=cmd_verify)

@@ -1,0 +1,131 @@
+"""qrpay.scale on a real Dask LocalCluster of worker processes: the result
+of each job equals the same job in one process, also when a worker is
+killed in the middle of it (Dask runs its tasks again elsewhere)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import distributed
+import numpy as np
+import pytest
+
+from qrpay import GatewayKey, IssuerKey, Reason, Scene, TrustStore, errors, scale
+from qrpay.format import TOKEN_DEVICE_SIG
+from qrpay.keys import SettlementKey
+from test_settlement import NOW, make_rider
+from test_settlement_periods import Uploads, store
+
+DAY = 86_400
+KEY = SettlementKey(b"\x07" * 32)
+ISSUER = IssuerKey(bytes(range(32)))
+
+
+@pytest.fixture(scope="module")
+def archive_of_three_days(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """Three closed days of 3 gateways x 4 batches x 60 scans, with forged
+    tokens (a flipped byte in the device signature) planted in each day's
+    uploads; the archive folder and how many were forged."""
+    base = tmp_path_factory.mktemp("scale")
+    trust = TrustStore()
+    trust.add(ISSUER)
+    keys = [GatewayKey(bytes([90 + i]) * 32) for i in range(3)]
+    s = store(base / "settle", trust, keys)
+    up = Uploads(keys)
+    riders = [make_rider(ISSUER, 30 + i) for i in range(60)]
+    forged = 0
+    for day in range(3):
+        for hour in range(4):
+            for gw in range(3):
+                t = NOW + day * DAY + hour * 3_600 + gw
+                counter = day * 12 + hour * 3 + gw + 1
+                scans = []
+                for i, rider in enumerate(riders):
+                    token = bytearray(rider.token(t + i, counter))
+                    if (i + hour + gw) % 29 == 0:
+                        token[TOKEN_DEVICE_SIG + 5] ^= 1
+                        forged += 1
+                    scans.append((bytes(token), 100 + i, Scene.BUS, t + i))
+                s.ingest(up.batch(gw, scans, t + 600))
+        s.close_period(NOW + (day + 1) * DAY, KEY, now=NOW + (day + 1) * DAY)
+    s.close()
+    return base / "settle" / "archive", forged
+
+
+def _trust() -> TrustStore:
+    trust = TrustStore()
+    trust.add(ISSUER)
+    return trust
+
+
+@pytest.fixture(scope="module")
+def client() -> Any:
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as dask:
+        yield dask
+
+
+def test_reverify_on_the_cluster_equals_one_process(
+        archive_of_three_days: tuple[Path, int], client: Any) -> None:
+    root, forged = archive_of_three_days
+    alone = scale.reverify_local(root, _trust(), rows_per_task=100)
+    assert alone.periods == (1, 2, 3) and alone.tokens == 3 * 4 * 3 * 60
+    assert alone.by_reason() == {"OK": alone.tokens - forged, "BAD_DEVICE_SIGNATURE": forged}
+    assert np.all(alone.failed["reason"] == Reason.BAD_DEVICE_SIGNATURE)
+    seen: list[tuple[int, int]] = []
+    spread = scale.reverify(root, _trust(), client=client, rows_per_task=100,
+                            progress=lambda done, total: seen.append((done, total)))
+    assert spread.same_as(alone)
+    assert seen[-1] == (len(seen), len(seen)) and len(seen) > 2   # several partitions
+    # Partition size changes nothing; neither do chosen periods.
+    assert scale.reverify(root, _trust(), client=client).same_as(alone)
+    two = scale.reverify(root, _trust(), [3, 2], client=client, rows_per_task=333)
+    assert two.periods == (2, 3) and two.same_as(scale.reverify_local(root, _trust(), [2, 3]))
+    # Without the issuer key every token fails, each with its reason.
+    assert scale.reverify(root, TrustStore(), [1], client=client).by_reason() == {
+        "UNKNOWN_KID": 720}
+    with pytest.raises(errors.ArchiveUnavailable, match="period 4"):
+        scale.reverify(root, _trust(), [4], client=client)    # not closed
+
+
+def test_a_worker_killed_mid_job_changes_nothing(
+        archive_of_three_days: tuple[Path, int], client: Any) -> None:
+    root, _forged = archive_of_three_days
+    alone = scale.reverify_local(root, _trust(), rows_per_task=40)
+    pids = list(client.run(os.getpid).values())
+    killed: list[int] = []
+
+    def kill_once(done: int, total: int) -> None:
+        if not killed and done == 2:
+            os.kill(pids[0], signal.SIGKILL)   # a worker dies with tasks still to run
+            killed.append(pids[0])
+
+    spread = scale.reverify(root, _trust(), client=client, rows_per_task=40,
+                            progress=kill_once)
+    assert killed and spread.same_as(alone)
+    client.wait_for_workers(2, timeout=60)     # the nanny started a new one
+    assert pids[0] not in client.run(os.getpid).values()
+
+
+def test_the_command_line_verifies_on_a_local_cluster(
+        archive_of_three_days: tuple[Path, int], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import csv
+    import json
+
+    from qrpay.cli import main
+    root, forged = archive_of_three_days
+    code = main(["scale", "verify", "--archive", str(root), "--workers", "2", "--periods", "1,3",
+                 "--issuer-public", ISSUER.public.to_text(), "--rows-per-task", "500",
+                 "--failed-out", str(tmp_path / "failed.csv")])
+    out = json.loads(capsys.readouterr().out)
+    alone = scale.reverify_local(root, _trust(), [1, 3])
+    assert code == 1 and out["periods"] == [1, 3] and out["by_reason"] == alone.by_reason()
+    with open(tmp_path / "failed.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == out["failed"] == len(alone.failed) > 0
+    assert {r["reason"] for r in rows} == {"BAD_DEVICE_SIGNATURE"}
