@@ -9,11 +9,18 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from collections import Counter
+
 import distributed
 import numpy as np
 import pytest
 
-from qrpay import GatewayKey, IssuerKey, Reason, Scene, TrustStore, errors, scale
+from qrpay import GatewayKey, IssuerKey, Reason, Scene, TrustStore, archive, credit, errors, scale
+from qrpay.ledger import RECORD_DTYPE
+from qrpay.periods import Carry, period_charges, settle_period
+from qrpay.reports import build_report
+from qrpay.settlement import DEFAULT_HORIZON
+from qrpay.token import DEFAULT_MAX_AGE, DEFAULT_SKEW
 from qrpay.format import TOKEN_DEVICE_SIG
 from qrpay.keys import SettlementKey
 from test_settlement import NOW, make_rider
@@ -41,7 +48,7 @@ def archive_of_three_days(tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
         for hour in range(4):
             for gw in range(3):
                 t = NOW + day * DAY + hour * 3_600 + gw
-                counter = day * 12 + hour * 3 + gw + 1
+                counter = day * 20 + hour * 3 + gw + 1   # room for the copy's (day * 20 + 15)
                 scans = []
                 for i, rider in enumerate(riders):
                     token = bytearray(rider.token(t + i, counter))
@@ -50,6 +57,17 @@ def archive_of_three_days(tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
                         forged += 1
                     scans.append((bytes(token), 100 + i, Scene.BUS, t + i))
                 s.ingest(up.batch(gw, scans, t + 600))
+            up.record[2] += 2 if hour == 1 and day == 1 else 0   # a gap: 2 records lost
+        # A copy of one token at another gateway (a double spend), and
+        # repayments that this day's close folds into its archive.
+        copy = riders[day].token(NOW + day * DAY + 5 * 3_600, day * 20 + 15)
+        s.ingest(up.batch(0, [(copy, 80, Scene.BUS, NOW + day * DAY + 5 * 3_600)],
+                          NOW + day * DAY + 5 * 3_600 + 60))
+        s.ingest(up.batch(1, [(copy, 80, Scene.BUS, NOW + day * DAY + 5 * 3_600 + 1)],
+                          NOW + day * DAY + 5 * 3_600 + 60))
+        s.record_repayments([r.account for r in riders[:10]], [50 + day] * 10,
+                            [NOW + day * DAY + 3_600] * 10,
+                            [f"d{day}-{i}" for i in range(10)])
         s.close_period(NOW + (day + 1) * DAY, KEY, now=NOW + (day + 1) * DAY)
     s.close()
     return base / "settle" / "archive", forged
@@ -64,7 +82,7 @@ def _trust() -> TrustStore:
 @pytest.fixture(scope="module")
 def client() -> Any:
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster, \
+                                  dashboard_address=":0") as cluster, \
             distributed.Client(cluster) as dask:
         yield dask
 
@@ -73,7 +91,7 @@ def test_reverify_on_the_cluster_equals_one_process(
         archive_of_three_days: tuple[Path, int], client: Any) -> None:
     root, forged = archive_of_three_days
     alone = scale.reverify_local(root, _trust(), rows_per_task=100)
-    assert alone.periods == (1, 2, 3) and alone.tokens == 3 * 4 * 3 * 60
+    assert alone.periods == (1, 2, 3) and alone.tokens == 3 * 4 * 3 * 60 + 6
     assert alone.by_reason() == {"OK": alone.tokens - forged, "BAD_DEVICE_SIGNATURE": forged}
     assert np.all(alone.failed["reason"] == Reason.BAD_DEVICE_SIGNATURE)
     seen: list[tuple[int, int]] = []
@@ -87,7 +105,7 @@ def test_reverify_on_the_cluster_equals_one_process(
     assert two.periods == (2, 3) and two.same_as(scale.reverify_local(root, _trust(), [2, 3]))
     # Without the issuer key every token fails, each with its reason.
     assert scale.reverify(root, TrustStore(), [1], client=client).by_reason() == {
-        "UNKNOWN_KID": 720}
+        "UNKNOWN_KID": 722}
     with pytest.raises(errors.ArchiveUnavailable, match="period 4"):
         scale.reverify(root, _trust(), [4], client=client)    # not closed
 
@@ -129,3 +147,77 @@ def test_the_command_line_verifies_on_a_local_cluster(
         rows = list(csv.DictReader(handle))
     assert len(rows) == out["failed"] == len(alone.failed) > 0
     assert {r["reason"] for r in rows} == {"BAD_DEVICE_SIGNATURE"}
+
+
+
+def test_settling_the_archive_on_the_cluster_equals_one_process_and_the_kernel(
+        archive_of_three_days: tuple[Path, int], client: Any) -> None:
+    root, forged = archive_of_three_days
+    at = NOW + 40 * DAY
+    alone = scale.settle_local(root, now=at)
+    # The independent reference: every archived record through the kernel
+    # at once, as a fresh store's report() would settle them.
+    parts = [archive.read_period(root, p, ["records"])[0]["records"] for p in (1, 2, 3)]
+    records = np.zeros(sum(len(p["record"]) for p in parts), dtype=RECORD_DTYPE)
+    for name in RECORD_DTYPE.names or ():
+        records[name] = np.concatenate([p[name] for p in parts])
+    gateway = np.concatenate([p["gateway"] for p in parts])
+    settled = settle_period(Carry.empty(), records, gateway, DEFAULT_MAX_AGE + 2 * DEFAULT_SKEW)
+    kernel = build_report(settled, [], DEFAULT_HORIZON, gaps=[])
+    assert alone.accounts.tolist() == kernel.accounts.tolist()
+    assert alone.amounts.tolist() == kernel.amounts.tolist()
+    assert alone.counts.tolist() == kernel.counts.tolist()
+    assert [f for f in alone.findings if f.kind != "sequence_gap"] == kernel.findings
+    kinds = Counter(f.kind for f in alone.findings)
+    assert kinds == {"invalid_token": forged, "double_spend": 3, "sequence_gap": 1}
+    charges = period_charges(settled)
+    repaid = [archive.read_period(root, p, ["repayments"])[0]["repayments"] for p in (1, 2, 3)]
+    paid = {c: np.concatenate([r[c] for r in repaid]).astype(np.int64)
+            for c in ("account", "amount", "paid_at")}
+    expected = credit.history(charges["account"], charges["time"], charges["amount"],
+                              paid["account"].astype(np.uint64), paid["paid_at"],
+                              paid["amount"], at)
+    assert alone.history.tobytes() == expected.tobytes() and len(paid["amount"]) == 30
+    # Sharded on the cluster, and in one process with the same shards.
+    spread = scale.settle(root, now=at, client=client, shards=5)
+    assert spread.same_as(alone)
+    assert scale.settle_local(root, now=at, shards=3).same_as(alone)
+    two = scale.settle(root, [2, 3], now=at, client=client, shards=2)
+    assert two.same_as(scale.settle_local(root, [2, 3], now=at))
+    assert two.records < alone.records
+
+
+def test_a_worker_killed_mid_settle_changes_nothing(
+        archive_of_three_days: tuple[Path, int], client: Any) -> None:
+    root, _forged = archive_of_three_days
+    at = NOW + 40 * DAY
+    alone = scale.settle_local(root, now=at)
+    client.wait_for_workers(2, timeout=60)
+    pids = list(client.run(os.getpid).values())
+    killed: list[int] = []
+
+    def kill_once(done: int, total: int) -> None:
+        if not killed and done == 1:
+            os.kill(pids[-1], signal.SIGKILL)
+            killed.append(pids[-1])
+
+    spread = scale.settle(root, now=at, client=client, shards=12, progress=kill_once)
+    assert killed and spread.same_as(alone)
+
+
+def test_the_command_line_settles_on_a_local_cluster(
+        archive_of_three_days: tuple[Path, int], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from qrpay.cli import main
+    root, forged = archive_of_three_days
+    at = NOW + 40 * DAY
+    assert main(["scale", "settle", "--archive", str(root), "--workers", "2", "--now", str(at),
+                 "--shards", "4", "--history-out", str(tmp_path / "history.csv")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    alone = scale.settle_local(root, now=at)
+    assert out["charged_total"] == alone.charged_total and out["records"] == alone.records
+    assert out["findings"] == {"double_spend": 3, "invalid_token": forged, "sequence_gap": 1}
+    lines = (tmp_path / "history.csv").read_text().splitlines()
+    assert len(lines) == len(alone.history) + 1 and lines[0].startswith("account,charged")

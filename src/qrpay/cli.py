@@ -665,10 +665,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     now = _at(args.now)
     with _settlement(args) as settlement:
         rows = settlement.credit_history(now, due_after=args.due_days * 86_400)
-    names = list(rows.dtype.names or ())
-    lines = [",".join(names)]
-    lines += [",".join(_cell(v) for v in row) for row in rows.tolist()]
-    _write_atomic(args.out, ("\n".join(lines) + "\n").encode())
+    _write_rows(args.out, rows)
     print(f"wrote {args.out}: {len(rows):,} accounts at {now}", file=sys.stderr)
     credit = rows["balance"] < 0
     if credit.any():
@@ -676,6 +673,14 @@ def cmd_history(args: argparse.Namespace) -> int:
               f"{-int(rows['balance'][credit].sum()):,} in all): a negative balance",
               file=sys.stderr)
     return EXIT_OK
+
+
+def _write_rows(path: str, rows: np.ndarray) -> None:
+    """A structured array as CSV: a header of its fields, a line per row."""
+    names = list(rows.dtype.names or ())
+    lines = [",".join(names)]
+    lines += [",".join(_cell(v) for v in row) for row in rows.tolist()]
+    _write_atomic(path, ("\n".join(lines) + "\n").encode())
 
 
 def _cell(value: object) -> str:

@@ -29,7 +29,7 @@ def _client(args: argparse.Namespace) -> Iterator[Any]:
             yield client
         return
     with distributed.LocalCluster(n_workers=args.workers, threads_per_worker=1,
-                                  processes=True, dashboard_address=None) as cluster, \
+                                  processes=True, dashboard_address=":0") as cluster, \
             distributed.Client(cluster) as client:
         yield client
 
@@ -75,6 +75,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return cli.EXIT_OK if not len(result.failed) else cli.EXIT_REFUSED
 
 
+def cmd_settle(args: argparse.Namespace) -> int:
+    from qrpay import scale
+    now = args.now
+    with _client(args) as client:
+        result = scale.settle(args.archive, _periods(args.periods), now=now, client=client,
+                              shards=args.shards, due_after=args.due_days * 86_400,
+                              progress=_progress("settling"))
+    if args.history_out:
+        cli._write_rows(args.history_out, result.history)
+    kinds: dict[str, int] = {}
+    for finding in result.findings:
+        kinds[finding.kind] = kinds.get(finding.kind, 0) + 1
+    print(json.dumps({"periods": list(result.periods), "records": result.records,
+                      "charged_total": result.charged_total,
+                      "not_charged_total": result.rejected_total,
+                      "accounts": len(result.accounts), "findings": kinds}, indent=1))
+    return cli.EXIT_OK
+
+
 def add_parsers(commands: argparse._SubParsersAction) -> None:   # type: ignore[type-arg]
     group = commands.add_parser(
         "scale", help="the archive's jobs on a Dask cluster (pip install 'qrpay[scale]')"
@@ -106,3 +125,20 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:   # type: ignore[
                         "partitions)")
     p.add_argument("--failed-out", metavar="CSV", help="write the rows that fail here")
     p.set_defaults(run=cmd_verify)
+
+    p = group.add_parser(
+        "settle", help="settle the archived records as one stream, sharded by account (JSON)",
+        description="The records of the chosen periods settled as one stream on the cluster, "
+                    "sharded by account: prints the totals and the findings by kind; "
+                    "--history-out writes every account's credit history at --now as CSV "
+                    "(the columns of qrpay history).")
+    cluster_args(p)
+    p.add_argument("--now", required=True, type=cli._TIME,
+                   help="Unix time the credit histories are worked out at")
+    p.add_argument("--shards", type=cli._int(1, 4096), default=8,
+                   help="tasks the accounts are split into (default: 8; more when a shard "
+                        "would not fit a worker's memory)")
+    p.add_argument("--due-days", type=cli._int(0, 3650), default=7,
+                   help="days after a charge it falls due (default: 7)")
+    p.add_argument("--history-out", metavar="CSV", help="write the credit histories here")
+    p.set_defaults(run=cmd_settle)

@@ -97,46 +97,76 @@ def build_report(settled: Settled, batches: list[tuple[str, int, int, int]],
 
 def findings_of(settled: Settled, horizon: int) -> list[Finding]:
     """Turn the kernel's masks into findings: a loop over flagged rows only."""
+    keyed, late = keyed_findings(settled)
+    return [f for _group, _key, f in keyed] + late_findings(late, horizon)
+
+
+# The order of the kinds in a report (a finding's group in keyed_findings).
+DOUBLE_SPEND, CLONE, DUPLICATE, BACKWARDS, FOUND_BEHIND, INVALID, OVERSPEND = range(7)
+LateRows = list[tuple[str, int, int, int]]   # (gateway, row, record, amount)
+
+
+def keyed_findings(settled: Settled) -> tuple[list[tuple[int, int, Finding]], LateRows]:
+    """The findings of findings_of but late uploads, each with its order
+    in a report: (group, key, finding), sorted, where the key is the row of
+    the record it is about (the serial for an overspend); and the late rows,
+    which late_findings groups by gateway. Rows are settled.records' own: a
+    caller settling a subset of a stream (one shard of its accounts) maps
+    them to the stream's rows and merges shards by (group, key)."""
     records, gateway, names, result = (settled.records, settled.gateway, settled.names,
                                        settled.result)
-    found: list[Finding] = []
+    found: list[tuple[int, int, Finding]] = []
 
     def where(i: int) -> tuple[str, int]:
         return names[gateway[i]], int(records["record"][i])
 
-    for kind, mask in (("double_spend", result.double_spend), ("clone", result.clone),
-                       ("duplicate_record", result.duplicate)):
+    for group, kind, mask in ((DOUBLE_SPEND, "double_spend", result.double_spend),
+                              (CLONE, "clone", result.clone),
+                              (DUPLICATE, "duplicate_record", result.duplicate)):
         for i in np.flatnonzero(mask).tolist():
             r, first = records[i], int(result.first_row[i])
-            found.append(Finding(kind, int(r["serial"]), int(r["account"]), int(r["counter"]),
-                                 (names[gateway[first]], names[gateway[i]]),
-                                 (where(first), where(i)), int(r["amount"])))
-    for mask, detail in ((result.backwards, "counter went backwards"),
-                         (result.found_behind,
-                          "counter went backwards (charged: it arrived first)")):
+            found.append((group, i, Finding(
+                kind, int(r["serial"]), int(r["account"]), int(r["counter"]),
+                (names[gateway[first]], names[gateway[i]]), (where(first), where(i)),
+                int(r["amount"]))))
+    for group, mask, detail in (
+            (BACKWARDS, result.backwards, "counter went backwards"),
+            (FOUND_BEHIND, result.found_behind,
+             "counter went backwards (charged: it arrived first)")):
         for i in np.flatnonzero(mask).tolist():
             r = records[i]
-            found.append(Finding("clone", int(r["serial"]), int(r["account"]),
-                                 int(r["counter"]), (names[gateway[i]],), (where(i),),
-                                 int(r["amount"]), detail))
+            found.append((group, i, Finding("clone", int(r["serial"]), int(r["account"]),
+                                            int(r["counter"]), (names[gateway[i]],),
+                                            (where(i),), int(r["amount"]), detail)))
     for i in np.flatnonzero(result.invalid[settled.new]).tolist():
         i += settled.prior
         r = records[i]
-        found.append(Finding("invalid_token", int(r["serial"]), int(r["account"]),
-                             int(r["counter"]), (names[gateway[i]],), (where(i),),
-                             int(r["amount"]), Reason(int(r["reason"])).name))
+        found.append((INVALID, i, Finding("invalid_token", int(r["serial"]), int(r["account"]),
+                                          int(r["counter"]), (names[gateway[i]],), (where(i),),
+                                          int(r["amount"]), Reason(int(r["reason"])).name)))
     for account, serial, at, spent, limit in zip(
             result.over_account.tolist(), result.over_serial.tolist(),
             result.over_at.tolist(), result.over_spent.tolist(), result.over_limit.tolist()):
-        found.append(Finding("overspend", serial, account, 0, (), (), spent - limit,
-                             f"{spent} outstanding offline against a limit of {limit} at {at}"))
-    for g in np.unique(gateway[result.late]).tolist():
-        late = np.flatnonzero(result.late & (gateway == g))
+        found.append((OVERSPEND, serial, Finding(
+            "overspend", serial, account, 0, (), (), spent - limit,
+            f"{spent} outstanding offline against a limit of {limit} at {at}")))
+    late = [(names[gateway[i]], i, int(records["record"][i]), int(records["amount"][i]))
+            for i in np.flatnonzero(result.late).tolist()]
+    return found, late
+
+
+def late_findings(late: LateRows, horizon: int) -> list[Finding]:
+    """One late_upload finding per gateway (by name), its records in row order."""
+    by_gateway: dict[str, list[tuple[int, int, int]]] = {}
+    for name, row, record, amount in late:
+        by_gateway.setdefault(name, []).append((row, record, amount))
+    found = []
+    for name in sorted(by_gateway):
+        rows = sorted(by_gateway[name])
         found.append(Finding(
-            "late_upload", gateways=(names[g],),
-            records=tuple(where(i) for i in late.tolist()),
-            amount=int(records["amount"][late].astype(np.int64).sum()),
-            detail=f"{len(late)} records scanned more than the horizon ({horizon} s) before "
+            "late_upload", gateways=(name,), records=tuple((name, rec) for _r, rec, _a in rows),
+            amount=sum(a for _r, _rec, a in rows),
+            detail=f"{len(rows)} records scanned more than the horizon ({horizon} s) before "
                    "the last close: checked for copies against that horizon only"))
     return found
 

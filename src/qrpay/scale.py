@@ -11,6 +11,9 @@ compare it with).
 - reverify: every token of the chosen periods verified again, inside each
   partition with verify_batch (the GIL released, the issuer signatures
   cached per worker): counts per reason and the rows that fail.
+- settle: the records of the chosen periods settled as one stream, sharded
+  by account (and so by serial) across workers, each shard with the same
+  numpy kernel: charges, findings and credit histories.
 """
 
 from __future__ import annotations
@@ -24,9 +27,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from qrpay import _args
+from qrpay import _args, credit
 from qrpay import archive as archive_module
+from qrpay.credit import DEFAULT_DUE_AFTER
 from qrpay.errors import InvalidArgument, Reason
+from qrpay.ledger import RECORD_DTYPE, totals_by_account
+from qrpay.periods import Carry, period_charges, settle_period
+from qrpay.reports import (
+    OVERSPEND, Finding, LateRows, holes_as_findings, keyed_findings, late_findings,
+)
+from qrpay.settlement import DEFAULT_HORIZON
 from qrpay.token import DEFAULT_MAX_AGE, DEFAULT_SKEW, verify_batch
 from qrpay.trust import Role, TrustStore
 
@@ -156,9 +166,22 @@ def _cluster(client: Any, workers: int) -> Iterator[Any]:
         raise InvalidArgument("qrpay.scale needs dask.distributed: pip install 'qrpay[scale]'")
     workers = _args.integer("workers", workers, 1, 1024)
     with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster, \
+                                  dashboard_address=":0") as cluster, \
             distributed.Client(cluster) as local:
         yield local
+
+
+def _gathered(futures: list[Any], progress: Callable[[int, int], None] | None) -> list[Any]:
+    """The results of `futures` in their order, gathered as they finish
+    (`progress(done, total)` after each). A task whose worker died is run
+    again by the scheduler; a task that raised raises here."""
+    results: list[Any] = [None] * len(futures)
+    index = {f.key: i for i, f in enumerate(futures)}
+    for done, future in enumerate(distributed.as_completed(futures), 1):
+        results[index[future.key]] = future.result()
+        if progress is not None:
+            progress(done, len(futures))
+    return results
 
 
 def _arguments(archive: str | os.PathLike[str], rows_per_task: int, max_age: int, skew: int,
@@ -190,12 +213,7 @@ def reverify(archive: str | os.PathLike[str], trust: TrustStore,
     with _cluster(client, workers) as dask:
         futures = [dask.submit(_verify_part, root, p.period, p.start, p.stop, keys, max_age,
                                skew, threads, pure=False) for p in parts]
-        results: list[Any] = [None] * len(futures)
-        index = {f.key: i for i, f in enumerate(futures)}
-        for done, future in enumerate(distributed.as_completed(futures), 1):
-            results[index[future.key]] = future.result()
-            if progress is not None:
-                progress(done, len(futures))
+        results = _gathered(futures, progress)
     return _combine(chosen, results)
 
 
@@ -211,5 +229,189 @@ def reverify_local(archive: str | os.PathLike[str], trust: TrustStore,
                                           skew, threads) for p in parts))
 
 
-__all__: Sequence[str] = ("FAILED_DTYPE", "ROWS_PER_TASK", "Reverified", "reverify",
-                          "reverify_local")
+# -- settle across periods ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Settlement:
+    """The archive's records of `periods` settled as one stream (in period
+    order, then arrival order), as a fresh store would settle them: charges
+    per account, findings in report order (record gaps from the record
+    numbers per gateway; batch numbers are not in the archive), and the
+    credit history of every account at `now` against the repayments the
+    periods archived."""
+
+    periods: tuple[int, ...]
+    records: int
+    charged_total: int
+    rejected_total: int
+    accounts: npt.NDArray[np.uint64] = field(repr=False)
+    amounts: npt.NDArray[np.int64] = field(repr=False)
+    counts: npt.NDArray[np.int64] = field(repr=False)
+    findings: list[Finding] = field(repr=False)
+    history: npt.NDArray[np.void] = field(repr=False)   # credit.CREDIT_DTYPE, by account
+
+    def same_as(self, other: Settlement) -> bool:
+        return (self.periods == other.periods and self.records == other.records
+                and self.charged_total == other.charged_total
+                and self.rejected_total == other.rejected_total
+                and self.accounts.tolist() == other.accounts.tolist()
+                and self.amounts.tolist() == other.amounts.tolist()
+                and self.counts.tolist() == other.counts.tolist()
+                and self.findings == other.findings
+                and self.history.tobytes() == other.history.tobytes())
+
+
+_RECORD_COLUMNS = list(RECORD_DTYPE.names or ())
+_SHARD_MIX = np.uint64(0x9E3779B97F4A7C15)   # Fibonacci hashing: accounts spread evenly
+
+
+def _shard_of(account: npt.NDArray[np.uint64], shards: int) -> npt.NDArray[np.int64]:
+    mixed = (account.astype(np.uint64) * _SHARD_MIX) >> np.uint64(32)
+    return (mixed % np.uint64(shards)).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class _ShardResult:
+    records: int
+    rejected: int
+    accounts: npt.NDArray[np.uint64]
+    amounts: npt.NDArray[np.int64]
+    counts: npt.NDArray[np.int64]
+    keyed: list[tuple[int, int, Finding]]
+    late: LateRows
+    history: npt.NDArray[np.void]
+
+
+def _settle_shard(root: str, periods: tuple[int, ...], shard: int, shards: int, slack: int,
+                  now: int, due_after: int) -> _ShardResult:
+    """The accounts of one shard, settled over every period: a serial
+    belongs to one account, so every check (copies and clones by serial,
+    overspend by serial, credit by account) sees all it needs here."""
+    parts, names, rows, paid = [], [], [], []
+    offset = 0
+    for period in periods:
+        table = archive_module.read_columns(root, period, "records", [*_RECORD_COLUMNS, "gateway"])
+        mine = np.flatnonzero(_shard_of(table["account"], shards) == shard)
+        part = np.zeros(len(mine), dtype=RECORD_DTYPE)
+        for name in _RECORD_COLUMNS:
+            part[name] = table[name][mine]
+        parts.append(part)
+        names.append(table["gateway"][mine])
+        rows.append(mine + offset)
+        offset += len(table["account"])
+        repaid = archive_module.read_period(root, period, ["repayments"])[0]["repayments"]
+        keep = _shard_of(repaid["account"].astype(np.uint64), shards) == shard
+        paid.append(np.stack([repaid[c][keep].astype(np.int64)
+                              for c in ("account", "amount", "paid_at")], axis=1))
+    records = np.concatenate(parts) if parts else np.zeros(0, dtype=RECORD_DTYPE)
+    gateway = np.concatenate(names) if names else np.zeros(0, dtype=object)
+    row = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    settled = settle_period(Carry.empty(), records, gateway, slack)
+    charged = settled.result.charged
+    accounts, amounts, counts = totals_by_account(records, charged)
+    keyed, late = keyed_findings(settled)
+    # Rows of this shard are rows of the whole stream (period, then arrival).
+    keyed = [(g, int(row[k]) if g != OVERSPEND else k, f) for g, k, f in keyed]
+    late = [(name, int(row[i]), record, amount) for name, i, record, amount in late]
+    charges = period_charges(settled)
+    pay = np.concatenate(paid) if paid else np.zeros((0, 3), dtype=np.int64)
+    history = credit.history(charges["account"], charges["time"], charges["amount"],
+                             pay[:, 0].astype(np.uint64), pay[:, 2], pay[:, 1], now, due_after)
+    rejected = int(records["amount"][~charged].astype(np.int64).sum())
+    return _ShardResult(len(records), rejected, accounts, amounts, counts, keyed, late, history)
+
+
+def _covered_part(root: str, period: int) -> dict[str, list[tuple[int, int]]]:
+    """Per gateway, the record numbers one period holds, as inclusive runs."""
+    table = archive_module.read_columns(root, period, "records", ["gateway", "record"])
+    out: dict[str, list[tuple[int, int]]] = {}
+    names = table["gateway"]
+    for name in sorted(set(names.tolist())):
+        numbers = np.unique(table["record"][names == name].astype(np.int64))
+        breaks = np.flatnonzero(np.diff(numbers) != 1)
+        starts = np.r_[numbers[:1], numbers[breaks + 1]]
+        ends = np.r_[numbers[breaks], numbers[-1:]]
+        out[str(name)] = list(zip(starts.tolist(), ends.tolist()))
+    return out
+
+
+def _gaps(covered: Iterable[dict[str, list[tuple[int, int]]]]) -> list[Finding]:
+    """sequence_gap findings from the runs of every period: what no run
+    covers, from record 1."""
+    runs: dict[str, list[tuple[int, int]]] = {}
+    for part in covered:
+        for name, spans in part.items():
+            runs.setdefault(name, []).extend(spans)
+    holes: dict[str, tuple[list[tuple[int, int]], list[tuple[int, int]]]] = {}
+    for name, spans in runs.items():
+        missing, upto = [], 0
+        for start, end in sorted(spans):
+            if start > upto + 1:
+                missing.append((upto + 1, start - 1))
+            upto = max(upto, end)
+        if missing:
+            holes[name] = (missing, [])
+    return holes_as_findings(holes)
+
+
+def _merged(periods: tuple[int, ...], shards: list[_ShardResult], gaps: list[Finding],
+            horizon: int) -> Settlement:
+    accounts = np.concatenate([s.accounts for s in shards])
+    order = np.argsort(accounts, kind="stable")
+    amounts = np.concatenate([s.amounts for s in shards])[order]
+    counts = np.concatenate([s.counts for s in shards])[order]
+    keyed = sorted((k for s in shards for k in s.keyed), key=lambda k: (k[0], k[1]))
+    late = [row for s in shards for row in s.late]
+    findings = [f for _g, _k, f in keyed] + late_findings(late, horizon) + gaps
+    history = np.concatenate([s.history for s in shards])
+    history = history[np.argsort(history["account"], kind="stable")]
+    return Settlement(periods, sum(s.records for s in shards), int(amounts.sum()),
+                      sum(s.rejected for s in shards), accounts[order], amounts, counts,
+                      findings, history)
+
+
+def _settle_arguments(archive: str | os.PathLike[str], shards: int, now: int, due_after: int,
+                      max_age: int, skew: int, horizon: int) -> tuple[str, int]:
+    root = _arguments(archive, 1, max_age, skew, 1)
+    _args.integer("shards", shards, 1, 4096)
+    _args.integer("now", now, 0, 2**40)
+    _args.integer("due_after", due_after, 0, 2**40 - 1)
+    _args.integer("horizon", horizon, 0, 2**32)
+    return root, max_age + 2 * skew   # the slack settlement judges copies with
+
+
+def settle(archive: str | os.PathLike[str], periods: Iterable[int] | None = None, *,
+           now: int, client: Any = None, workers: int = 2, shards: int = 8,
+           due_after: int = DEFAULT_DUE_AFTER, max_age: int = DEFAULT_MAX_AGE,
+           skew: int = DEFAULT_SKEW, horizon: int = DEFAULT_HORIZON,
+           progress: Callable[[int, int], None] | None = None) -> Settlement:
+    """Settle the archive's records of `periods` (all closed for None) as
+    one stream on the cluster: `shards` tasks, each settling the accounts
+    whose hash falls in it with the same numpy kernel, plus one task per
+    period finding its record numbers; gathered into what settle_local
+    returns. A shard holds about 1/shards of the records: more shards than
+    workers keep each task within a worker's memory."""
+    root, slack = _settle_arguments(archive, shards, now, due_after, max_age, skew, horizon)
+    chosen, _parts = _plan(root, periods, 2**40)
+    with _cluster(client, workers) as dask:
+        futures = [dask.submit(_settle_shard, root, chosen, k, shards, slack, now, due_after,
+                               pure=False) for k in range(shards)]
+        futures += [dask.submit(_covered_part, root, p, pure=False) for p in chosen]
+        results = _gathered(futures, progress)
+    return _merged(chosen, results[:shards], _gaps(results[shards:]), horizon)
+
+
+def settle_local(archive: str | os.PathLike[str], periods: Iterable[int] | None = None, *,
+                 now: int, shards: int = 1, due_after: int = DEFAULT_DUE_AFTER,
+                 max_age: int = DEFAULT_MAX_AGE, skew: int = DEFAULT_SKEW,
+                 horizon: int = DEFAULT_HORIZON) -> Settlement:
+    """settle in this process (shards=1: the whole stream at once)."""
+    root, slack = _settle_arguments(archive, shards, now, due_after, max_age, skew, horizon)
+    chosen, _parts = _plan(root, periods, 2**40)
+    return _merged(chosen, [_settle_shard(root, chosen, k, shards, slack, now, due_after)
+                            for k in range(shards)],
+                   _gaps(_covered_part(root, p) for p in chosen), horizon)
+
+
+__all__: Sequence[str] = ("FAILED_DTYPE", "ROWS_PER_TASK", "Reverified", "Settlement",
+                          "reverify", "reverify_local", "settle", "settle_local")
