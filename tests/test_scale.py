@@ -221,3 +221,62 @@ def test_the_command_line_settles_on_a_local_cluster(
     assert out["findings"] == {"double_spend": 3, "invalid_token": forged, "sequence_gap": 1}
     lines = (tmp_path / "history.csv").read_text().splitlines()
     assert len(lines) == len(alone.history) + 1 and lines[0].startswith("account,charged")
+
+
+def test_scoring_everyone_on_the_cluster_equals_one_process(
+        archive_of_three_days: tuple[Path, int], client: Any, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from qrpay.scoring import FeatureBins, LimitBand, LimitPolicy, Scorecard
+    root, _forged = archive_of_three_days
+    card = Scorecard((FeatureBins("overdue", (1.0, 3_000.0, 6_000.0), (60, 40, 10, -20), -5),
+                      FeatureBins("repaid", (1.0, 100.0), (-10, 10, 30), 0)), base_points=540)
+    policy = LimitPolicy((LimitBand(560, {Scene.BUS: 3_000}),
+                          LimitBand(600, {Scene.BUS: 8_000, Scene.METRO: 8_000})))
+    first = scale.score(root, card, policy, tmp_path / "spread", now=NOW + 4 * DAY,
+                        client=client, shards=4)
+    alone = scale.score_local(root, card, policy, tmp_path / "alone", now=NOW + 4 * DAY)
+    assert first.accounts == alone.accounts == 60 and first.bins == alone.bins
+    assert first.psi == {} and sum(first.bins["overdue"]) == 60
+    spread = pq.read_table(tmp_path / "spread").to_pandas().sort_values("account")
+    single = pq.read_table(tmp_path / "alone").to_pandas().sort_values("account")
+    assert spread.reset_index(drop=True).equals(single.reset_index(drop=True))
+    # Exactly what the card and the policy give each account's history.
+    history = scale.settle_local(root, now=NOW + 4 * DAY).history
+    X = np.column_stack([history[n].astype(float) for n in card.feature_names])
+    assert spread["score"].tolist() == card.score(X).tolist()
+    assert spread["limit_bus"].tolist() == policy.limits(card.score(X))[Scene.BUS].tolist()
+    # The next run is compared with this one: the same day, no drift; two
+    # months on, everything unpaid has fallen due and "overdue" drifts.
+    again = scale.score(root, card, policy, tmp_path / "spread", now=NOW + 4 * DAY,
+                        client=client, shards=3)
+    assert again.psi == {"overdue": 0.0, "repaid": 0.0}
+    later = scale.score(root, card, policy, tmp_path / "spread", now=NOW + 60 * DAY,
+                        client=client, shards=4)
+    assert later.psi["repaid"] == 0.0 and later.psi["overdue"] > 0.1
+    assert len(list((tmp_path / "spread").glob("part-*.parquet"))) == 4
+    with pytest.raises(errors.InvalidArgument, match="credit-history columns"):
+        scale.score(root, Scorecard((FeatureBins("age", (30.0,), (0, 5), 0),), 500), policy,
+                    tmp_path / "x", now=NOW, client=client)
+
+
+def test_the_command_line_scores_on_a_local_cluster(
+        archive_of_three_days: tuple[Path, int], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from qrpay.cli import main
+    from qrpay.scoring import FeatureBins, LimitBand, LimitPolicy, Scorecard
+    root, _forged = archive_of_three_days
+    card = Scorecard((FeatureBins("overdue", (1.0,), (40, 0), 0),), base_points=550)
+    (tmp_path / "card.json").write_text(card.to_json())
+    (tmp_path / "policy.json").write_text(json.dumps(
+        LimitPolicy((LimitBand(560, {Scene.BUS: 2_000}),)).as_dict()))
+    args = ["scale", "score", "--archive", str(root), "--workers", "2", "--card",
+            str(tmp_path / "card.json"), "--policy", str(tmp_path / "policy.json"),
+            "--out", str(tmp_path / "scores"), "--now", str(NOW + 4 * DAY), "--shards", "2"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["accounts"] == 60 and first["psi"] == {}
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["psi"] == {"overdue": 0.0}

@@ -94,6 +94,23 @@ def cmd_settle(args: argparse.Namespace) -> int:
     return cli.EXIT_OK
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from qrpay import scale
+    from qrpay.scoring import LimitPolicy, Scorecard
+    card = Scorecard.from_json(cli._read_text(args.card, "card"))
+    try:
+        policy = LimitPolicy.from_dict(json.loads(cli._read_text(args.policy, "policy")))
+    except json.JSONDecodeError as exc:
+        raise cli.CliError(f"{args.policy} is not JSON: {exc}") from None
+    with _client(args) as client:
+        result = scale.score(args.archive, card, policy, args.out, _periods(args.periods),
+                             now=args.now, client=client, shards=args.shards,
+                             due_after=args.due_days * 86_400, progress=_progress("scoring"))
+    print(json.dumps({"accounts": result.accounts, "out": str(result.folder),
+                      "psi": result.psi, "bins": result.bins}, indent=1))
+    return cli.EXIT_OK
+
+
 def add_parsers(commands: argparse._SubParsersAction) -> None:   # type: ignore[type-arg]
     group = commands.add_parser(
         "scale", help="the archive's jobs on a Dask cluster (pip install 'qrpay[scale]')"
@@ -142,3 +159,22 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:   # type: ignore[
                    help="days after a charge it falls due (default: 7)")
     p.add_argument("--history-out", metavar="CSV", help="write the credit histories here")
     p.set_defaults(run=cmd_settle)
+
+    p = group.add_parser(
+        "score", help="score every account's credit history, limits by a policy (Parquet)",
+        description="Each account's credit history at --now (as scale settle works it out) "
+                    "scored with the card (features named as qrpay history's columns), its "
+                    "limits from the policy, written to --out as one Parquet file per shard; "
+                    "prints the PSI per feature against the last run written to --out.")
+    cluster_args(p)
+    p.add_argument("--card", required=True, help="the scorecard (JSON, qrpay score fit)")
+    p.add_argument("--policy", required=True,
+                   help='the limit policy (JSON: {"bands": [{"min_score": 560, "limits": '
+                        '{"bus": 3000}}, ...]})')
+    p.add_argument("--out", required=True, help="the folder the scores are written to")
+    p.add_argument("--now", required=True, type=cli._TIME,
+                   help="Unix time the credit histories are worked out at")
+    p.add_argument("--shards", type=cli._int(1, 4096), default=8, help="default: 8")
+    p.add_argument("--due-days", type=cli._int(0, 3650), default=7,
+                   help="days after a charge it falls due (default: 7)")
+    p.set_defaults(run=cmd_score)

@@ -14,20 +14,25 @@ compare it with).
 - settle: the records of the chosen periods settled as one stream, sharded
   by account (and so by serial) across workers, each shard with the same
   numpy kernel: charges, findings and credit histories.
+- score: every account's credit history scored with a card in the compiled
+  core, limits from a policy, written as Parquet per shard, with the PSI per
+  feature against the last run.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from qrpay import _args, credit
+from qrpay import _args, credit, scorefit
 from qrpay import archive as archive_module
 from qrpay.credit import DEFAULT_DUE_AFTER
 from qrpay.errors import InvalidArgument, Reason
@@ -36,6 +41,7 @@ from qrpay.periods import Carry, period_charges, settle_period
 from qrpay.reports import (
     OVERSPEND, Finding, LateRows, holes_as_findings, keyed_findings, late_findings,
 )
+from qrpay.scoring import LimitPolicy, Scorecard
 from qrpay.settlement import DEFAULT_HORIZON
 from qrpay.token import DEFAULT_MAX_AGE, DEFAULT_SKEW, verify_batch
 from qrpay.trust import Role, TrustStore
@@ -413,5 +419,145 @@ def settle_local(archive: str | os.PathLike[str], periods: Iterable[int] | None 
                    _gaps(_covered_part(root, p) for p in chosen), horizon)
 
 
-__all__: Sequence[str] = ("FAILED_DTYPE", "ROWS_PER_TASK", "Reverified", "Settlement",
-                          "reverify", "reverify_local", "settle", "settle_local")
+# -- score everyone -------------------------------------------------------------------
+
+BINS_FILE = "_bins.json"   # per-feature bin counts, the next run's PSI baseline (readers skip _files)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A scoring run: `accounts` scored into `folder` (part-NNNNN.parquet,
+    one per shard: account, score and the limit per scene), the count of
+    accounts in each of the card's bins per feature, and the PSI of each
+    feature against the run that wrote `folder` before (empty the first time)."""
+
+    accounts: int
+    folder: Path
+    bins: dict[str, list[int]]
+    psi: dict[str, float]
+
+
+def _card_policy(card: Scorecard, policy: LimitPolicy) -> tuple[str, str]:
+    if not isinstance(card, Scorecard) or not isinstance(policy, LimitPolicy):
+        raise InvalidArgument("score takes a Scorecard and a LimitPolicy")
+    fields = set(credit.CREDIT_DTYPE.names or ())
+    unknown = [n for n in card.feature_names if n not in fields]
+    if unknown:
+        raise InvalidArgument(f"the card's features must be credit-history columns "
+                              f"({', '.join(sorted(fields))}), not {', '.join(unknown)}")
+    return card.to_json(), json.dumps(policy.as_dict())
+
+
+def _score_shard(root: str, periods: tuple[int, ...], shard: int, shards: int, slack: int,
+                 now: int, due_after: int, card_json: str, policy_json: str, folder: str
+                 ) -> tuple[int, dict[str, list[int]]]:
+    """Settle one shard's accounts, score their credit histories with the
+    card in the compiled core, give them the policy's limits and write them
+    as part-SHARD.parquet; returns how many and the bin counts per feature."""
+    pa, pq = _parquet()
+    card = Scorecard.from_json(card_json)
+    policy = LimitPolicy.from_dict(json.loads(policy_json))
+    history = _settle_shard(root, periods, shard, shards, slack, now, due_after).history
+    X = np.column_stack([history[name].astype(np.float64) for name in card.feature_names]
+                        ) if len(card.feature_names) else np.zeros((len(history), 0))
+    scores = card.score(X)
+    limits = policy.limits(scores)
+    table = pa.table({"account": history["account"], "score": scores,
+                      **{f"limit_{scene.name.lower()}": limits[scene] for scene in limits}})
+    final = Path(folder) / f"part-{shard:05d}.parquet"
+    partial = final.with_suffix(".parquet.partial")
+    pq.write_table(table, partial)
+    os.replace(partial, final)   # a task run again after its worker died writes it whole
+    bins = {}
+    for f, feature in enumerate(card.features):
+        codes = tuple(c for c, _points in feature.specials)
+        size = len(feature.edges) + 2 + len(codes)
+        index = scorefit._bin_index(X[:, f], feature.edges, codes)
+        bins[feature.name] = np.bincount(index, minlength=size).tolist()
+    return len(history), bins
+
+
+def _parquet() -> tuple[Any, Any]:
+    """(pyarrow, pyarrow.parquet): scores are written as Parquet."""
+    found = archive_module._pyarrow()
+    if found is None:
+        raise InvalidArgument("scoring writes Parquet: pip install 'qrpay[scale]' (pyarrow)")
+    return found
+
+
+def _psi_of_counts(expected: list[int], actual: list[int]) -> float:
+    pe = np.maximum(np.asarray(expected, dtype=np.float64) / max(sum(expected), 1), 1e-4)
+    pa = np.maximum(np.asarray(actual, dtype=np.float64) / max(sum(actual), 1), 1e-4)
+    return float(np.sum((pa - pe) * np.log(pa / pe)))
+
+
+def _scored(folder: Path, results: list[tuple[int, dict[str, list[int]]]]) -> Scored:
+    """Add up the shards' bins, compare them with the last run's, keep them."""
+    bins: dict[str, list[int]] = {}
+    for _count, part in results:
+        for name, counts in part.items():
+            bins[name] = [a + b for a, b in zip(bins.get(name, [0] * len(counts)), counts)]
+    psi = {}
+    baseline = folder / BINS_FILE
+    if baseline.exists():
+        before = json.loads(baseline.read_text())
+        psi = {name: _psi_of_counts(before[name], counts) for name, counts in bins.items()
+               if name in before and len(before[name]) == len(counts)}
+    partial = baseline.with_suffix(".json.partial")
+    partial.write_text(json.dumps(bins))
+    os.replace(partial, baseline)
+    return Scored(sum(count for count, _bins in results), folder, bins, psi)
+
+
+def _score_plan(archive: str | os.PathLike[str], periods: Iterable[int] | None,
+                folder: str | os.PathLike[str], shards: int, now: int, due_after: int,
+                card: Scorecard, policy: LimitPolicy) -> tuple[str, tuple[int, ...], int, Path,
+                                                               tuple[str, str]]:
+    root, slack = _settle_arguments(archive, shards, now, due_after, DEFAULT_MAX_AGE,
+                                    DEFAULT_SKEW, DEFAULT_HORIZON)
+    documents = _card_policy(card, policy)
+    _parquet()
+    if not isinstance(folder, (str, os.PathLike)):
+        raise InvalidArgument(f"out is a folder, not {type(folder).__name__}")
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("part-*.parquet"):   # the last run's parts; its bins stay
+        old.unlink()
+    chosen, _parts = _plan(root, periods, 2**40)
+    return root, chosen, slack, out, documents
+
+
+def score(archive: str | os.PathLike[str], card: Scorecard, policy: LimitPolicy,
+          out: str | os.PathLike[str], periods: Iterable[int] | None = None, *, now: int,
+          client: Any = None, workers: int = 2, shards: int = 8,
+          due_after: int = DEFAULT_DUE_AFTER,
+          progress: Callable[[int, int], None] | None = None) -> Scored:
+    """Score every account of the archive on the cluster: its credit
+    history at `now` (as settle works it out, by shard), scored with `card`
+    in the compiled core, limits from `policy`, written to `out` as Parquet
+    (one file per shard), with the PSI per feature against the last run
+    written to `out`."""
+    root, chosen, slack, folder, (card_json, policy_json) = _score_plan(
+        archive, periods, out, shards, now, due_after, card, policy)
+    with _cluster(client, workers) as dask:
+        futures = [dask.submit(_score_shard, root, chosen, k, shards, slack, now, due_after,
+                               card_json, policy_json, str(folder), pure=False)
+                   for k in range(shards)]
+        results = _gathered(futures, progress)
+    return _scored(folder, results)
+
+
+def score_local(archive: str | os.PathLike[str], card: Scorecard, policy: LimitPolicy,
+                out: str | os.PathLike[str], periods: Iterable[int] | None = None, *,
+                now: int, shards: int = 1, due_after: int = DEFAULT_DUE_AFTER) -> Scored:
+    """score in this process."""
+    root, chosen, slack, folder, (card_json, policy_json) = _score_plan(
+        archive, periods, out, shards, now, due_after, card, policy)
+    return _scored(folder, [_score_shard(root, chosen, k, shards, slack, now, due_after,
+                                         card_json, policy_json, str(folder))
+                            for k in range(shards)])
+
+
+__all__: Sequence[str] = ("FAILED_DTYPE", "ROWS_PER_TASK", "Reverified", "Scored", "Settlement",
+                          "reverify", "reverify_local", "score", "score_local", "settle",
+                          "settle_local")
