@@ -288,30 +288,71 @@ class _ShardResult:
     history: npt.NDArray[np.void]
 
 
-def _settle_shard(root: str, periods: tuple[int, ...], shard: int, shards: int, slack: int,
-                  now: int, due_after: int) -> _ShardResult:
-    """The accounts of one shard, settled over every period: a serial
-    belongs to one account, so every check (copies and clones by serial,
-    overspend by serial, credit by account) sees all it needs here."""
-    parts, names, rows, paid = [], [], [], []
-    offset = 0
-    for period in periods:
-        table = archive_module.read_columns(root, period, "records", [*_RECORD_COLUMNS, "gateway"])
-        mine = np.flatnonzero(_shard_of(table["account"], shards) == shard)
+@dataclass(frozen=True)
+class _Slice:
+    """One shard's rows of one period: its records, their gateways (codes
+    into `names`), their rows in the whole stream, and its repayments
+    (account, amount, paid_at)."""
+
+    records: npt.NDArray[np.void]
+    gateway: npt.NDArray[np.int32]
+    names: tuple[str, ...]
+    rows: npt.NDArray[np.int64]
+    paid: npt.NDArray[np.int64]
+
+
+_Covered = dict[str, list[tuple[int, int]]]
+
+
+def _split_period(root: str, period: int, offset: int, shards: int
+                  ) -> tuple[list[_Slice], _Covered]:
+    """Read one period once and cut it into its `shards` slices (by a hash
+    of the account: a serial belongs to one account, so every check, copies
+    and clones and overspend by serial, credit by account, finds all it
+    needs in one shard); and the runs of record numbers per gateway it
+    holds, for the sequence gaps. `offset` is its first row in the stream."""
+    table = archive_module.read_columns(root, period, "records", [*_RECORD_COLUMNS, "gateway"])
+    names, inverse = np.unique(table["gateway"].astype(str), return_inverse=True)
+    codes: npt.NDArray[np.int32] = inverse.astype(np.int32).reshape(-1)
+    shard = _shard_of(table["account"], shards)
+    repaid = archive_module.read_period(root, period, ["repayments"])[0]["repayments"]
+    paid = np.stack([repaid[c].astype(np.int64) for c in ("account", "amount", "paid_at")],
+                    axis=1).reshape(-1, 3)
+    paid_shard = _shard_of(paid[:, 0].astype(np.uint64), shards)
+    slices = []
+    for k in range(shards):
+        mine = np.flatnonzero(shard == k)
         part = np.zeros(len(mine), dtype=RECORD_DTYPE)
         for name in _RECORD_COLUMNS:
             part[name] = table[name][mine]
-        parts.append(part)
-        names.append(table["gateway"][mine])
-        rows.append(mine + offset)
-        offset += len(table["account"])
-        repaid = archive_module.read_period(root, period, ["repayments"])[0]["repayments"]
-        keep = _shard_of(repaid["account"].astype(np.uint64), shards) == shard
-        paid.append(np.stack([repaid[c][keep].astype(np.int64)
-                              for c in ("account", "amount", "paid_at")], axis=1))
-    records = np.concatenate(parts) if parts else np.zeros(0, dtype=RECORD_DTYPE)
-    gateway = np.concatenate(names) if names else np.zeros(0, dtype=object)
-    row = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+        slices.append(_Slice(part, codes[mine], tuple(names.tolist()), mine + offset,
+                             paid[paid_shard == k]))
+    covered: _Covered = {}
+    for code, name in enumerate(names.tolist()):
+        numbers = np.unique(table["record"][codes == code].astype(np.int64))
+        breaks = np.flatnonzero(np.diff(numbers) != 1)
+        starts = np.r_[numbers[:1], numbers[breaks + 1]]
+        ends = np.r_[numbers[breaks], numbers[-1:]]
+        covered[str(name)] = list(zip(starts.tolist(), ends.tolist()))
+    return slices, covered
+
+
+def _slice_of(split: tuple[list[_Slice], _Covered], shard: int) -> _Slice:
+    return split[0][shard]
+
+
+def _covered_of(split: tuple[list[_Slice], _Covered]) -> _Covered:
+    return split[1]
+
+
+def _settle_slices(slices: list[_Slice], slack: int, now: int, due_after: int) -> _ShardResult:
+    """One shard settled over every period (its slices, in period order)."""
+    records = (np.concatenate([s.records for s in slices]) if slices
+               else np.zeros(0, dtype=RECORD_DTYPE))
+    gateway = (np.concatenate([np.asarray(s.names, dtype=object)[s.gateway] if len(s.names)
+                               else np.zeros(0, dtype=object) for s in slices])
+               if slices else np.zeros(0, dtype=object))
+    row = np.concatenate([s.rows for s in slices]) if slices else np.zeros(0, dtype=np.int64)
     settled = settle_period(Carry.empty(), records, gateway, slack)
     charged = settled.result.charged
     accounts, amounts, counts = totals_by_account(records, charged)
@@ -320,25 +361,32 @@ def _settle_shard(root: str, periods: tuple[int, ...], shard: int, shards: int, 
     keyed = [(g, int(row[k]) if g != OVERSPEND else k, f) for g, k, f in keyed]
     late = [(name, int(row[i]), record, amount) for name, i, record, amount in late]
     charges = period_charges(settled)
-    pay = np.concatenate(paid) if paid else np.zeros((0, 3), dtype=np.int64)
+    pay = (np.concatenate([s.paid for s in slices]) if slices
+           else np.zeros((0, 3), dtype=np.int64))
     history = credit.history(charges["account"], charges["time"], charges["amount"],
                              pay[:, 0].astype(np.uint64), pay[:, 2], pay[:, 1], now, due_after)
     rejected = int(records["amount"][~charged].astype(np.int64).sum())
     return _ShardResult(len(records), rejected, accounts, amounts, counts, keyed, late, history)
 
 
-def _covered_part(root: str, period: int) -> dict[str, list[tuple[int, int]]]:
-    """Per gateway, the record numbers one period holds, as inclusive runs."""
-    table = archive_module.read_columns(root, period, "records", ["gateway", "record"])
-    out: dict[str, list[tuple[int, int]]] = {}
-    names = table["gateway"]
-    for name in sorted(set(names.tolist())):
-        numbers = np.unique(table["record"][names == name].astype(np.int64))
-        breaks = np.flatnonzero(np.diff(numbers) != 1)
-        starts = np.r_[numbers[:1], numbers[breaks + 1]]
-        ends = np.r_[numbers[breaks], numbers[-1:]]
-        out[str(name)] = list(zip(starts.tolist(), ends.tolist()))
-    return out
+def _offsets(root: str, periods: tuple[int, ...]) -> list[int]:
+    """Each period's first row in the stream of all of them."""
+    sizes = [archive_module.table_rows(root, p, "records") for p in periods]
+    return np.r_[0, np.cumsum(sizes)[:-1]].astype(np.int64).tolist() if sizes else []
+
+
+def _shuffled(dask: Any, root: str, periods: tuple[int, ...], shards: int,
+              then: Callable[..., Any], *args: Any) -> tuple[list[Any], list[Any]]:
+    """On the cluster: each period read and split once, and `then(slices,
+    *args)` submitted per shard with that shard's slice of every period
+    (the scheduler moves each slice to where its shard runs); the shard
+    futures and the futures of each period's covered runs."""
+    splits = [dask.submit(_split_period, root, p, offset, shards, pure=False)
+              for p, offset in zip(periods, _offsets(root, periods))]
+    shard_futures = [dask.submit(then, [dask.submit(_slice_of, split, k, pure=False)
+                                        for split in splits], *args, pure=False)
+                     for k in range(shards)]
+    return shard_futures, [dask.submit(_covered_of, split, pure=False) for split in splits]
 
 
 def _gaps(covered: Iterable[dict[str, list[tuple[int, int]]]]) -> list[Finding]:
@@ -400,10 +448,9 @@ def settle(archive: str | os.PathLike[str], periods: Iterable[int] | None = None
     root, slack = _settle_arguments(archive, shards, now, due_after, max_age, skew, horizon)
     chosen, _parts = _plan(root, periods, 2**40)
     with _cluster(client, workers) as dask:
-        futures = [dask.submit(_settle_shard, root, chosen, k, shards, slack, now, due_after,
-                               pure=False) for k in range(shards)]
-        futures += [dask.submit(_covered_part, root, p, pure=False) for p in chosen]
-        results = _gathered(futures, progress)
+        shard_futures, covered = _shuffled(dask, root, chosen, shards, _settle_slices, slack,
+                                           now, due_after)
+        results = _gathered(shard_futures + covered, progress)
     return _merged(chosen, results[:shards], _gaps(results[shards:]), horizon)
 
 
@@ -414,9 +461,11 @@ def settle_local(archive: str | os.PathLike[str], periods: Iterable[int] | None 
     """settle in this process (shards=1: the whole stream at once)."""
     root, slack = _settle_arguments(archive, shards, now, due_after, max_age, skew, horizon)
     chosen, _parts = _plan(root, periods, 2**40)
-    return _merged(chosen, [_settle_shard(root, chosen, k, shards, slack, now, due_after)
-                            for k in range(shards)],
-                   _gaps(_covered_part(root, p) for p in chosen), horizon)
+    splits = [_split_period(root, p, offset, shards)
+              for p, offset in zip(chosen, _offsets(root, chosen))]
+    return _merged(chosen, [_settle_slices([split[0][k] for split in splits], slack, now,
+                                           due_after) for k in range(shards)],
+                   _gaps(split[1] for split in splits), horizon)
 
 
 # -- score everyone -------------------------------------------------------------------
@@ -448,16 +497,16 @@ def _card_policy(card: Scorecard, policy: LimitPolicy) -> tuple[str, str]:
     return card.to_json(), json.dumps(policy.as_dict())
 
 
-def _score_shard(root: str, periods: tuple[int, ...], shard: int, shards: int, slack: int,
-                 now: int, due_after: int, card_json: str, policy_json: str, folder: str
-                 ) -> tuple[int, dict[str, list[int]]]:
+def _score_slices(slices: list[_Slice], shard: int, slack: int, now: int, due_after: int,
+                  card_json: str, policy_json: str, folder: str
+                  ) -> tuple[int, dict[str, list[int]]]:
     """Settle one shard's accounts, score their credit histories with the
     card in the compiled core, give them the policy's limits and write them
     as part-SHARD.parquet; returns how many and the bin counts per feature."""
     pa, pq = _parquet()
     card = Scorecard.from_json(card_json)
     policy = LimitPolicy.from_dict(json.loads(policy_json))
-    history = _settle_shard(root, periods, shard, shards, slack, now, due_after).history
+    history = _settle_slices(slices, slack, now, due_after).history
     X = np.column_stack([history[name].astype(np.float64) for name in card.feature_names]
                         ) if len(card.feature_names) else np.zeros((len(history), 0))
     scores = card.score(X)
@@ -540,7 +589,10 @@ def score(archive: str | os.PathLike[str], card: Scorecard, policy: LimitPolicy,
     root, chosen, slack, folder, (card_json, policy_json) = _score_plan(
         archive, periods, out, shards, now, due_after, card, policy)
     with _cluster(client, workers) as dask:
-        futures = [dask.submit(_score_shard, root, chosen, k, shards, slack, now, due_after,
+        splits = [dask.submit(_split_period, root, p, offset, shards, pure=False)
+                  for p, offset in zip(chosen, _offsets(root, chosen))]
+        futures = [dask.submit(_score_slices, [dask.submit(_slice_of, split, k, pure=False)
+                                               for split in splits], k, slack, now, due_after,
                                card_json, policy_json, str(folder), pure=False)
                    for k in range(shards)]
         results = _gathered(futures, progress)
@@ -553,8 +605,10 @@ def score_local(archive: str | os.PathLike[str], card: Scorecard, policy: LimitP
     """score in this process."""
     root, chosen, slack, folder, (card_json, policy_json) = _score_plan(
         archive, periods, out, shards, now, due_after, card, policy)
-    return _scored(folder, [_score_shard(root, chosen, k, shards, slack, now, due_after,
-                                         card_json, policy_json, str(folder))
+    splits = [_split_period(root, p, offset, shards)
+              for p, offset in zip(chosen, _offsets(root, chosen))]
+    return _scored(folder, [_score_slices([split[0][k] for split in splits], k, slack, now,
+                                          due_after, card_json, policy_json, str(folder))
                             for k in range(shards)])
 
 
