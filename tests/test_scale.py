@@ -14,6 +14,7 @@ from collections import Counter
 import distributed
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from qrpay import GatewayKey, IssuerKey, Reason, Scene, TrustStore, archive, credit, errors, scale
 from qrpay.ledger import RECORD_DTYPE
@@ -280,3 +281,59 @@ def test_the_command_line_scores_on_a_local_cluster(
     assert first["accounts"] == 60 and first["psi"] == {}
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["psi"] == {"overdue": 0.0}
+
+
+@st.composite
+def small_streams(draw: Any) -> list[np.ndarray]:
+    """1-3 periods of up to 60 records from a few credentials of a few
+    accounts: repeats, copies at other gateways, counters out of order."""
+    periods = []
+    for day in range(draw(st.integers(1, 3))):
+        n = draw(st.integers(0, 60))
+        cred = np.array(draw(st.lists(st.integers(0, 7), min_size=n, max_size=n)), dtype=np.int64)
+        rows = np.zeros(n, dtype=RECORD_DTYPE)
+        rows["serial"] = 1_000 + cred
+        rows["account"] = 50 + cred % 4                     # 8 credentials, 4 accounts
+        rows["counter"] = np.array(draw(st.lists(st.integers(1, 12), min_size=n, max_size=n)))
+        rows["amount"] = np.array(draw(st.lists(st.integers(1, 900), min_size=n, max_size=n)))
+        rows["gateway_time"] = NOW + day * DAY + np.arange(n) * 7
+        rows["uploaded_at"] = rows["gateway_time"] + 60
+        rows["limit"] = draw(st.sampled_from([500, 5_000]))
+        rows["token_id"] = rows["serial"] * 100 + rows["counter"]   # the same token again
+        rows["reason"] = np.array(draw(st.lists(st.sampled_from([0, 0, 0, 7]), min_size=n,
+                                                max_size=n)))
+        gateway = np.array(draw(st.lists(st.integers(0, 2), min_size=n, max_size=n)))
+        periods.append((rows, gateway))
+    return periods
+
+
+@settings(max_examples=40, deadline=None)
+@given(stream=small_streams(), shards=st.integers(1, 5))
+def test_sharded_settling_equals_the_kernel_on_random_streams(
+        tmp_path_factory: pytest.TempPathFactory, stream: list[Any], shards: int) -> None:
+    root = tmp_path_factory.mktemp("stream")
+    numbers = [0, 0, 0]
+    for day, (rows, gateway) in enumerate(stream):
+        for g in range(3):
+            mine = np.flatnonzero(gateway == g)
+            rows["record"][mine] = numbers[g] + 1 + np.arange(len(mine))
+            numbers[g] += len(mine)
+        archive.write_period(root, day + 1, {
+            "records": {**{f: rows[f] for f in RECORD_DTYPE.names or ()},
+                        "gateway": np.array([f"g{g}" for g in gateway], dtype=object)},
+            "repayments": {"id": np.arange(2, dtype=np.int64), "account": np.array(
+                [50, 51], dtype=np.uint64), "amount": np.array([300, 40], dtype=np.int64),
+                "paid_at": np.full(2, NOW + day * DAY + 100, dtype=np.int64),
+                "reference": np.array([f"{day}a", f"{day}b"], dtype=object)}}, b"s")
+    at = NOW + 30 * DAY
+    one = scale.settle_local(root, now=at)
+    assert scale.settle_local(root, now=at, shards=shards).same_as(one)
+    records = np.concatenate([rows for rows, _g in stream])
+    gateway = np.concatenate([np.array([f"g{g}" for g in gw], dtype=object)
+                              for _rows, gw in stream])
+    kernel = build_report(settle_period(Carry.empty(), records, gateway,
+                                        DEFAULT_MAX_AGE + 2 * DEFAULT_SKEW),
+                          [], DEFAULT_HORIZON, gaps=[])
+    assert one.amounts.tolist() == kernel.amounts.tolist()
+    assert one.accounts.tolist() == kernel.accounts.tolist()
+    assert [f for f in one.findings if f.kind != "sequence_gap"] == kernel.findings
