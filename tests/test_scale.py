@@ -337,3 +337,30 @@ def test_sharded_settling_equals_the_kernel_on_random_streams(
     assert one.amounts.tolist() == kernel.amounts.tolist()
     assert one.accounts.tolist() == kernel.accounts.tolist()
     assert [f for f in one.findings if f.kind != "sequence_gap"] == kernel.findings
+
+
+def test_a_worker_killed_mid_score_changes_nothing(
+        archive_of_three_days: tuple[Path, int], client: Any, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from qrpay.scoring import FeatureBins, LimitBand, LimitPolicy, Scorecard
+    root, _forged = archive_of_three_days
+    card = Scorecard((FeatureBins("overdue", (1.0,), (40, 0), 0),), base_points=550)
+    policy = LimitPolicy((LimitBand(560, {Scene.BUS: 2_000}),))
+    alone = scale.score_local(root, card, policy, tmp_path / "alone", now=NOW + 9 * DAY)
+    client.wait_for_workers(2, timeout=60)
+    pids = list(client.run(os.getpid).values())
+    killed: list[int] = []
+
+    def kill_once(done: int, total: int) -> None:
+        if not killed and done == 1:
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    spread = scale.score(root, card, policy, tmp_path / "spread", now=NOW + 9 * DAY,
+                         client=client, shards=10, progress=kill_once)
+    assert killed and spread.bins == alone.bins and spread.accounts == alone.accounts
+    read = pq.read_table(tmp_path / "spread").to_pandas().sort_values("account")
+    assert read["score"].tolist() == pq.read_table(tmp_path / "alone").to_pandas(
+        ).sort_values("account")["score"].tolist()
+    assert not list((tmp_path / "spread").glob("*.partial"))   # no half-written part left
