@@ -128,6 +128,16 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:   # type: ignore[
                                 "(default: 2)")
         p.add_argument("--periods", help="comma-separated period numbers (default: all)")
 
+    def history_args(p: argparse.ArgumentParser) -> None:
+        """What settle and score work the credit histories out with."""
+        p.add_argument("--now", required=True, type=cli._TIME,
+                       help="Unix time the credit histories are worked out at")
+        p.add_argument("--shards", type=cli._int(1, 4096), default=8,
+                       help="tasks the accounts are split into (default: 8; more when a "
+                            "shard would not fit a worker's memory)")
+        p.add_argument("--due-days", type=cli._int(0, 3650), default=7,
+                       help="days after a charge it falls due (default: 7)")
+
     p = group.add_parser(
         "verify", help="verify every archived token again (JSON counts by reason)",
         description="Every token of the chosen periods is verified again on the cluster at "
@@ -150,13 +160,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:   # type: ignore[
                     "--history-out writes every account's credit history at --now as CSV "
                     "(the columns of qrpay history).")
     cluster_args(p)
-    p.add_argument("--now", required=True, type=cli._TIME,
-                   help="Unix time the credit histories are worked out at")
-    p.add_argument("--shards", type=cli._int(1, 4096), default=8,
-                   help="tasks the accounts are split into (default: 8; more when a shard "
-                        "would not fit a worker's memory)")
-    p.add_argument("--due-days", type=cli._int(0, 3650), default=7,
-                   help="days after a charge it falls due (default: 7)")
+    history_args(p)
     p.add_argument("--history-out", metavar="CSV", help="write the credit histories here")
     p.set_defaults(run=cmd_settle)
 
@@ -172,9 +176,5 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:   # type: ignore[
                    help='the limit policy (JSON: {"bands": [{"min_score": 560, "limits": '
                         '{"bus": 3000}}, ...]})')
     p.add_argument("--out", required=True, help="the folder the scores are written to")
-    p.add_argument("--now", required=True, type=cli._TIME,
-                   help="Unix time the credit histories are worked out at")
-    p.add_argument("--shards", type=cli._int(1, 4096), default=8, help="default: 8")
-    p.add_argument("--due-days", type=cli._int(0, 3650), default=7,
-                   help="days after a charge it falls due (default: 7)")
+    history_args(p)
     p.set_defaults(run=cmd_score)

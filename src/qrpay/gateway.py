@@ -30,7 +30,7 @@ import numpy.typing as npt
 from qrpay import _args
 from qrpay.anchor import Anchor, AnchorFile
 from qrpay.credential import Scene, as_scene
-from qrpay.denylist import DenyDelta, DenyList
+from qrpay.denylist import DenyDelta, DenyList, serials_digest
 from qrpay.errors import (
     BadSignature, ClockUntrusted, InvalidArgument, JournalUnavailable, MalformedMessage,
     MalformedText, Reason, StaleUpdate, raise_for,
@@ -452,8 +452,9 @@ class Gateway:
             journal = self._ready()
             t = self._trusted_now(now)
             delta = DenyDelta.load(bytes(data), self.trust)
-            if self.deny_list.version == delta.version and delta.base < delta.version:
-                return self.deny_list    # applied already: a retry
+            if (self.deny_list.version == delta.version
+                    and serials_digest(self.deny_list.serials) == delta.digest):
+                return self.deny_list    # the list it makes is in force: a retry
             if delta.issued_at > t + self.policy.skew:
                 raise StaleUpdate(f"deny-list delta issued at {delta.issued_at}, after now ({t})")
             new = delta.apply(self.deny_list)

@@ -80,8 +80,6 @@ class _PgTransaction:
 class PostgresDatabase(StoreDatabase):
     """One psycopg connection to the store's database (and schema)."""
 
-    dialect = "postgresql"
-
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
         params = parse_qsl(parts.query, keep_blank_values=True)

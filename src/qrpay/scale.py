@@ -129,16 +129,21 @@ class _Part:
     stop: int
 
 
+def _chosen(root: str, periods: Iterable[int] | None) -> tuple[int, ...]:
+    """The periods asked for, sorted (every archived one for None)."""
+    return tuple(archive_module.list_periods(root) if periods is None
+                 else sorted({_args.integer("period", p, 1, 2**62) for p in periods}))
+
+
 def _plan(root: str, periods: Iterable[int] | None, rows_per_task: int) -> tuple[
         tuple[int, ...], list[_Part]]:
-    chosen = (archive_module.list_periods(root) if periods is None
-              else sorted({_args.integer("period", p, 1, 2**62) for p in periods}))
+    chosen = _chosen(root, periods)
     parts: list[_Part] = []
     for period in chosen:
         rows = archive_module.table_rows(root, period, "records")
         parts.extend(_Part(period, start, min(start + rows_per_task, rows))
                      for start in range(0, rows, rows_per_task))
-    return tuple(chosen), parts
+    return chosen, parts
 
 
 def _trust_keys(trust: TrustStore) -> _TrustKeys:
@@ -190,15 +195,19 @@ def _gathered(futures: list[Any], progress: Callable[[int, int], None] | None) -
     return results
 
 
-def _arguments(archive: str | os.PathLike[str], rows_per_task: int, max_age: int, skew: int,
-               threads: int) -> str:
+def _root(archive: str | os.PathLike[str], max_age: int, skew: int) -> str:
     if not isinstance(archive, (str, os.PathLike)):
         raise InvalidArgument(f"archive is a folder, not {type(archive).__name__}")
-    _args.integer("rows_per_task", rows_per_task, 1, 2**40)
     _args.integer("max_age", max_age, 0, 2**32)
     _args.integer("skew", skew, 0, 2**32)
-    _args.threads(threads)
     return os.fspath(archive)
+
+
+def _arguments(archive: str | os.PathLike[str], rows_per_task: int, max_age: int, skew: int,
+               threads: int) -> str:
+    _args.integer("rows_per_task", rows_per_task, 1, 2**40)
+    _args.threads(threads)
+    return _root(archive, max_age, skew)
 
 
 # -- re-verify --------------------------------------------------------------------------
@@ -238,7 +247,7 @@ def reverify_local(archive: str | os.PathLike[str], trust: TrustStore,
 # -- settle across periods ------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Settlement:
+class ArchiveSettlement:
     """The archive's records of `periods` settled as one stream (in period
     order, then arrival order), as a fresh store would settle them: charges
     per account, findings in report order (record gaps from the record
@@ -256,7 +265,7 @@ class Settlement:
     findings: list[Finding] = field(repr=False)
     history: npt.NDArray[np.void] = field(repr=False)   # credit.CREDIT_DTYPE, by account
 
-    def same_as(self, other: Settlement) -> bool:
+    def same_as(self, other: ArchiveSettlement) -> bool:
         return (self.periods == other.periods and self.records == other.records
                 and self.charged_total == other.charged_total
                 and self.rejected_total == other.rejected_total
@@ -409,7 +418,7 @@ def _gaps(covered: Iterable[dict[str, list[tuple[int, int]]]]) -> list[Finding]:
 
 
 def _merged(periods: tuple[int, ...], shards: list[_ShardResult], gaps: list[Finding],
-            horizon: int) -> Settlement:
+            horizon: int) -> ArchiveSettlement:
     accounts = np.concatenate([s.accounts for s in shards])
     order = np.argsort(accounts, kind="stable")
     amounts = np.concatenate([s.amounts for s in shards])[order]
@@ -419,14 +428,14 @@ def _merged(periods: tuple[int, ...], shards: list[_ShardResult], gaps: list[Fin
     findings = [f for _g, _k, f in keyed] + late_findings(late, horizon) + gaps
     history = np.concatenate([s.history for s in shards])
     history = history[np.argsort(history["account"], kind="stable")]
-    return Settlement(periods, sum(s.records for s in shards), int(amounts.sum()),
+    return ArchiveSettlement(periods, sum(s.records for s in shards), int(amounts.sum()),
                       sum(s.rejected for s in shards), accounts[order], amounts, counts,
                       findings, history)
 
 
 def _settle_arguments(archive: str | os.PathLike[str], shards: int, now: int, due_after: int,
                       max_age: int, skew: int, horizon: int) -> tuple[str, int]:
-    root = _arguments(archive, 1, max_age, skew, 1)
+    root = _root(archive, max_age, skew)
     _args.integer("shards", shards, 1, 4096)
     _args.integer("now", now, 0, 2**40)
     _args.integer("due_after", due_after, 0, 2**40 - 1)
@@ -438,7 +447,7 @@ def settle(archive: str | os.PathLike[str], periods: Iterable[int] | None = None
            now: int, client: Any = None, workers: int = 2, shards: int = 8,
            due_after: int = DEFAULT_DUE_AFTER, max_age: int = DEFAULT_MAX_AGE,
            skew: int = DEFAULT_SKEW, horizon: int = DEFAULT_HORIZON,
-           progress: Callable[[int, int], None] | None = None) -> Settlement:
+           progress: Callable[[int, int], None] | None = None) -> ArchiveSettlement:
     """Settle the archive's records of `periods` (all closed for None) as
     one stream on the cluster: `shards` tasks, each settling the accounts
     whose hash falls in it with the same numpy kernel, plus one task per
@@ -446,7 +455,7 @@ def settle(archive: str | os.PathLike[str], periods: Iterable[int] | None = None
     returns. A shard holds about 1/shards of the records: more shards than
     workers keep each task within a worker's memory."""
     root, slack = _settle_arguments(archive, shards, now, due_after, max_age, skew, horizon)
-    chosen, _parts = _plan(root, periods, 2**40)
+    chosen = _chosen(root, periods)
     with _cluster(client, workers) as dask:
         shard_futures, covered = _shuffled(dask, root, chosen, shards, _settle_slices, slack,
                                            now, due_after)
@@ -457,10 +466,10 @@ def settle(archive: str | os.PathLike[str], periods: Iterable[int] | None = None
 def settle_local(archive: str | os.PathLike[str], periods: Iterable[int] | None = None, *,
                  now: int, shards: int = 1, due_after: int = DEFAULT_DUE_AFTER,
                  max_age: int = DEFAULT_MAX_AGE, skew: int = DEFAULT_SKEW,
-                 horizon: int = DEFAULT_HORIZON) -> Settlement:
+                 horizon: int = DEFAULT_HORIZON) -> ArchiveSettlement:
     """settle in this process (shards=1: the whole stream at once)."""
     root, slack = _settle_arguments(archive, shards, now, due_after, max_age, skew, horizon)
-    chosen, _parts = _plan(root, periods, 2**40)
+    chosen = _chosen(root, periods)
     splits = [_split_period(root, p, offset, shards)
               for p, offset in zip(chosen, _offsets(root, chosen))]
     return _merged(chosen, [_settle_slices([split[0][k] for split in splits], slack, now,
@@ -572,7 +581,7 @@ def _score_plan(archive: str | os.PathLike[str], periods: Iterable[int] | None,
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("part-*.parquet"):   # the last run's parts; its bins stay
         old.unlink()
-    chosen, _parts = _plan(root, periods, 2**40)
+    chosen = _chosen(root, periods)
     return root, chosen, slack, out, documents
 
 
@@ -612,6 +621,6 @@ def score_local(archive: str | os.PathLike[str], card: Scorecard, policy: LimitP
                             for k in range(shards)])
 
 
-__all__: Sequence[str] = ("FAILED_DTYPE", "ROWS_PER_TASK", "Reverified", "Scored", "Settlement",
-                          "reverify", "reverify_local", "score", "score_local", "settle",
-                          "settle_local")
+__all__: Sequence[str] = ("FAILED_DTYPE", "ROWS_PER_TASK", "ArchiveSettlement", "Reverified",
+                          "Scored", "reverify", "reverify_local", "score", "score_local",
+                          "settle", "settle_local")

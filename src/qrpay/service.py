@@ -14,7 +14,6 @@ time of each request.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import logging
@@ -32,13 +31,14 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qrpay import clearing
-from qrpay.denylist import deny_list_etag
+from qrpay.denylist import DenyList, deny_list_etag
 from qrpay.errors import (
     BadSignature, Conflict, InvalidArgument, MalformedMessage, PeriodClosed, QrPayError,
     StaleUpdate, StoreUnavailable, UnknownGateway, UnknownKeyId,
 )
 from qrpay.keys import GatewayPublicKey, IssuerKey, RootPublicKey, SettlementPublicKey
 from qrpay.settlement import IngestResult, IngestStatus, Settlement
+from qrpay.trustbundle import bundle_etag
 
 MAX_BATCH_BODY = 16 << 20   # bytes: a batch of 100,000 records is about 12 MB
 MAX_JSON_BODY = 64 << 10
@@ -166,14 +166,30 @@ def create_app(settlement: Settlement, config: ServiceConfig) -> Starlette:
             return _unavailable(exc)
         return _ingested(result)
 
+    # The latest deny list parsed (its signature checked, its serials read)
+    # and its tag, kept while it is the latest: a version never changes, and
+    # every gateway's sync asks for it.
+    parsed: list[tuple[DenyList, str]] = []
+
+    async def latest_deny_list() -> tuple[DenyList, str] | None:
+        version = await run_in_threadpool(settlement.deny_list_version)
+        if not version:
+            return None
+        if not parsed or parsed[0][0].version != version:
+            current = await run_in_threadpool(settlement.deny_list)
+            if current is None:   # not after a version was read: lists are never deleted
+                return None
+            parsed[:] = [(current, deny_list_etag(current))]
+        return parsed[0]
+
     async def deny_list(request: Request) -> Response:
         try:
-            current = await run_in_threadpool(settlement.deny_list)
+            latest = await latest_deny_list()
         except StoreUnavailable as exc:
             return _unavailable(exc)
-        if current is None:
+        if latest is None:
             return _error(404, "no_deny_list", "no deny list is published yet")
-        tag = deny_list_etag(current)
+        current, tag = latest
         headers = {"ETag": tag, "Cache-Control": "no-cache",
                    "X-Qrpay-Deny-List-Version": str(current.version)}
         if _held(request, tag):
@@ -198,7 +214,7 @@ def create_app(settlement: Settlement, config: ServiceConfig) -> Starlette:
             return _unavailable(exc)
         if latest is None:
             return _error(404, "no_trust_bundle", "no trust bundle is stored yet")
-        tag = f'"{hashlib.blake2b(latest, digest_size=12).hexdigest()}"'
+        tag = bundle_etag(latest)
         headers = {"ETag": tag, "Cache-Control": "no-cache"}
         if _held(request, tag):
             return Response(status_code=304, headers=headers)
@@ -252,9 +268,9 @@ def create_app(settlement: Settlement, config: ServiceConfig) -> Starlette:
             raise InvalidArgument('"revoke" is a list of serials')
         document, added = await run_in_threadpool(
             settlement.publish_deny_list, config.deny_list_key, issued_at, revoke)
-        current = await run_in_threadpool(settlement.deny_list)
-        return JSONResponse({"version": current.version if current else 0,
-                             "added": len(added)}, status_code=201)
+        # The version this call published (another replica may publish the next meanwhile).
+        version = DenyList.reload(document, settlement.trust).version
+        return JSONResponse({"version": version, "added": len(added)}, status_code=201)
 
     async def periods(request: Request) -> Response:
         closed = await run_in_threadpool(settlement.periods)

@@ -989,6 +989,11 @@ class Settlement:
             schedules = [s for s in schedules if s.effective_from <= at]
         return schedules[-1] if schedules else None
 
+    def deny_list_version(self) -> int:
+        """The latest deny list's version (0: none published): one indexed
+        read, for callers that keep the parsed list while it stays latest."""
+        return int(self._query("SELECT COALESCE(MAX(version), 0) FROM deny_lists")[0][0])
+
     def deny_list(self) -> DenyList | None:
         rows = self._query("SELECT document FROM deny_lists ORDER BY version DESC LIMIT 1")
         # Verified when it was published; still readable after the key that

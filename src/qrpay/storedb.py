@@ -55,7 +55,6 @@ class StoreDatabase(abc.ABC):
     """One connection to a settlement store's database. Not thread-safe:
     Settlement serialises its calls."""
 
-    dialect: str       # "sqlite" or "postgresql"
     location: str      # for messages: a path or a URL without its password
     directory: Path | None   # the SQLite store's folder (None for PostgreSQL)
 
@@ -95,10 +94,8 @@ class StoreDatabase(abc.ABC):
 class SqliteDatabase(StoreDatabase):
     """The store as one SQLite file in WAL mode with synchronous=FULL."""
 
-    dialect = "sqlite"
-
     def __init__(self, directory: Path) -> None:
-        self.folder = directory
+        self._folder = directory   # typed Path: `directory` is Path | None on the base
         self.directory = directory
         self.location = str(directory)
         try:
@@ -138,7 +135,7 @@ class SqliteDatabase(StoreDatabase):
         if fcntl is None:   # pragma: no cover - not POSIX
             yield
             return
-        path = self.folder / f"{name}.lock"
+        path = self._folder / f"{name}.lock"
         try:
             handle = open(path, "ab")
         except OSError as exc:

@@ -9,7 +9,6 @@ Needs httpx (`pip install 'qrpay[sync]'`).
 
 from __future__ import annotations
 
-import hashlib
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +22,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 from qrpay.denylist import deny_list_etag
 from qrpay.errors import InvalidArgument, MalformedMessage, QrPayError, Reason, StaleUpdate
+from qrpay.trustbundle import bundle_etag
 from qrpay.wire import split_document, unpack_strict
 
 if TYPE_CHECKING:
@@ -141,14 +141,13 @@ class SettlementClient:
         self.close()
 
 
-def _batch_identity(batch: bytes) -> tuple[bytes, int]:
-    """(gateway public key, seq) of a batch this gateway signed."""
+def _batch_seq(batch: bytes) -> int:
+    """The number of a batch this gateway signed (export_batch's bytes)."""
     body, _signature = split_document(batch)
     doc = unpack_strict(body, max_array=10**6)
-    if not isinstance(doc, dict) or not isinstance(doc.get("seq"), int) or not isinstance(
-            doc.get("gateway"), bytes):
+    if not isinstance(doc, dict) or not isinstance(doc.get("seq"), int):
         raise MalformedMessage("not an upload batch")
-    return doc["gateway"], int(doc["seq"])
+    return int(doc["seq"])
 
 
 def _uploaded(seq: int, response: httpx.Response, gateway_id: str) -> Upload:
@@ -186,7 +185,7 @@ def sync(gateway: Gateway, client: SettlementClient, *, now: float | None = None
         batch = gateway.export_batch(max_records=max_records, now=now)
         if batch is None:
             break
-        _key, seq = _batch_identity(batch)
+        seq = _batch_seq(batch)
         try:
             response = client.upload(batch)
         except ServiceUnavailable as exc:
@@ -211,22 +210,30 @@ def sync(gateway: Gateway, client: SettlementClient, *, now: float | None = None
     return report
 
 
+def _fetched(report: SyncReport, what: str, fetch: Callable[[], httpx.Response]
+             ) -> httpx.Response | None:
+    """A 200 answer to `fetch`, or None: 304 (held) and 404 (none yet) say
+    nothing is new; an unreachable service or another status goes in the
+    report."""
+    try:
+        response = fetch()
+    except ServiceUnavailable as exc:
+        report.online = False
+        report.problems.append(f"{what}: {exc}")
+        return None
+    if response.status_code not in (200, 304, 404):
+        report.problems.append(f"{what}: HTTP {response.status_code}")
+    return response if response.status_code == 200 else None
+
+
 def _fetch_trust(gateway: Gateway, client: SettlementClient, report: SyncReport,
                  now: float | None) -> None:
     """The trust bundle, before the deny list (which a key only the new
     bundle trusts may sign)."""
     held = gateway.trust_bundle
-    etag = f'"{hashlib.blake2b(held.raw, digest_size=12).hexdigest()}"' if held else None
-    try:
-        response = client.trust(etag)
-    except ServiceUnavailable as exc:
-        report.online = False
-        report.problems.append(f"trust bundle: {exc}")
-        return
-    if response.status_code in (304, 404):
-        return
-    if response.status_code != 200:
-        report.problems.append(f"trust bundle: HTTP {response.status_code}")
+    response = _fetched(report, "trust bundle",
+                        lambda: client.trust(bundle_etag(held.raw) if held else None))
+    if response is None:
         return
     try:
         applied = gateway.update_trust(response.content, now=now)
@@ -247,16 +254,8 @@ def _fetch_deny_list(gateway: Gateway, client: SettlementClient, report: SyncRep
     held = gateway.deny_list
     etag = deny_list_etag(held) if held.version else None
     for since in ((held.version, None) if held.version else (None,)):
-        try:
-            response = client.deny_list(etag, since)
-        except ServiceUnavailable as exc:
-            report.online = False
-            report.problems.append(f"deny list: {exc}")
-            return
-        if response.status_code in (304, 404):   # the one held, or none published yet
-            return
-        if response.status_code != 200:
-            report.problems.append(f"deny list: HTTP {response.status_code}")
+        response = _fetched(report, "deny list", lambda: client.deny_list(etag, since))
+        if response is None:
             return
         delta = response.headers.get("x-qrpay-deny-list-kind") == "delta"
         try:

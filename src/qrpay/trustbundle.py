@@ -14,6 +14,7 @@ with stays until a bundle ends its window).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 from qrpay import _args
@@ -83,6 +84,12 @@ class TrustBundle:
                     continue
                 trust.remove(entry.kid)
             trust.add(entry.key, entry.not_before, entry.not_after, entry.roles)
+
+
+def bundle_etag(raw: bytes) -> str:
+    """The HTTP entity tag of a signed bundle (a hash of its bytes): the
+    service answers 304 to a gateway that holds it."""
+    return f'"{hashlib.blake2b(raw, digest_size=12).hexdigest()}"'
 
 
 def sign_trust_bundle(root: RootKey, version: int, keys: list[TrustedKey],
