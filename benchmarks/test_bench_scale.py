@@ -9,7 +9,10 @@
   reported next to the workers' limit, and its result must equal the
   cluster's.
 - 2 workers against 1 on the same job: re-verification (real tokens) and
-  scoring (targets: at least 1.7x), settlement (reported).
+  scoring (targets: at least 1.7x), settlement (reported). Both clusters
+  stay open and the jobs run in alternating rounds (3 in full) so a noisy
+  neighbour slows both alike; medians are compared, with the CPU seconds
+  the workers spent beside them.
 - Per-record cost of the Dask settle on 1 worker against settle_local in
   this process on the same records (target: at most 1.5x).
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -52,7 +56,10 @@ SHARDS = 16 if FULL else 4
 DAY = 86_400
 T0 = (1_800_000_000 // DAY) * DAY
 NOW = T0 + (PERIODS + 30) * DAY
+ROUNDS = 3 if FULL else 1
 FIGURES: dict[str, Any] = {}
+TIMES: dict[str, list[float]] = {}
+CPU: dict[str, list[float]] = {}
 CARD = Scorecard((FeatureBins("overdue", (1.0, 3_000.0, 10_000.0), (60, 40, 10, -20), -5),
                   FeatureBins("charges", (5.0, 40.0), (-5, 10, 25), 0),
                   FeatureBins("repaid", (1.0, 5_000.0), (-10, 10, 30), 0)), base_points=540)
@@ -163,6 +170,25 @@ def _warm() -> None:
     import qrpay.scale  # noqa: F401
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _job(name: str, client: Any, call: Any) -> Any:
+    """call(client), its wall time appended to TIMES[name] and the CPU
+    seconds its workers spent to CPU[name]."""
+    before = sum(client.run(_cpu_seconds).values())
+    result, seconds = _timed(lambda: call(client))
+    TIMES.setdefault(name, []).append(seconds)
+    CPU.setdefault(name, []).append(sum(client.run(_cpu_seconds).values()) - before)
+    return result
+
+
+def _median(name: str) -> float:
+    return float(np.median(TIMES[name]))
+
+
 def _timed(call: Any) -> tuple[Any, float]:
     start = time.perf_counter()
     result = call()
@@ -180,6 +206,35 @@ print(json.dumps({"seconds": time.perf_counter() - start, "records": result.reco
 """
 
 
+# The machine's own ceiling for two processes: the same tokens verified by
+# bare processes (verify_batch, no Dask), one doing every period against
+# two at once doing half each. Two busy cores on a shared VM do less than
+# twice one: this is the most any 2-worker cluster here could reach.
+_BARE = """
+import sys, time, numpy as np
+from qrpay import IssuerKey, TrustStore, archive, verify_batch
+trust = TrustStore()
+trust.add(IssuerKey(bytes(range(32))).public)
+start = time.perf_counter()
+for period in map(int, sys.argv[2:]):
+    table = archive.read_columns(sys.argv[1], period, "records", ["token", "gateway_time"])
+    checked = verify_batch(np.ascontiguousarray(table["token"]), trust,
+                           table["gateway_time"].astype(np.int64), threads=1)
+    assert checked.ok.all()
+print(time.perf_counter() - start)
+"""
+
+
+def _bare(root: Path, *shares: list[int]) -> float:
+    """Seconds from the start of the work to its end (imports left out)
+    for one bare process per share, all started at once."""
+    running = [subprocess.Popen([sys.executable, "-c", _BARE, str(root), *map(str, share)],
+                                stdout=subprocess.PIPE, text=True) for share in shares]
+    seconds = [float(p.communicate(timeout=3_600)[0]) for p in running]
+    assert all(p.returncode == 0 for p in running)
+    return max(seconds)
+
+
 def summary_lines() -> list[str]:
     f = FIGURES
     n = f["records"]
@@ -190,14 +245,24 @@ def summary_lines() -> list[str]:
              f"{f['restarted']}",
              f"  settle_local, one process:   {f['alone_s']:7.2f} s, peak RSS "
              f"{f['alone_peak_mb']:,.0f} MB (a worker's limit: 2,048 MB)"]
+    for name in ("verify", "score", "settle"):
+        one, two = _median(f"{name}_1"), _median(f"{name}_2")
+        lines.append(f"  {name:<7} 1 worker {one:7.2f} s ({np.median(CPU[name + '_1']):6.1f} "
+                     f"worker CPU s), 2 workers {two:7.2f} s ({np.median(CPU[name + '_2']):6.1f}"
+                     f" worker CPU s); medians of {len(TIMES[name + '_1'])}")
+    ceiling = _median("bare_1") / _median("bare_2")
+    lines.append(f"  info   bare verify_batch processes, 2 at once / 1 (the machine's ceiling): "
+                 f"{ceiling:.2f}x ({_median('bare_1'):.2f} s vs {_median('bare_2'):.2f} s); "
+                 f"re-verify reaches {_median('verify_1') / _median('verify_2') / ceiling:.0%}"
+                 f" of it")
     targets = [
-        ("re-verify, 2 workers / 1", f["verify_1"] / f["verify_2"], 1.7, False),
-        ("score, 2 workers / 1", f["score_1"] / f["score_2"], 1.7, False),
-        ("settle on 1 worker / settle_local, per record", f["settle_1"] / f["local_s"], 1.5,
-         True),
+        ("re-verify, 2 workers / 1", _median("verify_1") / _median("verify_2"), 1.7, False),
+        ("score, 2 workers / 1", _median("score_1") / _median("score_2"), 1.7, False),
+        ("settle on 1 worker / settle_local, per record", _median("settle_1") / f["local_s"],
+         1.5, True),
     ]
-    lines.append(f"  info   settle, 2 workers / 1: {f['settle_1'] / f['settle_2']:.2f}x "
-                 f"({f['settle_1']:.2f} s vs {f['settle_2']:.2f} s)")
+    lines.append(f"  info   settle, 2 workers / 1: "
+                 f"{_median('settle_1') / _median('settle_2'):.2f}x")
     for name, ratio, limit, at_most in targets:
         ok = ratio <= limit if at_most else ratio >= limit
         lines.append(f"  {'PASS' if ok else 'MISS'}   {name:<46} {ratio:5.2f} "
@@ -209,6 +274,8 @@ def summary_lines() -> list[str]:
 @pytest.fixture(scope="module", autouse=True)
 def closing_lines(request: pytest.FixtureRequest, write_at_end: Any) -> Iterator[None]:
     FIGURES.clear()
+    TIMES.clear()
+    CPU.clear()
     yield
     write_at_end(request, summary_lines() if "local_s" in FIGURES else [])
 
@@ -230,22 +297,30 @@ def test_scale_jobs_on_a_local_cluster(benchmark: Any, archives: tuple[Path, Pat
     assert (alone["records"], alone["charged_total"], alone["findings"]) == (
         big.records, big.charged_total, len(big.findings))
     assert not FIGURES["restarted"]
-    # 1 worker against 2 on the same jobs.
-    for workers in (1, 2):
-        with _cluster(workers) as client:
+    # 1 worker against 2 on the same jobs: both clusters open, the jobs run
+    # in alternating rounds so that a noisy neighbour hits both alike, and
+    # the medians compared.
+    with _cluster(1) as one, _cluster(2) as two:
+        for client in (one, two):
             # Warm: qrpay imported and its core loaded in every worker before
             # the clock starts, as in a cluster that has run a job before.
             client.run(_warm)
-            checked, FIGURES[f"verify_{workers}"] = _timed(lambda: scale.reverify(
-                tokens, trust, client=client, rows_per_task=TOKENS // 4))
-            assert checked.by_reason() == {"OK": TOKEN_PERIODS * TOKENS}
-            settled, FIGURES[f"settle_{workers}"] = _timed(lambda: scale.settle(
-                records, now=NOW, client=client, shards=SHARDS))
+        halves = list(range(1, TOKEN_PERIODS + 1, 2)), list(range(2, TOKEN_PERIODS + 1, 2))
+        for _ in range(ROUNDS):
+            TIMES.setdefault("bare_1", []).append(_bare(tokens, halves[0] + halves[1]))
+            TIMES.setdefault("bare_2", []).append(_bare(tokens, *halves))
+            for workers, client in ((1, one), (2, two)):
+                checked = _job(f"verify_{workers}", client, lambda c: scale.reverify(
+                    tokens, trust, client=c, rows_per_task=TOKENS // 4))
+                assert checked.by_reason() == {"OK": TOKEN_PERIODS * TOKENS}
+                scored = _job(f"score_{workers}", client, lambda c, w=workers: scale.score(
+                    records, CARD, POLICY, tmp_path / f"scores{w}", now=NOW, client=c,
+                    shards=SHARDS))
+                assert scored.accounts == len(big.history)
+        for workers, client in ((1, one), (2, two)):
+            settled = _job(f"settle_{workers}", client, lambda c: scale.settle(
+                records, now=NOW, client=c, shards=SHARDS))
             assert settled.charged_total == big.charged_total
-            scored, FIGURES[f"score_{workers}"] = _timed(lambda: scale.score(
-                records, CARD, POLICY, tmp_path / f"scores{workers}", now=NOW,
-                client=client, shards=SHARDS))
-            assert scored.accounts == len(big.history)
     # The baseline of the per-record target, timed by pytest-benchmark too.
     local, FIGURES["local_s"] = benchmark.pedantic(
         lambda: _timed(lambda: scale.settle_local(records, now=NOW)), rounds=1, iterations=1)

@@ -224,6 +224,32 @@ def test_the_command_line_settles_on_a_local_cluster(
     assert len(lines) == len(alone.history) + 1 and lines[0].startswith("account,charged")
 
 
+def test_the_command_line_draws_a_progress_bar_on_a_terminal_and_none_in_a_pipe(
+        archive_of_three_days: tuple[Path, int]) -> None:
+    import json
+    import re
+    import subprocess
+    import sys
+
+    from terminal import run_in_terminal
+    root, _forged = archive_of_three_days
+    argv = [sys.executable, "-m", "qrpay", "scale", "settle", "--archive", str(root),
+            "--workers", "1", "--now", str(NOW + 40 * DAY), "--shards", "4"]
+    periods = len(archive.list_periods(root))
+    tasks = periods + 4 * periods + 4 + periods   # splits, slices, shards, record runs
+    screen = run_in_terminal(argv, timeout=180)
+    assert screen.exit_code == 0, screen.text
+    # tqdm's last frame: the count of every task, the rate and the time taken.
+    assert re.search(rf"settling: 100%\|.+\| {tasks}/{tasks} \[\d\d:\d\d<00:00, +[\d.]+ ?"
+                     rf"(task/s|s/task)\]", screen.text), screen.text
+    assert '"charged_total"' in screen.text
+    piped = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+    assert piped.returncode == 0, piped.stderr
+    assert "settling" not in piped.stderr and "%|" not in piped.stderr
+    assert json.loads(piped.stdout)["charged_total"] == scale.settle_local(
+        root, now=NOW + 40 * DAY).charged_total
+
+
 def test_scoring_everyone_on_the_cluster_equals_one_process(
         archive_of_three_days: tuple[Path, int], client: Any, tmp_path: Path) -> None:
     import pyarrow.parquet as pq

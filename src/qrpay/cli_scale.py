@@ -7,12 +7,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from qrpay import cli
+from qrpay.cli_progress import progress_bar
 from qrpay.errors import Reason
 
 
@@ -34,20 +34,6 @@ def _client(args: argparse.Namespace) -> Iterator[Any]:
         yield client
 
 
-def _progress(what: str) -> Callable[[int, int], None] | None:
-    """A progress line on stderr when it is a terminal (never in a pipe)."""
-    if not sys.stderr.isatty():
-        return None
-
-    def show(done: int, total: int) -> None:
-        width = 30
-        filled = width * done // max(total, 1)
-        end = "\n" if done == total else ""
-        print(f"\r{what} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} tasks",
-              end=end, file=sys.stderr, flush=True)
-    return show
-
-
 def _periods(text: str | None) -> list[int] | None:
     if not text:
         return None
@@ -60,10 +46,9 @@ def _periods(text: str | None) -> list[int] | None:
 def cmd_verify(args: argparse.Namespace) -> int:
     from qrpay import scale
     trust = cli._trust(args)
-    with _client(args) as client:
+    with _client(args) as client, progress_bar("re-verifying") as progress:
         result = scale.reverify(args.archive, trust, _periods(args.periods), client=client,
-                                rows_per_task=args.rows_per_task,
-                                progress=_progress("re-verifying"))
+                                rows_per_task=args.rows_per_task, progress=progress)
     if args.failed_out:
         with open(args.failed_out, "w", newline="", encoding="utf-8") as handle:
             out = csv.writer(handle)
@@ -78,10 +63,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_settle(args: argparse.Namespace) -> int:
     from qrpay import scale
     now = args.now
-    with _client(args) as client:
+    with _client(args) as client, progress_bar("settling") as progress:
         result = scale.settle(args.archive, _periods(args.periods), now=now, client=client,
                               shards=args.shards, due_after=args.due_days * 86_400,
-                              progress=_progress("settling"))
+                              progress=progress)
     if args.history_out:
         cli._write_rows(args.history_out, result.history)
     kinds: dict[str, int] = {}
@@ -102,10 +87,10 @@ def cmd_score(args: argparse.Namespace) -> int:
         policy = LimitPolicy.from_dict(json.loads(cli._read_text(args.policy, "policy")))
     except json.JSONDecodeError as exc:
         raise cli.CliError(f"{args.policy} is not JSON: {exc}") from None
-    with _client(args) as client:
+    with _client(args) as client, progress_bar("scoring") as progress:
         result = scale.score(args.archive, card, policy, args.out, _periods(args.periods),
                              now=args.now, client=client, shards=args.shards,
-                             due_after=args.due_days * 86_400, progress=_progress("scoring"))
+                             due_after=args.due_days * 86_400, progress=progress)
     print(json.dumps({"accounts": result.accounts, "out": str(result.folder),
                       "psi": result.psi, "bins": result.bins}, indent=1))
     return cli.EXIT_OK

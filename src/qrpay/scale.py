@@ -182,16 +182,26 @@ def _cluster(client: Any, workers: int) -> Iterator[Any]:
         yield local
 
 
-def _gathered(futures: list[Any], progress: Callable[[int, int], None] | None) -> list[Any]:
-    """The results of `futures` in their order, gathered as they finish
-    (`progress(done, total)` after each). A task whose worker died is run
-    again by the scheduler; a task that raised raises here."""
+def _gathered(futures: list[Any], progress: Callable[[int, int], None] | None,
+              watched: list[Any] | None = None) -> list[Any]:
+    """The results of `futures` in their order, gathered as they finish. A
+    task whose worker died is run again by the scheduler; a task that raised
+    raises here. `watched` holds the job's other tasks: counted in
+    `progress(done, total)` (called after each task of either kind), and
+    emptied here so that each one's result is let go as soon as no task
+    needs it."""
     results: list[Any] = [None] * len(futures)
     index = {f.key: i for i, f in enumerate(futures)}
-    for done, future in enumerate(distributed.as_completed(futures), 1):
-        results[index[future.key]] = future.result()
+    total = len(futures) + len(watched or ())
+    pending = distributed.as_completed(futures + (watched or []))
+    if watched:
+        watched.clear()
+    for done, future in enumerate(pending, 1):
+        slot = index.get(future.key)
+        if slot is not None:
+            results[slot] = future.result()
         if progress is not None:
-            progress(done, len(futures))
+            progress(done, total)
     return results
 
 
@@ -384,18 +394,31 @@ def _offsets(root: str, periods: tuple[int, ...]) -> list[int]:
     return np.r_[0, np.cumsum(sizes)[:-1]].astype(np.int64).tolist() if sizes else []
 
 
-def _shuffled(dask: Any, root: str, periods: tuple[int, ...], shards: int,
-              then: Callable[..., Any], *args: Any) -> tuple[list[Any], list[Any]]:
-    """On the cluster: each period read and split once, and `then(slices,
-    *args)` submitted per shard with that shard's slice of every period
-    (the scheduler moves each slice to where its shard runs); the shard
-    futures and the futures of each period's covered runs."""
+@dataclass
+class _Shuffle:
+    """The futures of a job sharded by account: one per shard (the tasks
+    submit_shard made), the covered record runs of each period (settle's gaps), and
+    the split and slice tasks between (`steps`, for progress only)."""
+
+    shards: list[Any]
+    covered: list[Any]
+    steps: list[Any]
+
+
+def _shuffled(dask: Any, root: str, periods: tuple[int, ...], shards: int, covered: bool,
+              submit_shard: Callable[[int, list[Any]], Any]) -> _Shuffle:
+    """On the cluster: each period read and split once, and each shard's
+    task submitted by `submit_shard(shard, slices)` with the futures of that
+    shard's slice of every period (the scheduler moves each slice to where
+    its shard runs)."""
     splits = [dask.submit(_split_period, root, p, offset, shards, pure=False)
               for p, offset in zip(periods, _offsets(root, periods))]
-    shard_futures = [dask.submit(then, [dask.submit(_slice_of, split, k, pure=False)
-                                        for split in splits], *args, pure=False)
-                     for k in range(shards)]
-    return shard_futures, [dask.submit(_covered_of, split, pure=False) for split in splits]
+    slices = [[dask.submit(_slice_of, split, k, pure=False) for split in splits]
+              for k in range(shards)]
+    return _Shuffle([submit_shard(k, slices[k]) for k in range(shards)],
+                    [dask.submit(_covered_of, split, pure=False) for split in splits] if covered
+                    else [],
+                    splits + [f for shard in slices for f in shard])
 
 
 def _gaps(covered: Iterable[dict[str, list[tuple[int, int]]]]) -> list[Finding]:
@@ -457,9 +480,9 @@ def settle(archive: str | os.PathLike[str], periods: Iterable[int] | None = None
     root, slack = _settle_arguments(archive, shards, now, due_after, max_age, skew, horizon)
     chosen = _chosen(root, periods)
     with _cluster(client, workers) as dask:
-        shard_futures, covered = _shuffled(dask, root, chosen, shards, _settle_slices, slack,
-                                           now, due_after)
-        results = _gathered(shard_futures + covered, progress)
+        job = _shuffled(dask, root, chosen, shards, True, lambda _shard, slices: dask.submit(
+            _settle_slices, slices, slack, now, due_after, pure=False))
+        results = _gathered(job.shards + job.covered, progress, job.steps)
     return _merged(chosen, results[:shards], _gaps(results[shards:]), horizon)
 
 
@@ -598,13 +621,10 @@ def score(archive: str | os.PathLike[str], card: Scorecard, policy: LimitPolicy,
     root, chosen, slack, folder, (card_json, policy_json) = _score_plan(
         archive, periods, out, shards, now, due_after, card, policy)
     with _cluster(client, workers) as dask:
-        splits = [dask.submit(_split_period, root, p, offset, shards, pure=False)
-                  for p, offset in zip(chosen, _offsets(root, chosen))]
-        futures = [dask.submit(_score_slices, [dask.submit(_slice_of, split, k, pure=False)
-                                               for split in splits], k, slack, now, due_after,
-                               card_json, policy_json, str(folder), pure=False)
-                   for k in range(shards)]
-        results = _gathered(futures, progress)
+        job = _shuffled(dask, root, chosen, shards, False, lambda shard, slices: dask.submit(
+            _score_slices, slices, shard, slack, now, due_after, card_json, policy_json,
+            str(folder), pure=False))
+        results = _gathered(job.shards, progress, job.steps)
     return _scored(folder, results)
 
 
