@@ -223,11 +223,12 @@ def test_scan_export_ack_ingest_report_deny(tmp_path: Path, keys: dict[str, Path
                      "--due-days", "30", "--out", str(history))
     assert code == 0 and history.read_text().splitlines()[1].split(",")[4] == "0"
     for bad in (["--amount", "-5", "--reference", "TX-2"],
-                ["--amount", "lots", "--reference", "TX-2"],
-                ["--amount", "5"]):                          # no reference
+                ["--amount", "lots", "--reference", "TX-2"]):
         with pytest.raises(SystemExit) as info:
             cli.main(["repay", *settle, "--account", "42", *bad])
         assert info.value.code == 2
+    code, _, err = run(capsys, "repay", *settle, "--account", "42", "--amount", "5")
+    assert code == 2 and "give --account, --amount and --reference" in err   # no reference
 
     garbage = tmp_path / "garbage"
     garbage.write_bytes(b"\x92\xc4\x01x")
@@ -699,7 +700,7 @@ def test_a_wrong_issuer_key_at_ingest_is_refused_not_stored(
                        str(keys["issuer_public"]))
     assert code == 0 and "for credentials, deny-list" in err
     code, out, _ = run(capsys, "settlement", "keys", *store)
-    [stored] = json.loads(out)
+    [stored] = json.loads(out)["keys"]
     assert stored["key"] == keys["issuer_public"] and stored["roles"] == ["credentials",
                                                                          "deny-list"]
     # Remembered: the same wrong flag now does no harm, and no flag is needed.

@@ -32,7 +32,7 @@ def test_a_day_closed_cleared_and_verified_from_the_command_line(
                                     "bps": {s.name: 100 if s is Scene.BUS else 0
                                             for s in Scene}}))
     code, out, _ = run(capsys, "settlement", "fees", *settle, "--schedule", str(schedule))
-    assert code == 0 and json.loads(out)["bps"]["BUS"] == 100
+    assert code == 0 and json.loads(out)["schedule"]["bps"]["BUS"] == 100
     # (No deny list loaded: the gateway takes amounts up to its stale cap, 300.)
     for amount, at in ((200, NOW + 10), (50, NOW + 20)):
         token = make_token(capsys, keys, credential, tmp_path, at)
@@ -82,7 +82,7 @@ def test_a_day_closed_cleared_and_verified_from_the_command_line(
     assert code == 1 and "BAD_SIGNATURE" in err
 
     code, out, _ = run(capsys, "archive", "ls", *settle)
-    [listed] = json.loads(out)
+    [listed] = json.loads(out)["periods"]
     assert code == 0 and listed["period"] == 1 and listed["archived"]
     assert listed["charged_total"] == 250 and Path(listed["path"]).is_dir()
     code, out, _ = run(capsys, "report", *settle)
@@ -108,7 +108,7 @@ def test_simulate_closes_a_period_each_day(tmp_path: Path,
     assert report["settlement"]["day_1_statements_verified"] >= 5
     code, listed, _ = run(capsys, "archive", "ls", "--settlement-dir",
                           str(tmp_path / "w" / "settlement"))
-    assert code == 0 and [p["period"] for p in json.loads(listed)] == [1, 2, 3]
+    assert code == 0 and [p["period"] for p in json.loads(listed)["periods"]] == [1, 2, 3]
     with pytest.raises(SystemExit) as exited:
         run(capsys, "simulate", "--days", "0")
     assert exited.value.code == 2 and "--days" in capsys.readouterr().err

@@ -55,3 +55,25 @@ def test_readme_command_line_block_runs(tmp_path: Path) -> None:
     history = dict(zip(header.split(","), row.split(",")))
     assert (history["account"], history["charged"], history["repaid"]) == ("42", "200", "200")
     assert history["balance"] == "0" and history["on_time_share"] == ""   # nothing due yet
+
+
+def test_cli_walk_through_runs(tmp_path: Path) -> None:
+    """docs/CLI.md's shell blocks, run as written in an empty directory."""
+    text = (ROOT / "docs" / "CLI.md").read_text(encoding="utf-8")
+    script = "\n".join(re.findall(r"^```sh\n(.*?)^```", text, re.S | re.M))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QRPAY_")
+           or k == "QRPAY_NO_EXTENSIONS"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    receipt = json.loads(run.stdout)   # the one scan with --json; the rest is quiet
+    assert (receipt["account"], receipt["amount"], receipt["scene"]) == (42, 200, "bus")
+    [batch] = json.loads((tmp_path / "ingested.json").read_text())["batches"]
+    assert (batch["file"], batch["status"], batch["records"]) == ("-", "applied", 4)
+    assert json.loads((tmp_path / "report.json").read_text())["charged_total"] == 200 + 3 * 150
+    repaid = json.loads((tmp_path / "repaid.json").read_text())
+    assert (repaid["rows"], repaid["stored"], repaid["total"]) == (2, 2, 650)
+    header, row = (tmp_path / "history.csv").read_text().splitlines()
+    history = dict(zip(header.split(","), row.split(",")))
+    assert (history["charged"], history["repaid"], history["balance"]) == ("650", "650", "0")

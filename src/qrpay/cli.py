@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -28,15 +29,20 @@ from typing import Any, TextIO, cast
 
 import numpy as np
 
-from qrpay import archive, clearing, qrimage, simulate, storedb
+from qrpay import (
+    archive, clearing, cli_config, cli_examples, logs, qrimage, simulate, storedb,
+)
 from qrpay._args import MAX_THREADS
+from qrpay._version import __version__
 from qrpay.anchor import ANCHOR_FILE
+from qrpay.cli_output import emit, iso, parse_time, silent, status, wants_json
+from qrpay.cli_progress import progress_bar
 from qrpay.credential import Credential, Scene
 from qrpay.denylist import DenyList
 from qrpay.errors import (
     ArchiveUnavailable, BadSignature, ClockUntrusted, Conflict, InvalidArgument, InvalidKey,
     JournalUnavailable, MalformedCredential, MalformedMessage, MalformedToken, PeriodClosed,
-    QrPayError, ScanRefused, StaleUpdate, StoreUnavailable, TokenRejected, UnknownGateway,
+    QrPayError, Reason, ScanRefused, StaleUpdate, StoreUnavailable, TokenRejected, UnknownGateway,
 )
 from qrpay.format import U32_MAX
 from qrpay.gateway import JOURNAL_FILE, LOCK_FILE, Gateway
@@ -82,6 +88,12 @@ class CliError(Exception):
 # -- small helpers ------------------------------------------------------------------------
 
 def _read_text(path: str, what: str) -> str:
+    """A text file's content, stripped; `-` reads stdin."""
+    if path == "-":
+        try:
+            return sys.stdin.read().strip()
+        except UnicodeDecodeError:
+            raise CliError(f"cannot read {what} from stdin: it is not UTF-8 text") from None
     try:
         return Path(path).read_text(encoding="utf-8").strip()
     except FileNotFoundError:
@@ -93,6 +105,9 @@ def _read_text(path: str, what: str) -> str:
 
 
 def _read_bytes(path: str, what: str) -> bytes:
+    """A file's bytes; `-` reads stdin."""
+    if path == "-":
+        return sys.stdin.buffer.read()
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:
@@ -104,7 +119,18 @@ def _read_bytes(path: str, what: str) -> bytes:
 def _write_atomic(path: str, data: bytes, private: bool = False) -> None:
     """Write via a temporary file, fsync and rename: never a half-written file,
     and no temporary file left behind when any step fails (it may hold a
-    secret key)."""
+    secret key). `-` writes stdout (never a secret key)."""
+    if path == "-":
+        if private:
+            raise CliError("a secret key is written to a file (mode 600), never to stdout")
+        out = sys.stdout
+        if isinstance(out, _Output):
+            out.write_bytes(data)
+        else:
+            out.flush()
+            out.buffer.write(data)
+            out.buffer.flush()
+        return
     target = Path(path)
     if target.is_dir():
         raise CliError(f"cannot write {path}: it is a directory")
@@ -113,8 +139,9 @@ def _write_atomic(path: str, data: bytes, private: bool = False) -> None:
         fd, tmp = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".",
                                    prefix=f".{target.name}.")
         with os.fdopen(fd, "wb") as out:
-            if private:
-                os.fchmod(out.fileno(), 0o600)
+            # mkstemp makes 0600: a secret keeps it, anything else gets the
+            # mode a plain open() would give it under the umask.
+            os.fchmod(out.fileno(), 0o600 if private else 0o666 & ~_umask())
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
@@ -126,6 +153,12 @@ def _write_atomic(path: str, data: bytes, private: bool = False) -> None:
         if tmp is not None:   # failed, or interrupted: the half-made file goes
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)   # read by setting it: put back at once
+    os.umask(mask)
+    return mask
 
 
 def _key(path: str, cls: type[SigningKey]) -> Any:
@@ -195,7 +228,8 @@ def _int(minimum: int, maximum: int | None = None, what: str = "") -> Callable[[
 
 DAY = 86_400
 # Every time on the wire is u32 Unix seconds: nothing after 2106-02-07.
-_TIME = _int(0, U32_MAX, "Unix seconds end at 2**32-1, in 2106")
+# Read as Unix seconds or ISO 8601 (cli_output.parse_time).
+_TIME = parse_time
 _AMOUNT = _int(1, U32_MAX, "an amount is minor units below 2**32")
 _U64 = _int(0, 2**64 - 1, "2**64-1")
 
@@ -223,57 +257,6 @@ def _gateway(args: argparse.Namespace, create: bool = False) -> Gateway:
     return Gateway(_gateway_dir(args, create), _key(args.gateway_key, GatewayKey), _trust(args))
 
 
-def _load_matrix(path: str, label: str | None = None
-                 ) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
-    """Rows from a .npy (2-D float) or a CSV with a header row; empty cells are NaN."""
-    if path.endswith(".npy"):
-        try:
-            X = np.load(path, allow_pickle=False)
-        except FileNotFoundError:
-            raise CliError(f"data file not found: {path}") from None
-        except (OSError, ValueError) as exc:
-            raise CliError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}"
-                           ) from None
-        if X.ndim != 2 or X.dtype.kind not in "iuf":
-            raise CliError(f"{path} must hold a 2-D numeric array")
-        names = [f"f{i}" for i in range(X.shape[1])]
-        if label is not None:
-            raise CliError("--label needs a CSV with a header (a .npy has no column names)")
-        return X.astype(np.float64), None, names
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.reader(handle))
-    except FileNotFoundError:
-        raise CliError(f"data file not found: {path}") from None
-    except UnicodeDecodeError:
-        raise CliError(f"cannot read {path}: it is not UTF-8 text") from None
-    except OSError as exc:
-        raise CliError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if len(rows) < 2:
-        raise CliError(f"{path} needs a header row and at least one data row")
-    header = rows[0]
-    for line, row in enumerate(rows[1:], start=2):
-        if len(row) != len(header):
-            raise CliError(f"{path} line {line} has {len(row)} columns; the header has "
-                           f"{len(header)}: every row needs one value (or an empty cell) per "
-                           "column")
-    values = np.empty((len(rows) - 1, len(header)), dtype=np.float64)
-    for line, row in enumerate(rows[1:], start=2):
-        for col, cell in enumerate(row):
-            try:
-                values[line - 2, col] = float(cell) if cell.strip() else np.nan
-            except ValueError:
-                raise CliError(f"{path} line {line}, column {header[col]!r}: {cell[:40]!r} is "
-                               "not a number") from None
-    if label is None:
-        return values, None, header
-    if label not in header:
-        raise CliError(f"{path} has no column {label!r}")
-    col = header.index(label)
-    keep = [i for i in range(len(header)) if i != col]
-    return values[:, keep], values[:, col], [header[i] for i in keep]
-
-
 # -- commands -----------------------------------------------------------------------------
 
 def cmd_keys_new(args: argparse.Namespace) -> int:
@@ -281,15 +264,17 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not args.force:
         raise CliError(f"{args.out} exists; pass --force to replace it")
     _write_atomic(args.out, (key.secret_text() + "\n").encode(), private=True)
-    print(key._public.to_text())
+    public = key._public.to_text()
+    emit(args, {"role": args.role, "public": public, "secret_file": args.out}, public)
     return EXIT_OK
 
 
 def cmd_keys_public(args: argparse.Namespace) -> int:
     text = _read_text(args.key, "key")
-    for cls in ROLES.values():
+    for role, cls in ROLES.items():
         try:
-            print(cls.from_secret_text(text)._public.to_text())
+            public = cls.from_secret_text(text)._public.to_text()
+            emit(args, {"role": role, "public": public}, public)
             return EXIT_OK
         except InvalidKey:
             continue
@@ -320,9 +305,11 @@ def cmd_issue(args: argparse.Namespace) -> int:
         score = int(card.score(np.array([features]))[0])
         limit, scenes = policy.terms(score)
         if not scenes:
-            print(f"score {score}: below the cut-off, no offline credit", file=sys.stderr)
+            status(args, f"score {score}: below the cut-off, no offline credit")
+            emit(args, {"issued": False, "score": score, "card": card.card_id},
+                 lambda: None)
             return EXIT_REFUSED
-        print(f"score {score} with card {card.card_id}: limit {limit}", file=sys.stderr)
+        status(args, f"score {score} with card {card.card_id}: limit {limit}")
     else:
         if args.limit is None or not args.scenes:
             raise CliError("give --limit and --scenes, or --card, --policy and --features")
@@ -336,7 +323,9 @@ def cmd_issue(args: argparse.Namespace) -> int:
     text = credential.to_text()
     if args.out:
         _write_atomic(args.out, (text + "\n").encode())
-    print(text)
+    emit(args, {"issued": True, "credential": text, "account": args.account, "limit": limit,
+                "scenes": sorted(s.name.lower() for s in scenes), "not_before": start,
+                "not_after": start + args.days * DAY, "serial": credential.serial}, text)
     return EXIT_OK
 
 
@@ -357,13 +346,49 @@ def cmd_token(args: argparse.Namespace) -> int:
         if path:
             image = qrimage.render(token, kind)
             _write_atomic(path, image if isinstance(image, bytes) else image.encode())
-    if args.terminal:
+    if args.terminal and not wants_json(args):
         print(qrimage.render(token, "terminal"))
-    print(encode_text(token))
+    text = encode_text(token)
+    emit(args, {"token": text, "counter": generator.counter}, text)
     return EXIT_OK
 
 
+def _receipt(receipt: Any) -> dict[str, Any]:
+    return {"gateway": receipt.gateway, "record": receipt.record, "account": receipt.account,
+            "serial": receipt.serial, "counter": receipt.counter, "amount": receipt.amount,
+            "scene": receipt.scene.name.lower(), "time": receipt.gateway_time,
+            "duplicate": receipt.duplicate}
+
+
+def _scan_file(args: argparse.Namespace) -> int:
+    texts = [line.strip() for line in _read_text(args.file, "tokens").splitlines()
+             if line.strip()]
+    if not texts:
+        raise CliError(f"{args.file} holds no token")
+    tokens = []
+    for line, text in enumerate(texts, 1):
+        try:
+            tokens.append(decode_text(text))
+        except MalformedToken as exc:
+            raise CliError(f"{args.file} token {line}: {exc}") from None
+    with _gateway(args, create=True) as gateway:
+        result = gateway.scan_batch(tokens, [args.amount] * len(tokens), args.scene, args.now)
+    refused: dict[str, int] = {}
+    for code in result.reasons[~result.ok].tolist():
+        refused[Reason(code).name] = refused.get(Reason(code).name, 0) + 1
+    accepted = [_receipt(r) for r in result.receipts if r is not None]
+    status(args, f"{len(accepted):,} of {len(tokens):,} tokens accepted"
+                 + (f"; refused: {refused}" if refused else ""))
+    emit(args, {"tokens": len(tokens), "accepted": len(accepted), "refused": refused,
+                "reasons": [Reason(c).name for c in result.reasons.tolist()],
+                "receipts": accepted},
+         lambda: print("\n".join(json.dumps(r) for r in accepted)))
+    return EXIT_OK if not refused else EXIT_REFUSED
+
+
 def cmd_scan(args: argparse.Namespace) -> int:
+    if args.file:
+        return _scan_file(args)
     if args.image:
         tokens = qrimage.decode_image(args.image)
         if not tokens:
@@ -374,11 +399,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         token = decode_text(_text_or_file(args.text, "token"))
     with _gateway(args, create=True) as gateway:
         receipt = gateway.scan(token, args.amount, args.scene, args.now)
-    print(json.dumps({"gateway": receipt.gateway, "record": receipt.record,
-                      "account": receipt.account, "serial": receipt.serial,
-                      "counter": receipt.counter, "amount": receipt.amount,
-                      "scene": receipt.scene.name.lower(), "time": receipt.gateway_time,
-                      "duplicate": receipt.duplicate}))
+    emit(args, _receipt(receipt), lambda: print(json.dumps(_receipt(receipt))))
     return EXIT_OK
 
 
@@ -386,17 +407,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     with _gateway(args) as gateway:
         batch = gateway.export_batch(args.max_records, args.now)
     if batch is None:
-        print("nothing to upload", file=sys.stderr)
+        status(args, "nothing to upload")
+        emit(args, {"written": False}, lambda: None)
         return EXIT_OK
     _write_atomic(args.out, batch)
-    print(f"wrote {args.out} ({len(batch)} bytes)", file=sys.stderr)
+    status(args, f"wrote {'the batch to stdout' if args.out == '-' else args.out} "
+                 f"({len(batch)} bytes)")
+    emit(args, {"written": True, "out": args.out, "bytes": len(batch)}, lambda: None)
     return EXIT_OK
 
 
 def cmd_ack(args: argparse.Namespace) -> int:
     with _gateway(args) as gateway:
         gateway.ack(args.seq)
-    print(f"batch {args.seq} acknowledged", file=sys.stderr)
+    status(args, f"batch {args.seq} acknowledged")
+    emit(args, {"acknowledged": args.seq}, lambda: None)
     return EXIT_OK
 
 
@@ -409,10 +434,10 @@ def cmd_gateway_recover(args: argparse.Namespace) -> int:
                   "`qrpay scan` and `qrpay deny-list apply`")
     done = recover_gateway(args.gateway_dir, _key(args.gateway_key, GatewayKey), _trust(args),
                            now=args.now)
-    print(json.dumps(done.as_dict(), indent=1))
-    print(f"recovered: {done.kept_records} records kept, {done.lost_records} lost, "
+    emit(args, done.as_dict())
+    status(args, f"recovered: {done.kept_records} records kept, {done.lost_records} lost, "
           f"{done.lost_batches} upload batches lost; tokens issued at or before "
-          f"{done.refused_through} are refused from now on", file=sys.stderr)
+          f"{iso(done.refused_through)} are refused from now on")
     return EXIT_OK
 
 
@@ -422,11 +447,11 @@ def cmd_deny_apply(args: argparse.Namespace) -> int:
         applied = gateway.update_deny_list(_read_bytes(args.file, "deny list"), args.now)
     # The same version again is the list in force (other bytes under its
     # version are refused): a safe retry that changed nothing.
-    if before and applied.version == before:
-        print(f"deny list version {applied.version} is already in force", file=sys.stderr)
-    else:
-        print(f"deny list version {applied.version}: {len(applied)} credentials",
-              file=sys.stderr)
+    again = bool(before and applied.version == before)
+    status(args, f"deny list version {applied.version} is already in force" if again
+           else f"deny list version {applied.version}: {len(applied)} credentials")
+    emit(args, {"version": applied.version, "credentials": len(applied),
+                "already_in_force": again}, lambda: None)
     return EXIT_OK
 
 
@@ -467,21 +492,34 @@ def _needs_issuer_keys(settlement: Settlement) -> None:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     worst = EXIT_OK
-    with _settlement(args, create=True) as settlement:
+    results: list[dict[str, Any]] = []
+    with _settlement(args, create=True) as settlement, \
+            progress_bar("ingesting", "batch", quiet=silent(args) or len(args.batches) < 2
+                         ) as progress:
         _needs_issuer_keys(settlement)
-        for path in args.batches:
+        for done, path in enumerate(args.batches, 1):
             try:
                 result = settlement.ingest(_read_bytes(path, "batch"))
-                print(f"{path}: {result.status.value} (gateway {result.gateway}, batch "
-                      f"{result.seq}, {result.records} records, {result.invalid} invalid)")
+                results.append({"file": path, "status": result.status.value,
+                                "gateway": result.gateway, "seq": result.seq,
+                                "records": result.records, "invalid": result.invalid})
                 if result.status is IngestStatus.CONFLICT:
                     worst = EXIT_REFUSED
             except _BAD_INPUT as exc:
-                print(f"{path}: rejected: {exc} ({exc.reason.name})", file=sys.stderr)
+                status(args, f"{path}: rejected: {exc} ({exc.reason.name})")
+                results.append({"file": path, "status": "rejected", "reason": exc.reason.name,
+                                "message": str(exc)})
                 worst = max(worst, EXIT_USAGE)
             except _REFUSALS as exc:   # nothing stored: the gateway keeps the batch, retries
-                print(f"{path}: refused: {exc} ({exc.reason.name})", file=sys.stderr)
+                status(args, f"{path}: refused: {exc} ({exc.reason.name})")
+                results.append({"file": path, "status": "refused", "reason": exc.reason.name,
+                                "message": str(exc)})
                 worst = max(worst, EXIT_REFUSED)
+            if progress is not None:
+                progress(done, len(args.batches))
+    emit(args, {"batches": results}, lambda: print("\n".join(
+        f"{r['file']}: {r['status']} (gateway {r['gateway']}, batch {r['seq']}, "
+        f"{r['records']} records, {r['invalid']} invalid)" for r in results if "seq" in r)))
     return worst
 
 
@@ -509,22 +547,29 @@ def _role_names(roles: Role) -> list[str]:
 def cmd_settlement_trust(args: argparse.Namespace) -> int:
     keys = [IssuerPublicKey.from_text(_text_or_file(v, "issuer public key"))
             for v in args.issuer_public]
+    trusted = []
     with _open_store(args, create=True) as settlement:
         for key in keys:
             entry = settlement.trust_issuer(key, args.not_before, args.not_after, args.roles)
-            print(f"settlement trusts issuer key {entry.kid.hex()} for "
-                  f"{', '.join(_role_names(entry.roles))}, from {entry.not_before} to "
-                  f"{entry.not_after}", file=sys.stderr)
+            trusted.append(_trusted(entry))
+            status(args, f"settlement trusts issuer key {entry.kid.hex()} for "
+                         f"{', '.join(_role_names(entry.roles))}, from "
+                         f"{iso(entry.not_before)} to {iso(entry.not_after)}")
+    emit(args, {"trusted": trusted}, lambda: None)
     return EXIT_OK
 
 
 def cmd_settlement_keys(args: argparse.Namespace) -> int:
     with _open_store(args) as settlement:
         stored = settlement.trusted_issuers()
-    print(json.dumps([{"key": t.key.to_text(), "kid": t.kid.hex(), "roles": _role_names(t.roles),
-                       "not_before": t.not_before, "not_after": t.not_after} for t in stored],
-                     indent=1))
+    emit(args, {"keys": [_trusted(t) for t in stored]})
     return EXIT_OK
+
+
+def _trusted(entry: Any) -> dict[str, Any]:
+    return {"key": entry.key.to_text(), "kid": entry.kid.hex(),
+            "roles": _role_names(entry.roles), "not_before": entry.not_before,
+            "not_after": entry.not_after}
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -532,17 +577,20 @@ def cmd_report(args: argparse.Namespace) -> int:
         report = settlement.report()
     out = report.as_dict()
     del out["until"]   # the open period has none
-    print(json.dumps(out, indent=2))
+    emit(args, out)
     return EXIT_OK
 
 
 def cmd_settlement_operator(args: argparse.Namespace) -> int:
     keys = [GatewayPublicKey.from_text(_text_or_file(v, "gateway public key"))
             for v in args.gateway_public]
+    registered = []
     with _open_store(args, create=True) as settlement:
         for key in keys:
             gateway_id = settlement.register_gateway(key, args.operator)
-            print(f"gateway {gateway_id} clears to operator {args.operator}", file=sys.stderr)
+            registered.append(gateway_id)
+            status(args, f"gateway {gateway_id} clears to operator {args.operator}")
+    emit(args, {"operator": args.operator, "gateways": registered}, lambda: None)
     return EXIT_OK
 
 
@@ -557,24 +605,27 @@ def cmd_settlement_fees(args: argparse.Namespace) -> int:
                 raise InvalidArgument("a fee schedule is a JSON object")
             schedule = clearing.FeeSchedule.from_dict(data)
             stored = settlement.set_fee_schedule(schedule)
-            print(f"fee schedule version {schedule.version} "
-                  f"{'stored' if stored else 'was stored already'}", file=sys.stderr)
+            status(args, f"fee schedule version {schedule.version} "
+                         f"{'stored' if stored else 'was stored already'}")
         current = settlement.fee_schedule()
-    print(json.dumps(current.to_dict() if current else None, indent=1))
+    emit(args, {"schedule": current.to_dict() if current else None})
     return EXIT_OK
 
 
 def cmd_close(args: argparse.Namespace) -> int:
     key = _key(args.settlement_key, SettlementKey)
-    with _settlement(args) as settlement:
-        closed = settlement.close_period(args.until, key, now=args.now)
+    with _settlement(args) as settlement, \
+            progress_bar("closing", "step", quiet=silent(args)) as bar:
+        if bar is None:
+            status(args, f"closing the period at {iso(args.until)}")
+        closed = settlement.close_period(args.until, key, now=args.now, progress=bar)
     out = {"period": closed.number, "from": closed.from_time, "until": closed.until,
            "closed_at": closed.closed_at, "records": closed.records,
            "charged_total": closed.charged_total, "not_charged_total": closed.rejected_total,
            "archive": str(closed.path),
            "operators": [{"operator": c.operator, "gross": c.gross, "fee": c.fee, "net": c.net,
                           "flagged_amount": c.flagged_amount} for c in closed.clearing]}
-    print(json.dumps(out, indent=2))
+    emit(args, out)
     return EXIT_OK
 
 
@@ -591,8 +642,9 @@ def cmd_statement_write(args: argparse.Namespace) -> int:
         _write_atomic(args.csv, clearing.statement_csv(
             clearing.verify_statement(signed, public)).encode())
     _write_atomic(args.out, signed)
-    print(f"statement of {args.operator} for period {args.period} written to {args.out}",
-          file=sys.stderr)
+    status(args, f"statement of {args.operator} for period {args.period} written to {args.out}")
+    emit(args, {"period": args.period, "operator": args.operator, "out": args.out,
+                "csv": args.csv}, lambda: None)
     return EXIT_OK
 
 
@@ -605,7 +657,7 @@ def cmd_statement_verify(args: argparse.Namespace) -> int:
                                                   public)
     else:
         statement = clearing.verify_statement(signed, public)
-    print(json.dumps({
+    emit(args, {
         "verified": True, "period": statement.period, "operator": statement.operator,
         "from": statement.from_time, "until": statement.until,
         "schedule_version": statement.schedule_version, "gross": statement.gross,
@@ -613,7 +665,7 @@ def cmd_statement_verify(args: argparse.Namespace) -> int:
         "flagged_amount": statement.flagged_amount,
         "lines": [{"scene": line.scene.name, "count": line.count, "gross": line.gross,
                    "fee_bps": line.fee_bps, "fee": line.fee, "net": line.net}
-                  for line in statement.lines]}, indent=2))
+                  for line in statement.lines]})
     return EXIT_OK
 
 
@@ -625,15 +677,67 @@ def cmd_archive_ls(args: argparse.Namespace) -> int:
              "closed_at": p.closed_at, "records": p.records, "charged_total": p.charged_total,
              "not_charged_total": p.rejected_total, "path": str(p.path),
              "archived": p.number in on_disk} for p in closed]
-    print(json.dumps(rows, indent=1))
+    emit(args, {"periods": rows})
     missing = [r["period"] for r in rows if not r["archived"]]
     if missing:
-        print(f"closed periods missing from the archive: {missing}", file=sys.stderr)
+        status(args, f"closed periods missing from the archive: {missing}")
         return EXIT_REFUSED
     return EXIT_OK
 
 
+def _bank_file(path: str, default_time: int) -> tuple[list[int], list[int], list[int],
+                                                       list[str]]:
+    """A bank's repayment CSV: a header naming account, amount, reference
+    and, optionally, paid_at (ISO 8601 or Unix seconds; default --now). Every
+    row is checked before any is stored."""
+    rows = list(csv.reader(io.StringIO(_read_text(path, "repayments"))))
+    if not rows:
+        raise CliError(f"{path} is empty: it needs a header row (account,amount,reference)")
+    header = [name.strip().lower() for name in rows[0]]
+    missing = {"account", "amount", "reference"} - set(header)
+    if missing:
+        raise CliError(f"{path}: the header has no {', '.join(sorted(missing))} column "
+                       f"(it reads account,amount,reference[,paid_at])")
+    column = {name: header.index(name) for name in header}
+    accounts, amounts, times, references = [], [], [], []
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            raise CliError(f"{path} line {line}: {len(row)} cells, the header has {len(header)}")
+        try:
+            accounts.append(int(row[column["account"]]))
+            amounts.append(int(row[column["amount"]]))
+            when = row[column["paid_at"]].strip() if "paid_at" in column else ""
+            times.append(parse_time(when) if when else default_time)
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            raise CliError(f"{path} line {line}: {exc}") from None
+        references.append(row[column["reference"]].strip())
+    return accounts, amounts, times, references
+
+
+def _repay_file(args: argparse.Namespace) -> int:
+    if args.account is not None or args.amount is not None or args.reference is not None:
+        raise CliError("--file takes the repayments from the file: leave out --account, "
+                       "--amount and --reference")
+    accounts, amounts, times, references = _bank_file(args.file, _at(args.now))
+    with _settlement(args) as settlement:
+        stored = settlement.record_repayments(np.array(accounts, dtype=np.int64),
+                                              np.array(amounts, dtype=np.int64),
+                                              np.array(times, dtype=np.int64), references)
+    status(args, f"{args.file}: {len(accounts):,} repayments, {stored:,} stored now, "
+                 f"{len(set(references)) - stored:,} stored before (nothing changed)")
+    emit(args, {"file": args.file, "rows": len(accounts), "stored": stored,
+                "stored_before": len(set(references)) - stored, "total": sum(amounts)},
+         lambda: None)
+    return EXIT_OK
+
+
 def cmd_repay(args: argparse.Namespace) -> int:
+    if args.file:
+        return _repay_file(args)
+    if args.account is None or args.amount is None or args.reference is None:
+        raise CliError("give --account, --amount and --reference (or --file bank.csv)")
     paid_at = _at(args.now)
     with _settlement(args) as settlement:
         try:
@@ -644,8 +748,11 @@ def cmd_repay(args: argparse.Namespace) -> int:
             raise CliError(f"{exc} (retry with --reference {args.reference} --now {paid_at})",
                            EXIT_TEMPFAIL) from None
         what = "recorded" if stored else "was recorded before (nothing changed)"
-        print(f"account {args.account}: repayment {args.reference} of {args.amount} at "
-              f"{paid_at} {what}", file=sys.stderr)
+        status(args, f"account {args.account}: repayment {args.reference} of {args.amount} at "
+                     f"{iso(paid_at)} {what}")
+        emit(args, {"account": args.account, "amount": args.amount,
+                    "reference": args.reference, "paid_at": paid_at, "stored": stored},
+             lambda: None)
         # Stored whatever it is (the money did arrive), but a payment for an
         # account never charged, or beyond what it owes, is said out loud.
         with contextlib.suppress(StoreUnavailable):   # stored: only the note is lost
@@ -655,9 +762,9 @@ def cmd_repay(args: argparse.Namespace) -> int:
                 else (0, 0)
             if repaid > charged:
                 why = "it has no charges" if not charged else f"charged {charged} in all"
-                print(f"account {args.account} is in credit by {repaid - charged}: repaid "
-                      f"{repaid}, {why} (its balance in `qrpay history` is "
-                      f"{charged - repaid})", file=sys.stderr)
+                status(args, f"account {args.account} is in credit by {repaid - charged}: "
+                             f"repaid {repaid}, {why} (its balance in `qrpay history` is "
+                             f"{charged - repaid})")
     return EXIT_OK
 
 
@@ -666,12 +773,13 @@ def cmd_history(args: argparse.Namespace) -> int:
     with _settlement(args) as settlement:
         rows = settlement.credit_history(now, due_after=args.due_days * 86_400)
     _write_rows(args.out, rows)
-    print(f"wrote {args.out}: {len(rows):,} accounts at {now}", file=sys.stderr)
+    status(args, f"wrote {args.out}: {len(rows):,} accounts at {iso(now)}")
     credit = rows["balance"] < 0
     if credit.any():
-        print(f"{int(credit.sum()):,} of them in credit (repaid more than charged, "
-              f"{-int(rows['balance'][credit].sum()):,} in all): a negative balance",
-              file=sys.stderr)
+        status(args, f"{int(credit.sum()):,} of them in credit (repaid more than charged, "
+                     f"{-int(rows['balance'][credit].sum()):,} in all): a negative balance")
+    emit(args, {"out": args.out, "accounts": len(rows), "at": now,
+                "in_credit": int(credit.sum())}, lambda: None)
     return EXIT_OK
 
 
@@ -704,7 +812,8 @@ def cmd_deny_publish(args: argparse.Namespace) -> int:
             raise CliError(f"{exc}; deny list version {version} is published in settlement but "
                            "was written nowhere: publish again and send that one (each version "
                            "holds every serial of the ones before)") from None
-    print(f"deny list version {version}: {len(added)} added", file=sys.stderr)
+    status(args, f"deny list version {version}: {len(added)} added")
+    emit(args, {"version": version, "added": len(added), "out": args.out}, lambda: None)
     return EXIT_OK
 
 
@@ -715,40 +824,6 @@ def _clock() -> int:
 def _at(value: int | None) -> int:
     """A time option: as given, or the clock when left out."""
     return _clock() if value is None else value
-
-
-def cmd_score_fit(args: argparse.Namespace) -> int:
-    X, y, names = _load_matrix(args.data, args.label)
-    assert y is not None
-    empty = [name for name, column in zip(names, X.T) if np.isnan(column).all()]
-    if empty:
-        raise CliError(f"{args.data}: column {empty[0]!r} is empty in every row: there is "
-                       "nothing to fit; drop the column or fill it in")
-    card = Scorecard.fit(X, y, names, trend=args.trend)
-    _write_atomic(args.out, card.to_json().encode())
-    print(f"card {card.card_id}: {len(names)} features, written to {args.out}", file=sys.stderr)
-    return EXIT_OK
-
-
-def cmd_score_apply(args: argparse.Namespace) -> int:
-    card = Scorecard.from_json(_read_text(args.card, "card"))
-    X, _y, names = _load_matrix(args.data)
-    if not args.data.endswith(".npy") and tuple(names) != card.feature_names:  # a CSV
-        raise CliError(f"{args.data} columns {names} are not the card's {list(card.feature_names)}")
-    scores, reasons = card.explain(X, k=min(args.reasons, len(card.features)),
-                                   threads=args.threads)
-    if args.out.endswith(".npy"):
-        image = io.BytesIO()
-        np.save(image, scores)
-        _write_atomic(args.out, image.getvalue())
-    else:
-        lines = ["score," + ",".join(f"reason{i + 1}" for i in range(reasons.shape[1]))]
-        named = card.reason_names(reasons)
-        lines += [",".join([str(int(s)), *r, *[""] * (reasons.shape[1] - len(r))])
-                  for s, r in zip(scores, named)]
-        _write_atomic(args.out, ("\n".join(lines) + "\n").encode())
-    print(f"scored {len(scores):,} rows with card {card.card_id}", file=sys.stderr)
-    return EXIT_OK
 
 
 def _check_out(path: str, what: str) -> None:
@@ -771,7 +846,8 @@ def _check_out(path: str, what: str) -> None:
 def cmd_simulate(args: argparse.Namespace) -> int:
     # Checked before a city's day starts, not after it (simulate.run checks
     # the rest: an existing --workdir must be empty).
-    if args.json:
+    to_file = args.json not in (None, "-")
+    if to_file:
         _check_out(args.json, "--json")
     if args.workdir:
         try:
@@ -781,10 +857,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise CliError(f"--workdir {args.workdir} cannot be made: "
                            f"{exc.strerror or exc}") from None
-    report = simulate.run(args.citizens, args.trips, args.seed, args.threads, args.workdir,
-                          days=args.days)
-    print(simulate.format_report(report))
-    if args.json:
+    with progress_bar("simulate", "stage", quiet=silent(args)) as bar:
+        # On a terminal the bar stands in for the stage lines (the report
+        # that follows lists every stage's time); in a pipe the lines stay.
+        report = simulate.run(args.citizens, args.trips, args.seed, args.threads,
+                              args.workdir, days=args.days,
+                              progress=io.StringIO() if silent(args) or bar else None,
+                              on_stage=bar)
+    if args.json == "-":
+        emit(args, report.as_dict())
+    else:
+        print(simulate.format_report(report))
+    if to_file:
         _write_atomic(args.json, json.dumps(report.as_dict(), indent=2).encode())
     return EXIT_OK if not report.failures else EXIT_REFUSED
 
@@ -797,6 +881,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tokens, gateways, settlement and credit scoring.",
         epilog="Exit codes: 0 done, 1 refused by a check, 2 bad input, 75 the journal or "
                "store is unavailable or busy (try again).")
+    parser.add_argument("--version", action="version", version=f"qrpay {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def trust_args(p: argparse.ArgumentParser) -> None:
@@ -814,21 +899,23 @@ def build_parser() -> argparse.ArgumentParser:
         dest="keys_command", required=True, metavar="ACTION")
     p = keys.add_parser("new", help="generate a key; the secret goes to a file (mode 600), "
                                     "the public key to stdout")
-    p.add_argument("role", choices=sorted(ROLES))
+    p.add_argument("role", choices=sorted(ROLES), help="what the key is for: "
+                   + ", ".join(sorted(ROLES)))
     p.add_argument("--out", required=True, help="file for the secret key")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.set_defaults(run=cmd_keys_new)
     p = keys.add_parser("public", help="print the public key of a secret key file")
-    p.add_argument("key")
+    p.add_argument("key", help="the secret key file (- for stdin)")
     p.set_defaults(run=cmd_keys_public)
 
     p = commands.add_parser("issue", help="issue a credential for a device",
                             description="Sign a credential with an issuer key, from a limit "
                             "and scenes, or from a scorecard, a limit policy and the "
                             "account's features.")
-    p.add_argument("--issuer-key", required=True)
+    p.add_argument("--issuer-key", required=True, help="file with the issuer secret key")
     p.add_argument("--device-public", required=True, help="device public key (text or file)")
-    p.add_argument("--account", required=True, type=_U64)
+    p.add_argument("--account", required=True, type=_U64,
+                   help="the account the credential charges, 0 to 2**64-1")
     p.add_argument("--limit", type=_int(0, U32_MAX, "a limit is minor units below 2**32"),
                    help="offline credit limit, minor units")
     p.add_argument("--scenes", type=_scenes, help="comma-separated, e.g. bus,metro")
@@ -844,10 +931,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("token", help="make a token on the phone (text form, or a QR)")
     p.add_argument("--credential", required=True, help="credential text or file")
-    p.add_argument("--device-key", required=True)
-    p.add_argument("--scene", required=True, type=_scene)
+    p.add_argument("--device-key", required=True, help="file with the device secret key")
+    p.add_argument("--scene", required=True, type=_scene, help="where the token is shown")
     p.add_argument("--counter-file", help="keeps the counter between runs (it only goes up)")
-    p.add_argument("--now", type=_TIME)
+    p.add_argument("--now", type=_TIME, help="the token's time (default: the clock)")
     p.add_argument("--png", help="also render the QR code to this PNG file")
     p.add_argument("--svg", help="also render the QR code to this SVG file")
     p.add_argument("--terminal", action="store_true", help="also draw the QR in the terminal")
@@ -858,21 +945,24 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="the token's text form (or a file holding it)")
     source.add_argument("--image", help="a QR image to decode (needs the qr extra)")
+    source.add_argument("--file", help="a file of token texts, one per line (- for stdin), "
+                                       "scanned as one batch with one journal commit")
     p.add_argument("--amount", required=True, type=_AMOUNT, help="minor units")
     p.add_argument("--scene", required=True, type=_scene, help="this gateway's scene")
     p.set_defaults(run=cmd_scan)
 
     p = commands.add_parser("export", help="write the gateway's next signed upload batch")
     gateway_args(p)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the batch file to write (- for stdout)")
     p.add_argument("--max-records", type=_int(1, MAX_RECORDS_PER_BATCH,
                                               "settlement takes no bigger batch"),
-                   default=1000)
+                   default=1000, help="records in the batch at most (default: 1000)")
     p.set_defaults(run=cmd_export)
 
     p = commands.add_parser("ack", help="record that settlement has a batch")
     gateway_args(p)
-    p.add_argument("--seq", required=True, type=_int(1, 2**53 - 1, "batch numbers"))
+    p.add_argument("--seq", required=True, type=_int(1, 2**53 - 1, "batch numbers"),
+                   help="the batch number settlement stored (it and every one before)")
     p.set_defaults(run=cmd_ack)
 
     gateway = commands.add_parser("gateway", help="look after a gateway directory"
@@ -888,16 +978,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "again. See docs/GATEWAY.md, Failure modes.")
     gateway_args(p)
     p.set_defaults(run=cmd_gateway_recover)
-    from qrpay import cli_online, cli_scale, cli_trust   # extras load when a command runs
+    # extras load when a command runs
+    from qrpay import cli_inspect, cli_online, cli_scale, cli_score, cli_status, cli_trust
     cli_online.add_parsers(commands, gateway, gateway_args)
     cli_trust.add_parsers(commands)
     cli_scale.add_parsers(commands)
+    cli_score.add_parsers(commands)
+    cli_inspect.add_parsers(commands)
+    cli_status.add_parsers(gateway, gateway_args)
 
     deny = commands.add_parser("deny-list", help="publish or apply deny lists").add_subparsers(
         dest="deny_command", required=True, metavar="ACTION")
     p = deny.add_parser("apply", help="apply a signed deny list to a gateway")
     gateway_args(p)
-    p.add_argument("--file", required=True)
+    p.add_argument("--file", required=True, help="the signed deny list (- for stdin)")
     p.set_defaults(run=cmd_deny_apply)
 
     def store_args(p: argparse.ArgumentParser) -> None:
@@ -919,10 +1013,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = deny.add_parser("publish", help="sign the next deny list from settlement's findings")
     settlement_args(p)
-    p.add_argument("--issuer-key", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--issuer-key", required=True, help="file with the issuer secret key "
+                                                       "that signs the list")
+    p.add_argument("--out", required=True, help="the signed deny list to write (- for stdout)")
     p.add_argument("--revoke", type=_U64, action="append", help="also deny this serial")
-    p.add_argument("--now", type=_TIME)
+    p.add_argument("--now", type=_TIME, help="the list's issue time (default: the clock)")
     p.set_defaults(run=cmd_deny_publish)
 
     settle = commands.add_parser("settlement", help="look after a settlement directory"
@@ -941,10 +1036,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roles", type=_roles, default=Role.CREDENTIALS | Role.DENY_LIST,
                    help="what the key may sign, comma-separated: credentials, deny-list, "
                         "scorecard (default: credentials,deny-list)")
-    p.add_argument("--not-before", type=_int(0, U32_MAX), default=0,
-                   help="Unix time the key is trusted from (default: 0)")
-    p.add_argument("--not-after", type=_int(0, U32_MAX), default=U32_MAX,
-                   help="Unix time it is trusted to (default: 2**32-1)")
+    p.add_argument("--not-before", type=_TIME, default=0,
+                   help="when the key is trusted from (default: 0, always)")
+    p.add_argument("--not-after", type=_TIME, default=U32_MAX,
+                   help="when it is trusted to (default: 2**32-1, in 2106)")
     p.set_defaults(run=cmd_settlement_trust)
     p = settle.add_parser("keys", help="print the issuer keys the settlement store trusts (JSON)")
     store_args(p)
@@ -989,8 +1084,10 @@ def build_parser() -> argparse.ArgumentParser:
         dest="statement_command", required=True, metavar="ACTION")
     p = statement.add_parser("write", help="write an operator's statement of a closed period")
     store_args(p)
-    p.add_argument("--period", required=True, type=_int(1, 2**62))
-    p.add_argument("--operator", required=True)
+    p.add_argument("--period", required=True, type=_int(1, 2**62),
+                   help="the closed period's number (qrpay archive ls)")
+    p.add_argument("--operator", required=True, help="the operator id (qrpay settlement "
+                                                     "operator)")
     p.add_argument("--out", required=True, help="the signed statement (msgpack)")
     p.add_argument("--csv", help="also write it as CSV here, for the operator's accountant "
                                  "(needs --settlement-public)")
@@ -1015,7 +1112,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("ingest", help="ingest upload batches into settlement")
     settlement_args(p)
-    p.add_argument("batches", nargs="+")
+    p.add_argument("batches", nargs="+", help="upload batch files (qrpay export); - for "
+                                              "one from stdin")
     p.set_defaults(run=cmd_ingest)
 
     p = commands.add_parser("report", help="print the open period's charges and findings "
@@ -1025,12 +1123,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("repay", help="record a repayment an account made")
     settlement_args(p)
-    p.add_argument("--account", required=True, type=_int(0, 2**63 - 1, "settlement's accounts"))
-    p.add_argument("--amount", required=True, type=_int(1, 2**62, "all repayments add up "
-                                                         "below 2**62"), help="minor units")
-    p.add_argument("--reference", required=True,
+    p.add_argument("--account", type=_int(0, 2**63 - 1, "settlement's accounts"),
+                   help="the account that paid (with --amount and --reference)")
+    p.add_argument("--amount", type=_int(1, 2**62, "all repayments add up below 2**62"),
+                   help="minor units")
+    p.add_argument("--reference",
                    help="the payment's own reference (the bank's): the same one again is "
                         "stored once, so a failed call can be retried")
+    p.add_argument("--file", metavar="CSV",
+                   help="a bank file of many repayments, stored in one transaction: a header "
+                        "account,amount,reference[,paid_at] (- for stdin); a row without "
+                        "paid_at takes --now. The same file again stores only what is "
+                        "missing (give the same --now when some rows have no paid_at)")
     p.add_argument("--now", type=_TIME, help="when it was paid (default: the clock)")
     p.set_defaults(run=cmd_repay)
 
@@ -1042,22 +1146,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="days after its scan a charge falls due (default 7)")
     p.add_argument("--out", required=True, help="CSV: one row per account")
     p.set_defaults(run=cmd_history)
-
-    score = commands.add_parser("score", help="fit and apply scorecards").add_subparsers(
-        dest="score_command", required=True, metavar="ACTION")
-    p = score.add_parser("fit", help="fit a card from a CSV with a 0/1 label column")
-    p.add_argument("--data", required=True)
-    p.add_argument("--label", required=True, help="the column with 1 = defaulted")
-    p.add_argument("--trend", default="auto", choices=["auto", "increasing", "decreasing"])
-    p.add_argument("--out", required=True, help="card JSON")
-    p.set_defaults(run=cmd_score_fit)
-    p = score.add_parser("apply", help="score rows of a CSV or .npy with a card")
-    p.add_argument("--card", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True, help="CSV of score and reasons, or .npy of scores")
-    p.add_argument("--reasons", type=_int(0), default=3)
-    p.add_argument("--threads", type=_int(1, MAX_THREADS), default=1)
-    p.set_defaults(run=cmd_score_apply)
 
     sim = commands.add_parser(
         "simulate", help="run a city's day end to end on embedded defaults",
@@ -1078,9 +1166,79 @@ def build_parser() -> argparse.ArgumentParser:
                      help="threads for signing, verifying and scoring (default: %(default)s)")
     sim.add_argument("--workdir", help="keep journals and the settlement store here "
                                        "(default: a temporary directory)")
-    sim.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
+    sim.add_argument("--json", metavar="PATH", nargs="?", const="-",
+                     help="--json alone: print the report as one JSON document instead of "
+                          "text; --json PATH: also write it to PATH")
     sim.set_defaults(run=cmd_simulate)
+    for command, leaf in _leaves(parser):
+        _common_args(leaf)
+        _annotate(leaf, command)
+        cli_config.mark(leaf, command)
+        leaf.set_defaults(_leaf=leaf)
     return parser
+
+
+class _Help(argparse.HelpFormatter):
+    """argparse's formatter, but a text laid out in lines (an example)
+    keeps them."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:   # laid out by hand (an example): kept as written
+            return text
+        return super()._fill_text(text, width, indent)
+
+
+_SCENE_NAMES = ", ".join(s.name.lower() for s in Scene)
+
+
+def _annotate(p: argparse.ArgumentParser, command: str) -> None:
+    """What every command's help says alike: its example, the forms a time
+    takes, the scenes there are."""
+    p.formatter_class = _Help
+    example = cli_examples.epilog(command)
+    if example:
+        p.epilog = f"{p.epilog}\n\n{example}" if p.epilog else example
+    for action in p._actions:
+        if action.type is parse_time:
+            action.metavar = action.metavar or "TIME"
+            action.help = (f"{action.help or 'a time'} (ISO 8601, 2027-01-15T08:30:00Z or "
+                           f"2027-01-15T16:30+08:00, or Unix seconds)")
+        elif action.type is _scene:
+            action.help = f"{action.help or 'the scene'} (one of: {_SCENE_NAMES})"
+        elif action.type is _scenes:
+            action.help = f"{action.help} (any of: {_SCENE_NAMES})"
+
+
+def _leaves(parser: argparse.ArgumentParser, path: str = ""
+            ) -> list[tuple[str, argparse.ArgumentParser]]:
+    """Every parser that runs a command, with its name (`keys new`, `report`)."""
+    found: list[tuple[str, argparse.ArgumentParser]] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                found.extend(_leaves(child, f"{path} {name}".strip()))
+    return found if found or not path else [(path, parser)]
+
+
+def _common_args(p: argparse.ArgumentParser) -> None:
+    """The options every command takes, after its own."""
+    common = p.add_argument_group("common options")
+    common.add_argument("--config", metavar="FILE",
+                        help=f"a TOML file of options this command would otherwise repeat "
+                             f"(default: ${cli_config.CONFIG_ENV}; docs/CLI.md)")
+    if "--json" not in p._option_string_actions:
+        common.add_argument("--json", action="store_true",
+                            help="print one JSON document on stdout (keys: docs/CLI.md), "
+                                 "no progress bar")
+    common.add_argument("-q", "--quiet", action="store_true",
+                        help="no status lines or progress bars on stderr (errors still)")
+    common.add_argument("--log-level", choices=logs.LEVELS,
+                        help="log records at this level and above to stderr (default: info "
+                             "for serve, warning for the rest)")
+    common.add_argument("--log-format", choices=("text", "json"),
+                        help="text lines, or one JSON object per line (docs/OPERATIONS.md); "
+                             "never a secret or a token's bytes (default: json for serve, "
+                             "text for the rest)")
 
 
 class _Output(io.TextIOBase):
@@ -1101,6 +1259,16 @@ class _Output(io.TextIOBase):
             except BrokenPipeError:
                 self._cut()
         return len(text)
+
+    def write_bytes(self, data: bytes) -> None:
+        """Bytes (a batch, a statement) on the stream, after its text."""
+        if not self.broken:
+            try:
+                self.stream.flush()
+                self.stream.buffer.write(data)
+                self.stream.buffer.flush()
+            except BrokenPipeError:
+                self._cut()
 
     def flush(self) -> None:
         if not self.broken:
@@ -1133,9 +1301,14 @@ class _Output(io.TextIOBase):
 def main(argv: Sequence[str] | None = None) -> int:
     out, err = _Output(sys.stdout), _Output(sys.stderr)
     sys.stdout, sys.stderr = cast(TextIO, out), cast(TextIO, err)
+    handler = signal.getsignal(signal.SIGINT)
     try:
         code = _main(argv)
     except KeyboardInterrupt:
+        # A second Ctrl-C while this one is handled would end the process by
+        # the signal, with a traceback and no exit code of ours.
+        with contextlib.suppress(ValueError):   # not the main thread
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("qrpay: interrupted (what was committed before stays committed)",
               file=sys.stderr)
         code = EXIT_INTERRUPTED
@@ -1143,11 +1316,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.flush()
         err.flush()
         sys.stdout, sys.stderr = out.stream, err.stream
+        if argv is not None:   # called from Python, which keeps its own Ctrl-C
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(signal.SIGINT, handler)
     return EXIT_BROKEN_PIPE if out.broken and code == EXIT_OK else code
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        config = cli_config.load(cli_config.config_path(argv))
+    except cli_config.ConfigError as exc:
+        print(f"qrpay: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    args = parser.parse_args(argv)
+    cli_config.fill(args._leaf, args, config)
+    service = args.command == "serve"   # a service's log is read by machines
+    logs.configure(args.log_level or ("info" if service else "warning"),
+                   json_format=(args.log_format or ("json" if service else "text")) == "json")
+    if wants_json(args) and "-" in (getattr(args, "out", None), getattr(args, "csv", None)):
+        args._leaf.error("--json prints its document on stdout: write --out/--csv to a file")
     try:
         return int(args.run(args))
     except CliError as exc:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from dataclasses import asdict
@@ -64,7 +63,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settlement_public=SettlementPublicKey.from_text(cli._text_or_file(
             args.settlement_public, "settlement public key")) if args.settlement_public else None,
         root_public=_root(args))
-    logging.basicConfig(level=args.log_level.upper(), format="%(message)s", stream=sys.stderr)
     with Settlement(args.store, trust, threads=args.threads, archive=args.archive) as settlement:
         app = create_app(settlement, config)
         print(json.dumps({"event": "serving", "store": storedb.redact(str(args.store)),
@@ -129,8 +127,6 @@ def add_parsers(commands: argparse._SubParsersAction,   # type: ignore[type-arg]
                    help="largest batch upload in bytes (default: 16 MiB)")
     p.add_argument("--threads", type=cli._int(1, 256), default=1,
                    help="threads verifying each upload's tokens (default: 1)")
-    p.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"])
     p.set_defaults(run=cmd_serve)
 
     p = gateway.add_parser(

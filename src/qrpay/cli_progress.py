@@ -21,13 +21,15 @@ class _Bar:
         self._what, self._unit, self._stream = what, unit, stream
         self._bar: Any = None
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, what: str | None = None) -> None:
         if self._bar is None:
             tqdm: Any = importlib.import_module("tqdm").tqdm   # untyped
             self._bar = tqdm(total=total, desc=self._what, unit=self._unit, file=self._stream,
                              dynamic_ncols=True, leave=True)
         if self._bar.total != total:
             self._bar.total = total
+        if what is not None:
+            self._bar.set_description_str(what, refresh=False)
         self._bar.update(done - self._bar.n)
 
     def close(self) -> None:
@@ -37,10 +39,11 @@ class _Bar:
 
 @contextmanager
 def progress_bar(what: str, unit: str = "task", *, quiet: bool = False,
-                 stream: TextIO | None = None) -> Iterator[Progress | None]:
+                 stream: TextIO | None = None) -> Iterator[_Bar | None]:
     """A `progress(done, total)` callback drawing a bar on `stream`
     (stderr) while the block runs, or None when the stream is not a terminal
-    or `quiet` is set: pass it straight to the functions that take one."""
+    or `quiet` is set: pass it straight to the functions that take one. A
+    third argument, when given, names the step under way."""
     stream = sys.stderr if stream is None else stream
     if quiet or not stream.isatty():
         yield None

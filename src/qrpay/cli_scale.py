@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from qrpay import cli
+from qrpay.cli_output import silent
 from qrpay.cli_progress import progress_bar
 from qrpay.errors import Reason
 
@@ -46,7 +47,7 @@ def _periods(text: str | None) -> list[int] | None:
 def cmd_verify(args: argparse.Namespace) -> int:
     from qrpay import scale
     trust = cli._trust(args)
-    with _client(args) as client, progress_bar("re-verifying") as progress:
+    with _client(args) as client, progress_bar("re-verifying", quiet=silent(args)) as progress:
         result = scale.reverify(args.archive, trust, _periods(args.periods), client=client,
                                 rows_per_task=args.rows_per_task, progress=progress)
     if args.failed_out:
@@ -63,7 +64,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_settle(args: argparse.Namespace) -> int:
     from qrpay import scale
     now = args.now
-    with _client(args) as client, progress_bar("settling") as progress:
+    with _client(args) as client, progress_bar("settling", quiet=silent(args)) as progress:
         result = scale.settle(args.archive, _periods(args.periods), now=now, client=client,
                               shards=args.shards, due_after=args.due_days * 86_400,
                               progress=progress)
@@ -87,7 +88,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         policy = LimitPolicy.from_dict(json.loads(cli._read_text(args.policy, "policy")))
     except json.JSONDecodeError as exc:
         raise cli.CliError(f"{args.policy} is not JSON: {exc}") from None
-    with _client(args) as client, progress_bar("scoring") as progress:
+    with _client(args) as client, progress_bar("scoring", quiet=silent(args)) as progress:
         result = scale.score(args.archive, card, policy, args.out, _periods(args.periods),
                              now=args.now, client=client, shards=args.shards,
                              due_after=args.due_days * 86_400, progress=progress)

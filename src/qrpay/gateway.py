@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, NamedTuple, TypeVar, Union
+from typing import IO, TYPE_CHECKING, NamedTuple, Protocol, TypeVar, Union
 
 try:
     import fcntl
@@ -33,7 +33,7 @@ from qrpay.credential import Scene, as_scene
 from qrpay.denylist import DenyDelta, DenyList, serials_digest
 from qrpay.errors import (
     BadSignature, ClockUntrusted, InvalidArgument, JournalUnavailable, MalformedMessage,
-    MalformedText, Reason, StaleUpdate, raise_for,
+    MalformedText, QrPayError, Reason, StaleUpdate, raise_for,
 )
 from qrpay.format import MAX_TIME, MAX_WINDOW, TAG_BATCH, U32_MAX
 from qrpay.journal import Batch, Journal, Record
@@ -50,6 +50,7 @@ if TYPE_CHECKING:   # httpx is an extra: imported when a sync runs
 BATCH_FORMAT = 1
 JOURNAL_FILE = "journal.sqlite3"
 LOCK_FILE = "gateway.lock"
+LAST_SYNC_KEY = "last_sync"   # journal meta: Unix time of the last sync without a problem
 
 ScanInput = Union[bytes, bytearray, memoryview, str]
 _T = TypeVar("_T")
@@ -140,6 +141,22 @@ class _Spend:
     uses: int = 0
 
 
+class GatewayObserver(Protocol):
+    """Told what a gateway did, for monitoring (qrpay.metrics.GatewayMetrics
+    is one): once per scan or scan_batch call and once per journal commit,
+    never per token. Called inside the gateway's calls, so it must be
+    quick; whatever it raises is ignored."""
+
+    def scanned(self, reasons: npt.NDArray[np.uint8], seconds: float) -> None:
+        """A scan_batch call's reason codes (0 = accepted) and its duration."""
+
+    def scan_failed(self, reason: Reason) -> None:
+        """A scan_batch call raised for the whole batch (ClockUntrusted, ...)."""
+
+    def committed(self, seconds: float) -> None:
+        """A journal transaction committed, in `seconds`."""
+
+
 class _Doubt(NamedTuple):
     """A journal write whose commit failed: its outcome is unknown until the
     rows it may have written (records from `record` on, batches from `batch`
@@ -182,6 +199,7 @@ class Gateway:
         self.trust_bundle: TrustBundle | None = None
         self.policy = policy or GatewayPolicy()
         self._clock = clock
+        self.observer: GatewayObserver | None = None   # qrpay.metrics sets one
         self.id = key.public.gateway_id
         self._key_bytes = key.public.to_bytes()
         self._mutex = threading.RLock()   # one turn at a time on the journal and the state
@@ -360,10 +378,19 @@ class Gateway:
         any other exception) during the write is a doubt too: the commit may
         have returned just before it; it is voided, then re-raised."""
         assert self._doubt is None and self._journal is not None and self._anchor is not None
+        started = time.perf_counter()
         try:
-            return action()
+            result = action()
         except BaseException as exc:
             failure = exc
+        else:
+            observer = self.observer
+            if observer is not None:
+                try:
+                    observer.committed(time.perf_counter() - started)
+                except Exception:   # monitoring never undoes a commit
+                    pass
+            return result
         self._doubts += 1
         self._doubt = doubt = _Doubt(self._doubts, record, batch)
         try:   # noted first, so an open after a crash voids it even if the next step fails
@@ -511,6 +538,27 @@ class Gateway:
         """Scan many tokens with one journal commit. Never raises per token;
         raises ClockUntrusted or JournalUnavailable for the whole batch (then
         nothing in it was accepted, and nothing in it is charged)."""
+        observer = self.observer
+        if observer is None:
+            return self._scan_batch(tokens, amounts, scene, now)
+        started = time.perf_counter()
+        try:
+            result = self._scan_batch(tokens, amounts, scene, now)
+        except QrPayError as exc:
+            try:
+                observer.scan_failed(exc.reason)
+            except Exception:
+                pass
+            raise
+        try:
+            observer.scanned(result.reasons, time.perf_counter() - started)
+        except Exception:   # the receipts are journaled: monitoring never loses them
+            pass
+        return result
+
+    def _scan_batch(self, tokens: Sequence[ScanInput],
+                    amounts: Sequence[int] | npt.ArrayLike, scene: Scene,
+                    now: float | None) -> ScanResult:
         t = self._trusted_now(now)
         scene = as_scene(scene)
         if isinstance(tokens, (str, bytes, bytearray, memoryview)) or not isinstance(
@@ -727,7 +775,21 @@ class Gateway:
         each one it holds, and fetch its deny list (qrpay.sync.sync; needs
         httpx). Offline, the batches stay queued: `report.online` is False."""
         from qrpay.sync import sync
-        return sync(self, client, now=now, max_records=max_records, max_batches=max_batches)
+        report = sync(self, client, now=now, max_records=max_records, max_batches=max_batches)
+        if report.online and not report.problems:
+            self._note_sync(now)
+        return report
+
+    def _note_sync(self, now: float | None) -> None:
+        """Keep the time of this sync in the journal (LAST_SYNC_KEY), for
+        `qrpay gateway status`. Best effort: the sync itself is done."""
+        with self._mutex:
+            try:
+                journal = self._ready()
+                t = self._read_clock(now)
+                self._write(lambda: journal.set(LAST_SYNC_KEY, t))
+            except (JournalUnavailable, ClockUntrusted):
+                pass
 
     def records(self) -> list[Record]:
         """Every record still in the journal, in order (for audits and tests):

@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from qrpay import clearing
+from qrpay import clearing, metrics
 from qrpay.denylist import DenyList, deny_list_etag
 from qrpay.errors import (
     BadSignature, Conflict, InvalidArgument, MalformedMessage, PeriodClosed, QrPayError,
@@ -301,6 +301,17 @@ def create_app(settlement: Settlement, config: ServiceConfig) -> Starlette:
 
     # -- health -----------------------------------------------------------------------------
 
+    # Unauthenticated, like /healthz: Prometheus scrapes it without the
+    # operator token, and it holds counts only (docs/OPERATIONS.md).
+    service_metrics = metrics.ServiceMetrics() if metrics.available() else None
+
+    async def metrics_page(request: Request) -> Response:
+        if service_metrics is None:
+            return _error(501, "no_metrics", "this server cannot serve metrics without "
+                          f"prometheus_client: {metrics.INSTALL_HINT}")
+        body, content_type = service_metrics.exposition(request.headers.get("accept", ""))
+        return Response(body, headers={"Content-Type": content_type})
+
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -324,8 +335,9 @@ def create_app(settlement: Settlement, config: ServiceConfig) -> Starlette:
               methods=["GET"]),
         Route("/healthz", health, methods=["GET"]),
         Route("/readyz", ready, methods=["GET"]),
+        Route("/metrics", metrics_page, methods=["GET"]),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(AccessLog)])
+    return Starlette(routes=routes, middleware=[Middleware(AccessLog, observer=service_metrics)])
 
 
 def _held(request: Request, tag: str) -> bool:
@@ -368,10 +380,12 @@ class AccessLog:
     """ASGI middleware: one JSON line per request on the qrpay.access logger
     (method, path, status, bytes in and out, milliseconds, client address).
     Headers, query strings and bodies are never logged: they may carry the
-    operator token or token bytes."""
+    operator token or token bytes. Each request is also told to `observer`
+    (the app's metrics), if any."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, observer: metrics.ServiceMetrics | None = None) -> None:
         self.app = app
+        self.observer = observer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -395,9 +409,12 @@ class AccessLog:
         try:
             await self.app(scope, counting_receive, counting_send)
         finally:
+            seconds = time.perf_counter() - started
             client = scope.get("client")
             ACCESS_LOG.info(json.dumps({
                 "method": scope["method"], "path": scope["path"], "status": seen["status"],
                 "bytes_in": seen["in"], "bytes_out": seen["out"],
-                "ms": round((time.perf_counter() - started) * 1000, 2),
+                "ms": round(seconds * 1000, 2),
                 "client": client[0] if client else None}))
+            if self.observer is not None:
+                self.observer.request(scope["method"], scope["path"], seen["status"], seconds)

@@ -170,6 +170,24 @@ _CHUNKS = "name > 'charges:' AND name < 'charges;'"   # every chunk's name (':' 
 _ARCHIVED = b""   # a chunk's data when its rows are the archive's (a kept chunk is never empty)
 
 
+# The steps close_period reports to a progress callback.
+CLOSE_STEPS = 3
+
+
+class _Steps:
+    """Calls progress(done, total, step) at each step of a long call: the
+    step starting, with how many are done."""
+
+    def __init__(self, progress: Callable[[int, int, str], None] | None,
+                 total: int = CLOSE_STEPS) -> None:
+        self.progress, self.total, self.done = progress, total, -1
+
+    def __call__(self, step: str) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(min(self.done, self.total), self.total, step)
+
+
 class IngestStatus(str, enum.Enum):
     APPLIED = "applied"     # new: stored, in one transaction
     EXISTS = "exists"       # the same batch again: nothing changed
@@ -645,13 +663,16 @@ class Settlement:
 
     # -- periods -------------------------------------------------------------------------
 
-    def close_period(self, until: int, key: SettlementKey, *, now: int | None = None
+    def close_period(self, until: int, key: SettlementKey, *, now: int | None = None,
+                     progress: Callable[[int, int, str], None] | None = None
                      ) -> PeriodSummary:
         """Close the open period at `until`: settle every record scanned
         before it that has arrived, after the closed periods; archive those
         records with the report, the clearing and a statement per operator
         signed with `key`; carry forward what the next period needs; and
-        remove them from the live store. See docs/SETTLEMENT.md (Periods)."""
+        remove them from the live store. See docs/SETTLEMENT.md (Periods).
+        `progress(done, total, step)` hears of each of its CLOSE_STEPS."""
+        step = _Steps(progress)
         if not isinstance(key, SettlementKey):
             raise InvalidKey("a period is signed with a SettlementKey")
         until = _args.integer("until", until, 1, U32_MAX)
@@ -668,7 +689,9 @@ class Settlement:
             if schedule is None:
                 raise InvalidArgument(f"no fee schedule in force at {from_time}: set one with "
                                       "set_fee_schedule (or qrpay settlement fees)")
+            step("reading the live records")
             records, gateway, tokens, arrivals = self._live(tokens=True)
+            step("settling and archiving the period")
             inside = records["gateway_time"] < until
             closing, closing_gateway = records[inside], gateway[inside]
             with self._period_writer(number) as writer, ThreadPoolExecutor(
@@ -709,6 +732,7 @@ class Settlement:
                 writer.commit(summary)
                 carry_rows = packing.result()
             flagged = report.flagged_serials()
+            step("committing the close")
             with self._write(_RETRY_CLOSE) as db:
                 db.execute("INSERT INTO periods(number, from_time, until, closed_at, records, "
                            "charged_total, rejected_total, summary) VALUES (?,?,?,?,?,?,?,?)",
@@ -731,6 +755,7 @@ class Settlement:
                 self._move_repayments(db, moved, number)
                 self._keep_deferred(db, records, tokens, arrivals, inside, number)
             self._db.compact()
+        step("closed")
         return PeriodSummary(number, from_time, until, closed_at, report.records,
                              report.charged_total, report.rejected_total, clearings,
                              archive_module.period_dir(self.archive, number))

@@ -96,20 +96,39 @@ class Report:
         return {**asdict(self), "ok": not self.failures}
 
 
-class _Stages:
-    """Times each stage and prints progress lines as the day goes."""
+StageProgress = Callable[[int, int, str], None]
 
-    def __init__(self, report: Report, progress: TextIO) -> None:
+
+def stage_count(days: int) -> int:
+    """How many stages a run of `days` days times: the first day nine
+    (fit, score, issue, tokens, scans, settle, close, repay, history), each
+    day after it three (tokens, scans, close)."""
+    return 9 + 3 * (days - 1)
+
+
+class _Stages:
+    """Times each stage and prints progress lines as the day goes;
+    `on_stage(done, total, name)` hears of each stage as it starts and ends."""
+
+    def __init__(self, report: Report, progress: TextIO, total: int,
+                 on_stage: StageProgress | None = None) -> None:
         self.report = report
         self.progress = progress
+        self.total, self.done = total, 0
+        self.on_stage = on_stage
 
     @contextmanager
     def stage(self, name: str, count: int) -> Iterator[None]:
         self.progress.write(f"  {name} ({count:,}) ...")
         self.progress.flush()
+        if self.on_stage is not None:
+            self.on_stage(self.done, self.total, name)
         start = time.perf_counter()
         yield
         seconds = time.perf_counter() - start
+        self.done += 1
+        if self.on_stage is not None:
+            self.on_stage(self.done, self.total, name)
         rate = count / seconds if seconds > 0 else 0.0
         self.report.stages[name] = {"count": count, "seconds": round(seconds, 3),
                                     "per_second": round(rate, 1)}
@@ -148,11 +167,12 @@ MIN_CITIZENS = 100   # enough riders for every planted attack to have its actors
 
 def run(citizens: int = 20_000, trips: int = 4, seed: int = 1, threads: int = 2,
         workdir: str | Path | None = None, progress: TextIO | None = None,
-        days: int = 1) -> Report:
+        days: int = 1, on_stage: StageProgress | None = None) -> Report:
     """Run `days` days (the first with planted fraud) in `workdir` (a fresh
     temporary directory by default; one given must be new or empty), closing
     a settlement period at the end of each. Every argument is checked before
-    any work starts: InvalidArgument."""
+    any work starts: InvalidArgument. Stage lines go to `progress` (stderr);
+    `on_stage(done, total, name)` is called as each stage starts and ends."""
     if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_DAYS:
         raise InvalidArgument(f"days is 1 to {MAX_DAYS}")
     if isinstance(citizens, bool) or not isinstance(citizens, int) or citizens < MIN_CITIZENS:
@@ -167,8 +187,8 @@ def run(citizens: int = 20_000, trips: int = 4, seed: int = 1, threads: int = 2,
     out = progress if progress is not None else sys.stderr
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="qrpay-simulate-") as tmp:
-            return _run(citizens, trips, seed, threads, Path(tmp), out, days)
-    return _run(citizens, trips, seed, threads, Path(workdir), out, days)
+            return _run(citizens, trips, seed, threads, Path(tmp), out, days, on_stage)
+    return _run(citizens, trips, seed, threads, Path(workdir), out, days, on_stage)
 
 
 def _check_workdir(workdir: Path) -> None:
@@ -186,10 +206,10 @@ def _check_workdir(workdir: Path) -> None:
 
 
 def _run(n_citizens: int, trips: int, seed: int, threads: int, workdir: Path,
-         progress: TextIO, days: int = 1) -> Report:
+         progress: TextIO, days: int = 1, on_stage: StageProgress | None = None) -> Report:
     rng = random.Random(seed)
     report = Report(n_citizens, seed, backend, threads)
-    st = _Stages(report, progress)
+    st = _Stages(report, progress, stage_count(days), on_stage)
     progress.write(f"qrpay simulate: {n_citizens:,} citizens, {len(GATEWAYS)} gateways, "
                    f"seed {seed}, backend {backend}, work dir {workdir}\n")
 
