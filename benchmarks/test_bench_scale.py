@@ -26,7 +26,6 @@ large one none (settle and score never read them). Short mode (the CI run):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import resource
@@ -37,7 +36,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import distributed
 import numpy as np
 import pytest
 
@@ -158,12 +156,8 @@ def archives(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Trus
     return base / "records", base / "tokens", _token_archive(base / "tokens")
 
 
-@contextlib.contextmanager
-def _cluster(workers: int, memory: str | None = None) -> Iterator[Any]:
-    with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                  memory_limit=memory or "auto", dashboard_address=":0"
-                                  ) as cluster, distributed.Client(cluster) as client:
-        yield client
+def _cluster(workers: int, memory: str | None = None) -> Any:
+    return scale.local_cluster(workers, memory)
 
 
 def _warm() -> None:

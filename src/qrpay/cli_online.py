@@ -12,6 +12,7 @@ import sys
 from dataclasses import asdict
 
 from qrpay import cli, storedb
+from qrpay.cli_output import emit
 from qrpay.gateway import Gateway
 from qrpay.keys import GatewayKey, IssuerKey, IssuerPublicKey, RootPublicKey, SettlementPublicKey
 from qrpay.settlement import Settlement
@@ -82,11 +83,10 @@ def cmd_gateway_sync(args: argparse.Namespace) -> int:
                  cli._trust(args), root=_root(args)) as gateway, SettlementClient(
             args.server, timeout=args.timeout, retries=args.retries) as client:
         report = gateway.sync(client, now=args.now, max_batches=args.max_batches)
-    print(json.dumps({"online": report.online, "acked": report.acked,
-                      "waiting": report.waiting, "deny_list_version": report.deny_list_version,
-                      "deny_list_updated": report.deny_list_updated,
-                      "uploads": [asdict(u) for u in report.uploads],
-                      "problems": report.problems}, indent=1))
+    emit(args, {"online": report.online, "acked": report.acked, "waiting": report.waiting,
+                "deny_list_version": report.deny_list_version,
+                "deny_list_updated": report.deny_list_updated,
+                "uploads": [asdict(u) for u in report.uploads], "problems": report.problems})
     for problem in report.problems:
         print(f"qrpay: {problem}", file=sys.stderr)
     if not report.online:

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from qrpay import cli
-from qrpay.cli_output import silent
+from qrpay.cli_output import emit, silent
 from qrpay.cli_progress import progress_bar
 from qrpay.errors import Reason
 
@@ -29,9 +29,8 @@ def _client(args: argparse.Namespace) -> Iterator[Any]:
         with distributed.Client(args.scheduler, timeout="30s") as client:
             yield client
         return
-    with distributed.LocalCluster(n_workers=args.workers, threads_per_worker=1,
-                                  processes=True, dashboard_address=":0") as cluster, \
-            distributed.Client(cluster) as client:
+    from qrpay.scale import local_cluster
+    with local_cluster(args.workers) as client:
         yield client
 
 
@@ -56,8 +55,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             out.writerow(["period", "row", "record", "reason"])
             for row in result.failed.tolist():
                 out.writerow([row[0], row[1], row[2], Reason(row[3]).name])
-    print(json.dumps({"periods": list(result.periods), "tokens": result.tokens,
-                      "by_reason": result.by_reason(), "failed": len(result.failed)}, indent=1))
+    emit(args, {"periods": list(result.periods), "tokens": result.tokens,
+                "by_reason": result.by_reason(), "failed": len(result.failed)})
     return cli.EXIT_OK if not len(result.failed) else cli.EXIT_REFUSED
 
 
@@ -73,10 +72,10 @@ def cmd_settle(args: argparse.Namespace) -> int:
     kinds: dict[str, int] = {}
     for finding in result.findings:
         kinds[finding.kind] = kinds.get(finding.kind, 0) + 1
-    print(json.dumps({"periods": list(result.periods), "records": result.records,
-                      "charged_total": result.charged_total,
-                      "not_charged_total": result.rejected_total,
-                      "accounts": len(result.accounts), "findings": kinds}, indent=1))
+    emit(args, {"periods": list(result.periods), "records": result.records,
+                "charged_total": result.charged_total,
+                "not_charged_total": result.rejected_total,
+                "accounts": len(result.accounts), "findings": kinds})
     return cli.EXIT_OK
 
 
@@ -92,8 +91,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         result = scale.score(args.archive, card, policy, args.out, _periods(args.periods),
                              now=args.now, client=client, shards=args.shards,
                              due_after=args.due_days * 86_400, progress=progress)
-    print(json.dumps({"accounts": result.accounts, "out": str(result.folder),
-                      "psi": result.psi, "bins": result.bins}, indent=1))
+    emit(args, {"accounts": result.accounts, "out": str(result.folder),
+                "psi": result.psi, "bins": result.bins})
     return cli.EXIT_OK
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from typing import Any
 
 from qrpay import cli
+from qrpay.cli_output import emit, status
 from qrpay.errors import InvalidArgument
 from qrpay.format import U32_MAX
 from qrpay.keys import IssuerPublicKey, RootKey, RootPublicKey
@@ -52,16 +52,16 @@ def cmd_sign(args: argparse.Namespace) -> int:
     issued_at = int(time.time()) if args.now is None else args.now
     signed = sign_trust_bundle(root, args.version, entries, issued_at)
     cli._write_atomic(args.out, signed)
-    print(json.dumps(_shown(TrustBundle.load(signed, root.public)), indent=1))
-    print(f"trust bundle version {args.version} with {len(entries)} keys written to {args.out}",
-          file=sys.stderr)
+    emit(args, _shown(TrustBundle.load(signed, root.public)))
+    status(args, f"trust bundle version {args.version} with {len(entries)} keys written to "
+                 f"{args.out}")
     return cli.EXIT_OK
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     root = RootPublicKey.from_text(cli._text_or_file(args.root_public, "root public key"))
     bundle = TrustBundle.load(cli._read_bytes(args.file, "trust bundle"), root)
-    print(json.dumps(_shown(bundle), indent=1))
+    emit(args, _shown(bundle))
     return cli.EXIT_OK
 
 

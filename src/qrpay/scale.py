@@ -167,18 +167,32 @@ def _combine(periods: tuple[int, ...],
 
 
 @contextmanager
-def _cluster(client: Any, workers: int) -> Iterator[Any]:
-    """The client given, or a LocalCluster of `workers` processes (one
-    thread each: verify_batch makes its own) for this call only."""
-    if client is not None:
-        yield client
-        return
+def local_cluster(workers: int = 2, memory_limit: str | None = None) -> Iterator[Any]:
+    """A client of a LocalCluster of `workers` processes on this machine,
+    one thread each (verify_batch makes its own), as the jobs here want it:
+    no dashboard (no one would know its port) and no statistical profiler
+    on the workers (it samples every worker's stack 100 times a second: CPU
+    the jobs would rather have). `memory_limit` per worker, as Dask takes
+    it ("2GiB"; default: the machine's memory shared out)."""
     if distributed is None:
         raise InvalidArgument("qrpay.scale needs dask.distributed: pip install 'qrpay[scale]'")
     workers = _args.integer("workers", workers, 1, 1024)
-    with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                  dashboard_address=":0") as cluster, \
-            distributed.Client(cluster) as local:
+    import dask
+    with dask.config.set({"distributed.worker.profile.enabled": False}), \
+            distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                     memory_limit=memory_limit or "auto",
+                                     dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        yield client
+
+
+@contextmanager
+def _cluster(client: Any, workers: int) -> Iterator[Any]:
+    """The client given, or a local_cluster for this call only."""
+    if client is not None:
+        yield client
+        return
+    with local_cluster(workers) as local:
         yield local
 
 
@@ -642,5 +656,5 @@ def score_local(archive: str | os.PathLike[str], card: Scorecard, policy: LimitP
 
 
 __all__: Sequence[str] = ("FAILED_DTYPE", "ROWS_PER_TASK", "ArchiveSettlement", "Reverified",
-                          "Scored", "reverify", "reverify_local", "score", "score_local",
-                          "settle", "settle_local")
+                          "Scored", "local_cluster", "reverify", "reverify_local", "score",
+                          "score_local", "settle", "settle_local")
