@@ -57,16 +57,33 @@ def test_readme_command_line_block_runs(tmp_path: Path) -> None:
     assert history["balance"] == "0" and history["on_time_share"] == ""   # nothing due yet
 
 
-def test_cli_walk_through_runs(tmp_path: Path) -> None:
-    """docs/CLI.md's shell blocks, run as written in an empty directory."""
-    text = (ROOT / "docs" / "CLI.md").read_text(encoding="utf-8")
-    script = "\n".join(re.findall(r"^```sh\n(.*?)^```", text, re.S | re.M))
+def _run_shell(doc: str, block: int | None, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """A doc's shell block (or all of them, for None), run as written in
+    `cwd` with the installed qrpay and no QRPAY_* setting of this process."""
+    text = (ROOT / "docs" / doc).read_text(encoding="utf-8")
+    blocks = re.findall(r"^```sh\n(.*?)^```", text, re.S | re.M)
+    script = "\n".join(blocks) if block is None else blocks[block]
     env = {k: v for k, v in os.environ.items() if not k.startswith("QRPAY_")
            or k == "QRPAY_NO_EXTENSIONS"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
+    return run
+
+
+def test_inspect_walk_through_runs(tmp_path: Path) -> None:
+    """docs/INSPECT.md's example, as written: each verdict it claims."""
+    run = _run_shell("INSPECT.md", 1, tmp_path)
+    assert run.stdout.count("exit 1") == 1 and run.stdout.count("exit 2") == 1
+    assert "TOKEN_STALE" in run.stdout + run.stderr
+    secret = (tmp_path / "issuer.key").read_text().strip().split(":")[-1]
+    assert secret not in run.stdout + run.stderr   # inspect issuer.key shows the public key
+
+
+def test_cli_walk_through_runs(tmp_path: Path) -> None:
+    """docs/CLI.md's shell blocks, run as written in an empty directory."""
+    run = _run_shell("CLI.md", None, tmp_path)
     receipt = json.loads(run.stdout)   # the one scan with --json; the rest is quiet
     assert (receipt["account"], receipt["amount"], receipt["scene"]) == (42, 200, "bus")
     [batch] = json.loads((tmp_path / "ingested.json").read_text())["batches"]
