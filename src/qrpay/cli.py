@@ -893,7 +893,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--gateway-dir", required=True, help="the gateway's journal directory")
         p.add_argument("--gateway-key", required=True, help="file with the gateway secret key")
         trust_args(p)
-        p.add_argument("--now", type=_TIME, help="Unix time to use instead of the clock")
+        p.add_argument("--now", type=_TIME, help="the time to use instead of the clock")
 
     keys = commands.add_parser("keys", help="make and show keys").add_subparsers(
         dest="keys_command", required=True, metavar="ACTION")
@@ -923,7 +923,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", help="limit policy JSON: {\"bands\": [...]}")
     p.add_argument("--features", help="the account's feature values, comma-separated")
     p.add_argument("--not-before", type=_TIME, default=None,
-                   help="Unix time the credential starts (default: now)")
+                   help="when the credential starts (default: now)")
     p.add_argument("--days", type=_int(1, U32_MAX // DAY, "Unix seconds end in 2106"),
                    default=30, help="validity in days (default 30)")
     p.add_argument("--out", help="also write the credential text to this file")
@@ -1073,10 +1073,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "next period needs and remove it from the live store. Prints the period "
                     "and what each operator is owed.")
     settlement_args(p)
-    p.add_argument("--until", required=True, type=_TIME, help="Unix time the period ends at")
+    p.add_argument("--until", required=True, type=_TIME, help="when the period ends")
     p.add_argument("--settlement-key", required=True,
                    help="file with the settlement secret key (qrpay keys new settlement)")
-    p.add_argument("--now", type=_TIME, help="Unix time of the close (default: the clock)")
+    p.add_argument("--now", type=_TIME, help="the time of the close (default: the clock)")
     p.set_defaults(run=cmd_close)
 
     statement = commands.add_parser(

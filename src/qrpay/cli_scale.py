@@ -116,7 +116,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:   # type: ignore[
     def history_args(p: argparse.ArgumentParser) -> None:
         """What settle and score work the credit histories out with."""
         p.add_argument("--now", required=True, type=cli._TIME,
-                       help="Unix time the credit histories are worked out at")
+                       help="the time the credit histories are worked out at")
         p.add_argument("--shards", type=cli._int(1, 4096), default=8,
                        help="tasks the accounts are split into (default: 8; more when a "
                             "shard would not fit a worker's memory)")

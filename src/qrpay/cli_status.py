@@ -352,8 +352,9 @@ def _human(s: GatewayStatus, top: int) -> str:
         f"{s.offline_accounts:,} accounts",
     ]
     if s.top_spend:
-        lines.append(f"  top {min(top, s.offline_accounts)}:  account              amount   uses")
-        lines += [f"         {t.account:>20}  {t.amount:>10,}  {t.uses:>5,}" for t in s.top_spend]
+        shown = f"top {min(top, s.offline_accounts)}"
+        lines.append(f"  {shown:<9}{'account':>20}  {'amount':>10}  {'uses':>5}")
+        lines += [f"  {'':<9}{t.account:>20}  {t.amount:>10,}  {t.uses:>5,}" for t in s.top_spend]
     if s.deny_version:
         lines.append(f"deny list      version {s.deny_version}, {s.deny_serials:,} serials, "
                      f"issued {iso(s.deny_issued_at)} ({_ago(s.now - s.deny_issued_at)})")

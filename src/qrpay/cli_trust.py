@@ -81,7 +81,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:   # type: ignore[
     p.add_argument("--version", required=True, type=cli._int(1, 2**63 - 1),
                    help="the bundle's version: each one after the last")
     p.add_argument("--out", required=True, help="file for the signed bundle")
-    p.add_argument("--now", type=cli._TIME, help="Unix time it is issued at (default: the clock)")
+    p.add_argument("--now", type=cli._TIME, help="when it is issued (default: the clock)")
     p.set_defaults(run=cmd_sign)
     p = group.add_parser("show", help="verify a trust bundle and print it (JSON)")
     p.add_argument("--root-public", required=True, help="the root public key (text or file)")
