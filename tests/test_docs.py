@@ -57,15 +57,28 @@ def test_readme_command_line_block_runs(tmp_path: Path) -> None:
     assert history["balance"] == "0" and history["on_time_share"] == ""   # nothing due yet
 
 
-def _run_shell(doc: str, block: int | None, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """A doc's shell block (or all of them, for None), run as written in
-    `cwd` with the installed qrpay and no QRPAY_* setting of this process."""
-    text = (ROOT / "docs" / doc).read_text(encoding="utf-8")
-    blocks = re.findall(r"^```sh\n(.*?)^```", text, re.S | re.M)
-    script = "\n".join(blocks) if block is None else blocks[block]
+def _shell_env() -> dict[str, str]:
+    """This process's environment for a doc's commands: the installed qrpay
+    first on PATH, no QRPAY_* setting but the backend's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("QRPAY_")
            or k == "QRPAY_NO_EXTENSIONS"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return env
+
+
+def _shell_blocks(doc: str) -> list[str]:
+    text = (ROOT / "docs" / doc).read_text(encoding="utf-8")
+    return re.findall(r"^```sh\n(.*?)^```", text, re.S | re.M)
+
+
+def _run_shell(doc: str, block: int | None, cwd: Path, then: str = ""
+               ) -> subprocess.CompletedProcess[str]:
+    """A doc's shell block (or all of them, for None), and `then`, run as
+    written in `cwd` with the installed qrpay and no QRPAY_* setting of this
+    process."""
+    blocks = _shell_blocks(doc)
+    script = ("\n".join(blocks) if block is None else blocks[block]) + "\n" + then
+    env = _shell_env()
     run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
@@ -83,8 +96,19 @@ def test_inspect_walk_through_runs(tmp_path: Path) -> None:
 
 def test_cli_walk_through_runs(tmp_path: Path) -> None:
     """docs/CLI.md's shell blocks, run as written in an empty directory."""
-    run = _run_shell("CLI.md", None, tmp_path)
-    receipt = json.loads(run.stdout)   # the one scan with --json; the rest is quiet
+    run = _run_shell("CLI.md", None, tmp_path, then=_shell_blocks("SETTLEMENT.md")[0])
+    # The one scan with --json first; then SETTLEMENT.md's close, statement and archive.
+    decoder, text = json.JSONDecoder(), run.stdout
+    documents, end = [], 0
+    while text[end:].strip():
+        document, end = decoder.raw_decode(text, len(text) - len(text[end:].lstrip()))
+        documents.append(document)
+    receipt, fees, closed, verified, listed = documents
+    assert fees["schedule"]["version"] == 1
+    assert closed["period"] == 1 and closed["charged_total"] == 650
+    assert closed["operators"][0]["operator"] == "bus-co"
+    assert verified["verified"] and verified["gross"] == 650 and verified["fee"] > 0
+    assert [p["period"] for p in listed["periods"]] == [1] and listed["periods"][0]["archived"]
     assert (receipt["account"], receipt["amount"], receipt["scene"]) == (42, 200, "bus")
     [batch] = json.loads((tmp_path / "ingested.json").read_text())["batches"]
     assert (batch["file"], batch["status"], batch["records"]) == ("-", "applied", 4)
@@ -94,3 +118,23 @@ def test_cli_walk_through_runs(tmp_path: Path) -> None:
     header, row = (tmp_path / "history.csv").read_text().splitlines()
     history = dict(zip(header.split(","), row.split(",")))
     assert (history["charged"], history["repaid"], history["balance"]) == ("650", "650", "0")
+
+
+def test_scoring_command_lines_run(tmp_path: Path) -> None:
+    """docs/SCORING.md's command lines as written: the fits, then the
+    reports (given the policy and the day's accounts they name)."""
+    blocks = _shell_blocks("SCORING.md")
+    between = ("qrpay score sample --accounts 3000 --seed 9 --no-label --out citizens.csv\n"
+               "echo '{\"bands\": [{\"min_score\": 540, \"limits\": {\"bus\": 3000}}, "
+               "{\"min_score\": 600, \"limits\": {\"bus\": 8000}}]}' > policy.json\n")
+    (tmp_path / "first.sh").write_text(blocks[0] + between + blocks[1])
+    env = _shell_env()
+    run = subprocess.run(["bash", "-euo", "pipefail", "first.sh"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    small = json.loads((tmp_path / "small.json").read_text())
+    assert [f["name"] for f in small["features"]] == ["on_time_ratio", "max_days_past_due",
+                                                      "utilisation"]
+    for page in ("fit.html", "today.html"):
+        assert "<img" in (tmp_path / page).read_text()
+    assert sorted(p.name for p in (tmp_path / "charts").iterdir())
