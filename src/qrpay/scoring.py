@@ -9,12 +9,13 @@ bin. `Scorecard.fit` (scorefit.py) learns one from history.
 from __future__ import annotations
 
 import functools
+import importlib
 import hashlib
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Union
 
 import msgpack  # type: ignore[import-untyped]
 import numpy as np
@@ -104,11 +105,195 @@ class FeatureBins:
             raise MalformedMessage(f"not a card feature: {exc}") from None
 
 
+MAX_CATEGORIES = 4_096
+
+
+@dataclass(frozen=True)
+class CategoryBins:
+    """A categorical feature of a card: named categories grouped into bins,
+    each bin with its points (`group_points`, one per group); a missing
+    value takes `missing_points`, a category never seen at fit time
+    `unseen_points`.
+
+    The kernel scores it as a numeric feature of integer codes: category i
+    of `categories` (sorted) is code i, an unseen one code K; edges at
+    i + 0.5 give each code its own bin, so `edges`, `points` and `specials`
+    read as a FeatureBins' do, and the feature is scored in the same block
+    pass as the numeric ones."""
+
+    name: str
+    groups: tuple[tuple[str, ...], ...]
+    group_points: tuple[int, ...]
+    missing_points: int
+    unseen_points: int
+    woe: tuple[float, ...] = ()                  # fit diagnostics, not used to score
+    iv: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or len(self.name) > 64:
+            raise InvalidArgument("a feature name is 1-64 characters")
+        groups = tuple(_sequence(f"{self.name}: a group", g)
+                       for g in _sequence(f"{self.name}: groups", self.groups))
+        object.__setattr__(self, "groups", groups)
+        for name in ("group_points", "woe"):
+            object.__setattr__(self, name, _sequence(f"{self.name}: {name}", getattr(self, name)))
+        every = [c for g in groups for c in g]
+        if not groups or not all(groups):
+            raise InvalidArgument(f"{self.name}: one or more groups, each of one or more "
+                                  "categories")
+        if not all(isinstance(c, str) and 0 < len(c) <= 256 for c in every):
+            raise InvalidArgument(f"{self.name}: a category is a name of 1-256 characters")
+        if len(set(every)) != len(every) or len(every) > MAX_CATEGORIES:
+            raise InvalidArgument(f"{self.name}: categories are distinct, at most "
+                                  f"{MAX_CATEGORIES}")
+        if len(self.group_points) != len(groups):
+            raise InvalidArgument(f"{self.name}: one point value per group")
+        for p in (*self.group_points, self.missing_points, self.unseen_points):
+            if not isinstance(p, int) or isinstance(p, bool) or abs(p) > 1_000_000:
+                raise InvalidArgument(f"{self.name}: points are integers")
+        try:
+            woe = tuple(_args.real(w) for w in self.woe)
+            iv = _args.real(self.iv)
+        except (TypeError, ValueError):
+            raise InvalidArgument(f"{self.name}: woe and iv are numbers") from None
+        if not all(math.isfinite(x) for x in (*woe, iv)):
+            raise InvalidArgument(f"{self.name}: woe and iv must be finite")
+        object.__setattr__(self, "woe", woe)
+        object.__setattr__(self, "iv", iv)
+        categories = tuple(sorted(every))
+        group_of = {c: g for g, members in enumerate(groups) for c in members}
+        object.__setattr__(self, "_categories", categories)
+        object.__setattr__(self, "_points", tuple(
+            self.group_points[group_of[c]] for c in categories) + (self.unseen_points,))
+
+    @property
+    def categories(self) -> tuple[str, ...]:
+        """Every category, sorted: category i is code i."""
+        return self._categories   # type: ignore[attr-defined,no-any-return]
+
+    @property
+    def edges(self) -> tuple[float, ...]:
+        return tuple(i + 0.5 for i in range(len(self.categories)))
+
+    @property
+    def points(self) -> tuple[int, ...]:
+        """Points per code, then the unseen code's (as a FeatureBins' per bin)."""
+        return self._points   # type: ignore[attr-defined,no-any-return]
+
+    @property
+    def specials(self) -> tuple[tuple[float, int], ...]:
+        return ()
+
+    @property
+    def trend(self) -> str:
+        return ""
+
+    @property
+    def best_points(self) -> int:
+        return max((*self.group_points, self.missing_points, self.unseen_points))
+
+    def codes(self, values: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """Each value's code as the kernel reads it: its category's index,
+        len(categories) for a category never seen, NaN for a missing one
+        (None, NaN, pandas' NA, or ""). Strings are matched once per
+        column with numpy, not row by row."""
+        factorized = _factorized(values)
+        if factorized is not None:   # pandas: one lookup per distinct label, not per row
+            labels, index = factorized
+            out = np.append(self._label_codes(labels), np.nan)[index]   # -1: missing
+            return out.astype(np.float64, copy=False)
+        return self._label_codes(_labels(values, self.name))
+
+    def _label_codes(self, column: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
+        """codes() of an object array, matched in numpy."""
+        missing = _missing(column)
+        text = np.where(missing, "", column).astype(str)
+        known = np.asarray(self.categories, dtype=str)
+        at = np.searchsorted(known, text).clip(max=max(len(known) - 1, 0))
+        hit = known[at] == text if len(known) else np.zeros(len(text), dtype=np.bool_)
+        out = np.where(hit, at, len(known)).astype(np.float64)
+        out[missing] = np.nan
+        return out
+
+    def category_of(self, code: float) -> str:
+        """The words a reason gives for a code: the category, "missing" or
+        "unseen"."""
+        if code != code:
+            return "missing"
+        index = int(code)
+        return self.categories[index] if 0 <= index < len(self.categories) else "unseen"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": "categorical", "name": self.name,
+                "groups": [list(g) for g in self.groups],
+                "group_points": list(self.group_points), "missing_points": self.missing_points,
+                "unseen_points": self.unseen_points, "woe": list(self.woe), "iv": self.iv}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CategoryBins:
+        try:
+            return cls(str(d["name"]), tuple(tuple(str(c) for c in g) for g in d["groups"]),
+                       tuple(int(p) for p in d["group_points"]), int(d["missing_points"]),
+                       int(d["unseen_points"]), tuple(float(w) for w in d["woe"]),
+                       float(d["iv"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MalformedMessage(f"not a card's categorical feature: {exc}") from None
+
+
+Feature = Union[FeatureBins, CategoryBins]
+
+
+def _factorized(values: Any) -> tuple[npt.NDArray[Any], npt.NDArray[np.intp]] | None:
+    """(distinct labels, each row's index into them, -1 when missing) for a
+    pandas column or a large object array when pandas is installed; None
+    otherwise (the labels are then matched row by row in numpy)."""
+    try:
+        pd: Any = importlib.import_module("pandas")   # optional, and untyped
+    except ImportError:
+        return None
+    if isinstance(values, pd.Categorical):
+        categorical = values
+    elif isinstance(getattr(values, "dtype", None), pd.CategoricalDtype):
+        categorical = values.array
+    elif isinstance(values, (pd.Series, np.ndarray, list)) and len(values) > 1_000:
+        column = values if isinstance(values, pd.Series) else np.asarray(values, dtype=object)
+        if getattr(column, "ndim", 1) != 1:
+            return None
+        categorical = pd.Categorical(column)
+    else:
+        return None
+    labels = np.asarray(categorical.categories.to_numpy(dtype=object), dtype=object)
+    return labels, np.asarray(categorical.codes, dtype=np.intp)
+
+
+def _labels(values: npt.ArrayLike, name: str) -> npt.NDArray[Any]:
+    """A column of category labels as a 1-D object array."""
+    to_numpy = getattr(values, "to_numpy", None)   # pandas: Series, Categorical
+    try:
+        column = np.asarray(to_numpy(dtype=object) if to_numpy is not None else values,
+                            dtype=object)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"{name}: a column of category names") from None
+    if column.ndim != 1:
+        raise InvalidArgument(f"{name}: a 1-D column of category names")
+    return column
+
+
+_IS_MISSING = np.frompyfunc(
+    lambda v: v is None or type(v).__name__ in ("NAType", "NaTType")   # pandas' NA, NaT
+    or (isinstance(v, str) and not v) or (isinstance(v, float) and v != v), 1, 1)
+
+
+def _missing(column: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
+    return np.asarray(_IS_MISSING(column), dtype=np.bool_) if len(column) else np.zeros(
+        0, dtype=np.bool_)
+
+
 @dataclass(frozen=True)
 class Scorecard:
     """A versioned scorecard. `score` and `explain` run in the compiled core."""
 
-    features: tuple[FeatureBins, ...]
+    features: tuple[Feature, ...]
     base_points: int
     version: int = 1
     scaling: Mapping[str, float] = field(default_factory=dict)   # base_score, base_odds, pdo
@@ -116,8 +301,8 @@ class Scorecard:
 
     def __post_init__(self) -> None:
         features = _sequence("features", self.features)
-        if not all(isinstance(f, FeatureBins) for f in features):
-            raise InvalidArgument("a card's features are FeatureBins")
+        if not all(isinstance(f, (FeatureBins, CategoryBins)) for f in features):
+            raise InvalidArgument("a card's features are FeatureBins or CategoryBins")
         object.__setattr__(self, "features", features)
         if not isinstance(self.scaling, Mapping) or not isinstance(self.metadata, Mapping):
             raise InvalidArgument("scaling and metadata are mappings")
@@ -167,9 +352,9 @@ class Scorecard:
     def feature_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.features)
 
-    def _run(self, X: npt.ArrayLike, k: int, threads: int
+    def _run(self, X: Any, k: int, threads: int
              ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int16]]:
-        array = _as_matrix(X, len(self.features))
+        array = self.matrix(X)
         count = _args.threads(threads)
         f = self._flat
         return core.score_rows(array, f.edges, f.edge_off, f.points, f.point_off, f.specials,
@@ -179,12 +364,59 @@ class Scorecard:
     def _flat(self) -> _FlatCard:
         return _flatten(self)
 
-    def score(self, X: npt.ArrayLike, threads: int = 1) -> npt.NDArray[np.int64]:
-        """Scores for the rows of X (n x features; float32 or float64, C or
-        Fortran order; other inputs are converted once)."""
+    def matrix(self, X: Any) -> npt.NDArray[np.floating[Any]]:
+        """X as the kernel reads it: rows x the card's features, a
+        categorical feature as its codes (CategoryBins.codes). X is a pandas
+        DataFrame or a mapping of columns (by feature name; categorical
+        columns hold names, of any dtype), or a numeric array (n x features)
+        whose categorical columns hold codes already: NaN missing, anything
+        but a category's index unseen."""
+        if hasattr(X, "columns") or isinstance(X, Mapping):
+            return self._columns(X)
+        array = _as_matrix(X, len(self.features))
+        categorical = [f for f, feature in enumerate(self.features)
+                       if isinstance(feature, CategoryBins)]
+        if categorical:
+            array = array.copy()
+            for f in categorical:
+                column = array[:, f]
+                known = len(self.features[f].edges)
+                whole = (column == np.floor(column)) & (column >= 0) & (column < known)
+                column[~whole & ~np.isnan(column)] = known
+        return array
+
+    def _columns(self, X: Any) -> npt.NDArray[np.float64]:
+        names = list(X.columns) if hasattr(X, "columns") else list(X)
+        missing = [f.name for f in self.features if f.name not in names]
+        if missing:
+            raise InvalidArgument(f"X has no column {missing[0]!r} (the card reads "
+                                  f"{', '.join(self.feature_names)})")
+        columns = []
+        for feature in self.features:
+            values = X[feature.name]
+            if isinstance(feature, CategoryBins):
+                columns.append(feature.codes(values))
+                continue
+            to_numpy = getattr(values, "to_numpy", None)
+            try:
+                column = np.asarray(to_numpy(dtype=np.float64, na_value=np.nan)
+                                    if to_numpy is not None else values, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise InvalidArgument(f"{feature.name}: a numeric column") from None
+            if column.ndim != 1:
+                raise InvalidArgument(f"{feature.name}: a 1-D column")
+            columns.append(column)
+        if len({len(c) for c in columns}) > 1:
+            raise InvalidArgument("X's columns differ in length")
+        return np.column_stack(columns) if columns else np.zeros((0, 0))
+
+    def score(self, X: Any, threads: int = 1) -> npt.NDArray[np.int64]:
+        """Scores for the rows of X: a numeric array (n x features; float32
+        or float64, C or Fortran order; other inputs are converted once), or
+        a DataFrame or mapping of columns by name (see `matrix`)."""
         return self._run(X, 0, threads)[0]
 
-    def explain(self, X: npt.ArrayLike, k: int = 3, threads: int = 1
+    def explain(self, X: Any, k: int = 3, threads: int = 1
                 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int16]]:
         """Scores and, per row, the k features that cost it the most points
         against their best bin (feature indices, most costly first; -1 where
@@ -192,8 +424,11 @@ class Scorecard:
         k = _args.integer("k", k, 0, min(8, len(self.features)))
         return self._run(X, k, threads)
 
-    def reason_names(self, reasons: npt.NDArray[np.int16]) -> list[list[str]]:
-        """The feature names of `explain`'s reason codes, row by row."""
+    def reason_names(self, reasons: npt.NDArray[np.int16], X: Any = None
+                     ) -> list[list[str]]:
+        """The feature names of `explain`'s reason codes, row by row; given
+        the X they were explained from, a categorical feature's reason names
+        the row's category too ("housing = rent", "housing = missing")."""
         names = self.feature_names
         try:
             codes = np.asarray(reasons)
@@ -202,7 +437,21 @@ class Scorecard:
         if codes.ndim != 2 or (codes.size and (codes.dtype.kind not in "iu" or codes.min() < -1
                                                or codes.max() >= len(names))):
             raise InvalidArgument(f"reasons are rows of feature indices in [-1, {len(names)})")
-        return [[names[i] for i in row if i >= 0] for row in codes.tolist()]
+        rows = [[names[i] for i in row if i >= 0] for row in codes.tolist()]
+        categorical = [f for f, feature in enumerate(self.features)
+                       if isinstance(feature, CategoryBins)]
+        if X is None or not categorical:
+            return rows
+        matrix = self.matrix(X)
+        if len(matrix) != len(rows):
+            raise InvalidArgument("X has one row per row of reasons")
+        for f in categorical:
+            feature = self.features[f]
+            assert isinstance(feature, CategoryBins)
+            for row, column in zip(*np.nonzero(codes == f)):
+                rows[row][column] = (f"{feature.name} = "
+                                     f"{feature.category_of(float(matrix[row, f]))}")
+        return rows
 
     # -- documents -----------------------------------------------------------------
 
@@ -216,10 +465,11 @@ class Scorecard:
         if not isinstance(d, Mapping) or d.get("format") != CARD_FORMAT:
             raise MalformedMessage("not a qrpay scorecard (format 1)")
         try:
-            return cls(tuple(FeatureBins.from_dict(f) for f in d["features"]),
+            return cls(tuple(CategoryBins.from_dict(f) if f.get("kind") == "categorical"
+                             else FeatureBins.from_dict(f) for f in d["features"]),
                        int(d["base_points"]), int(d["version"]), dict(d["scaling"]),
                        dict(d["metadata"]))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise MalformedMessage(f"not a scorecard: {exc}") from None
 
     def to_json(self) -> str:
@@ -437,8 +687,8 @@ def feature_psi(card: Scorecard, expected: npt.ArrayLike, actual: npt.ArrayLike
     """PSI per feature over the card's own bins (missing and specials included)."""
     if not isinstance(card, Scorecard):
         raise InvalidArgument("feature_psi compares samples over a Scorecard's bins")
-    E = _as_matrix(expected, len(card.features))
-    A = _as_matrix(actual, len(card.features))
+    E = card.matrix(expected)
+    A = card.matrix(actual)
     out = {}
     for f, feature in enumerate(card.features):
         codes = tuple(c for c, _ in feature.specials)
