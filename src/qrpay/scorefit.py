@@ -160,13 +160,18 @@ def _check_data(X: npt.ArrayLike, y: npt.ArrayLike) -> tuple[Floats, Floats]:
         raise InvalidArgument("y must have one label per row of X")
     if len(labels) < MIN_ROWS:
         raise InvalidArgument(f"fit needs at least {MIN_ROWS} rows")
+    return np.ascontiguousarray(matrix, dtype=np.float64), good_and_bad(labels, "y")
+
+
+def good_and_bad(labels: npt.NDArray[Any], name: str) -> Floats:
+    """Numeric labels as 0.0 (good) and 1.0 (bad), with both present."""
     bad = labels.astype(np.float64)
     if not np.all((bad == 0.0) | (bad == 1.0)):
-        raise InvalidArgument("y must be 0 (good) or 1 (bad)")
+        raise InvalidArgument(f"{name} must be 0 (good) or 1 (bad)")
     n_bad = int(bad.sum())
     if n_bad == 0 or n_bad == len(bad):
-        raise InvalidArgument("y needs both goods and bads")
-    return np.ascontiguousarray(matrix, dtype=np.float64), bad
+        raise InvalidArgument(f"{name} needs both goods and bads")
+    return bad
 
 
 def _check_trend(trend: str | Sequence[str], n_features: int) -> list[str]:
@@ -335,17 +340,23 @@ def _merge_small(bins: list[_Bin], min_rows: float, max_bins: int) -> list[_Bin]
     Merging neighbours of a strictly monotonic sequence keeps it so."""
     bins = list(bins)
     while len(bins) > 1:
-        small = [i for i, b in enumerate(bins) if b.rows < min_rows]
-        if small:
-            pairs = sorted({p for i in small for p in (i - 1, i) if 0 <= p < len(bins) - 1})
-        elif len(bins) > max_bins:
-            pairs = list(range(len(bins) - 1))
-        else:
+        pairs = must_merge([b.rows for b in bins], min_rows, max_bins)
+        if not pairs:
             break
         i = min(pairs, key=lambda p: abs(bins[p].rate - bins[p + 1].rate))
         a, b = bins[i], bins[i + 1]
         bins[i:i + 2] = [_Bin(a.rows + b.rows, a.bads + b.bads, b.upper)]
     return bins
+
+
+def must_merge(rows: list[float], min_rows: float, max_bins: int) -> list[int]:
+    """The adjacent pairs (by the first's index) one of which must merge
+    now: those touching a bin below min_rows while there is one, else any
+    while there are more than max_bins bins; none when neither holds."""
+    small = [i for i, r in enumerate(rows) if r < min_rows]
+    if small:
+        return sorted({p for i in small for p in (i - 1, i) if 0 <= p < len(rows) - 1})
+    return list(range(len(rows) - 1)) if len(rows) > max_bins else []
 
 
 def _woe(rows: Floats, bads: Floats, total_rows: float, total_bads: float

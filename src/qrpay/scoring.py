@@ -21,7 +21,7 @@ import msgpack  # type: ignore[import-untyped]
 import numpy as np
 import numpy.typing as npt
 
-from qrpay import _args, scorefit
+from qrpay import _args, catfit, scorefit
 from qrpay._impl import core
 from qrpay.credential import Credential, Scene
 from qrpay.errors import InvalidArgument, InvalidKey, IssuerKeyRole, MalformedMessage
@@ -279,9 +279,7 @@ def _labels(values: npt.ArrayLike, name: str) -> npt.NDArray[Any]:
     return column
 
 
-_IS_MISSING = np.frompyfunc(
-    lambda v: v is None or type(v).__name__ in ("NAType", "NaTType")   # pandas' NA, NaT
-    or (isinstance(v, str) and not v) or (isinstance(v, float) and v != v), 1, 1)
+_IS_MISSING = np.frompyfunc(catfit.is_missing, 1, 1)   # as the fit reads labels
 
 
 def _missing(column: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
