@@ -176,3 +176,33 @@ def test_random_categorical_cards_score_as_the_reference(data: st.DataObject) ->
     frame = pd.DataFrame({"f": np.array(values, dtype=object),
                           "n2": np.linspace(0, 100, len(values))})
     assert np.array_equal(card.score(frame), reference(card, frame))
+
+
+def test_fit_groups_the_categories_of_a_frame_and_beats_the_numbers_alone() -> None:
+    from qrpay.scoring import auc
+    from qrpay.synthetic_categories import EFFECTS, categorical_histories
+    train, test = categorical_histories(40_000, seed=1), categorical_histories(40_000, seed=2)
+    frame = train.to_frame()
+    card = Scorecard.fit(frame, train.y, list(frame.columns))
+    assert card.feature_names == tuple(frame.columns)   # the order asked for
+    numbers = Scorecard.fit(train.X, train.y, list(train.numeric_features))
+    both = auc(card.score(test.to_frame()), test.y)
+    assert both > auc(numbers.score(test.X), test.y) + 0.015
+    insurance = next(f for f in card.features if f.name == "insurance_status")
+    assert isinstance(insurance, CategoryBins)
+    # Bins in the order of the true effect: more log-odds of default, fewer points.
+    truth = EFFECTS["insurance_status"]
+    for a, pa in zip(insurance.groups, insurance.group_points):
+        for b, pb in zip(insurance.groups, insurance.group_points):
+            if max(truth[c] for c in a) < min(truth[c] for c in b) - 0.3:
+                assert pa > pb, (a, b)
+    assert ("employer", "voluntary") in insurance.groups        # equal effects, one bin
+    # An unseen category gets no more than the worst bin (or the missing one).
+    assert insurance.unseen_points == min(*insurance.group_points, insurance.missing_points)
+    # The same fit from a mapping of plain arrays.
+    columns = {name: (frame[name].astype(object).where(frame[name].notna(), None).to_numpy()
+                      if isinstance(frame[name].dtype, pd.CategoricalDtype)
+                      else frame[name].to_numpy()) for name in frame.columns}
+    assert Scorecard.fit(columns, train.y, list(frame.columns)) == card
+    with pytest.raises(InvalidArgument):
+        Scorecard.fit(frame, train.y, ["no such column"])

@@ -57,8 +57,9 @@ class FitResult:
     features: tuple[FeatureFit, ...]
     base_points: int
     intercept: float
-    coefficients: tuple[float, ...]
+    coefficients: tuple[float, ...]                  # the numeric features', then `extra`'s
     scaling: dict[str, float]                        # base_score, base_odds, pdo
+    extra_points: tuple[tuple[int, ...], ...] = ()   # per extra column: points per WOE value
 
 
 @dataclass
@@ -86,8 +87,14 @@ class _Binned:
 def fit(X: npt.ArrayLike, y: npt.ArrayLike, *, trend: str | Sequence[str] = "auto",
         special_codes: Sequence[float] | Mapping[int, Sequence[float]] = (),
         max_bins: int = 6, min_bin_share: float = 0.05, l2: float = 1.0,
-        base_score: float = 600.0, base_odds: float = 50.0, pdo: float = 20.0) -> FitResult:
+        base_score: float = 600.0, base_odds: float = 50.0, pdo: float = 20.0,
+        extra: Sequence[tuple[Floats, Floats]] = ()) -> FitResult:
     """Fit a scorecard to X (rows x features, NaN = missing) and y (1 = bad).
+
+    `extra` adds features binned elsewhere (categorical ones, qrpay.catfit):
+    per feature, each row's WOE and the feature's WOE values; they enter the
+    regression beside the numeric ones, and `extra_points` gives the points
+    of each WOE value. X may then have no column.
 
     `trend` is "increasing" (more of the feature, more bads), "decreasing",
     or "auto" (whichever monotonic binning has the higher information value),
@@ -108,7 +115,7 @@ def fit(X: npt.ArrayLike, y: npt.ArrayLike, *, trend: str | Sequence[str] = "aut
     a bin's points = round(-factor * b_f * woe). Raises InvalidArgument for
     bad input or a fit whose points would not fit a card.
     """
-    matrix, bad = _check_data(X, y)
+    matrix, bad = _check_data(X, y, allow_empty=bool(extra))
     n_features = matrix.shape[1]
     empty = np.flatnonzero(np.isnan(matrix).all(axis=0))
     if len(empty):
@@ -123,9 +130,11 @@ def fit(X: npt.ArrayLike, y: npt.ArrayLike, *, trend: str | Sequence[str] = "aut
 
     binned = [_bin_feature(matrix[:, f], bad, trends[f], specials[f], max_bins, min_bin_share)
               for f in range(n_features)]
-    design = np.empty_like(matrix)
+    design = np.empty((len(bad), n_features + len(extra)), dtype=np.float64)
     for f, b in enumerate(binned):
         design[:, f] = b.woe[_bin_index(matrix[:, f], b.edges, specials[f])]
+    for e, (column, _values) in enumerate(extra):
+        design[:, n_features + e] = column
     intercept, coefficients = _logistic(design, bad, l2)
 
     factor = pdo / math.log(2.0)
@@ -140,13 +149,18 @@ def fit(X: npt.ArrayLike, y: npt.ArrayLike, *, trend: str | Sequence[str] = "aut
             special_points=tuple(zip(specials[f], points[k + 1:])),
             woe=tuple(float(w) for w in b.woe), iv=b.iv, trend=b.trend,
             bad_rate=b.bad_rate))
+    extra_points = tuple(
+        tuple(_to_points(-factor * coefficients[n_features + e] * w) for w in values.tolist())
+        for e, (_column, values) in enumerate(extra))
     return FitResult(tuple(features), base_points, intercept, tuple(coefficients),
-                     {"base_score": base_score, "base_odds": base_odds, "pdo": pdo})
+                     {"base_score": base_score, "base_odds": base_odds, "pdo": pdo},
+                     extra_points)
 
 
 # -- input checks ---------------------------------------------------------------------------
 
-def _check_data(X: npt.ArrayLike, y: npt.ArrayLike) -> tuple[Floats, Floats]:
+def _check_data(X: npt.ArrayLike, y: npt.ArrayLike, allow_empty: bool = False
+                ) -> tuple[Floats, Floats]:
     try:
         matrix = np.asarray(X)
         labels = np.asarray(y)
@@ -154,7 +168,7 @@ def _check_data(X: npt.ArrayLike, y: npt.ArrayLike) -> tuple[Floats, Floats]:
         raise InvalidArgument(f"X and y must be arrays: {exc}") from None
     if matrix.dtype.kind not in "biuf" or labels.dtype.kind not in "biuf":
         raise InvalidArgument("X and y must be numeric")
-    if matrix.ndim != 2 or matrix.shape[1] < 1:
+    if matrix.ndim != 2 or (matrix.shape[1] < 1 and not allow_empty):
         raise InvalidArgument("X must be (rows, features) with at least one feature")
     if labels.ndim != 1 or len(labels) != matrix.shape[0]:
         raise InvalidArgument("y must have one label per row of X")

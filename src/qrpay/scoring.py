@@ -266,6 +266,15 @@ def _factorized(values: Any) -> tuple[npt.NDArray[Any], npt.NDArray[np.intp]] | 
     return labels, np.asarray(categorical.codes, dtype=np.intp)
 
 
+def _is_categorical(values: Any) -> bool:
+    """A column of labels (strings, objects, pandas' category or string
+    dtype), not of numbers."""
+    dtype = getattr(values, "dtype", None)
+    if dtype is None:
+        dtype = np.asarray(values).dtype
+    return getattr(dtype, "kind", "O") not in "biuf"
+
+
 def _labels(values: npt.ArrayLike, name: str) -> npt.NDArray[Any]:
     """A column of category labels as a 1-D object array."""
     to_numpy = getattr(values, "to_numpy", None)   # pandas: Series, Categorical
@@ -326,11 +335,73 @@ class Scorecard:
         decreasing or auto), WOE, a regularised logistic regression on WOE, and
         points scaled so that `base_score` means odds `base_odds`:1 good:bad and
         every `pdo` points double the odds. See scorefit.py and docs/SCORING.md."""
+        if hasattr(X, "columns") or isinstance(X, Mapping):
+            return cls._fit_columns(X, y, feature_names, trend=trend,
+                                    special_codes=special_codes, max_bins=max_bins,
+                                    min_bin_share=min_bin_share, l2=l2, base_score=base_score,
+                                    base_odds=base_odds, pdo=pdo, version=version)
         # X and y as given: scorefit checks and converts them (InvalidArgument).
         result = scorefit.fit(X, y, trend=trend, special_codes=special_codes,
                               max_bins=max_bins, min_bin_share=min_bin_share, l2=l2,
                               base_score=base_score, base_odds=base_odds, pdo=pdo)
         return cls.from_fit(result, feature_names, version)
+
+    @classmethod
+    def _fit_columns(cls, X: Any, y: npt.ArrayLike, feature_names: Sequence[str], *,
+                     version: int, max_bins: int, min_bin_share: float, **options: Any
+                     ) -> Scorecard:
+        """fit on a DataFrame or a mapping of columns: a column of strings,
+        objects or pandas' category dtype is categorical (qrpay.catfit groups
+        its categories), any other numeric; the card keeps feature_names'
+        order. An unseen category gets the worst group's points (or the
+        missing bin's, if worse): a label never scored is no reason for
+        credit."""
+        names = list(_sequence("feature_names", feature_names))
+        available = list(X.columns) if hasattr(X, "columns") else list(X)
+        absent = [n for n in names if n not in available]
+        if absent or not names:
+            raise InvalidArgument(f"X has no column {absent[0]!r}" if absent
+                                  else "name at least one feature")
+        labels = np.asarray(y)
+        kinds = {n: _is_categorical(X[n]) for n in names}
+        numeric = [n for n in names if not kinds[n]]
+        matrix = (np.column_stack([Scorecard._numeric_column(X[n], n) for n in numeric])
+                  if numeric else np.zeros((len(labels), 0)))
+        groupings, extra = {}, []
+        for n in (n for n in names if kinds[n]):
+            values = _labels(X[n], n)
+            if len(values) != len(labels):
+                raise InvalidArgument(f"{n}: one value per label")
+            grouping = catfit.group_categories(values, labels, min_bin_share=min_bin_share,
+                                               max_bins=max_bins)
+            woe = np.array([*grouping.woe, grouping.missing_woe or 0.0], dtype=np.float64)
+            extra.append((woe[np.minimum(grouping.bin_index(values), len(woe) - 1)], woe))
+            groupings[n] = grouping
+        result = scorefit.fit(matrix, labels, max_bins=max_bins, min_bin_share=min_bin_share,
+                              extra=extra, **options)
+        fitted: dict[str, Feature] = {}
+        for n, f in zip(numeric, result.features):
+            fitted[n] = FeatureBins(n, f.edges, f.numeric_points, f.missing_points,
+                                    f.special_points, f.woe, f.iv, f.trend)
+        for (n, grouping), points in zip(groupings.items(), result.extra_points):
+            group_points, missing = points[:-1], points[-1]
+            fitted[n] = CategoryBins(n, grouping.groups, group_points, missing,
+                                     min(*group_points, missing), grouping.woe, grouping.iv)
+        return cls(tuple(fitted[n] for n in names), result.base_points, version,
+                   dict(result.scaling), {"intercept": result.intercept,
+                                          "coefficients": list(result.coefficients)})
+
+    @staticmethod
+    def _numeric_column(values: Any, name: str) -> npt.NDArray[np.float64]:
+        to_numpy = getattr(values, "to_numpy", None)
+        try:
+            column = np.asarray(to_numpy(dtype=np.float64, na_value=np.nan)
+                                if to_numpy is not None else values, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise InvalidArgument(f"{name}: a numeric column") from None
+        if column.ndim != 1:
+            raise InvalidArgument(f"{name}: a 1-D column")
+        return column
 
     @classmethod
     def from_fit(cls, result: scorefit.FitResult, feature_names: Sequence[str],
@@ -395,15 +466,7 @@ class Scorecard:
             if isinstance(feature, CategoryBins):
                 columns.append(feature.codes(values))
                 continue
-            to_numpy = getattr(values, "to_numpy", None)
-            try:
-                column = np.asarray(to_numpy(dtype=np.float64, na_value=np.nan)
-                                    if to_numpy is not None else values, dtype=np.float64)
-            except (TypeError, ValueError):
-                raise InvalidArgument(f"{feature.name}: a numeric column") from None
-            if column.ndim != 1:
-                raise InvalidArgument(f"{feature.name}: a 1-D column")
-            columns.append(column)
+            columns.append(Scorecard._numeric_column(values, feature.name))
         if len({len(c) for c in columns}) > 1:
             raise InvalidArgument("X's columns differ in length")
         return np.column_stack(columns) if columns else np.zeros((0, 0))
