@@ -446,12 +446,15 @@ class Scorecard:
         categorical = [f for f, feature in enumerate(self.features)
                        if isinstance(feature, CategoryBins)]
         if categorical:
-            array = array.copy()
-            for f in categorical:
-                column = array[:, f]
-                known = len(self.features[f].edges)
-                whole = (column == np.floor(column)) & (column >= 0) & (column < known)
-                column[~whole & ~np.isnan(column)] = known
+            # Codes are checked in one pass over their columns; the array is
+            # copied only when one needs mending (anything but a category's
+            # index or NaN reads as unseen).
+            known = np.array([len(self.features[f].edges) for f in categorical])
+            sub = array[:, categorical]
+            valid = ((sub >= 0) & (sub < known) & (sub == np.floor(sub))) | np.isnan(sub)
+            if not valid.all():
+                array = array.copy()
+                array[:, categorical] = np.where(valid, sub, known)
         return array
 
     def _columns(self, X: Any) -> npt.NDArray[np.float64]:
