@@ -106,16 +106,18 @@ def test_a_million_rows_of_8_numeric_and_6_categorical_features_equal_the_refere
 
 
 def test_codes_missing_unseen_and_what_a_float_code_means() -> None:
-    assert HOUSING.categories == ("council", "own", "rent", "with parents")
+    # Code order: group by group, names sorted within; one edge per group.
+    assert HOUSING.categories == ("own", "council", "rent", "with parents")
+    assert HOUSING.edges == (0.5, 2.5, 3.5) and HOUSING.points == (40, -10, 5, -20)
     codes = HOUSING.codes(np.array(["rent", None, "castle", "", float("nan"), "own"],
                                    dtype=object))
-    assert codes[0] == 2 and codes[2] == 4 and codes[5] == 1
+    assert codes[0] == 2 and codes[2] == 4 and codes[5] == 0
     assert np.isnan(codes[[1, 3, 4]]).all()
     assert np.isnan(HOUSING.codes(pd.Series(["own", pd.NA], dtype="string")))[1]
     card = Scorecard((HOUSING,), base_points=0)
     # In a float array a categorical column holds codes: anything else is unseen.
     got = card.score(np.array([[0.0], [1.0], [2.0], [3.0], [4.0], [-1.0], [1.5], [np.nan]]))
-    assert got.tolist() == [-10, 40, -10, 5, -20, -20, -20, -5]
+    assert got.tolist() == [40, -10, -10, 5, -20, -20, -20, -5]
     assert card.score(pd.DataFrame({"housing": ["own", "rent", "igloo", None]})).tolist() == [
         40, -10, -20, -5]
 

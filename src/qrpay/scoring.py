@@ -116,10 +116,12 @@ class CategoryBins:
     `unseen_points`.
 
     The kernel scores it as a numeric feature of integer codes: category i
-    of `categories` (sorted) is code i, an unseen one code K; edges at
-    i + 0.5 give each code its own bin, so `edges`, `points` and `specials`
-    read as a FeatureBins' do, and the feature is scored in the same block
-    pass as the numeric ones."""
+    of `categories` (group by group, each group's names sorted) is code i,
+    an unseen one code K. A group's codes are consecutive, so one edge per
+    group (after its last code) bins them: `edges`, `points` and `specials`
+    read as a FeatureBins' do, and with no more than 8 groups the feature
+    takes the kernel's fast path, in the same block pass as the numeric
+    ones."""
 
     name: str
     groups: tuple[tuple[str, ...], ...]
@@ -160,25 +162,30 @@ class CategoryBins:
             raise InvalidArgument(f"{self.name}: woe and iv must be finite")
         object.__setattr__(self, "woe", woe)
         object.__setattr__(self, "iv", iv)
-        categories = tuple(sorted(every))
-        group_of = {c: g for g, members in enumerate(groups) for c in members}
+        categories = tuple(c for g in groups for c in sorted(g))
+        ends = np.cumsum([len(g) for g in groups])
+        by_name = np.argsort(np.asarray(categories, dtype=str), kind="stable")
         object.__setattr__(self, "_categories", categories)
-        object.__setattr__(self, "_points", tuple(
-            self.group_points[group_of[c]] for c in categories) + (self.unseen_points,))
+        object.__setattr__(self, "_edges", tuple(float(e) - 0.5 for e in ends))
+        object.__setattr__(self, "_sorted", np.asarray(categories, dtype=str)[by_name])
+        object.__setattr__(self, "_code_of_sorted", by_name.astype(np.float64))
 
     @property
     def categories(self) -> tuple[str, ...]:
-        """Every category, sorted: category i is code i."""
+        """Every category, in code order (category i is code i): group by
+        group, each group's names sorted."""
         return self._categories   # type: ignore[attr-defined,no-any-return]
 
     @property
     def edges(self) -> tuple[float, ...]:
-        return tuple(i + 0.5 for i in range(len(self.categories)))
+        """One per group, just below the next group's first code (the last
+        just below the unseen code)."""
+        return self._edges   # type: ignore[attr-defined,no-any-return]
 
     @property
     def points(self) -> tuple[int, ...]:
-        """Points per code, then the unseen code's (as a FeatureBins' per bin)."""
-        return self._points   # type: ignore[attr-defined,no-any-return]
+        """Points per group, then the unseen code's (as a FeatureBins' per bin)."""
+        return (*self.group_points, self.unseen_points)
 
     @property
     def specials(self) -> tuple[tuple[float, int], ...]:
@@ -208,12 +215,12 @@ class CategoryBins:
         """codes() of an object array, matched in numpy."""
         missing = _missing(column)
         text = np.where(missing, "", column).astype(str)
-        known = np.asarray(self.categories, dtype=str)
+        known = self._sorted   # type: ignore[attr-defined]
         at = np.searchsorted(known, text).clip(max=max(len(known) - 1, 0))
         hit = known[at] == text if len(known) else np.zeros(len(text), dtype=np.bool_)
-        out = np.where(hit, at, len(known)).astype(np.float64)
+        out = np.where(hit, self._code_of_sorted[at], len(known))   # type: ignore[attr-defined]
         out[missing] = np.nan
-        return out
+        return out.astype(np.float64, copy=False)
 
     def category_of(self, code: float) -> str:
         """The words a reason gives for a code: the category, "missing" or
@@ -449,9 +456,11 @@ class Scorecard:
             # Codes are checked in one pass over their columns; the array is
             # copied only when one needs mending (anything but a category's
             # index or NaN reads as unseen).
-            known = np.array([len(self.features[f].edges) for f in categorical])
+            known = np.array([len(self.features[f].categories)   # type: ignore[union-attr]
+                              for f in categorical])
             sub = array[:, categorical]
-            valid = ((sub >= 0) & (sub < known) & (sub == np.floor(sub))) | np.isnan(sub)
+            # known itself is the unseen code: valid as it is.
+            valid = ((sub >= 0) & (sub <= known) & (sub == np.floor(sub))) | np.isnan(sub)
             if not valid.all():
                 array = array.copy()
                 array[:, categorical] = np.where(valid, sub, known)
