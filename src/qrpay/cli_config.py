@@ -117,7 +117,6 @@ def fill(leaf: argparse.ArgumentParser, args: argparse.Namespace,
     """Each configurable option the command line left out, from the
     environment, else the file; a required one found nowhere is a usage
     error naming all three places."""
-    parser = leaf
     command = getattr(args, "_command", "")
     table = config.get(command, {}) if isinstance(config.get(command), dict) else {}
     for action in leaf._actions:
@@ -135,13 +134,13 @@ def fill(leaf: argparse.ArgumentParser, args: argparse.Namespace,
                 setattr(args, action.dest, fallback)
                 continue
             if action.dest in getattr(args, "_required_from_config", ()):
-                parser.error(f"the following arguments are required: --{option} (or set "
+                leaf.error(f"the following arguments are required: --{option} (or set "
                              f"{env_name(option)}, or `{option}` in the config file)")
             continue
-        setattr(args, action.dest, _converted(parser, action, raw, source))
+        setattr(args, action.dest, _converted(leaf, action, raw, source))
 
 
-def _converted(parser: argparse.ArgumentParser, action: argparse.Action, raw: Any,
+def _converted(leaf: argparse.ArgumentParser, action: argparse.Action, raw: Any,
                source: str) -> Any:
     """The value as the command line would have given it: the option's type
     applied to each string; a repeatable option takes a list (a TOML array,
@@ -150,21 +149,21 @@ def _converted(parser: argparse.ArgumentParser, action: argparse.Action, raw: An
     if repeatable:
         items = raw.split(",") if isinstance(raw, str) else raw
         if not isinstance(items, list):
-            parser.error(f"{source}: a list of strings")
-        return [_one(parser, action, item, source) for item in items if str(item).strip()]
-    return _one(parser, action, raw, source)
+            leaf.error(f"{source}: a list of strings")
+        return [_one(leaf, action, item, source) for item in items if str(item).strip()]
+    return _one(leaf, action, raw, source)
 
 
-def _one(parser: argparse.ArgumentParser, action: argparse.Action, raw: Any,
+def _one(leaf: argparse.ArgumentParser, action: argparse.Action, raw: Any,
          source: str) -> Any:
     if not isinstance(raw, (str, int)) or isinstance(raw, bool):
-        parser.error(f"{source}: a string or a whole number, not {type(raw).__name__}")
+        leaf.error(f"{source}: a string or a whole number, not {type(raw).__name__}")
     text = str(raw).strip()
     if action.choices is not None and text not in action.choices:
-        parser.error(f"{source}: {text!r} is not one of {', '.join(map(str, action.choices))}")
+        leaf.error(f"{source}: {text!r} is not one of {', '.join(map(str, action.choices))}")
     if action.type is None:
         return text
     try:
         return action.type(text)   # type: ignore[operator]
     except (argparse.ArgumentTypeError, ValueError) as exc:
-        parser.error(f"{source}: {exc}")
+        leaf.error(f"{source}: {exc}")

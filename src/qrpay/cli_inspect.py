@@ -40,7 +40,7 @@ from qrpay.keys import (
 )
 from qrpay.qr import PREFIX as TOKEN_PREFIX
 from qrpay.qr import decode_text
-from qrpay.scoring import CARD_FORMAT, Scorecard
+from qrpay.scoring import CARD_FORMAT, SIGNED_CARD_FIELDS, Scorecard
 from qrpay.token import DEFAULT_MAX_AGE, DEFAULT_SKEW, verify, verify_batch
 from qrpay.trust import Role, TrustStore
 from qrpay.wire import MAX_DOCUMENT, body_map, split_document, unpack_strict, verify_document
@@ -66,14 +66,13 @@ _ROLE_PUBLIC: dict[str, type[PublicKey]] = {
     "issuer": IssuerPublicKey, "device": DevicePublicKey, "gateway": GatewayPublicKey,
     "settlement": SettlementPublicKey, "root": RootPublicKey}
 _KEY_TEXT = re.compile(r"qrpay:(issuer|device|gateway|settlement|root)-(public|secret):")
-_SIGNED_CARD_FIELDS: dict[str, type | tuple[type, ...]] = {"v": int, "kid": bytes, "card": bytes}
 # A signed document's kind, by the field names of its body (each module's table).
 _DOCUMENTS: tuple[tuple[str, frozenset[str]], ...] = (
     ("batch", frozenset(settlement._BATCH_FIELDS)),
     ("deny-list", frozenset(denylist._FIELDS)),
     ("deny-delta", frozenset(denylist._DELTA_FIELDS)),
     ("trust-bundle", frozenset(trustbundle._FIELDS)),
-    ("scorecard", frozenset(_SIGNED_CARD_FIELDS)),
+    ("scorecard", frozenset(SIGNED_CARD_FIELDS)),
     ("statement", frozenset(clearing._STATEMENT_FIELDS)),
 )
 _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
@@ -493,7 +492,7 @@ def _decode_scorecard(data: bytes) -> _Found:
         card = Scorecard.from_json(text)
         return _Found("scorecard", _card_fields(card, False, None), None,
                       "a scorecard's JSON is not signed; its signed form (Scorecard.sign) is")
-    _body, _signature, doc = _document(data, _SIGNED_CARD_FIELDS, "signed card",
+    _body, _signature, doc = _document(data, SIGNED_CARD_FIELDS, "signed card",
                                        max_bin=16 * 1024 * 1024)
     if doc["v"] != CARD_FORMAT:
         raise MalformedMessage(f"unsupported signed card format {doc['v']}")

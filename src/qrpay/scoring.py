@@ -34,6 +34,9 @@ CARD_FORMAT = 1
 MAX_FEATURES = 64
 MAX_THREADS = _args.MAX_THREADS
 MAX_PSI_BINS = 10_000
+# The fields of a signed card document (Scorecard.sign; qrpay inspect reads them too).
+SIGNED_CARD_FIELDS: dict[str, type | tuple[type, ...]] = {"v": int, "kid": bytes,
+                                                          "card": bytes}
 
 
 @dataclass(frozen=True)
@@ -588,7 +591,7 @@ class Scorecard:
         if not isinstance(trust, TrustStore):
             raise InvalidArgument("a card is verified against a TrustStore")
         body, signature = split_document(data)
-        doc = body_map(body, {"v": int, "kid": bytes, "card": bytes}, max_bin=16 * 1024 * 1024)
+        doc = body_map(body, SIGNED_CARD_FIELDS, max_bin=16 * 1024 * 1024)
         if doc["v"] != CARD_FORMAT:
             raise MalformedMessage(f"unsupported signed card format {doc['v']}")
         trusted = trust.get(doc["kid"])
