@@ -40,25 +40,41 @@ CARD = Scorecard(tuple(numeric(i) for i in range(8)) + tuple(category(i) for i i
                  base_points=500)
 
 
-def reference(card: Scorecard, frame: pd.DataFrame) -> np.ndarray:
-    """Scores the plain way: each numeric feature by searchsorted over its
-    edges (specials first, NaN missing), each categorical one by a dict of
-    category -> points (missing and unseen apart)."""
-    total = np.full(len(frame), card.base_points, dtype=np.int64)
-    for feature in card.features:
+def feature_points(card: Scorecard, frame: pd.DataFrame) -> np.ndarray:
+    """Each row's points per feature, the plain way: each numeric feature by
+    searchsorted over its edges (specials first, NaN missing), each
+    categorical one by a dict of category -> points (missing and unseen
+    apart)."""
+    out = np.empty((len(frame), len(card.features)), dtype=np.int64)
+    for f, feature in enumerate(card.features):
         if isinstance(feature, CategoryBins):
             points = {c: p for g, p in zip(feature.groups, feature.group_points) for c in g}
             column = frame[feature.name].astype(object)
             missing = column.isna().to_numpy() | (column == "").to_numpy()
             got = column.map(lambda v: points.get(v, feature.unseen_points)).to_numpy()
-            total += np.where(missing, feature.missing_points, got).astype(np.int64)
+            out[:, f] = np.where(missing, feature.missing_points, got)
             continue
         x = frame[feature.name].to_numpy(dtype=np.float64)
         got = np.asarray(feature.points)[np.searchsorted(feature.edges, x, side="right")]
         for code, points in feature.specials:
             got = np.where(x == code, points, got)
-        total += np.where(np.isnan(x), feature.missing_points, got)
-    return total
+        out[:, f] = np.where(np.isnan(x), feature.missing_points, got)
+    return out
+
+
+def reference(card: Scorecard, frame: pd.DataFrame) -> np.ndarray:
+    """Scores the plain way: the base plus each feature's points."""
+    return card.base_points + feature_points(card, frame).sum(axis=1)
+
+
+def reference_reasons(card: Scorecard, frame: pd.DataFrame, k: int) -> np.ndarray:
+    """Reasons the plain way: per row, the k features that lost the most
+    points against their best bin, most first, the earlier feature first on
+    ties; -1 where fewer than k lost any."""
+    best = np.array([f.best_points for f in card.features], dtype=np.int64)
+    loss = best[None, :] - feature_points(card, frame)
+    order = np.argsort(-loss, axis=1, kind="stable")[:, :k]
+    return np.where(np.take_along_axis(loss, order, axis=1) > 0, order, -1)
 
 
 def city(n: int, seed: int = 0) -> pd.DataFrame:
@@ -88,21 +104,27 @@ def test_a_million_rows_of_8_numeric_and_6_categorical_features_equal_the_refere
     assert np.array_equal(CARD.score(columns), expected)
     codes = CARD.matrix(frame)
     assert np.array_equal(CARD.score(codes), expected)
-    # explain: the same pass, the same scores; reasons name the category.
-    scores, reasons = CARD.explain(frame[:2_000], k=3)
-    assert np.array_equal(scores, expected[:2_000])
-    named = CARD.reason_names(reasons, frame[:2_000])
-    flat = [name for row in named for name in row]
-    assert any(name.startswith("k") and " = " in name for name in flat)
+    # explain: the same pass, the same scores, and the reference's reasons
+    # on every row; the names give the category (checked on the first 20,000).
+    scores, reasons = CARD.explain(frame, k=3, threads=2)
+    assert np.array_equal(scores, expected)
+    assert np.array_equal(reasons, reference_reasons(CARD, frame, 3))
+    assert np.array_equal(CARD.explain(codes, k=3)[1], reasons)
+    head = frame[:20_000]
+    named = CARD.reason_names(reasons[:20_000], head)
+    assert sum(" = " in name for row in named for name in row) > 1_000
     for row, names in enumerate(named):
+        assert [n.split(" = ")[0] for n in names] == [
+            CARD.feature_names[i] for i in reasons[row] if i >= 0]
         for name in names:
             if name.startswith("k"):
                 feature, shown = name.split(" = ")
-                value = frame[feature].iloc[row]
+                value = head[feature].iloc[row]
+                categories = CARD.features[CARD.feature_names.index(feature)].categories
                 if pd.isna(value) or value == "":
                     assert shown == "missing"
-                elif shown != "unseen":
-                    assert shown == value
+                else:
+                    assert shown == (value if value in categories else "unseen")
 
 
 def test_codes_missing_unseen_and_what_a_float_code_means() -> None:
@@ -115,9 +137,28 @@ def test_codes_missing_unseen_and_what_a_float_code_means() -> None:
     assert np.isnan(codes[[1, 3, 4]]).all()
     assert np.isnan(HOUSING.codes(pd.Series(["own", pd.NA], dtype="string")))[1]
     card = Scorecard((HOUSING,), base_points=0)
-    # In a float array a categorical column holds codes: anything else is unseen.
-    got = card.score(np.array([[0.0], [1.0], [2.0], [3.0], [4.0], [-1.0], [1.5], [np.nan]]))
-    assert got.tolist() == [40, -10, -10, 5, -20, -20, -20, -5]
+    # In a float array a categorical column holds codes: anything else is
+    # unseen (the kernel checks every code as it scores it), float32 too.
+    codes_in = [0.0, 1.0, 2.0, 3.0, 4.0, -1.0, 1.5, np.nan, -0.5, 0.5, 3.5, 5.0, -0.0,
+                np.inf, -np.inf, 1e300, 2.0 + 1e-15, 2**53]
+    want = [40, -10, -10, 5, -20, -20, -20, -5, -20, -20, -20, -20, 40,
+            -20, -20, -20, -20, -20]
+    for dtype in (np.float64, np.float32):
+        with np.errstate(over="ignore"):   # 1e300 is inf in float32
+            X = np.array(codes_in, dtype=dtype)[:, None]
+        if dtype == np.float32:   # 2.0 + 1e-15 is 2.0 in float32
+            want32 = [w if c != 2.0 + 1e-15 else -10 for c, w in zip(codes_in, want)]
+            assert card.score(X).tolist() == want32
+        else:
+            assert card.score(X).tolist() == want
+    # A card of more than 8 groups takes the row kernel: the same rule.
+    wide = CategoryBins("wide", tuple((f"g{j}",) for j in range(10)), tuple(range(10)),
+                        missing_points=-5, unseen_points=-20)
+    got = Scorecard((wide,), base_points=0).score(
+        np.array([[0.0], [9.0], [10.0], [11.0], [4.5], [-1.0], [np.nan]]))
+    assert got.tolist() == [0, 9, -20, -20, -20, -20, -5]
+    assert [HOUSING.category_of(c) for c in (2.0, 2.5, 4.0, -1.0, np.inf, np.nan)] == [
+        "rent", "unseen", "unseen", "unseen", "unseen", "missing"]
     assert card.score(pd.DataFrame({"housing": ["own", "rent", "igloo", None]})).tolist() == [
         40, -10, -20, -5]
 

@@ -37,6 +37,7 @@ from qrpay.errors import (
     UnknownKeyId,
 )
 from qrpay.scoring import (
+    CategoryBins,
     FeatureBins,
     LimitBand,
     LimitPolicy,
@@ -69,12 +70,24 @@ def compiled_core() -> ModuleType:
 # The reference scorer: plain numpy, one searchsorted per feature
 # ============================================================================
 
-def reference_feature_points(f: FeatureBins, column: npt.ArrayLike) -> npt.NDArray[np.int64]:
+def reference_feature_points(f: FeatureBins | CategoryBins, column: npt.ArrayLike
+                             ) -> npt.NDArray[np.int64]:
     """The points one feature gives each value of a column. Numeric bin =
     searchsorted(edges, x, side="right"); a special code takes its own bin
     (before any numeric bin); NaN takes the missing bin. float32 values are
-    compared as float64, as the kernel does."""
+    compared as float64, as the kernel does. A categorical feature's value
+    is a code: a whole number from 0 to K (K = unseen), NaN missing,
+    anything else unseen."""
     v = np.asarray(column).astype(np.float64)
+    if isinstance(f, CategoryBins):
+        group_of = np.repeat(np.arange(len(f.groups)), [len(g) for g in f.groups])
+        table = np.array([*f.group_points, f.unseen_points, f.missing_points], dtype=np.int64)
+        b = np.full(len(v), len(f.groups))
+        with np.errstate(invalid="ignore"):
+            known = (v >= 0) & (v < len(group_of)) & (v == np.floor(v))
+        b[known] = group_of[v[known].astype(np.intp)]
+        b[np.isnan(v)] = len(f.groups) + 1
+        return table[b]
     n_edges = len(f.edges)
     table = np.array([*f.points, f.missing_points, *(p for _, p in f.specials)], dtype=np.int64)
     b = np.searchsorted(np.asarray(f.edges, dtype=np.float64), v, side="right")
@@ -331,7 +344,12 @@ POINTS = st.one_of(st.integers(-3, 3), st.integers(-1_000_000, 1_000_000))
 
 
 @st.composite
-def features(draw: st.DrawFn, name: str, finite: bool = False) -> FeatureBins:
+def features(draw: st.DrawFn, name: str, finite: bool = False) -> FeatureBins | CategoryBins:
+    if draw(st.integers(0, 3)) == 0:   # a categorical feature: up to 12 groups (> 8: row kernel)
+        sizes = draw(st.lists(st.integers(1, 3), min_size=1, max_size=12))
+        names = iter(f"{name}c{i}" for i in range(sum(sizes)))
+        return CategoryBins(name, tuple(tuple(next(names) for _ in range(s)) for s in sizes),
+                            tuple(draw(POINTS) for _ in sizes), draw(POINTS), draw(POINTS))
     edges = sorted(draw(st.lists(EDGE_VALUES, max_size=8, unique=True)))
     code_values = EDGE_VALUES if finite else st.one_of(
         EDGE_VALUES, st.sampled_from([math.inf, -math.inf]))
@@ -350,6 +368,13 @@ def cards(draw: st.DrawFn, finite: bool = False) -> Scorecard:
                      draw(st.integers(-10**9, 10**9)))
 
 
+def _codes(f: FeatureBins | CategoryBins) -> list[float]:
+    """A categorical feature's codes and the numbers either side of them."""
+    if not isinstance(f, CategoryBins):
+        return []
+    return [float(c) for c in range(-1, len(f.categories) + 2)]
+
+
 @st.composite
 def cards_and_inputs(draw: st.DrawFn) -> tuple[Scorecard, npt.NDArray[Any]]:
     card = draw(cards())
@@ -357,7 +382,7 @@ def cards_and_inputs(draw: st.DrawFn) -> tuple[Scorecard, npt.NDArray[Any]]:
     columns = []
     for f in card.features:
         interesting = [*f.edges, *(c for c, _ in f.specials), math.nan, math.inf, -math.inf,
-                       0.0, -0.0]
+                       0.0, -0.0, *_codes(f)]
         with np.errstate(over="ignore"):
             near = [float(np.nextafter(e, d)) for e in f.edges for d in (-np.inf, np.inf)]
         value = st.one_of(st.sampled_from(interesting), st.sampled_from(near or [1.0]),
@@ -398,7 +423,8 @@ def test_random_cards_over_many_blocks(card: Scorecard, k: int, threads: int, se
         edges = np.array(f.edges, dtype=np.float64)
         with np.errstate(over="ignore"):
             near = np.r_[np.nextafter(edges, -np.inf), np.nextafter(edges, np.inf)]
-        pool = np.r_[edges, near, [c for c, _ in f.specials], np.nan, np.inf, -np.inf, 0.0]
+        pool = np.r_[edges, near, [c for c, _ in f.specials], np.nan, np.inf, -np.inf, 0.0,
+                     _codes(f)]
         X[:, j] = np.where(rng.random(rows) < 0.7, rng.choice(pool, rows),
                            rng.normal(0.0, 10.0 ** rng.integers(0, 6), rows))
     k = min(k, len(card.features))

@@ -55,6 +55,7 @@ def score_rows(
     specials: npt.NDArray[np.float64],
     special_off: npt.NDArray[np.int64],
     best: npt.NDArray[np.int32],
+    code_limit: npt.NDArray[np.float64],
     base: int,
     k: int,
     threads: int = 1,

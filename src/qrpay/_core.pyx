@@ -20,7 +20,7 @@ from cpython.bytes cimport (
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
-from libc.math cimport INFINITY, NAN
+from libc.math cimport INFINITY, NAN, floor
 from libc.string cimport memcmp, memcpy
 
 
@@ -524,6 +524,8 @@ cdef extern from "_score_kernel.h" nogil:
         double special_points[2]
         double missing
         double best
+        double code_limit
+        double unseen
         int n_edges
     void qrpay_score_fast(const char *X, Py_ssize_t row_stride, Py_ssize_t col_stride,
                           int is_float32, const qrpay_fast_feature *features,
@@ -542,6 +544,7 @@ cdef struct FeatureView:
     Py_ssize_t n_edges
     Py_ssize_t n_specials
     int32_t best
+    double code_limit    # categorical: K, the unseen code (see _score_kernel.h); numeric: -1
 
 
 cdef struct Card:
@@ -555,6 +558,8 @@ cdef inline int32_t points_of(const FeatureView *f, double v) noexcept nogil:
     cdef Py_ssize_t j, b = 0
     if v != v:
         return f.points[f.n_edges + 1]                  # the missing bin
+    if f.code_limit >= 0 and not (0 <= v <= f.code_limit and v == floor(v)):
+        return f.points[f.n_edges]                      # no category's code: unseen
     for j in range(f.n_specials):
         if v == f.specials[j]:
             return f.points[f.n_edges + 2 + j]          # this special code's bin
@@ -674,6 +679,8 @@ cdef qrpay_fast_feature *_fast_features(const FeatureView *views, Py_ssize_t n_f
                 fast[f].special_points[j] = 0.0
         fast[f].missing = views[f].points[views[f].n_edges + 1]
         fast[f].best = views[f].best
+        fast[f].code_limit = views[f].code_limit
+        fast[f].unseen = views[f].points[views[f].n_edges]
         fast[f].n_edges = <int>views[f].n_edges
     return fast
 
@@ -681,15 +688,17 @@ cdef qrpay_fast_feature *_fast_features(const FeatureView *views, Py_ssize_t n_f
 def score_rows(X, const double[::1] edges, const int64_t[::1] edge_off,
                const int32_t[::1] points, const int64_t[::1] point_off,
                const double[::1] specials, const int64_t[::1] special_off,
-               const int32_t[::1] best, int64_t base, int k, threads=1):
+               const int32_t[::1] best, const double[::1] code_limit, int64_t base, int k,
+               threads=1):
     cdef int n_threads = _args.threads(threads)
     cdef Py_ssize_t f, n = X.shape[0], n_features = edge_off.shape[0] - 1
     if X.ndim != 2 or X.shape[1] != n_features or X.dtype not in (np.float32, np.float64):
         raise InvalidArgument(f"X must be a 2-D float32/float64 array with {n_features} columns")
     if not 0 <= k <= min(8, n_features) or best.shape[0] != n_features:
         raise InvalidArgument("k must be between 0 and the number of features (at most 8)")
-    if special_off.shape[0] != n_features + 1 or point_off.shape[0] != n_features + 1:
-        raise InvalidArgument("one offset per feature, plus one")
+    if (special_off.shape[0] != n_features + 1 or point_off.shape[0] != n_features + 1
+            or code_limit.shape[0] != n_features):
+        raise InvalidArgument("one offset per feature, plus one; one code limit per feature")
     cdef _ScoreJob job = _ScoreJob()
     job.views = <FeatureView *>PyMem_Malloc(max(1, n_features) * sizeof(FeatureView))
     if job.views == NULL:
@@ -703,6 +712,7 @@ def score_rows(X, const double[::1] edges, const int64_t[::1] edge_off,
         job.views[f].specials = &specials[special_off[f]] if job.views[f].n_specials else NULL
         job.views[f].points = &points[point_off[f]]
         job.views[f].best = best[f]
+        job.views[f].code_limit = code_limit[f]
     if n_features and _fits_fast_path(job.views, n_features):
         job.fast = _fast_features(job.views, n_features)
     scores = np.empty(n, dtype=np.int64)

@@ -297,7 +297,8 @@ def sorted_contains(haystack: Any, needles: Any) -> np.ndarray[Any, np.dtype[np.
 
 
 def score_rows(X: Any, edges: Any, edge_off: Any, points: Any, point_off: Any, specials: Any,
-               special_off: Any, best: Any, base: int, k: int, threads: int = 1
+               special_off: Any, best: Any, code_limit: Any, base: int, k: int,
+               threads: int = 1
                ) -> tuple[np.ndarray[Any, np.dtype[np.int64]], np.ndarray[Any, np.dtype[np.int16]]]:
     _args.threads(threads)   # checked as the core does; the twin scores in one thread
     n_features = len(edge_off) - 1
@@ -306,6 +307,8 @@ def score_rows(X: Any, edges: Any, edge_off: Any, points: Any, point_off: Any, s
         raise InvalidArgument(f"X must be a 2-D float32/float64 array with {n_features} columns")
     if not 0 <= k <= min(8, n_features) or len(best) != n_features:
         raise InvalidArgument("k must be between 0 and the number of features (at most 8)")
+    if len(code_limit) != n_features:
+        raise InvalidArgument("one offset per feature, plus one; one code limit per feature")
     n = X.shape[0]
     gained = np.zeros((n, n_features), dtype=np.int64)
     for f in range(n_features):
@@ -314,6 +317,9 @@ def score_rows(X: Any, edges: Any, edge_off: Any, points: Any, point_off: Any, s
         codes = specials[special_off[f]:special_off[f + 1]]
         pts = points[point_off[f]:point_off[f + 1]].astype(np.int64)
         bins = np.searchsorted(e, v, side="right")
+        if code_limit[f] >= 0:   # categorical codes: anything but 0..K takes the unseen bin
+            with np.errstate(invalid="ignore"):
+                bins[~((v >= 0) & (v <= code_limit[f]) & (v == np.floor(v)))] = len(e)
         for j, code in enumerate(codes[::-1]):  # the first matching code wins
             bins[v == code] = len(e) + 2 + (len(codes) - 1 - j)
         bins[np.isnan(v)] = len(e) + 1

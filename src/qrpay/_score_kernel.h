@@ -24,6 +24,8 @@ typedef struct {
     double special_points[QRPAY_FAST_SPECIALS];
     double missing;                   /* points of the NaN bin */
     double best;                      /* the feature's best points: loss = best - points */
+    double code_limit;                /* categorical: K, the unseen code; numeric: -1 */
+    double unseen;                    /* categorical: points of a value that is no code */
     int n_edges;                      /* real edges; the kernel is specialised on it */
 } qrpay_fast_feature;
 
@@ -46,10 +48,15 @@ typedef struct {
 /* total[i] += points of one feature for rows [0, n) of a block. `col` points at
  * the feature's first value, `stride` bytes apart; reading it in place (no copy
  * into a buffer) lets the compiler gather straight into vector registers.
- * Inlined with constant `ne` and `is_float32`, the unused edges disappear. */
+ * Inlined with constant `ne`, `is_float32` and `is_codes`, the unused edges and
+ * checks disappear. A categorical feature's values are codes: anything but an
+ * integer in [0, K] (or NaN, missing) takes the unseen bin. Adding 2**52 rounds
+ * a value in [0, 2**52) to an integer, so it comes back unchanged only when it
+ * was one (round-to-nearest; the build keeps IEEE arithmetic). */
 QRPAY_INLINE void qrpay_feature_pass(const char *col, ptrdiff_t stride, int is_float32,
                                      const qrpay_fast_feature *F, double *points,
-                                     double *total, ptrdiff_t n, const int ne)
+                                     double *total, ptrdiff_t n, const int ne,
+                                     const int is_codes)
 {
     /* Locals, not F->...: stores to total[] could otherwise alias them. */
     const double e0 = F->edges[0], e1 = F->edges[1], e2 = F->edges[2], e3 = F->edges[3],
@@ -57,7 +64,9 @@ QRPAY_INLINE void qrpay_feature_pass(const char *col, ptrdiff_t stride, int is_f
     const double s0 = F->step[0], s1 = F->step[1], s2 = F->step[2], s3 = F->step[3],
                  s4 = F->step[4], s5 = F->step[5], s6 = F->step[6], s7 = F->step[7];
     const double first = F->first, c0 = F->specials[0], c1 = F->specials[1],
-                 q0 = F->special_points[0], q1 = F->special_points[1], m = F->missing;
+                 q0 = F->special_points[0], q1 = F->special_points[1], m = F->missing,
+                 limit = F->code_limit, unseen = F->unseen;
+    const double big = 4503599627370496.0;   /* 2**52 */
     for (ptrdiff_t i = 0; i < n; i++) {
         double v = is_float32 ? (double)*(const float *)(col + i * stride)
                               : *(const double *)(col + i * stride);
@@ -65,6 +74,10 @@ QRPAY_INLINE void qrpay_feature_pass(const char *col, ptrdiff_t stride, int is_f
                    + (ne > 2 && v >= e2 ? s2 : 0.0) + (ne > 3 && v >= e3 ? s3 : 0.0)
                    + (ne > 4 && v >= e4 ? s4 : 0.0) + (ne > 5 && v >= e5 ? s5 : 0.0)
                    + (ne > 6 && v >= e6 ? s6 : 0.0) + (ne > 7 && v >= e7 ? s7 : 0.0);
+        if (is_codes) {
+            int code = (v >= 0.0) & (v <= limit) & ((v + big) - big == v);   /* no branches */
+            pts = code ? pts : unseen;
+        }
         pts = v == c1 ? q1 : pts;   /* the first matching code wins: c0 last */
         pts = v == c0 ? q0 : pts;
         pts = v != v ? m : pts;     /* NaN: the missing bin */
@@ -104,13 +117,20 @@ QRPAY_INLINE void qrpay_fold_reasons(const double *points, double best, double f
     }
 }
 
-#define QRPAY_PASS_CASE(NE)                                                                \
-    case NE:                                                                               \
-        if (is_float32)                                                                    \
-            qrpay_feature_pass(col, row_stride, 1, F, points, total, n, NE);               \
+#define QRPAY_PASS(NE)                                                                     \
+    do {                                                                                   \
+        if (F->code_limit >= 0.0) {                                                        \
+            if (is_float32)                                                                \
+                qrpay_feature_pass(col, row_stride, 1, F, points, total, n, NE, 1);        \
+            else                                                                           \
+                qrpay_feature_pass(col, row_stride, 0, F, points, total, n, NE, 1);        \
+        } else if (is_float32)                                                             \
+            qrpay_feature_pass(col, row_stride, 1, F, points, total, n, NE, 0);            \
         else                                                                               \
-            qrpay_feature_pass(col, row_stride, 0, F, points, total, n, NE);               \
-        break;
+            qrpay_feature_pass(col, row_stride, 0, F, points, total, n, NE, 0);            \
+    } while (0)
+
+#define QRPAY_PASS_CASE(NE) case NE: QRPAY_PASS(NE); break;
 
 /* Ask for the next block's share of this feature while this one is computed:
  * the hardware prefetcher stops at 4 KiB pages, and a block spans several. */
@@ -184,11 +204,7 @@ static void qrpay_score_fast(const char *X, ptrdiff_t row_stride, ptrdiff_t col_
                 QRPAY_PASS_CASE(5)
                 QRPAY_PASS_CASE(6)
                 QRPAY_PASS_CASE(7)
-                default:
-                    if (is_float32)
-                        qrpay_feature_pass(col, row_stride, 1, F, points, total, n, 8);
-                    else
-                        qrpay_feature_pass(col, row_stride, 0, F, points, total, n, 8);
+                default: QRPAY_PASS(8);
             }
             if (k) qrpay_fold_reasons(points, F->best, (double)f, top_loss, top_feature, k, n);
         }

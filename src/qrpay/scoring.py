@@ -230,8 +230,9 @@ class CategoryBins:
         "unseen"."""
         if code != code:
             return "missing"
-        index = int(code)
-        return self.categories[index] if 0 <= index < len(self.categories) else "unseen"
+        if not 0 <= code < len(self.categories) or code != math.floor(code):
+            return "unseen"
+        return self.categories[int(code)]
 
     def as_dict(self) -> dict[str, Any]:
         return {"kind": "categorical", "name": self.name,
@@ -437,7 +438,7 @@ class Scorecard:
         count = _args.threads(threads)
         f = self._flat
         return core.score_rows(array, f.edges, f.edge_off, f.points, f.point_off, f.specials,
-                               f.special_off, f.best, self.base_points, k, count)
+                               f.special_off, f.best, f.code_limit, self.base_points, k, count)
 
     @functools.cached_property
     def _flat(self) -> _FlatCard:
@@ -449,25 +450,11 @@ class Scorecard:
         DataFrame or a mapping of columns (by feature name; categorical
         columns hold names, of any dtype), or a numeric array (n x features)
         whose categorical columns hold codes already: NaN missing, anything
-        but a category's index unseen."""
+        but a category's index unseen (the kernel checks each code as it
+        scores it, so the array is read as it is)."""
         if hasattr(X, "columns") or isinstance(X, Mapping):
             return self._columns(X)
-        array = _as_matrix(X, len(self.features))
-        categorical = [f for f, feature in enumerate(self.features)
-                       if isinstance(feature, CategoryBins)]
-        if categorical:
-            # Codes are checked in one pass over their columns; the array is
-            # copied only when one needs mending (anything but a category's
-            # index or NaN reads as unseen).
-            known = np.array([len(self.features[f].categories)   # type: ignore[union-attr]
-                              for f in categorical])
-            sub = array[:, categorical]
-            # known itself is the unseen code: valid as it is.
-            valid = ((sub >= 0) & (sub <= known) & (sub == np.floor(sub))) | np.isnan(sub)
-            if not valid.all():
-                array = array.copy()
-                array[:, categorical] = np.where(valid, sub, known)
-        return array
+        return _as_matrix(X, len(self.features))
 
     def _columns(self, X: Any) -> npt.NDArray[np.float64]:
         names = list(X.columns) if hasattr(X, "columns") else list(X)
@@ -611,6 +598,7 @@ class _FlatCard(NamedTuple):
     specials: npt.NDArray[np.float64]
     special_off: npt.NDArray[np.int64]
     best: npt.NDArray[np.int32]
+    code_limit: npt.NDArray[np.float64]   # categorical: K, the unseen code; numeric: -1
 
 
 def _flatten(card: Scorecard) -> _FlatCard:
@@ -629,7 +617,9 @@ def _flatten(card: Scorecard) -> _FlatCard:
         np.array(edges, dtype=np.float64), np.array(edge_off, dtype=np.int64),
         np.array(points, dtype=np.int32), np.array(point_off, dtype=np.int64),
         np.array(specials, dtype=np.float64), np.array(special_off, dtype=np.int64),
-        np.array([f.best_points for f in card.features], dtype=np.int32))
+        np.array([f.best_points for f in card.features], dtype=np.int32),
+        np.array([len(f.categories) if isinstance(f, CategoryBins) else -1
+                  for f in card.features], dtype=np.float64))
 
 
 def _sequence(name: str, values: object) -> tuple[Any, ...]:
