@@ -324,6 +324,93 @@ def test_score_fit_apply_and_issue_from_card(tmp_path: Path, keys: dict[str, Pat
     assert code == 2 and "no column" in err
 
 
+def test_score_commands_read_categorical_columns_from_csv(
+        tmp_path: Path, keys: dict[str, Path | str], capsys: pytest.CaptureFixture[str]) -> None:
+    import csv
+
+    from qrpay.scoring import CategoryBins, Scorecard
+    train, fresh, card_path = tmp_path / "train.csv", tmp_path / "new.csv", tmp_path / "c.json"
+    assert run(capsys, "score", "sample", "--accounts", "6000", "--categorical", "--out",
+               str(train))[0] == 0
+    code, out, err = run(capsys, "score", "fit", "--data", str(train), "--label", "defaulted",
+                         "--id-column", "account", "--out", str(card_path), "--json")
+    assert code == 0, err
+    fitted = json.loads(out)
+    kinds = ["employment_type", "housing", "purpose", "insurance_status", "district",
+             "phone_plan"]
+    assert fitted["categorical"] == kinds and "6 categorical: employment_type" in err
+    card = Scorecard.from_json(card_path.read_text())
+    assert [f.name for f in card.features if isinstance(f, CategoryBins)] == kinds
+
+    # apply: labels from the CSV, a label the card never saw, an empty cell.
+    assert run(capsys, "score", "sample", "--accounts", "300", "--seed", "9", "--categorical",
+               "--no-label", "--out", str(fresh))[0] == 0
+    rows = list(csv.reader(fresh.read_text().splitlines()))
+    rows[1][rows[0].index("housing")] = "houseboat"
+    rows[2][rows[0].index("housing")] = ""
+    fresh.write_text("\n".join(",".join(r) for r in rows) + "\n")
+    scores = tmp_path / "scores.csv"
+    code, _, err = run(capsys, "score", "apply", "--card", str(card_path), "--data", str(fresh),
+                       "--id-column", "account", "--out", str(scores), "--reasons", "8")
+    assert code == 0, err
+    columns: dict[str, object] = {}
+    for j, name in enumerate(rows[0][1:], start=1):
+        cells = [r[j] for r in rows[1:]]
+        columns[name] = (np.array([c or None for c in cells], dtype=object) if name in kinds
+                         else np.array([float(c) if c else np.nan for c in cells]))
+    want, reasons = card.explain(columns, k=8)
+    got = list(csv.reader(scores.read_text().splitlines()))
+    assert [int(r[1]) for r in got[1:]] == want.tolist()
+    named = card.reason_names(reasons, columns)
+    assert [[c for c in r[2:] if c] for r in got[1:]] == named
+    housing = card.features[card.feature_names.index("housing")]
+    assert isinstance(housing, CategoryBins)
+    at = card.feature_names.index("housing")
+    codes = card.matrix(columns)
+    assert codes[0, at] == len(housing.categories) and np.isnan(codes[1, at])
+    for row, shown in ((0, "housing = unseen"), (1, "housing = missing")):
+        assert all(n == shown for n in named[row] if n.startswith("housing"))
+    assert any(" = " in c for r in got[1:] for c in r[2:])
+
+    # A column of numbered labels, fitted as categorical when asked.
+    code, out, err = run(capsys, "score", "fit", "--data", str(train), "--label", "defaulted",
+                         "--id-column", "account", "--categorical", "income_band", "--out",
+                         str(tmp_path / "c2.json"), "--json")
+    assert code == 0 and json.loads(out)["categorical"] == ["income_band", *kinds], err
+    banded = Scorecard.from_json((tmp_path / "c2.json").read_text())
+    income = banded.features[banded.feature_names.index("income_band")]
+    assert isinstance(income, CategoryBins) and set(income.categories) <= {
+        str(i) for i in range(-1, 11)}
+    code, _, err = run(capsys, "score", "fit", "--data", str(train), "--label", "defaulted",
+                       "--categorical", "nope", "--out", str(tmp_path / "c3.json"))
+    assert code == 2 and "--categorical: 'nope' is not a feature" in err
+
+    # issue --features: labels for the categorical features.
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"bands": [{"min_score": -10**6, "limits": {"bus": 3000}}]}))
+    cells = rows[3][1:]
+    code, out, err = run(capsys, "issue", "--issuer-key", str(keys["issuer"]),
+                         "--device-public", str(keys["device_public"]), "--account", "7",
+                         "--card", str(card_path), "--policy", str(policy), "--features",
+                         ",".join(cells))
+    assert code == 0 and f"score {want[2]} " in err, err
+    cells[0] = "lots"
+    code, _, err = run(capsys, "issue", "--issuer-key", str(keys["issuer"]),
+                       "--device-public", str(keys["device_public"]), "--account", "7",
+                       "--card", str(card_path), "--policy", str(policy), "--features",
+                       ",".join(cells))
+    assert code == 2 and "social_insurance_months is a number, not 'lots'" in err
+
+    # report: the same labels, a baseline of labels too.
+    pytest.importorskip("matplotlib")
+    code, out, err = run(capsys, "score", "report", "--card", str(card_path), "--data",
+                         str(train), "--label", "defaulted", "--baseline", str(fresh),
+                         "--out", str(tmp_path / "r.html"), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert set(kinds) <= set(report["psi"]) and report["rows"] == 6000
+
+
 # -- simulate -------------------------------------------------------------------------------
 
 def test_simulate_catches_every_planted_attack(tmp_path: Path,
@@ -891,10 +978,13 @@ def test_messages_say_what_is_wrong_in_the_options_terms(
                        "--out", str(tmp_path / "c.json"))
     assert code == 2 and "line 3 has 1 columns; the header has 3" in err, err
     assert "inhomogeneous" not in err and "sequence" not in err
-    short.write_text("a,b,bad\n1,2,0\n3,lots,1\n")
+    # A column of numbers with a word in it: the line is named (a column of
+    # words would be categorical).
+    short.write_text("a,b,bad\n1,2,0\n3,lots,1\n4,5,0\n")
     code, _, err = run(capsys, "score", "fit", "--data", str(short), "--label", "bad",
                        "--out", str(tmp_path / "c.json"))
     assert code == 2 and "line 3, column 'b': 'lots' is not a number" in err, err
+    assert "--categorical" in err
     # issue --card: a missing --policy was a TypeError, a bad one a JSONDecodeError.
     X, bad, names = histories(500, seed=2)
     data = tmp_path / "h.csv"

@@ -135,6 +135,9 @@ def test_scoring_command_lines_run(tmp_path: Path) -> None:
     small = json.loads((tmp_path / "small.json").read_text())
     assert [f["name"] for f in small["features"]] == ["on_time_ratio", "max_days_past_due",
                                                       "utilisation"]
+    mixed = json.loads((tmp_path / "mixed.json").read_text())
+    assert [f["name"] for f in mixed["features"] if f.get("kind") == "categorical"] == [
+        "employment_type", "housing", "purpose", "insurance_status", "district", "phone_plan"]
     for page in ("fit.html", "today.html"):
         assert "<img" in (tmp_path / page).read_text()
     assert sorted(p.name for p in (tmp_path / "charts").iterdir())

@@ -53,7 +53,7 @@ from qrpay.keys import (
 )
 from qrpay.qr import decode_text, encode_text
 from qrpay.recovery import recover_gateway
-from qrpay.scoring import LimitPolicy, Scorecard
+from qrpay.scoring import CategoryBins, LimitPolicy, Scorecard
 from qrpay.settlement import MAX_RECORDS_PER_BATCH, STORE_FILE, IngestStatus, Settlement
 from qrpay.token import TokenGenerator
 from qrpay.trust import Role, TrustStore
@@ -293,16 +293,24 @@ def cmd_issue(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CliError(f"--policy {args.policy} is not JSON: {exc}") from None
         policy = LimitPolicy.from_dict(terms)
-        try:
-            features = [float(v) if v.strip() else float("nan")
-                        for v in args.features.split(",")]
-        except ValueError:
-            raise CliError("--features is a comma-separated list of numbers") from None
-        if len(features) != len(card.feature_names):
-            raise CliError(f"--features has {len(features)} values; card {card.card_id} "
+        cells = args.features.split(",")
+        if len(cells) != len(card.feature_names):
+            raise CliError(f"--features has {len(cells)} values; card {card.card_id} "
                            f"reads {len(card.feature_names)}: "
                            f"{','.join(card.feature_names)}")
-        score = int(card.score(np.array([features]))[0])
+        # A numeric feature's value is a number, a categorical one's a label;
+        # an empty value is missing.
+        row: dict[str, list[object]] = {}
+        for feature, cell in zip(card.features, cells):
+            if isinstance(feature, CategoryBins):
+                row[feature.name] = [cell.strip() or None]
+                continue
+            try:
+                row[feature.name] = [float(cell) if cell.strip() else float("nan")]
+            except ValueError:
+                raise CliError(f"--features: {feature.name} is a number, not {cell[:40]!r} "
+                               "(values are comma-separated, in the card's order)") from None
+        score = int(card.score(row)[0])
         limit, scenes = policy.terms(score)
         if not scenes:
             status(args, f"score {score}: below the cut-off, no offline credit")
@@ -921,7 +929,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenes", type=_scenes, help="comma-separated, e.g. bus,metro")
     p.add_argument("--card", help="scorecard JSON (with --policy and --features)")
     p.add_argument("--policy", help="limit policy JSON: {\"bands\": [...]}")
-    p.add_argument("--features", help="the account's feature values, comma-separated")
+    p.add_argument("--features", help="the account's feature values, comma-separated, in the "
+                                      "card's order (a categorical feature's value is its "
+                                      "label; an empty value is missing)")
     p.add_argument("--not-before", type=_TIME, default=None,
                    help="when the credential starts (default: now)")
     p.add_argument("--days", type=_int(1, U32_MAX // DAY, "Unix seconds end in 2106"),

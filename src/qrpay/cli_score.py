@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from qrpay import cli, cli_output, synthetic
+from qrpay import cli, cli_output, synthetic, synthetic_categories
 from qrpay._args import MAX_THREADS
 from qrpay.cli_progress import Progress, progress_bar
-from qrpay.scoring import LimitPolicy, Scorecard
+from qrpay.scoring import CategoryBins, LimitPolicy, Scorecard
 
 Floats = npt.NDArray[np.float64]
+Labels = npt.NDArray[np.object_]
 CHUNK_ROWS = 65_536            # rows scored per step of `score apply`'s progress bar
 MAX_SAMPLE_ACCOUNTS = 10_000_000
 # Column names that are usually an identifier: `score fit` says so when it
@@ -79,6 +80,44 @@ class _Table:
         col = self.column_index(name, what)
         return [row[col] for row in self.rows]
 
+    def labels(self, name: str) -> Labels:
+        """A categorical column: each cell's text, stripped; an empty cell
+        is missing (None)."""
+        col = self.column_index(name, "asked for")
+        return np.array([row[col].strip() or None for row in self.rows], dtype=object)
+
+    def holds_labels(self, name: str) -> bool:
+        """Whether a column holds labels rather than numbers: most of its
+        non-empty cells are not numbers. A column of numbers with a few
+        that are not is a mistake, named by line (--categorical makes it a
+        column of labels)."""
+        col = self.column_index(name, "asked for")
+        numbers, texts, first_text = 0, 0, None
+        for line, row in enumerate(self.rows, start=2):
+            cell = row[col]
+            if not cell.strip():
+                continue
+            try:
+                float(cell)
+                numbers += 1
+            except ValueError:
+                texts += 1
+                first_text = first_text or (line, cell)
+        if first_text is None or texts >= numbers:
+            return first_text is not None
+        raise cli.CliError(f"{self.path} line {first_text[0]}, column {name!r}: "
+                           f"{first_text[1][:40]!r} is not a number, though most of the "
+                           "column is (name the column in --categorical if it holds labels)")
+
+    def columns(self, names: Sequence[str], categorical: set[str]
+                ) -> dict[str, Floats | Labels]:
+        """The named columns by name, in that order: those in `categorical`
+        as labels, the rest as numbers."""
+        numeric = [n for n in names if n not in categorical]
+        values = self.numbers(numeric)
+        out: dict[str, Floats | Labels] = {n: values[:, j] for j, n in enumerate(numeric)}
+        return {n: out[n] if n in out else self.labels(n) for n in names}
+
 
 def _load_npy(path: str) -> Floats:
     try:
@@ -107,12 +146,28 @@ def _card_rows(path: str, card: Scorecard, what: str) -> Floats:
 
 
 def _features(table: _Table, card: Scorecard, what: str) -> Floats:
-    """The card's feature columns of a CSV, by name."""
+    """The card's feature columns of a CSV, by name, as the kernel reads
+    them: a categorical feature's labels become its codes (an empty cell
+    is missing, a label the card never saw unseen)."""
     missing = [n for n in card.feature_names if n not in table.header]
     if missing:
         raise cli.CliError(f"{what} {table.path} has no column {missing[0]!r} of the card's "
                            f"features ({', '.join(card.feature_names)})")
-    return table.numbers(card.feature_names)
+    if not _categorical(card):
+        return table.numbers(card.feature_names)
+    codes = card.matrix(table.columns(card.feature_names, _categorical(card)))
+    return np.asarray(codes, dtype=np.float64)   # float64 already: no copy
+
+
+def _empty(column: Floats | Labels) -> bool:
+    """Whether a column has no value in any row."""
+    if column.dtype == np.object_:
+        return all(v is None for v in column.tolist())
+    return bool(np.isnan(column).all())
+
+
+def _categorical(card: Scorecard) -> set[str]:
+    return {f.name for f in card.features if isinstance(f, CategoryBins)}
 
 
 def _check_out(args: argparse.Namespace) -> None:
@@ -167,20 +222,36 @@ def cmd_score_fit(args: argparse.Namespace) -> int:
                 cli_output.status(args, f"note: training on column {name!r} as a feature; if "
                                         f"it identifies the account, give --id-column {name} "
                                         "(or --features)")
-    X = table.numbers(names)
+    declared = list(args.categorical or [])
+    stray = [n for n in declared if n not in names]
+    if stray:
+        raise cli.CliError(f"--categorical: {stray[0]!r} is not a feature of this fit (the "
+                           f"features: {', '.join(names)})")
+    # A column of labels is categorical; --categorical says so of a column
+    # of numbered labels (a district code, say).
+    categorical = set(declared) | {n for n in names
+                                   if n not in declared and table.holds_labels(n)}
+    columns = table.columns(names, categorical)
     y = table.numbers([args.label])[:, 0]
-    empty = [name for name, column in zip(names, X.T) if np.isnan(column).all()]
+    empty = [name for name, column in columns.items() if _empty(column)]
     if empty:
         raise cli.CliError(f"{args.data}: column {empty[0]!r} is empty in every row: there is "
                            "nothing to fit; drop the column or fill it in")
-    card = Scorecard.fit(X, y, names, trend=args.trend)
+    if categorical:
+        card = Scorecard.fit(columns, y, names, trend=args.trend)
+    else:
+        card = Scorecard.fit(np.column_stack(list(columns.values())), y, names,
+                             trend=args.trend)
+    kinds = [n for n in names if n in categorical]
     cli._write_atomic(args.out, card.to_json().encode())
-    cli_output.status(args, f"card {card.card_id}: {len(names)} features, written to "
-                            f"{'stdout' if args.out == '-' else args.out}")
+    cli_output.status(args, f"card {card.card_id}: {len(names)} features"
+                            + (f" ({len(kinds)} categorical: {', '.join(kinds)})" if kinds
+                               else "")
+                            + f", written to {'stdout' if args.out == '-' else args.out}")
     if cli_output.wants_json(args):
         cli_output.emit(args, {"card_id": card.card_id, "features": list(card.feature_names),
-                               "rows": len(y), "bad_rate": float(np.nanmean(y)),
-                               "out": args.out})
+                               "categorical": kinds, "rows": len(y),
+                               "bad_rate": float(np.nanmean(y)), "out": args.out})
     return cli.EXIT_OK
 
 
@@ -218,7 +289,7 @@ def cmd_score_apply(args: argparse.Namespace) -> int:
                 raise cli.CliError(f"{args.data} columns {names} are not the card's "
                                    f"{list(card.feature_names)}"
                                    + (" (besides the --id-column)" if ids is not None else ""))
-            X = table.numbers(names)
+            X = _features(table, card, "data")
     if ids is not None and args.out.endswith(".npy"):
         raise cli.CliError("--id-column writes the ids next to the scores in a CSV; a .npy "
                            "--out holds the scores only")
@@ -235,7 +306,7 @@ def cmd_score_apply(args: argparse.Namespace) -> int:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(head)
-        named = card.reason_names(reasons)
+        named = card.reason_names(reasons, X)   # "housing = rent" for a categorical one
         for i, (s, r) in enumerate(zip(scores.tolist(), named)):
             lead = [ids[i]] if ids is not None else []
             writer.writerow([*lead, str(s), *r, *[""] * (reasons.shape[1] - len(r))])
@@ -341,11 +412,19 @@ def _number(value: float) -> str:
 
 def cmd_score_sample(args: argparse.Namespace) -> int:
     _check_out(args)
-    X, bad, names = synthetic.histories(args.accounts, seed=args.seed)
+    labels: list[list[str]] = []
+    if args.categorical:
+        histories = synthetic_categories.categorical_histories(args.accounts, seed=args.seed)
+        X, bad, names = histories.X, histories.y, histories.numeric_features
+        names = (*names, *histories.categorical_features)
+        labels = [[v or "" for v in histories.categorical[n].tolist()]
+                  for n in histories.categorical_features]
+    else:
+        X, bad, names = synthetic.histories(args.accounts, seed=args.seed)
     head = ["account", *names] + ([] if args.no_label else ["defaulted"])
     lines = [",".join(head)]
     for i, (row, b) in enumerate(zip(X.tolist(), bad.tolist())):
-        cells = [str(i + 1), *map(_number, row)]
+        cells = [str(i + 1), *map(_number, row), *(column[i] for column in labels)]
         if not args.no_label:
             cells.append("1" if b else "0")
         lines.append(",".join(cells))
@@ -374,7 +453,10 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:   # type: ignore[
         "fit", help="fit a card from a CSV with a 0/1 label column",
         description="Fit a scorecard (monotonic bins, WOE, logistic regression, points) to a "
                     "CSV with a header row: one row per account, a 0/1 --label column (1 = "
-                    "defaulted) and numeric feature columns (an empty cell is missing). Every "
+                    "defaulted) and feature columns: numbers, or labels (a column whose "
+                    "cells are mostly not numbers, or named by --categorical, is "
+                    "categorical: its categories are grouped by bad rate); an empty cell is "
+                    "missing. Every "
                     "other column is a feature unless --features names them or --id-column "
                     "sets one aside.")
     p.add_argument("--data", required=True, metavar="CSV",
@@ -386,9 +468,14 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:   # type: ignore[
                         "the label and the --id-column)")
     p.add_argument("--id-column", metavar="COLUMN",
                    help="a column that identifies the account (say, account): never a feature")
+    p.add_argument("--categorical", type=_names, metavar="A,B",
+                   help="columns to fit as categorical even though they hold numbers (a "
+                        "district code, say); a column whose cells are mostly not numbers is "
+                        "categorical anyway")
     p.add_argument("--trend", default="auto", choices=["auto", "increasing", "decreasing"],
-                   help="how the bad rate may move with each feature: auto (whichever fits "
-                        "better, per feature; the default), or one direction for all")
+                   help="how the bad rate may move with each numeric feature: auto "
+                        "(whichever fits better, per feature; the default), or one direction "
+                        "for all")
     p.add_argument("--out", required=True, metavar="CARD",
                    help="where the card JSON goes (- for stdout)")
     p.set_defaults(run=cmd_score_fit)
@@ -398,7 +485,10 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:   # type: ignore[
         description="Score each row with the card and name the features that cost it the "
                     "most points (its reason codes). A CSV's columns are the card's "
                     "features in the card's order, plus the --id-column if given (carried to "
-                    "--out); a .npy holds one column per feature.")
+                    "--out); a categorical feature's column holds labels (one the card never "
+                    "saw scores as unseen; a reason names the row's category: housing = rent). "
+                    "A .npy holds one column per feature, a categorical one as codes "
+                    "(docs/SCORING.md).")
     p.add_argument("--card", required=True, help="the scorecard JSON (qrpay score fit)")
     p.add_argument("--data", required=True, metavar="CSV|NPY",
                    help="the rows to score (- reads a CSV from stdin)")
@@ -452,13 +542,16 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:   # type: ignore[
         "sample", help="write synthetic accounts as CSV (to try fit, apply and report)",
         description="Synthetic credit histories with a known ground truth "
                     "(qrpay.synthetic.histories): an account column, twelve feature columns "
-                    "and, unless --no-label, a 0/1 defaulted column. The same --seed gives the "
-                    "same file.")
+                    "(eighteen with --categorical) and, unless --no-label, a 0/1 defaulted "
+                    "column. The same --seed gives the same file.")
     p.add_argument("--accounts", type=cli._int(1, MAX_SAMPLE_ACCOUNTS), default=10_000,
                    help="how many accounts (rows) (default: %(default)s)")
     p.add_argument("--seed", type=cli._int(0, 2**63 - 1), default=0,
                    help="the random seed (default: %(default)s)")
     p.add_argument("--no-label", action="store_true",
                    help="leave out the defaulted column (accounts to score, outcomes unknown)")
+    p.add_argument("--categorical", action="store_true",
+                   help="add six categorical columns of known effect (employment type, "
+                        "housing, ...: qrpay.synthetic_categories)")
     p.add_argument("--out", required=True, metavar="CSV", help="the CSV (- for stdout)")
     p.set_defaults(run=cmd_score_sample)

@@ -335,7 +335,7 @@ class Scorecard:
                 raise InvalidArgument(f"{name} is an integer")
 
     @classmethod
-    def fit(cls, X: npt.ArrayLike, y: npt.ArrayLike, feature_names: Sequence[str], *,
+    def fit(cls, X: Any, y: npt.ArrayLike, feature_names: Sequence[str], *,
             trend: str | Sequence[str] = "auto",
             special_codes: Sequence[float] | Mapping[int, Sequence[float]] = (-1.0,),
             max_bins: int = 6, min_bin_share: float = 0.05, l2: float = 1.0,
