@@ -426,6 +426,10 @@ def test_simulate_catches_every_planted_attack(tmp_path: Path,
     assert report["money"]["accepted_at_gateways"] == (report["money"]["charged"]
                                                         + report["money"]["not_charged_flagged"])
     assert report["settlement"]["findings"]["overspend"] == 1  # only the planted one
+    # The card reads categorical features too (synthetic_categories), and ranks.
+    assert report["credit"]["categorical_features"] == [
+        "employment_type", "housing", "purpose", "insurance_status", "district", "phone_plan"]
+    assert report["credit"]["auc"] > 0.7
     # The month after: the planted defaulter is among those denied, and the
     # credit history's repaid plus overdue is what riders still owe or paid.
     later = report["repayment"]

@@ -1,6 +1,7 @@
 """`qrpay simulate`: a city's day, end to end, on embedded defaults.
 
-Citizens with synthetic credit histories are scored by a card fitted on last
+Citizens with synthetic credit histories (12 numeric and 6 categorical
+features: employment type, housing, ...) are scored by a card fitted on last
 year's accounts and get offline limits; the issuer issues credentials; phones
 make tokens offline; gateways on buses, the metro, a ferry, clinics, canteens
 and a library scan them all day into their journals and upload every hour;
@@ -35,10 +36,10 @@ from qrpay.errors import InvalidArgument, Reason
 from qrpay.format import CRED_LIMIT, CRED_SERIAL
 from qrpay.gateway import Gateway, GatewayPolicy
 from qrpay.keys import DeviceKey, GatewayKey, IssuerKey, SettlementKey
-from qrpay.scoring import LimitBand, LimitPolicy, Scorecard, auc
+from qrpay.scoring import CategoryBins, LimitBand, LimitPolicy, Scorecard, auc
 from qrpay.reports import Report as SettlementReport
 from qrpay.settlement import IngestStatus, PeriodSummary, Settlement
-from qrpay.synthetic import histories
+from qrpay.synthetic_categories import CategoricalHistories, categorical_histories
 from qrpay.token import generate_batch
 from qrpay.trust import Role, TrustStore
 
@@ -247,11 +248,13 @@ def _score(report: Report, st: _Stages, n: int, seed: int, threads: int
            ) -> tuple[Scorecard, dict[str, npt.NDArray[Any]]]:
     history_rows = max(20_000, n)
     with st.stage("card fitted on last year's accounts", history_rows):
-        X_hist, bad_hist, names = histories(history_rows, seed=seed + 100)
-        card = Scorecard.fit(X_hist, bad_hist.astype(np.int8), names)
+        last_year = categorical_histories(history_rows, seed=seed + 100)
+        names = [*last_year.numeric_features, *last_year.categorical_features]
+        card = Scorecard.fit(_columns(last_year), last_year.y.astype(np.int8), names)
     with st.stage("citizens scored", n):
-        X, bad, _ = histories(n, seed=seed)
-        scores, reasons = card.explain(X, k=3, threads=threads)
+        citizens = categorical_histories(n, seed=seed)
+        bad = citizens.y
+        scores, reasons = card.explain(_columns(citizens), k=3, threads=threads)
     cut, mid, top = (int(v) for v in np.percentile(scores, [10, 40, 75]))
     everyday = {Scene.BUS: 1, Scene.METRO: 1, Scene.FERRY: 1, Scene.LIBRARY: 1,
                 Scene.CANTEEN: 1}
@@ -268,6 +271,7 @@ def _score(report: Report, st: _Stages, n: int, seed: int, threads: int
         "auc": round(auc(scores, bad), 4) if 0 < bad.sum() < len(bad) else None,
         "score_p10_p50_p90": [int(v) for v in np.percentile(scores, [10, 50, 90])],
         "no_credit": int(np.count_nonzero(limit == 0)),
+        "categorical_features": [f.name for f in card.features if isinstance(f, CategoryBins)],
         "top_reason": card.feature_names[int(np.bincount(
             reasons[:, 0][reasons[:, 0] >= 0]).argmax())] if np.any(reasons[:, 0] >= 0) else "",
     }
@@ -276,6 +280,13 @@ def _score(report: Report, st: _Stages, n: int, seed: int, threads: int
     scenes = np.stack([per_scene[s] > 0 for s in Scene], axis=1)
     # The hidden truth (`bad`) decides, later, who pays late or not at all.
     return card, {"limit": limit, "scenes": scenes, "score": scores, "bad": bad}
+
+
+def _columns(people: CategoricalHistories) -> dict[str, npt.NDArray[Any]]:
+    """The 12 numeric and 6 categorical features by name, as fit and score
+    take them (no pandas needed)."""
+    numeric = {name: people.X[:, i] for i, name in enumerate(people.numeric_features)}
+    return {**numeric, **people.categorical}
 
 
 def _issue(report: Report, st: _Stages, rng: random.Random, workdir: Path, card: Scorecard,
