@@ -46,23 +46,3 @@ def reduce_by_group(ufunc: np.ufunc, groups: Ints, values: Ints, n: int) -> Ints
         first = starts(groups)
         out[groups[first]] = ufunc.reduceat(values.astype(np.int64), first)
     return out
-
-
-# Below this many queries a plain searchsorted is as fast as sorting them first.
-_SORTED_SEARCH_FROM = 1 << 16
-
-
-def search(sorted_keys: npt.NDArray[np.generic], queries: npt.NDArray[np.generic],
-           order: npt.NDArray[np.intp] | None = None) -> npt.NDArray[np.intp]:
-    """np.searchsorted(sorted_keys, queries), the same answer, for many
-    unsorted queries: they are sorted first, so the search walks the keys
-    in order (a million serials into 200,000: 0.2 s unsorted, 0.09 s this way).
-    `order`, a permutation of the queries that sorts them (or nearly), saves
-    the sort when the caller has one: any permutation gives the same answer."""
-    if order is None:
-        if len(queries) < _SORTED_SEARCH_FROM:
-            return np.searchsorted(sorted_keys, queries)
-        order = np.argsort(queries)
-    out = np.empty(len(queries), dtype=np.intp)
-    out[order] = np.searchsorted(sorted_keys, queries[order])
-    return out

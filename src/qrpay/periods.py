@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from qrpay import credit
-from qrpay._segments import search
+from qrpay._segments import starts
 from qrpay.ledger import RECORD_DTYPE, Floor, LedgerResult, Mask, settle
 from qrpay.wire import pack
 
@@ -171,9 +171,13 @@ def settle_period(carry: Carry, records: npt.NDArray[np.void],
     only as a floor (its highest counter), exactly as the kernel would use
     it."""
     index = index_tail(carry) if index is None else index
-    # Sorted by serial once: for the tail lookup here and every step of the kernel.
-    order = np.argsort(records["serial"], kind="stable")
-    needed, near = _needed(carry, index, records, slack, order)
+    # Sorted by serial once: for the tail lookup here and every step of the
+    # kernel (from a contiguous copy: a structured array's field is strided,
+    # and gathered 8 times slower).
+    serial = np.ascontiguousarray(records["serial"])
+    order = np.argsort(serial, kind="stable")
+    grouped = serial[order]
+    needed, near = _needed(carry, index, records, slack, order, grouped)
     floor = _floor_for(carry.floor, index.merged, index.serials[near])
     tail, tail_gateway = carry.tail[needed], carry.tail_gateway[needed]
     every = np.concatenate([tail_gateway, gateway_ids]) if len(tail) else gateway_ids
@@ -190,42 +194,48 @@ def settle_period(carry: Carry, records: npt.NDArray[np.void],
                     prior_charged=carry.tail_charged[needed],
                     prior_flagged=carry.tail_flagged[needed],
                     prior_found=carry.tail_found[needed], floor=floor,
-                    serial_order=_merged_order(tail["serial"], records["serial"], order))
+                    serial_order=_merged_order(tail["serial"], grouped, order))
     return Settled(both, gateway, names, len(tail), result, needed)
 
 
-def _merged_order(first: npt.NDArray[np.uint64], then: npt.NDArray[np.uint64],
+def _merged_order(first: npt.NDArray[np.uint64], then_sorted: npt.NDArray[np.uint64],
                   then_order: npt.NDArray[np.intp]) -> npt.NDArray[np.intp]:
-    """The rows of `first` followed by `then` sorted by serial, stably, given
-    `then_order` (`then`'s): the few rows of `first` sorted and put in
+    """The rows of `first` followed by the rows of `then` sorted by serial,
+    stably, given `then_order` (the sort of `then`) and `then_sorted` (its
+    serials in that order): the few rows of `first` sorted and put in
     before the rows of `then` with the same serial."""
     if not len(first):
         return then_order
     first_order = np.argsort(first, kind="stable")
-    at = np.searchsorted(then[then_order], first[first_order], side="left")
+    at = np.searchsorted(then_sorted, first[first_order], side="left")
     return np.insert(then_order + len(first), at, first_order)
 
 
 def _needed(carry: Carry, index: TailIndex, records: npt.NDArray[np.void], slack: int,
-            order: npt.NDArray[np.intp] | None = None
+            order: npt.NDArray[np.intp], grouped: npt.NDArray[np.uint64]
             ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
     """The tail rows (indices, in order) a period record can meet other than
     through its serial's highest counter: every tail row of a serial that
     has a period record scanned within `slack` after (or before) one of its
     tail rows ("near" serials, also returned), and the charged tail rows
     still outstanding offline when a period record of their serial was
-    scanned (overspend). `order` sorts the records by serial, if known."""
+    scanned (overspend). `order` sorts the records by serial (stably) and
+    `grouped` is their serials in that order."""
     serials = index.serials
     near = np.zeros(len(serials), dtype=np.bool_)
     if not len(carry.tail) or not len(records):
         return np.zeros(0, dtype=np.int64), near
-    where = search(serials, records["serial"], order).clip(max=len(serials) - 1)
-    mine = serials[where] == records["serial"]
-    when = records["gateway_time"].astype(np.int64)
-    close = mine & (when - slack <= index.latest[where])
-    near[where[close]] = True
+    # Both questions are about each serial's earliest period record, so they
+    # are asked once per serial, not per record.
+    first = starts(grouped)
+    mine_serials = grouped[first]
+    first_scan = np.minimum.reduceat(records["gateway_time"].astype(np.int64)[order], first)
+    where = np.searchsorted(serials, mine_serials).clip(max=len(serials) - 1)
+    hit = serials[where] == mine_serials
+    where, first_scan = where[hit], first_scan[hit]
+    near[where] = first_scan - slack <= index.latest[where]
     earliest = np.full(len(serials), np.iinfo(np.int64).max, dtype=np.int64)
-    np.minimum.at(earliest, where[mine], when[mine])
+    earliest[where] = first_scan
     outstanding = carry.tail_charged & (
         carry.tail["uploaded_at"].astype(np.int64) > earliest[index.at])
     return np.flatnonzero(near[index.at] | outstanding), near
