@@ -659,6 +659,37 @@ def test_pandas_reads_the_parquet_files(tmp_path: Path) -> None:
                 assert got.dtype == values.dtype and got.tobytes() == values.tobytes(), column
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_labels_are_a_str_column_given_as_codes(tmp_path: Path, fmt: str) -> None:
+    """archive.Labels: codes into names, stored and read back as str (a close
+    writes each record's gateway so); pandas reads strings, not categories;
+    a code that names nothing, or names that are not str, are refused."""
+    names = ("gw-b", "gw-a", "é-ferry")
+    codes = np.array([2, 0, 0, 1, 2, 2], dtype=np.int64)
+    want = objects([names[c] for c in codes])
+    labels = archive.Labels(codes, names)
+    assert labels.materialized().tolist() == want.tolist()
+    final = write_period(tmp_path, 1, {"records": {"gateway": labels,
+                                                   "n": np.arange(6, dtype=np.uint32)}},
+                         b"s", format=fmt)
+    tables, _ = read_period(tmp_path, 1)
+    assert_same(tables, {"records": {"gateway": want, "n": np.arange(6, dtype=np.uint32)}})
+    # Written again with the same rows as plain str: the same period.
+    write_period(tmp_path, 1, {"records": {"gateway": want, "n": np.arange(6, dtype=np.uint32)}},
+                 b"s", format=fmt)
+    if fmt == "parquet":
+        pd = pytest.importorskip("pandas")
+        frame = pd.read_parquet(final / "records.parquet")
+        assert not isinstance(frame["gateway"].dtype, pd.CategoricalDtype)
+        assert frame["gateway"].tolist() == want.tolist()
+    for bad in (archive.Labels(np.array([0, 3]), names), archive.Labels(np.array([-1]), names),
+                archive.Labels(np.array([0.0]), names), archive.Labels(np.array([0]), (b"x",)),
+                archive.Labels([0], names), archive.Labels(np.array([0]), ("\ud800",))):
+        with pytest.raises(InvalidArgument):
+            write_period(tmp_path / "bad", 1, {"t": {"g": bad}}, b"", format=fmt)
+    assert not (tmp_path / "bad" / "period-000001").exists()
+
+
 # With this finder first on sys.meta_path, `import pyarrow` fails as it does
 # where it is not installed.
 NO_PYARROW = """

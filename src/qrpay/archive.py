@@ -48,11 +48,30 @@ from qrpay.errors import ArchiveUnavailable, InvalidArgument, MalformedMessage, 
 from qrpay.wire import pack, unpack_strict
 
 __all__ = [
-    "FORMATS", "PeriodWriter", "Table", "available_formats", "default_format", "list_periods",
-    "period_dir", "read_period", "verify_period", "write_period",
+    "FORMATS", "Labels", "PeriodWriter", "Table", "available_formats", "default_format",
+    "list_periods", "period_dir", "read_period", "verify_period", "write_period",
 ]
 
-Table = dict[str, npt.NDArray[Any]]
+
+class Labels(NamedTuple):
+    """A str column given as `codes` into `names` (row i is
+    names[codes[i]]): how a column of few distinct values, such as the
+    gateway of each record, is held in memory. Stored and read back as a str
+    column; Parquet writes it dictionary-encoded straight from the codes,
+    without making a Python object per row."""
+
+    codes: npt.NDArray[np.integer[Any]]
+    names: tuple[str, ...]
+
+    def materialized(self) -> npt.NDArray[np.object_]:
+        """The column as an object array of str."""
+        names = np.empty(len(self.names), dtype=object)
+        names[:] = self.names
+        out: npt.NDArray[np.object_] = names[self.codes]
+        return out
+
+
+Table = dict[str, Any]   # column name -> numpy array (or Labels, when writing)
 
 FORMATS: tuple[str, ...] = ("parquet", "npy")
 FORMAT_VERSION = 1
@@ -99,7 +118,17 @@ _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 class _Column(NamedTuple):
     name: str
     kind: str                    # a _NUMERIC name, "bytes", "str" or "fixed:WIDTH"
-    values: npt.NDArray[Any]     # little-endian numbers, an object array, or 2-D uint8
+    values: npt.NDArray[Any] | Labels   # little-endian numbers, an object array, 2-D
+                                        # uint8, or (a str column) Labels
+
+    @property
+    def rows(self) -> int:
+        return len(self.values.codes if isinstance(self.values, Labels) else self.values)
+
+    def array(self) -> npt.NDArray[Any]:
+        """The values as a numpy array (Labels made an object array)."""
+        values = self.values
+        return values.materialized() if isinstance(values, Labels) else values
 
 
 class _File(NamedTuple):
@@ -194,8 +223,26 @@ def _objects(values: list[Any]) -> npt.NDArray[Any]:
     return out
 
 
+def _labels(where: str, labels: Labels) -> Labels:
+    codes, names = labels
+    if (not isinstance(codes, np.ndarray) or codes.ndim != 1 or codes.dtype.kind not in "iu"
+            or not isinstance(names, (tuple, list))
+            or not all(isinstance(n, str) for n in names) or len(names) > 2**31 - 1):
+        raise InvalidArgument(f"{where}: Labels are a 1-D integer array of codes and a "
+                              "tuple of str names")
+    if len(codes) and (int(codes.min()) < 0 or int(codes.max()) >= len(names)):
+        raise InvalidArgument(f"{where}: a code that names no label")
+    try:
+        "".join(names).encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(f"{where}: a str that is not valid unicode ({exc.reason})") from None
+    return Labels(np.ascontiguousarray(codes, dtype=np.int32), tuple(names))
+
+
 def _column(table: str, name: str, values: object) -> _Column:
     where = f"{table}.{name}"
+    if isinstance(values, Labels):
+        return _Column(name, "str", _labels(where, values))
     if (isinstance(values, np.ndarray) and values.ndim == 2 and values.dtype == np.uint8
             and 0 < values.shape[1] <= _MAX_WIDTH):
         return _Column(name, f"fixed:{values.shape[1]}", np.ascontiguousarray(values))
@@ -248,7 +295,7 @@ def _tables(tables: object) -> dict[str, list[_Column]]:
                                   "of column name to array")
         out[table] = [_column(table, _check_name("a column", name), values)
                       for name, values in columns.items()]
-        lengths = {len(c.values) for c in out[table]}
+        lengths = {c.rows for c in out[table]}
         if len(lengths) != 1:
             raise InvalidArgument(f"table {table}: columns of different lengths {sorted(lengths)}")
     return out
@@ -320,7 +367,7 @@ def _save_npy(directory: Path, name: str, array: npt.NDArray[Any]) -> _File:
 
 
 def _encoded(column: _Column) -> list[bytes]:
-    items: list[Any] = column.values.tolist()
+    items: list[Any] = column.array().tolist()
     return [s.encode() for s in items] if column.kind == "str" else items
 
 
@@ -330,7 +377,7 @@ def _write_npy(directory: Path, table: str, columns: list[_Column]) -> dict[str,
     for column in columns:
         if column.kind in _NUMERIC or _width(column.kind) is not None:
             name = next(names)
-            files[name] = _save_npy(directory, name, column.values)
+            files[name] = _save_npy(directory, name, column.array())
             continue
         items = _encoded(column)
         offsets = np.zeros(len(items) + 1, dtype=_OFFSETS)
@@ -348,6 +395,9 @@ def _write_parquet(directory: Path, table: str, columns: list[_Column]) -> dict[
 
     def arrow(column: _Column) -> Any:
         width = _width(column.kind)
+        if isinstance(column.values, Labels):   # dictionary-encoded, read back as str
+            return pa.DictionaryArray.from_arrays(
+                pa.array(column.values.codes), pa.array(column.values.names, type=pa.string()))
         if width is None:
             return pa.array(column.values, type=types.get(column.kind))
         # Zero-copy: the rows are the values buffer of a fixed-size binary array.
@@ -357,13 +407,16 @@ def _write_parquet(directory: Path, table: str, columns: list[_Column]) -> dict[
     arrays = [arrow(c) for c in columns]
     fixed = [c.name for c in columns if _width(c.kind)]
     other = [c.name for c in columns if not _width(c.kind)]
-    # Plain files: no pandas metadata, the default encodings; unsigned stays
-    # unsigned (Parquet's UINT_* annotations), bytes are BINARY, str STRING.
+    # Plain files: no pandas metadata and no Arrow schema (each type is one
+    # Parquet's own annotations give back: unsigned stays unsigned, bytes
+    # are BINARY, str STRING, also when written from Labels), the default
+    # encodings.
     # Fixed-width columns hold random bytes: no compression, no dictionary
     # and no min/max statistics (each would cost time and find nothing).
     (name,) = _files("parquet", table, ())
     return {name: _written(directory, name, lambda sink: pq.write_table(
         pa.table(arrays, names=[c.name for c in columns]), pa.PythonFile(sink, mode="w"),
+        store_schema=False,
         compression={**{c: "NONE" for c in fixed}, **{c: PARQUET_COMPRESSION for c in other}},
         compression_level={c: PARQUET_COMPRESSION_LEVEL for c in other}
         if PARQUET_COMPRESSION_LEVEL is not None and other else None,
@@ -378,7 +431,7 @@ def _manifest_bytes(fmt: str, number: int, tables: dict[str, list[_Column]],
     body = pack({
         "format": fmt, "version": FORMAT_VERSION, "period": number,
         "summary": list(summary),
-        "tables": {name: {"rows": len(columns[0].values),
+        "tables": {name: {"rows": columns[0].rows,
                           "columns": [[c.name, c.kind] for c in columns],
                           "files": {f: list(entry) for f, entry in files[name].items()}}
                    for name, columns in tables.items()},
@@ -601,7 +654,7 @@ def _same_or_closed(final: Path, number: int, columns: dict[str, list[_Column]],
     for table, cols in columns.items() if same else ():
         kinds = manifest.tables[table].columns
         same = same and kinds == [(c.name, c.kind) for c in cols] and all(
-            _equal(c.values, stored[table][c.name]) for c in cols)
+            _equal(c.array(), stored[table][c.name]) for c in cols)
     if not same:
         raise PeriodClosed(f"period {number} is archived already, with other content ({final})")
     return final

@@ -527,11 +527,11 @@ class Settlement:
     # -- the open period -----------------------------------------------------------------
 
     def _live(self, tokens: bool = False) -> tuple[
-            npt.NDArray[np.void], npt.NDArray[np.object_], list[npt.NDArray[np.uint8]],
-            list[tuple[int, int]]]:
+            npt.NDArray[np.void], npt.NDArray[np.object_], npt.NDArray[np.uint8],
+            list[tuple[int, int, str]]]:
         """The records not in a closed period, in arrival order, with the
-        gateway of each; and with `tokens`, each live batch's tokens and
-        (arrival, rows)."""
+        gateway of each; with `tokens`, their tokens (one TOKEN_LEN row
+        each, else no rows); and each live batch's (arrival, rows, gateway)."""
         columns = "arrival, gateway, records" + (", tokens" if tokens else "")
         # A batch of a closed period has a period and no records (batches_live).
         rows = self._query(f"SELECT {columns} FROM batches WHERE period IS NULL AND "
@@ -542,9 +542,12 @@ class Settlement:
         names = np.array([r[1] for r in rows], dtype=object)
         gateway = (np.repeat(names, [len(p) for p in parts]) if parts
                    else np.zeros(0, dtype=object))
-        token_parts = ([np.frombuffer(r[3], dtype=np.uint8).reshape(len(p), -1)
-                        for r, p in zip(rows, parts)] if tokens else [])
-        return records, gateway, token_parts, [(r[0], len(p)) for r, p in zip(rows, parts)]
+        # One join, not a Python step per batch: a close reads them while
+        # other threads work.
+        token_rows = (np.frombuffer(b"".join(r[3] for r in rows), dtype=np.uint8).reshape(
+            -1, TOKEN_LEN) if tokens else np.zeros((0, TOKEN_LEN), dtype=np.uint8))
+        return records, gateway, token_rows, [(int(r[0]), len(p), str(r[1]))
+                                              for r, p in zip(rows, parts)]
 
     def _gaps(self) -> list[Finding]:
         """reports.gap_findings over every batch ever applied, the holes
@@ -694,6 +697,7 @@ class Settlement:
             step("settling and archiving the period")
             inside = records["gateway_time"] < until
             closing, closing_gateway = records[inside], gateway[inside]
+            archived_gateway = _gateway_labels(arrivals, inside)
             with self._period_writer(number) as writer, ThreadPoolExecutor(
                     3, thread_name_prefix="qrpay-close") as pool:
                 # The records and tokens are written while they are settled;
@@ -702,7 +706,7 @@ class Settlement:
                 # the carry are worked out (numpy, pyarrow, zlib and hashlib
                 # let go of the GIL in each).
                 written = [pool.submit(lambda: writer.add("records", _records_table(
-                    closing, closing_gateway, _token_rows(tokens, inside))))]
+                    closing, archived_gateway, tokens[inside])))]
                 carry = self._carry(chunks=False)   # the fold reads the chunks it needs
                 settled = settle_period(carry, closing, closing_gateway, self._slack,
                                         self._cached_index(number))
@@ -897,18 +901,18 @@ class Settlement:
         return archive_module.PeriodWriter(self.archive, number, format=self.archive_format)
 
     def _keep_deferred(self, db: Transaction, records: npt.NDArray[np.void],
-                       tokens: list[npt.NDArray[np.uint8]], arrivals: list[tuple[int, int]],
+                       tokens: npt.NDArray[np.uint8], arrivals: list[tuple[int, int, str]],
                        inside: npt.NDArray[np.bool_], number: int) -> None:
         """Empty the live batches of the records just archived; a batch with
         records scanned at or after the cut keeps those."""
         at, emptied, partial = 0, [], []
-        for (arrival, count), token_rows in zip(arrivals, tokens):
+        for arrival, count, _gateway in arrivals:
             mine = inside[at:at + count]
             if mine.all():
                 emptied.append(arrival)
             elif mine.any():
                 partial.append((records[at:at + count][~mine].tobytes(),
-                                token_rows[~mine].tobytes(), arrival))
+                                tokens[at:at + count][~mine].tobytes(), arrival))
             at += count
         # Emptied in place, a row would keep the b-tree page its blobs filled
         # (SQLite merges pages on delete, not on update), and the table would
@@ -1282,24 +1286,23 @@ def _parse_records(items: list[Any], first: int, last: int
     return records, array, lengths
 
 
-def _token_rows(parts: list[npt.NDArray[np.uint8]], inside: npt.NDArray[np.bool_]
-                ) -> npt.NDArray[np.uint8]:
-    """The tokens of the `inside` rows, one TOKEN_LEN row each (the archive
-    stores them as a fixed-width bytes column)."""
-    if not parts:
-        return np.zeros((0, TOKEN_LEN), dtype=np.uint8)
-    # One copy: a batch wholly inside as it is, the others masked.
-    chunks, at = [], 0
-    for part in parts:
-        rows, mine = part.reshape(-1, TOKEN_LEN), inside[at:at + len(part)]
-        at += len(part)
-        chunks.append(rows if mine.all() else rows[mine])
-    return np.concatenate(chunks)
+def _gateway_labels(arrivals: list[tuple[int, int, str]], inside: npt.NDArray[np.bool_]
+                    ) -> archive_module.Labels:
+    """The gateway of each `inside` row, as codes into the gateway ids
+    (_live's batches, in order): the archive writes them without a Python
+    object per row."""
+    names = sorted({gateway for _a, _c, gateway in arrivals})
+    lookup = {name: i for i, name in enumerate(names)}
+    codes = np.repeat(np.array([lookup[g] for _a, _c, g in arrivals], dtype=np.int32),
+                      [count for _a, count, _g in arrivals])
+    return archive_module.Labels(codes[inside], tuple(names))
 
 
 def _records_digest(settled: Settled) -> bytes:
-    """BLAKE2b-256 of the period's records as stored (RECORD_DTYPE bytes)."""
-    return hashlib.blake2b(settled.records[settled.new].tobytes(), digest_size=32).digest()
+    """BLAKE2b-256 of the period's records as stored (RECORD_DTYPE bytes),
+    read in place (the new rows are a contiguous slice)."""
+    return hashlib.blake2b(settled.records[settled.new].view(np.uint8).data,
+                           digest_size=32).digest()
 
 
 def _joined(parts: list[npt.NDArray[np.void]]) -> npt.NDArray[np.void]:
@@ -1315,7 +1318,7 @@ def _joined(parts: list[npt.NDArray[np.void]]) -> npt.NDArray[np.void]:
     return out
 
 
-def _records_table(records: npt.NDArray[np.void], gateway: npt.NDArray[np.object_],
+def _records_table(records: npt.NDArray[np.void], gateway: archive_module.Labels,
                    tokens: npt.NDArray[np.uint8]) -> archive_module.Table:
     """A closed period's records as an archive table: the RECORD_DTYPE
     fields, the gateway and the token of each, in arrival order."""
