@@ -46,3 +46,29 @@ def reduce_by_group(ufunc: np.ufunc, groups: Ints, values: Ints, n: int) -> Ints
         first = starts(groups)
         out[groups[first]] = ufunc.reduceat(values.astype(np.int64), first)
     return out
+
+
+def stable_order(keys: npt.NDArray[np.generic]) -> Ints:
+    """np.argsort(keys, kind="stable") of integer keys, from numpy's
+    unstable sort, which is vectorised (on a million random serials 20 ms
+    against 90 ms for the stable one): the keys sorted, then each run of
+    equal keys put back in index order by sorting (run << 32 | index),
+    which is unique, so any sort gives the one answer."""
+    n = len(keys)
+    if n >= 1 << 31:
+        return np.argsort(keys, kind="stable").astype(np.int64)
+    order = np.argsort(keys)
+    grouped = keys[order]
+    run = np.zeros(n, dtype=np.int64)
+    if n:
+        np.cumsum(grouped[1:] != grouped[:-1], out=run[1:])
+    out: Ints = np.sort((run << 32) | order) & 0xFFFFFFFF
+    return out
+
+
+def lexsorted(primary: npt.NDArray[np.generic], secondary: npt.NDArray[np.generic]) -> Ints:
+    """np.lexsort((secondary, primary)) of integer keys: by primary, then
+    secondary, then index, from two stable_order sorts (a million charges
+    by account and time: 45 ms against 100 ms)."""
+    first = stable_order(secondary)
+    return first[stable_order(primary[first])]

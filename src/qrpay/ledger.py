@@ -186,7 +186,7 @@ def _serial_order(serial: npt.NDArray[np.uint64], given: npt.NDArray[np.intp] | 
     """The rows sorted by serial, arrival order within one: `given`, after
     checking it is that (a wrong one would change verdicts), or worked out."""
     if given is None:
-        return np.argsort(serial, kind="stable")
+        return seg.stable_order(serial)
     order = np.asarray(given)
     if order.shape != serial.shape or order.dtype.kind not in "iu":
         raise ValueError("serial_order must be one integer index per row")

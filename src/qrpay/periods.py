@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from qrpay import credit
-from qrpay._segments import starts
+from qrpay._segments import stable_order, starts
 from qrpay.ledger import RECORD_DTYPE, Floor, LedgerResult, Mask, settle
 from qrpay.wire import pack
 
@@ -175,7 +175,7 @@ def settle_period(carry: Carry, records: npt.NDArray[np.void],
     # kernel (from a contiguous copy: a structured array's field is strided,
     # and gathered 8 times slower).
     serial = np.ascontiguousarray(records["serial"])
-    order = np.argsort(serial, kind="stable")
+    order = stable_order(serial)
     grouped = serial[order]
     needed, near = _needed(carry, index, records, slack, order, grouped)
     floor = _floor_for(carry.floor, index.merged, index.serials[near])
@@ -259,12 +259,14 @@ def _floor_for(floor: Floor, merged: Floor, near: npt.NDArray[np.uint64]) -> Flo
 
 
 def carry_forward(carry: Carry, settled: Settled, keep_from: int,
-                  due_after: int = credit.DEFAULT_DUE_AFTER) -> Carry:
+                  due_after: int = credit.DEFAULT_DUE_AFTER, *,
+                  with_charges: bool = True) -> Carry:
     """The Carry after `settled` closes: the valid records scanned or still
     outstanding offline at or after `keep_from` (the cut less the horizon)
     stay in the tail; the older ones go into the floor. Charges and
     repayments that can no longer change are left to credit state by the
-    caller (fold_credit)."""
+    caller (fold_credit). Without `with_charges`, the Carry's charges are
+    left empty (a store keeps them apart)."""
     result, prior = settled.result, settled.prior
     new_records = settled.records[settled.new]
     found_now = np.zeros(len(carry.tail), dtype=np.bool_)
@@ -286,7 +288,8 @@ def carry_forward(carry: Carry, settled: Settled, keep_from: int,
                             result.found_behind[settled.new][keep_new]])
     floor = _raise_floor(carry.floor, np.concatenate([carry.tail[drop_tail],
                                                       new_records[drop_new]]))
-    charges = np.concatenate([carry.charges, period_charges(settled)])
+    charges = (np.concatenate([carry.charges, period_charges(settled)]) if with_charges
+               else np.zeros(0, dtype=CHARGE_DTYPE))
     return Carry(tail, gateway, charged, flagged, found, floor, charges, carry.credit)
 
 
@@ -319,7 +322,7 @@ def _raise_floor(floor: Floor, dropped: npt.NDArray[np.void]) -> Floor:
     serial = np.concatenate([floor.serial, dropped["serial"]])
     counter = np.concatenate([floor.counter, dropped["counter"].astype(np.int64)])
     time = np.concatenate([floor.time, dropped["gateway_time"].astype(np.int64)])
-    order = np.argsort(serial, kind="stable")
+    order = np.argsort(serial)   # a maximum per serial: any order within one will do
     serial, counter, time = serial[order], counter[order], time[order]
     first = np.flatnonzero(np.r_[True, serial[1:] != serial[:-1]])
     return Floor(serial[first], np.maximum.reduceat(counter, first),
@@ -359,11 +362,23 @@ def _compressed(kind: str, data: bytes, stored: str | None = None) -> list[Any]:
     byte 1, ...) and zlib-compressed, if that is at most 90% of them."""
     width = np.dtype(stored or kind).itemsize
     if len(data) >= 4096:
-        planes = np.frombuffer(data, dtype=np.uint8).reshape(-1, width).T
-        packed = zlib.compress(np.ascontiguousarray(planes).tobytes(), 1)
-        if len(packed) <= 0.9 * len(data):
-            return [kind, packed, stored or kind, "zs"]
+        values = np.frombuffer(data, dtype=np.uint8).reshape(-1, width)
+        # Random columns (serials, token ids) do not compress: a sample of
+        # the first values says so before the whole column is tried.
+        if len(values) <= _SAMPLE or _shrinks(values[:_SAMPLE]):
+            packed = zlib.compress(np.ascontiguousarray(values.T).tobytes(), 1)
+            if len(packed) <= 0.9 * len(data):
+                return [kind, packed, stored or kind, "zs"]
     return [kind, data] if stored is None else [kind, data, stored]
+
+
+_SAMPLE = 8192   # values
+
+
+def _shrinks(values: npt.NDArray[np.uint8]) -> bool:
+    """Whether these values (rows of bytes), shuffled, compress to 90%."""
+    sample = np.ascontiguousarray(values.T).tobytes()
+    return len(zlib.compress(sample, 1)) <= 0.9 * len(sample)
 
 
 def _expanded(data: bytes, stored: str) -> bytes:
