@@ -513,6 +513,27 @@ def test_a_batch_across_the_cut_is_split(tmp_path: Path, deny_trust: TrustStore,
     s.close()
 
 
+def test_a_batch_whose_tokens_do_not_match_its_records_is_not_closed(
+        tmp_path: Path, deny_trust: TrustStore, issuer: IssuerKey,
+        keys: list[GatewayKey]) -> None:
+    """A damaged store (a live batch's tokens cut short) is a typed error at
+    the close, with nothing archived or changed, not rows read out of step."""
+    s = store(tmp_path / "s", deny_trust, keys)
+    up = Uploads(keys)
+    rider = make_rider(issuer, 91)
+    s.ingest(up.batch(0, [(rider.token(NOW + 10 * i, i + 1), 50, Scene.BUS, NOW + 10 * i)
+                          for i in range(3)], NOW + 60))
+    [(arrival, tokens)] = s._query("SELECT arrival, tokens FROM batches")
+    with s._write("test") as db:   # the first token's last byte goes missing
+        db.execute("UPDATE batches SET tokens = ? WHERE arrival = ?",
+                   (bytes(tokens)[:-1], arrival))
+    with pytest.raises(errors.StoreUnavailable, match="do not match"):
+        s.close_period(NOW + 100, SETTLEMENT_KEY, now=NOW + 100)
+    assert s.periods() == [] and archive.list_periods(s.archive) == []
+    assert s.report().charged_total == 150
+    s.close()
+
+
 def test_two_closes_at_once_close_once(tmp_path: Path, deny_trust: TrustStore,
                                        issuer: IssuerKey, keys: list[GatewayKey]) -> None:
     """Two replicas (two connections) closing the same period: one closes

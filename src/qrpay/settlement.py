@@ -545,8 +545,13 @@ class Settlement:
                    else np.zeros(0, dtype=object))
         # One join, not a Python step per batch: a close reads them while
         # other threads work.
-        token_rows = (np.frombuffer(b"".join(r[3] for r in rows), dtype=np.uint8).reshape(
-            -1, TOKEN_LEN) if tokens else np.zeros((0, TOKEN_LEN), dtype=np.uint8))
+        token_rows = np.zeros((0, TOKEN_LEN), dtype=np.uint8)
+        if tokens:
+            joined = b"".join(r[3] for r in rows)
+            if any(len(r[3]) != len(p) * TOKEN_LEN for r, p in zip(rows, parts)):
+                raise StoreUnavailable("settlement store: a live batch's tokens do not match "
+                                       "its records (the store is damaged)")
+            token_rows = np.frombuffer(joined, dtype=np.uint8).reshape(-1, TOKEN_LEN)
         return records, gateway, token_rows, [(int(r[0]), len(p), str(r[1]))
                                               for r, p in zip(rows, parts)]
 
