@@ -19,7 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qrpay.ledger import RECORD_DTYPE
-from qrpay.periods import Carry, Settled, carry_forward, pack_tables, settle_period, unpack_tables
+from qrpay.periods import (
+    Carry, Settled, carry_forward, pack_tables, settle_period, unpack_tables, with_room,
+)
 from qrpay.wire import pack
 
 SLACK = 120
@@ -100,20 +102,59 @@ def _overspend(results: list[Settled]) -> dict[int, tuple[int, int, int, int]]:
     return found
 
 
-def _in_periods(records: np.ndarray, gateways: np.ndarray, cuts: list[int]
+def _in_periods(records: np.ndarray, gateways: np.ndarray, cuts: list[int], room: bool = False
                 ) -> tuple[list[Settled], Carry]:
     """Close a period at each cut (everything that arrived before it, all of
-    it scanned before it), then settle what is left as the open period."""
+    it scanned before it), then settle what is left as the open period
+    (with `room`, each period's records in an array with room for the tail
+    before them, as a store reads them)."""
     carry, results, start = Carry.empty(), [], 0
     arrival = records["uploaded_at"].astype(np.int64)
     for cut in cuts + [None]:
         stop = len(records) if cut is None else int(np.searchsorted(arrival, cut))
-        settled = settle_period(carry, records[start:stop], gateways[start:stop], SLACK)
+        part, buffer = records[start:stop], None
+        if room:
+            buffer, part = with_room(stop - start, len(carry.tail))
+            part[:] = records[start:stop]
+        settled = settle_period(carry, part, gateways[start:stop], SLACK, room=buffer)
         results.append(settled)
         if cut is not None:
             carry = carry_forward(carry, settled, cut - HORIZON)
         start = stop
     return results, carry
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(streams())
+def test_room_before_the_records_changes_nothing(stream: Any) -> None:
+    """The tail rows written into the room before a period's records settle
+    as the copied ones: the same rows, verdicts and findings, period by period."""
+    records, gateways, cuts = stream
+    plain, _ = _in_periods(records, gateways, cuts)
+    roomy, _ = _in_periods(records, gateways, cuts, room=True)
+    for a, b in zip(plain, roomy):
+        assert a.records.tobytes() == b.records.tobytes() and a.prior == b.prior
+        for name in a.result.__dataclass_fields__:
+            assert np.array_equal(getattr(a.result, name), getattr(b.result, name)), name
+
+
+def test_a_room_that_does_not_end_with_the_records_is_not_written() -> None:
+    from qrpay.periods import _after
+    tail = np.zeros(2, dtype=RECORD_DTYPE)
+    tail["serial"] = 7
+    buffer, records = with_room(3, 2)
+    records[:] = np.zeros(3, dtype=RECORD_DTYPE)
+    assert _after(tail, records, buffer)["serial"].tolist() == [7, 7, 0, 0, 0]
+    assert buffer["serial"][:2].tolist() == [7, 7]          # written in place
+    # Too little room, another array, none: the tail is copied, nothing written.
+    for room in (with_room(3, 1)[0], np.zeros(5, dtype=RECORD_DTYPE), None):
+        before = None if room is None else room.copy()
+        mine_buffer, mine = with_room(3, 2)
+        mine[:] = np.zeros(3, dtype=RECORD_DTYPE)
+        mine_buffer["serial"][:2] = 99
+        assert _after(tail, mine, room)["serial"].tolist() == [7, 7, 0, 0, 0]
+        assert mine_buffer["serial"][:2].tolist() == [99, 99]
+        assert room is None or room.tobytes() == before.tobytes()  # type: ignore[union-attr]
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -160,10 +160,14 @@ def index_tail(carry: Carry) -> TailIndex:
 
 def settle_period(carry: Carry, records: npt.NDArray[np.void],
                   gateway_ids: npt.NDArray[np.object_], slack: int,
-                  index: TailIndex | None = None) -> Settled:
+                  index: TailIndex | None = None,
+                  room: npt.NDArray[np.void] | None = None) -> Settled:
     """Settle `records` (arrival order; `gateway_ids` the gateway of each)
     after everything `carry` stands for (`index`: index_tail(carry), if the
-    caller keeps it).
+    caller keeps it). `room`, if given, is an array that ends with
+    `records` (made by with_room) whose rows before them are free: the tail
+    rows the period needs are written there rather than copying the
+    records after them.
 
     Of the tail, only the rows a period record can meet go through the
     kernel (_needed); for every other serial each of its records was
@@ -189,13 +193,39 @@ def settle_period(carry: Carry, records: npt.NDArray[np.void],
     lookup = {name: i for i, name in enumerate(names)}
     gateway = np.repeat(np.fromiter((lookup[g] for g in firsts), dtype=np.int64,
                                     count=len(firsts)), np.diff(np.r_[run, len(every)]))
-    both = np.concatenate([tail, records]) if len(tail) else records
+    both = _after(tail, records, room)
     result = settle(both, gateway, slack, prior=len(tail),
                     prior_charged=carry.tail_charged[needed],
                     prior_flagged=carry.tail_flagged[needed],
                     prior_found=carry.tail_found[needed], floor=floor,
                     serial_order=_merged_order(tail["serial"], grouped, order))
     return Settled(both, gateway, names, len(tail), result, needed)
+
+
+def with_room(rows: int, room: int) -> tuple[npt.NDArray[np.void], npt.NDArray[np.void]]:
+    """(buffer, records): a RECORD_DTYPE array of `room` free rows and then
+    `rows` rows for the caller to fill (`records`, a view of its end), for
+    settle_period's `room`. Untouched, the free rows cost no memory."""
+    buffer = np.empty(room + rows, dtype=RECORD_DTYPE)
+    return buffer, buffer[room:]
+
+
+def _after(tail: npt.NDArray[np.void], records: npt.NDArray[np.void],
+           room: npt.NDArray[np.void] | None) -> npt.NDArray[np.void]:
+    """The tail rows, then the records, as one array: in `room` when the
+    records are its last rows and it has room for the tail before them
+    (checked: a room that is not that is not written), else a copy."""
+    if not len(tail):
+        return records
+    start = -1 if room is None else len(room) - len(records)
+    if (room is not None and room.dtype == records.dtype and room.ndim == records.ndim == 1
+            and start >= len(tail) and room.flags.c_contiguous
+            and room[start:].__array_interface__["data"][0]
+            == records.__array_interface__["data"][0]):
+        both = room[start - len(tail):]
+        both[:len(tail)] = tail
+        return both
+    return np.concatenate([tail, records])
 
 
 def _merged_order(first: npt.NDArray[np.uint64], then_sorted: npt.NDArray[np.uint64],
