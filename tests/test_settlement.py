@@ -697,6 +697,63 @@ def test_gaps_follow_batches_another_replica_applies(settlement: Settlement, tmp
         other.close()
 
 
+@given(ranges=st.lists(st.tuples(st.integers(1, 60), st.integers(0, 8)), max_size=25),
+       order=st.randoms(use_true_random=False))
+def test_holes_folded_one_batch_at_a_time_are_the_holes_of_all(
+        ranges: list[tuple[int, int]], order: Any) -> None:
+    """reports.add_to_holes: batches folded in, in any arrival order (late
+    ones fill holes), leave the holes reports._holes finds over all of them."""
+    from qrpay.reports import _holes, add_to_holes
+    spans = [(first, first + width) for first, width in ranges]
+    order.shuffle(spans)
+    holes: list[tuple[int, int]] = []
+    top = 0
+    for i, (first, last) in enumerate(spans):
+        top = add_to_holes(holes, top, first, last)
+        assert holes == _holes(spans[:i + 1])
+    assert top == max((b for _a, b in spans), default=0)
+
+
+def test_gaps_are_folded_in_from_new_batches_and_found_again_when_rows_go(
+        settlement: Settlement, gw_keys: list[GatewayKey], riders: list[Rider],
+        tmp_path: Path, deny_trust: TrustStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the first report, the batches that came are folded into the
+    holes kept (no SQL over every batch); a batch row that went (not a
+    thing settlement does, but a store another tool touched) makes the
+    holes found again from scratch. Either way they equal a fresh store's."""
+    key = gw_keys[0]
+    t = [(riders[0].token(NOW, c), 10, Scene.BUS, NOW) for c in range(1, 12)]
+    settlement.ingest(craft(key, 1, 1, t[0:2]))
+    settlement.report()
+    found_again: list[int] = []
+    real = Settlement._all_holes
+    monkeypatch.setattr(Settlement, "_all_holes",
+                        lambda self: found_again.append(1) or real(self))
+
+    def fresh() -> set[tuple[Any, ...]]:
+        other = open_settlement(tmp_path / "settle", deny_trust, [k.public for k in gw_keys])
+        try:
+            return {(f.gateways, f.detail) for f in other.report().of_kind("sequence_gap")}
+        finally:
+            other.close()
+
+    settlement.ingest(craft(key, 4, 8, t[7:9]))        # batches 2, 3 and records 3..7 missing
+    settlement.ingest(craft(gw_keys[1], 2, 3, t[2:3]))
+    gaps = {(f.gateways, f.detail) for f in settlement.report().of_kind("sequence_gap")}
+    assert len(gaps) == 4 and found_again == []
+    settlement.ingest(craft(key, 2, 3, t[2:4]))        # a late batch fills part of the hole
+    gaps = {(f.gateways, f.detail) for f in settlement.report().of_kind("sequence_gap")}
+    assert ((key.public.gateway_id,), "records 5..7 missing") in gaps and found_again == []
+    assert gaps == fresh() and found_again == [1]   # the fresh store's own SQL
+    found_again.clear()
+    [(arrival,)] = settlement._query("SELECT MAX(arrival) FROM batches")
+    with settlement._write("test") as db:
+        db.execute("DELETE FROM batches WHERE arrival = ?", (arrival,))
+    gaps = {(f.gateways, f.detail) for f in settlement.report().of_kind("sequence_gap")}
+    assert found_again == [1] and ((key.public.gateway_id,), "records 3..7 missing") in gaps
+    assert gaps == fresh()
+
+
 # -- repayments --------------------------------------------------------------------------------
 
 def test_repayments_are_recorded_and_read_back(tmp_path: Path, settlement: Settlement,

@@ -203,6 +203,25 @@ def holes_as_findings(holes: dict[str, tuple[Holes, Holes]]) -> list[Finding]:
     return found
 
 
+def add_to_holes(holes: Holes, top: int, first: int, last: int) -> int:
+    """Fold one more (first, last) range into `holes` (in place: inclusive,
+    ascending, below `top`, the highest number covered so far) and return
+    the new top: the holes of every range so far, as _holes gives them, one
+    range at a time and in any order (a late batch fills a hole)."""
+    at = 0
+    while at < len(holes):
+        start, end = holes[at]
+        if end < first or start > last:
+            at += 1
+            continue
+        rest = [(a, b) for a, b in ((start, first - 1), (last + 1, end)) if a <= b]
+        holes[at:at + 1] = rest
+        at += len(rest)
+    if first > top + 1:
+        holes.append((top + 1, first - 1))
+    return max(top, last)
+
+
 def _holes(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """The numbers from 1 up to the highest covered that no (first, last)
     range covers, as inclusive ranges."""

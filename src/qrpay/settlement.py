@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -48,7 +48,9 @@ from qrpay.periods import (
 )
 from qrpay.reports import Finding as Finding  # re-exported: callers import it from here
 from qrpay.reports import Report as Report
-from qrpay.reports import build_report, holes_as_findings, report_from_tables, report_tables
+from qrpay.reports import (
+    add_to_holes, build_report, holes_as_findings, report_from_tables, report_tables,
+)
 from qrpay.storedb import STORE_FILE as STORE_FILE  # re-exported: the CLI checks for it
 from qrpay.storedb import StoreDatabase, Transaction
 from qrpay.token import (
@@ -229,6 +231,36 @@ class _Chunk:
     archived: bool = False          # all of its period's archived `charged` table
 
 
+@dataclass
+class _Holes:
+    """Per gateway: the holes in its record numbers and the highest record
+    number covered, the holes in its batch numbers and the highest batch."""
+
+    by_gateway: dict[str, tuple[list[tuple[int, int]], int, list[tuple[int, int]], int]]
+
+    def add(self, gateway: str, first: int, last: int, seq: int) -> None:
+        records, top, batches, top_seq = self.by_gateway.get(gateway, ([], 0, [], 0))
+        top = add_to_holes(records, top, first, last)
+        top_seq = add_to_holes(batches, top_seq, seq, seq)
+        self.by_gateway[gateway] = (records, top, batches, top_seq)
+
+    def as_ranges(self) -> dict[str, tuple[list[tuple[int, int]], list[tuple[int, int]]]]:
+        return {g: (r, b) for g, (r, _t, b, _s) in self.by_gateway.items() if r or b}
+
+
+class _Gaps(NamedTuple):
+    """What _gaps keeps: the batches table's (count, highest arrival,
+    arrival sum), the holes then, and their findings."""
+
+    state: tuple[int, Any, int]
+    holes: _Holes
+    findings: list[Finding]
+
+    def copy_holes(self) -> _Holes:
+        return _Holes({g: (list(r), t, list(b), s)
+                       for g, (r, t, b, s) in self.holes.by_gateway.items()})
+
+
 class Settlement:
     """The settlement store with the registry of gateway keys and of the
     issuer keys it trusts to re-verify tokens. `store` is a directory (or
@@ -282,7 +314,7 @@ class Settlement:
         self.archive_format = archive_format
         self._lock = threading.RLock()  # one connection: calls take turns
         self._carry_cache: tuple[int, Carry, TailIndex] | None = None
-        self._gaps_cache: tuple[tuple[Any, ...], list[Finding]] | None = None
+        self._gaps_cache: _Gaps | None = None
         self._db: StoreDatabase = storedb.open_database(location)
         self.directory = self._db.directory   # the SQLite store's folder; None on PostgreSQL
         try:
@@ -559,18 +591,42 @@ class Settlement:
                                               for r, p in zip(rows, parts)]
 
     def _gaps(self) -> list[Finding]:
-        """reports.gap_findings over every batch ever applied, the holes
-        found by SQLite: the batches of every closed period stay in the
-        table, and only the holes come back. Kept while the table holds the
-        same batches: rows are only ever added (a close writes the ones it
-        empties back with their arrival), so their count, highest arrival
-        and arrival sum say whether any came (6 ms; the holes, 0.1 s or more
-        after a month of closes)."""
+        """reports.gap_findings over every batch ever applied: the batches
+        of every closed period stay in the table. Rows are only ever added
+        (a close writes the ones it empties back with their arrival), so
+        their count, highest arrival and arrival sum say whether any came
+        (6 ms); when the ones that came are exactly those above the last
+        highest arrival, they are folded into the holes kept (a day's
+        batches in milliseconds), else the holes are found again by SQL over
+        every batch (0.1 s or more after a month of closes)."""
         (state,) = self._query("SELECT COUNT(*), MAX(arrival), COALESCE(SUM(arrival), 0) "
                                "FROM batches")
-        if self._gaps_cache is not None and self._gaps_cache[0] == tuple(state):
-            return list(self._gaps_cache[1])
-        holes: dict[str, tuple[list[tuple[int, int]], list[tuple[int, int]]]] = {}
+        count, top, total = int(state[0]), state[1], int(state[2])
+        cached = self._gaps_cache
+        if cached is not None and cached.state == (count, top, total):
+            return list(cached.findings)
+        holes = None
+        if cached is not None and cached.state[1] is not None:
+            added = self._query("SELECT arrival, gateway, first, last, seq FROM batches "
+                                "WHERE arrival > ?", (cached.state[1],))
+            if (cached.state[0] + len(added) == count
+                    and cached.state[2] + sum(int(row[0]) for row in added) == total):
+                holes = cached.copy_holes()
+                for _arrival, gateway, first, last, seq in added:
+                    holes.add(str(gateway), int(first), int(last), int(seq))
+        if holes is None:
+            holes = self._all_holes()
+        findings = holes_as_findings(holes.as_ranges())
+        self._gaps_cache = _Gaps((count, top, total), holes, findings)
+        return list(findings)
+
+    def _all_holes(self) -> _Holes:
+        """Every gateway's holes in record numbers and batch numbers, found
+        by SQL over every batch, with the highest of each."""
+        holes = _Holes({})
+        for gateway, last, seq in self._query("SELECT gateway, MAX(last), MAX(seq) FROM batches "
+                                              "GROUP BY gateway"):
+            holes.by_gateway[str(gateway)] = ([], int(last), [], int(seq))
         for at, sql in enumerate((
                 # Records: a batch starting past every range before it (by first, last).
                 "SELECT gateway, covered + 1, first - 1 FROM (SELECT gateway, first, "
@@ -582,10 +638,9 @@ class Settlement:
                 "COALESCE(LAG(seq) OVER (PARTITION BY gateway ORDER BY seq), 0) AS before "
                 "FROM batches) AS b WHERE seq > before + 1 ORDER BY gateway, seq")):
             for gateway, start, end in self._query(sql):
-                holes.setdefault(str(gateway), ([], []))[at].append((int(start), int(end)))
-        findings = holes_as_findings(holes)
-        self._gaps_cache = (tuple(state), findings)
-        return list(findings)
+                records, _top, batches, _top_seq = holes.by_gateway[str(gateway)]
+                (batches if at else records).append((int(start), int(end)))
+        return holes
 
     def _carry(self, credit: bool = True, chunks: bool = True) -> Carry:
         """The carried state. Without `credit`, its charges and credit state
