@@ -15,7 +15,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,83 +246,6 @@ class _Holes:
 
     def as_ranges(self) -> dict[str, tuple[list[tuple[int, int]], list[tuple[int, int]]]]:
         return {g: (r, b) for g, (r, _t, b, _s) in self.by_gateway.items() if r or b}
-
-
-_ChunkRows = tuple[list[tuple[str]], list[tuple[str, bytes, int, int]]]   # deleted, (name, data, first, amount)
-_FoldResult = tuple[npt.NDArray[np.void] | None, _ChunkRows]
-
-
-class _Fold:
-    """A close's credit fold (Settlement._credit_fold), in two calls that run
-    in other threads. `start` folds the stored charges fallen due while the
-    period is settled: the period's own charges change nothing of that when
-    none of them is due yet (every other charge of an account is later in
-    its FIFO order), which is the rule (a period's charges fall due
-    due_after after it). `finish(charges)` is the call that archives the
-    period's `charged` table (with `carry.charges`, any kept in one row
-    before the chunks, they make its chunk) and returns the new state and
-    the chunk rows to write (_chunk_rows: the period's and every one that
-    lost rows, with the rows kept); if one of the period's charges is due
-    already, or the sums come near freeze's limit, it folds everything over
-    again instead, as one call."""
-
-    def __init__(self, carry: Carry, paid: npt.NDArray[np.int64], cut: int, line: int,
-                 due_after: int, name: str, writer: archive_module.PeriodWriter,
-                 stored: list[_Chunk], carried: int, every: bool,
-                 read_all: Callable[[], list[_Chunk]]) -> None:
-        self.carry, self.paid, self.cut, self.line, self.due_after = carry, paid, cut, line, due_after
-        self.name, self.writer, self.stored = name, writer, stored
-        self.carried, self.every, self.read_all = carried, every, read_all
-        self.early: Future[tuple[npt.NDArray[np.void] | None, npt.NDArray[np.bool_]]] | None = None
-
-    def start(self, pool: ThreadPoolExecutor) -> None:
-        if not self.every:
-            self.early = pool.submit(self._freeze, self.stored, _no_charges())
-
-    def _freeze(self, stored: list[_Chunk], new: npt.NDArray[np.void]
-                ) -> tuple[npt.NDArray[np.void] | None, npt.NDArray[np.bool_]]:
-        """credit.freeze over the charges of `stored` and then `new` that are
-        due (all of them with `every`): the state, and which rows stay."""
-        both = np.concatenate([*(chunk.charges for chunk in stored), new])
-        rows = np.arange(len(both)) if self.every else np.flatnonzero(both["time"] < self.line)
-        paid = self.paid
-        folded, kept, _paid = credit.freeze(
-            both["account"][rows], both["time"][rows], both["amount"][rows],
-            paid[:, 0], paid[:, 2], paid[:, 1], self.cut, self.due_after,
-            state=self.carry.credit)
-        keep = np.ones(len(both), dtype=np.bool_)
-        keep[rows[~kept]] = False
-        return folded, keep
-
-    def finish(self, charges: npt.NDArray[np.void]) -> Callable[[], _FoldResult]:
-        carry = self.carry
-        every = _near_total_limit(self.carried + int(charges["amount"].sum()), carry.credit)
-        due_now = bool(np.any(charges["time"] < self.line)
-                       or np.any(carry.charges["time"] < self.line))
-        early = self.early if not (every or due_now) else None
-        if early is None:   # fold everything, as one call
-            if every and not self.every:
-                self.stored = self.read_all()
-            self.every = every
-
-        def fold() -> _FoldResult:
-            # By account, then time: the order freeze wants them in, so that
-            # the close in which they fall due finds them sorted.
-            ordered = _by_account_then_time(charges)
-            self.writer.add("charged", charges_table(ordered))
-            new = _Chunk(self.name, np.concatenate([carry.charges, ordered]),
-                         archived=not len(carry.charges))
-            if early is not None:
-                folded, keep = early.result()
-                keep = np.concatenate([keep, np.ones(len(new.charges), dtype=np.bool_)])
-            else:
-                folded, keep = self._freeze(self.stored, new.charges)
-            return folded, _chunk_rows(_kept(self.stored, new, keep))
-        return fold
-
-
-def _no_charges() -> npt.NDArray[np.void]:
-    return np.zeros(0, dtype=CHARGE_DTYPE)
 
 
 class _Gaps(NamedTuple):
@@ -853,13 +776,12 @@ class Settlement:
                 # hashlib let go of the GIL in each).
                 written = [pool.submit(lambda: writer.add("records", _records_table(
                     closing, archived_gateway, tokens[inside])))]
-                # One read: a repayment stored meanwhile is left to the next close.
-                paid, moved = self._live_repayments(until - self.horizon)
-                fold = self._credit_fold(carry, paid, until - self.horizon, number, writer)
-                fold.start(pool)   # the charges fallen due fold while the period settles
                 settled = settle_period(carry, closing, closing_gateway, self._slack,
                                         self._cached_index(number), room=room)
-                folding = pool.submit(fold.finish(period_charges(settled)))
+                # One read: a repayment stored meanwhile is left to the next close.
+                paid, moved = self._live_repayments(until - self.horizon)
+                folding = pool.submit(self._credit_fold(
+                    carry, period_charges(settled), paid, until - self.horizon, number, writer))
                 # Its charges go to the chunks (the fold), not into the carry.
                 forwarding = pool.submit(carry_forward, carry, settled, until - self.horizon,
                                          self.due_after, with_charges=False)
@@ -977,28 +899,51 @@ class Settlement:
             records["amount"][~charged].astype(np.int64).sum()))
         return clearings
 
-    def _credit_fold(self, carry: Carry, paid: npt.NDArray[np.int64], cut: int, number: int,
-                     writer: archive_module.PeriodWriter) -> _Fold:
+    def _credit_fold(self, carry: Carry, charges: npt.NDArray[np.void],
+                     paid: npt.NDArray[np.int64], cut: int, number: int,
+                     writer: archive_module.PeriodWriter
+                     ) -> Callable[[], tuple[npt.NDArray[np.void] | None, _ChunkRows]]:
         """The fold of the charges and repayments no later row can change
-        into the carried credit state (credit.freeze): what it needs of the
-        store is read here (see _Fold). `paid` are the repayments not folded
-        yet (_live_repayments); of the stored chunks, only those that may
-        hold a charge fallen due are read."""
+        into the carried credit state (credit.freeze), as a call to run in
+        another thread: what it needs of the store is read here. `charges`
+        are the closing period `number`'s, which the call archives as its
+        `charged` table (with `carry.charges`, any kept in one row before the
+        chunks, they make its chunk) and `paid` the repayments not folded yet
+        (_live_repayments); of the stored chunks, only those that
+        may hold a charge fallen due are read. The call returns the new state
+        and the chunk rows to write (_chunk_rows): the period's and every one
+        that lost rows, with the rows kept."""
         state = carry.credit
         if state is not None and len(state):
             cut = max(cut, int(state["cut"][0]))
             paid = paid.copy()
             paid[:, 2] = np.maximum(paid[:, 2], int(state["cut"][0]))
+        name = f"{_CHUNK}{number:010d}"
         # Only a charge fallen due before the cut can fold, and every other
         # charge of its account is later in its FIFO order: without them
         # freeze decides the same and sorts about a day of charges, not
         # due_after's worth. (All of them when freeze would refuse the sums.)
         line = cut - self.due_after
-        carried = self._chunked_amount() + int(carry.charges["amount"].sum())
-        every = _near_total_limit(carried, state)
-        return _Fold(carry, paid, cut, line, self.due_after, f"{_CHUNK}{number:010d}", writer,
-                     self._read_chunks(None if every else line), carried, every,
-                     lambda: self._read_chunks(None))
+        every = _near_total_limit(self._chunked_amount() + int(carry.charges["amount"].sum())
+                                  + int(charges["amount"].sum()), state)
+        stored = self._read_chunks(None if every else line)
+
+        def fold() -> tuple[npt.NDArray[np.void] | None, _ChunkRows]:
+            # By account, then time: the order freeze wants them in, so that
+            # the close in which they fall due finds them sorted.
+            ordered = _by_account_then_time(charges)
+            writer.add("charged", charges_table(ordered))
+            new = _Chunk(name, np.concatenate([carry.charges, ordered]),
+                         archived=not len(carry.charges))
+            both = np.concatenate([chunk.charges for chunk in (*stored, new)])
+            rows = np.arange(len(both)) if every else np.flatnonzero(both["time"] < line)
+            folded, kept, _paid = credit.freeze(
+                both["account"][rows], both["time"][rows], both["amount"][rows],
+                paid[:, 0], paid[:, 2], paid[:, 1], cut, self.due_after, state=state)
+            keep = np.ones(len(both), dtype=np.bool_)
+            keep[rows[~kept]] = False
+            return folded, _chunk_rows(_kept(stored, new, keep))
+        return fold
 
     def _summary(self, key: SettlementKey, report: Report, clearings: list[OperatorClearing],
                  records_digest: bytes, closed_at: int) -> bytes:
@@ -1529,6 +1474,9 @@ def _credit_row(state: npt.NDArray[np.void] | None) -> tuple[str, bytes]:
     columns = {} if state is None else {
         "carry_credit": {name: state[name] for name in state.dtype.names or ()}}
     return _CARRY_CREDIT, pack_tables(columns)
+
+
+_ChunkRows = tuple[list[tuple[str]], list[tuple[str, bytes, int, int]]]
 
 
 def _chunk_rows(chunks: list[_Chunk]) -> _ChunkRows:
