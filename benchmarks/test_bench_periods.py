@@ -401,6 +401,12 @@ def summary_lines() -> list[str]:
     for name, ratio, limit, what in targets:
         lines.append(f"  {'PASS' if ratio <= limit else 'MISS'}   {name:<34} ratio {ratio:5.3f} "
                      f"(target <= {limit:.2f})  [{what}]")
+    if len(days) >= 10:   # one close is noisy here: the medians of five days at each end too
+        early = statistics.median(d["close_s"] for d in days[1:6])
+        late = statistics.median(d["close_s"] for d in days[-5:])
+        lines.append(f"  info   close, median of days {days[-5]['day']}-{days[-1]['day']} / of "
+                     f"days 2-6: {late / early:.3f} [{late:.2f} s vs {early:.2f} s]; day 1 "
+                     "settles with no carry and folds no credit")
     lines.append(f"  info   peak RSS of report(): fresh {FIGURES['report_fresh_peak']:.0f} MB, "
                  f"after 29 closes {FIGURES['report_aged_peak']:.0f} MB; repayments rows "
                  f"{FIGURES['repayments']:,}; batch rows {FIGURES['batches']:,}")
