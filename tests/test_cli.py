@@ -401,8 +401,7 @@ def test_score_commands_read_categorical_columns_from_csv(
                        ",".join(cells))
     assert code == 2 and "social_insurance_months is a number, not 'lots'" in err
 
-    # report: the same labels, a baseline of labels too.
-    pytest.importorskip("matplotlib")
+    # report: the same labels, a baseline of labels too (matplotlib is a test dependency).
     code, out, err = run(capsys, "score", "report", "--card", str(card_path), "--data",
                          str(train), "--label", "defaulted", "--baseline", str(fresh),
                          "--out", str(tmp_path / "r.html"), "--json")

@@ -153,9 +153,10 @@ def _features(table: _Table, card: Scorecard, what: str) -> Floats:
     if missing:
         raise cli.CliError(f"{what} {table.path} has no column {missing[0]!r} of the card's "
                            f"features ({', '.join(card.feature_names)})")
-    if not _categorical(card):
+    categorical = _categorical(card)
+    if not categorical:
         return table.numbers(card.feature_names)
-    codes = card.matrix(table.columns(card.feature_names, _categorical(card)))
+    codes = card.matrix(table.columns(card.feature_names, categorical))
     return np.asarray(codes, dtype=np.float64)   # float64 already: no copy
 
 
