@@ -139,7 +139,11 @@ def test_pandas_reads_a_closed_period(tmp_path: Path, deny_trust: TrustStore,
     verdicts = pandas.read_parquet(folder / "verdicts.parquet")   # row for row
     assert frame["amount"].tolist() == [123] and verdicts["charged"].tolist() == [True]
     assert frame["gateway"].tolist() == [keys[0].public.gateway_id]
-    assert bytes(frame["token"].iloc[0]) == rider.token(NOW + 10, 1)
+    # The tokens, by gateway and record number (the files tokens_*.parquet).
+    tokens = pandas.concat([pandas.read_parquet(f) for f in sorted(folder.glob("tokens_*"))])
+    joined = frame.merge(tokens, on=["gateway", "record"])
+    assert bytes(joined["token"].iloc[0]) == rider.token(NOW + 10, 1)
+    assert joined["gateway_time_x"].tolist() == joined["gateway_time_y"].tolist() == [NOW + 10]
     s.close()
 
 

@@ -20,6 +20,7 @@ nothing about settlement: it stores named tables of numpy columns.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import io
@@ -48,8 +49,9 @@ from qrpay.errors import ArchiveUnavailable, InvalidArgument, MalformedMessage, 
 from qrpay.wire import pack, unpack_strict
 
 __all__ = [
-    "FORMATS", "Labels", "PeriodWriter", "Table", "available_formats", "default_format",
-    "list_periods", "period_dir", "read_period", "verify_period", "write_period",
+    "FORMATS", "Labels", "PeriodWriter", "Table", "WrittenTable", "available_formats",
+    "default_format", "list_periods", "period_dir", "read_period", "read_written",
+    "table_names", "verify_period", "write_period", "write_table",
 ]
 
 
@@ -146,6 +148,39 @@ class _Manifest(NamedTuple):
     format: str
     tables: dict[str, _Table]
     summary: _File
+
+
+class WrittenTable(NamedTuple):
+    """A table written ahead of its period, into a folder of its own
+    (write_table): what a period's manifest says of it. PeriodWriter.adopt
+    links its files into the period rather than writing them again."""
+
+    format: str
+    name: str
+    rows: int
+    columns: list[tuple[str, str]]   # (name, kind), in order
+    files: dict[str, tuple[int, bytes]]   # file name -> (size, BLAKE2b-256)
+
+    def to_bytes(self) -> bytes:
+        return pack([self.format, self.name, self.rows, [list(c) for c in self.columns],
+                     {f: list(entry) for f, entry in self.files.items()}])
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> WrittenTable:
+        """The table `to_bytes` gave; ArchiveUnavailable if it is not one."""
+        try:
+            fmt, name, rows, columns, files = unpack_strict(
+                data, max_map=_MAX_NAMES, max_array=_MAX_NAMES)
+            checked = [(_check_name("a column", c[0]), c[1]) for c in columns
+                       if len(c) == 2 and _known(c[1])]
+            entries = {f: tuple(_file(entry)) for f, entry in files.items()}
+            if (fmt not in FORMATS or len(checked) != len(columns) or not checked
+                    or sorted(entries) != sorted(_files(fmt, _check_name("a table", name),
+                                                        checked))):
+                raise ValueError("not the files of its columns")
+            return cls(fmt, name, _want(rows, int), checked, entries)  # type: ignore[arg-type]
+        except (MalformedMessage, InvalidArgument, ValueError, TypeError) as exc:
+            raise ArchiveUnavailable(f"not a written table this qrpay reads ({exc})") from None
 
 
 # --------------------------------------------------------------------------
@@ -426,15 +461,14 @@ def _write_parquet(directory: Path, table: str, columns: list[_Column]) -> dict[
 _WRITERS = {"npy": _write_npy, "parquet": _write_parquet}
 
 
-def _manifest_bytes(fmt: str, number: int, tables: dict[str, list[_Column]],
-                    files: dict[str, dict[str, _File]], summary: _File) -> bytes:
+def _manifest_bytes(fmt: str, number: int, tables: dict[str, _Table], summary: _File) -> bytes:
     body = pack({
         "format": fmt, "version": FORMAT_VERSION, "period": number,
         "summary": list(summary),
-        "tables": {name: {"rows": columns[0].rows,
-                          "columns": [[c.name, c.kind] for c in columns],
-                          "files": {f: list(entry) for f, entry in files[name].items()}}
-                   for name, columns in tables.items()},
+        "tables": {name: {"rows": table.rows,
+                          "columns": [list(c) for c in table.columns],
+                          "files": {f: list(entry) for f, entry in table.files.items()}}
+                   for name, table in tables.items()},
     })
     # The manifest checks itself too: any flipped byte in it is found as such.
     return pack([body, _digest_of(body)])
@@ -514,6 +548,20 @@ def _temporary(root: Path, number: int) -> Iterator[Path]:
             os.close(fd)
 
 
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link (no byte written again), or where the file system has
+    none, a copy, fsynced."""
+    try:
+        os.link(source, target)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            raise
+        with open(source, "rb") as src, open(target, "xb") as dst:
+            shutil.copyfileobj(src, dst, _CHUNK)
+            dst.flush()
+            os.fsync(dst.fileno())
+
+
 def _format(format: object) -> str:
     if format is not None and not isinstance(format, str):
         raise InvalidArgument(f"format is one of {', '.join(FORMATS)}, not "
@@ -544,6 +592,7 @@ class PeriodWriter:
         self._final = period_dir(self.root, self.number)
         self._columns: dict[str, list[_Column]] = {}
         self._files: dict[str, dict[str, _File]] = {}
+        self._adopted: dict[str, WrittenTable] = {}
         self._guard = threading.Lock()
         self._temporary: contextlib.ExitStack | None = contextlib.ExitStack()
         self._temp: Path | None = None
@@ -569,19 +618,44 @@ class PeriodWriter:
         ((name, columns),) = _tables({_check_name("a table", name): table}).items()
         self._add(name, columns)
 
+    def _claim(self, name: str) -> None:
+        """Take `name` for a table (under the guard)."""
+        if self._temporary is None:
+            raise InvalidArgument(f"period {self.number}: committed or closed already")
+        taken = len(self._columns) + len(self._adopted)
+        if name in self._columns or name in self._adopted or taken >= _MAX_NAMES:
+            raise InvalidArgument(f"table {name}: added already (or more than "
+                                  f"{_MAX_NAMES} tables)")
+
     def _add(self, name: str, columns: list[_Column]) -> None:
         with self._guard:
-            if self._temporary is None:
-                raise InvalidArgument(f"period {self.number}: committed or closed already")
-            if name in self._columns or len(self._columns) >= _MAX_NAMES:
-                raise InvalidArgument(f"table {name}: added already (or more than "
-                                      f"{_MAX_NAMES} tables)")
+            self._claim(name)
             self._columns[name] = columns
         if self._temp is not None:
             with self._failing("write"):
                 files = _WRITERS[self.format](self._temp, name, columns)
             with self._guard:
                 self._files[name] = files
+
+    def adopt(self, written: WrittenTable, directory: str | os.PathLike[str]) -> None:
+        """Make a table write_table wrote into `directory` one of the period's,
+        its files hard-linked in, not written again (the archive and
+        `directory` are on one file system). The files are trusted to be
+        as written: their sizes and digests go in the manifest unread. A
+        table of another format is read (checked) and written as the
+        period's format."""
+        if not isinstance(written, WrittenTable):
+            raise InvalidArgument("adopt takes the WrittenTable write_table returned")
+        if written.format != self.format:
+            self.add(written.name, read_written(directory, written))
+            return
+        with self._guard:
+            self._claim(_check_name("a table", written.name))
+            self._adopted[written.name] = written
+        if self._temp is not None:
+            with self._failing("link a table into"):
+                for name in written.files:
+                    _link_or_copy(Path(directory, name), self._temp / name)
 
     def commit(self, summary: bytes) -> Path:
         """Write the summary and the manifest, then put the period in place:
@@ -593,18 +667,26 @@ class PeriodWriter:
         with self._failing("write"), self._temporary:
             self._temporary = None
             if self._temp is None:
-                return _same_or_closed(self._final, self.number, self._columns, summary)
+                return _same_or_closed(self._final, self.number, self._columns, summary,
+                                       self._adopted)
             if set(self._files) != set(self._columns):
                 raise InvalidArgument(f"period {self.number}: a table failed to write")
+            entries = {name: _Table(columns[0].rows, [(c.name, c.kind) for c in columns],
+                                    self._files[name])
+                       for name, columns in self._columns.items()}
+            entries.update({name: _Table(w.rows, w.columns, {f: _File(*e) for f, e in
+                                                            w.files.items()})
+                            for name, w in self._adopted.items()})
             summary_file = _write_file(self._temp, SUMMARY, summary)
             _write_file(self._temp, MANIFEST, _manifest_bytes(
-                self.format, self.number, self._columns, self._files, summary_file))
+                self.format, self.number, entries, summary_file))
             sync_directory(self._temp)
             try:
                 os.rename(self._temp, self._final)   # fails on a complete (non-empty) folder
             except OSError:
                 if os.path.lexists(self._final):   # another writer was first
-                    return _same_or_closed(self._final, self.number, self._columns, summary)
+                    return _same_or_closed(self._final, self.number, self._columns, summary,
+                                           self._adopted)
                 raise
             sync_directory(self.root)
             return self._final
@@ -643,14 +725,45 @@ def write_period(root: str | os.PathLike[str], number: int, tables: Mapping[str,
         return writer.commit(summary)
 
 
+def write_table(directory: str | os.PathLike[str], name: str, table: Table, *,
+                format: str | None = None) -> WrittenTable:
+    """Write one table into `directory` (an existing folder; its files must
+    not be there yet), every file fsynced and the folder synced: for a
+    period that is still open, to be adopted by its PeriodWriter when it
+    closes. Returns what the period's manifest will say of it."""
+    fmt = _format(format)
+    ((name, columns),) = _tables({_check_name("a table", name): table}).items()
+    folder = Path(directory)
+    try:
+        files = _WRITERS[fmt](folder, name, columns)
+        sync_directory(folder)
+    except OSError as exc:
+        raise ArchiveUnavailable(f"cannot write table {name} under {folder}: {exc}") from exc
+    return WrittenTable(fmt, name, columns[0].rows, [(c.name, c.kind) for c in columns],
+                        {f: (e.size, e.digest) for f, e in files.items()})
+
+
+def read_written(directory: str | os.PathLike[str], written: WrittenTable) -> Table:
+    """A table write_table wrote, each file checked against `written`."""
+    entry = _Table(written.rows, written.columns,
+                   {f: _File(*e) for f, e in written.files.items()})
+    return _LOADERS[written.format](Path(directory), written.name, entry)
+
+
 def _same_or_closed(final: Path, number: int, columns: dict[str, list[_Column]],
-                    summary: bytes) -> Path:
+                    summary: bytes, adopted: dict[str, WrittenTable] | None = None) -> Path:
     if not os.path.lexists(final / MANIFEST):
         raise ArchiveUnavailable(f"{final} is there without a {MANIFEST}: not a period this "
                                  "archive wrote (nothing was written; move it away)")
     manifest = _open(final, number)
-    stored, stored_summary = _load(final, manifest, list(manifest.tables))
-    same = stored_summary == summary and set(stored) == set(columns)
+    adopted = adopted or {}
+    # An adopted table is compared by its files' digests, not read back.
+    same = set(manifest.tables) == set(columns) | set(adopted) and all(
+        manifest.tables[name] == _Table(w.rows, w.columns, {f: _File(*e) for f, e in
+                                                            w.files.items()})
+        for name, w in adopted.items())
+    stored, stored_summary = _load(final, manifest, list(columns)) if same else ({}, b"")
+    same = same and stored_summary == summary
     for table, cols in columns.items() if same else ():
         kinds = manifest.tables[table].columns
         same = same and kinds == [(c.name, c.kind) for c in cols] and all(
@@ -902,6 +1015,12 @@ def _entry(root: str | os.PathLike[str], number: int, table: str) -> tuple[Path,
         raise InvalidArgument(f"period {number} has no table {table!r} "
                               f"(it has {', '.join(manifest.tables) or 'none'})")
     return directory, manifest, manifest.tables[table]
+
+
+def table_names(root: str | os.PathLike[str], number: int) -> dict[str, int]:
+    """The tables of period `number` and the rows of each, from its manifest."""
+    manifest = _open(period_dir(root, number), number)
+    return {name: table.rows for name, table in manifest.tables.items()}
 
 
 def table_rows(root: str | os.PathLike[str], number: int, table: str) -> int:

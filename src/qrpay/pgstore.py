@@ -171,16 +171,24 @@ class PostgresDatabase(StoreDatabase):
             raise self._failed(exc) from exc
 
     @contextmanager
-    def exclusive(self, name: str) -> Iterator[None]:
+    def exclusive(self, name: str, wait: bool = True) -> Iterator[bool]:
         conn = self._connection()
         key = self._key(name)
         try:
-            conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+            if wait:
+                conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+                held = True
+            else:
+                row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+                held = bool(row and row[0])
         except psycopg.Error as exc:
             raise self._failed(exc) from exc
+        if not held:
+            yield False
+            return
         self._held.add(name)
         try:
-            yield
+            yield True
         finally:
             self._held.discard(name)
             try:

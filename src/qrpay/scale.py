@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from qrpay import _args, credit, scorefit
+from qrpay import _args, credit, scorefit, tokenspool
 from qrpay import archive as archive_module
 from qrpay.credit import DEFAULT_DUE_AFTER
 from qrpay.errors import InvalidArgument, Reason
@@ -63,7 +63,8 @@ _TrustKeys = tuple[tuple[bytes, int, int, int], ...]
 class Reverified:
     """Every token of `periods` verified again: `counts[reason]` tokens
     per Reason code, and each one that failed (FAILED_DTYPE rows: period,
-    row in its records table, record number, reason), sorted."""
+    row among its tokens tables read in name order, record number,
+    reason), sorted."""
 
     periods: tuple[int, ...]
     tokens: int
@@ -98,12 +99,12 @@ def _trust_of(keys: _TrustKeys) -> TrustStore:
     return store
 
 
-def _verify_part(root: str, period: int, start: int, stop: int, keys: _TrustKeys,
-                 max_age: int, skew: int, threads: int
+def _verify_part(root: str, period: int, name: str, offset: int, start: int, stop: int,
+                 keys: _TrustKeys, max_age: int, skew: int, threads: int
                  ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.void]]:
-    """Counts per reason and the failed rows of records[start:stop] of one period."""
-    table = archive_module.read_columns(root, period, "records",
-                                        ["token", "gateway_time", "record"])
+    """Counts per reason and the failed rows of rows start:stop of one
+    tokens table of a period (`offset`: the rows of its tables before it)."""
+    table = archive_module.read_columns(root, period, name, ["token", "gateway_time", "record"])
     tokens = np.ascontiguousarray(table["token"][start:stop])
     times = table["gateway_time"][start:stop].astype(np.int64)
     del table["token"]   # the rest of the period's tokens go now
@@ -114,7 +115,7 @@ def _verify_part(root: str, period: int, start: int, stop: int, keys: _TrustKeys
     bad = np.flatnonzero(reasons != Reason.OK)
     failed = np.zeros(len(bad), dtype=FAILED_DTYPE)
     failed["period"] = period
-    failed["row"] = bad + start
+    failed["row"] = bad + start + offset
     failed["record"] = table["record"][start:stop][bad]
     failed["reason"] = reasons[bad]
     return counts, failed
@@ -125,8 +126,19 @@ def _verify_part(root: str, period: int, start: int, stop: int, keys: _TrustKeys
 @dataclass(frozen=True)
 class _Part:
     period: int
+    table: str
+    offset: int
     start: int
     stop: int
+
+
+def token_tables(root: str, period: int) -> list[tuple[str, int]]:
+    """The tables holding a period's tokens and the rows of each, in order:
+    its tokens_* tables (tokenspool.py); an archive written before them
+    kept each token in the records table."""
+    tables = archive_module.table_names(root, period)
+    parts = sorted((name, rows) for name, rows in tables.items() if tokenspool.is_part(name))
+    return parts or [("records", tables.get("records", 0))]
 
 
 def _chosen(root: str, periods: Iterable[int] | None) -> tuple[int, ...]:
@@ -140,9 +152,11 @@ def _plan(root: str, periods: Iterable[int] | None, rows_per_task: int) -> tuple
     chosen = _chosen(root, periods)
     parts: list[_Part] = []
     for period in chosen:
-        rows = archive_module.table_rows(root, period, "records")
-        parts.extend(_Part(period, start, min(start + rows_per_task, rows))
-                     for start in range(0, rows, rows_per_task))
+        offset = 0
+        for name, rows in token_tables(root, period):
+            parts.extend(_Part(period, name, offset, start, min(start + rows_per_task, rows))
+                         for start in range(0, rows, rows_per_task))
+            offset += rows
     return chosen, parts
 
 
@@ -250,8 +264,8 @@ def reverify(archive: str | os.PathLike[str], trust: TrustStore,
     keys = _trust_keys(trust)
     chosen, parts = _plan(root, periods, rows_per_task)
     with _cluster(client, workers) as dask:
-        futures = [dask.submit(_verify_part, root, p.period, p.start, p.stop, keys, max_age,
-                               skew, threads, pure=False) for p in parts]
+        futures = [dask.submit(_verify_part, root, p.period, p.table, p.offset, p.start, p.stop,
+                               keys, max_age, skew, threads, pure=False) for p in parts]
         results = _gathered(futures, progress)
     return _combine(chosen, results)
 
@@ -264,8 +278,8 @@ def reverify_local(archive: str | os.PathLike[str], trust: TrustStore,
     root = _arguments(archive, rows_per_task, max_age, skew, threads)
     keys = _trust_keys(trust)
     chosen, parts = _plan(root, periods, rows_per_task)
-    return _combine(chosen, (_verify_part(root, p.period, p.start, p.stop, keys, max_age,
-                                          skew, threads) for p in parts))
+    return _combine(chosen, (_verify_part(root, p.period, p.table, p.offset, p.start, p.stop,
+                                          keys, max_age, skew, threads) for p in parts))
 
 
 # -- settle across periods ------------------------------------------------------------

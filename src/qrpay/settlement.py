@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import logging
 import os
 import shutil
 import threading
@@ -25,7 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from qrpay import _args, clearing, credit, storedb
+from qrpay import _args, clearing, credit, storedb, tokenspool
 from qrpay import archive as archive_module
 from qrpay._segments import lexsorted
 from qrpay.clearing import FeeSchedule, OperatorClearing, Statement
@@ -60,7 +61,10 @@ from qrpay.trust import Role, TrustedKey, TrustStore
 from qrpay.trustbundle import TrustBundle
 from qrpay.wire import body_map, sign_document, split_document, verify_document
 
-CLOSE_LOCK = "close"   # held while a period closes (see Settlement._closing)
+CLOSE_LOCK = "close"   # held while a period closes or a token part is written (_closing)
+_log = logging.getLogger("qrpay.settlement")
+_DAMAGED_TOKENS = ("settlement store: a live batch's tokens do not match its records (the "
+                   "store is damaged)")
 MAX_RECORDS_PER_BATCH = 100_000
 MAX_REFERENCE = 128   # characters of a repayment's reference (a bank's is 35 or fewer)
 _BATCH_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -110,7 +114,14 @@ CREATE TABLE IF NOT EXISTS periods (
 );
 CREATE TABLE IF NOT EXISTS carry (name TEXT PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS fee_schedules (version INTEGER PRIMARY KEY, document BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS flagged (serial INTEGER PRIMARY KEY, period INTEGER NOT NULL)
+CREATE TABLE IF NOT EXISTS flagged (serial INTEGER PRIMARY KEY, period INTEGER NOT NULL);
+-- The parts of live tokens written to the archive's spool (tokenspool.py):
+-- the batches from first_arrival to last_arrival with no tokens left in
+-- their rows, and the archive's description of the part's files.
+CREATE TABLE IF NOT EXISTS token_parts (
+    name TEXT PRIMARY KEY, first_arrival INTEGER NOT NULL, last_arrival INTEGER NOT NULL,
+    rows INTEGER NOT NULL, written BLOB NOT NULL
+)
 """
 # After the migrations (some index their columns).
 _INDEXES = """
@@ -143,6 +154,10 @@ _MIGRATIONS = (
     # into the credit state), how many and their amounts added up.
     ("periods", "repayments", "INTEGER NOT NULL DEFAULT 0"),
     ("periods", "repaid", "INTEGER NOT NULL DEFAULT 0"),
+    # Of a live batch whose tokens a closed period archived (a batch with
+    # records scanned after that period's end): that period. NULL while
+    # its row or a spooled part holds them.
+    ("batches", "tokens_period", "INTEGER"),
 )
 DENY_DELTAS = 8   # deny-list versions a gateway may be behind and still get a delta
 DEFAULT_HORIZON = 6 * 3600   # how late an upload is still checked exactly (docs: Periods)
@@ -156,6 +171,7 @@ _RETRY_DENY = ("publish again and send only what that returns: a version this ca
                "have stored was never sent, and every later one holds its serials")
 _RETRY_REPAY = "record it again with the same reference: it is stored once"
 _RETRY_TRUST = "trust the same key again: it is stored once"
+_RETRY_SPOOL = "nothing: the tokens stay in the store, and the next part or close takes them"
 _RETRY_CLOSE = ("close again with the same until: if this close is stored, that is "
                 "PeriodClosed and period_report answers; if not, it closes now")
 _SETTLEMENT_ROLES = Role.CREDENTIALS | Role.DENY_LIST   # what settlement checks keys for
@@ -173,6 +189,10 @@ _CHUNK = "charges:"
 _CHUNKS = "name > 'charges:' AND name < 'charges;'"   # every chunk's name (':' + 1 is ';')
 _ARCHIVED = b""   # a chunk's data when its rows are the archive's (a kept chunk is never empty)
 
+
+# Live tokens are written to the archive's spool a part at a time, once this
+# many rows have come since the last part (tokenspool.py): about 27 MB.
+DEFAULT_TOKEN_PART_ROWS = 131_072
 
 # The steps close_period reports to a progress callback.
 CLOSE_STEPS = 3
@@ -261,6 +281,25 @@ class _Gaps(NamedTuple):
                        for g, (r, t, b, s) in self.holes.by_gateway.items()})
 
 
+class _Arrival(NamedTuple):
+    """A live batch as _live reads it."""
+
+    arrival: int
+    rows: int
+    gateway: str
+    tokens: bool   # its row holds its tokens
+    archived: bool   # a closed period holds its tokens (else, without tokens: a spooled part)
+
+
+class _TokenPart(NamedTuple):
+    """A registered part of the token spool (tokenspool.py)."""
+
+    name: str
+    first_arrival: int
+    last_arrival: int
+    written: archive_module.WrittenTable
+
+
 class Settlement:
     """The settlement store with the registry of gateway keys and of the
     issuer keys it trusts to re-verify tokens. `store` is a directory (or
@@ -271,15 +310,21 @@ class Settlement:
 
     `self.trust` is the issuer keys stored in the store (`trust_issuer`)
     together with those of `trust`, which are used by this object only and
-    never stored; a key in both is used as stored."""
+    never stored; a key in both is used as stored.
+
+    The tokens of applied batches are written to the archive's spool as
+    they come, `token_part_rows` at a time (archive_tokens, tokenspool.py),
+    so that a close links them into its period instead of writing them."""
 
     def __init__(self, store: str | os.PathLike[str], trust: TrustStore | None = None,
                  gateways: Iterable[GatewayPublicKey] = (), *,
                  max_age: int = DEFAULT_MAX_AGE, skew: int = DEFAULT_SKEW,
                  threads: int = 1, horizon: int | None = None, due_after: int | None = None,
                  archive: str | os.PathLike[str] | None = None,
-                 archive_format: str | None = None) -> None:
+                 archive_format: str | None = None,
+                 token_part_rows: int = DEFAULT_TOKEN_PART_ROWS) -> None:
         threads = _args.threads(threads)   # as verify_batch would at the first ingest
+        token_part_rows = _args.integer("token_part_rows", token_part_rows, 1, 2**40)
         if horizon is not None:
             horizon = _args.integer("horizon", horizon, 0, U32_MAX)
         if due_after is not None:
@@ -312,6 +357,8 @@ class Settlement:
         self.archive = (Path(archive) if archive is not None
                         else storedb.sqlite_directory(store) / "archive")
         self.archive_format = archive_format
+        self.token_part_rows = token_part_rows
+        self._unspooled = 0   # rows this object applied since it last wrote a part
         self._lock = threading.RLock()  # one connection: calls take turns
         self._carry_cache: tuple[int, Carry, TailIndex] | None = None
         self._gaps_cache: _Gaps | None = None
@@ -522,8 +569,67 @@ class Settlement:
                 "records, tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (gateway_id, seq, digest, first, last, doc["created_at"],
                  records.tobytes(), tokens.tobytes()))
+        self._after_ingest(len(records))
         return IngestResult(IngestStatus.APPLIED, gateway_id, seq, len(records),
                             int(np.count_nonzero(reasons != Reason.OK)))
+
+    def _after_ingest(self, rows: int) -> None:
+        """Write a token part once enough rows came. The batch is stored
+        (the caller answers APPLIED whatever happens here): a part that
+        cannot be written now is written by a later one, or by the close."""
+        self._unspooled += rows
+        if self._unspooled < self.token_part_rows:
+            return
+        try:
+            self.archive_tokens(wait=False)
+        except (StoreUnavailable, ArchiveUnavailable) as exc:
+            self._unspooled = 0   # tried again after as many rows, not at every batch
+            _log.warning("token part not written (a later one or the close will write "
+                         "them): %s", exc)
+
+    def archive_tokens(self, wait: bool = True) -> int:
+        """Write the tokens of the live batches that still hold theirs to the
+        archive's spool as one part, and drop them from the store: the next
+        close links the part into its period. Returns how many tokens were
+        written (0 with none to write; 0 too without `wait` while a close
+        or another part holds the store's close lock). ingest calls it
+        every `token_part_rows` rows; a service may also call it when idle."""
+        with self._lock, self._db.exclusive(CLOSE_LOCK, wait=wait) as held:
+            if not held:
+                return 0
+            self._unspooled = 0
+            parts = self._token_parts()
+            tokenspool.sweep(self.archive, {part.name for part in parts})
+            rows = self._query("SELECT arrival, gateway, records, tokens FROM batches WHERE "
+                               "period IS NULL AND length(tokens) > 0 ORDER BY arrival")
+            if not rows:
+                return 0
+            parts_of = [np.frombuffer(r[2], dtype=RECORD_DTYPE) for r in rows]
+            if any(len(r[3]) != len(p) * TOKEN_LEN for r, p in zip(rows, parts_of)):
+                raise StoreUnavailable(_DAMAGED_TOKENS)
+            records = _joined(parts_of)
+            arrivals = [_Arrival(int(r[0]), len(p), str(r[1]), True, False)
+                        for r, p in zip(rows, parts_of)]
+            tokens = np.frombuffer(b"".join(r[3] for r in rows), dtype=np.uint8).reshape(
+                -1, TOKEN_LEN)
+            name = tokenspool.part_name(arrivals[0][0])
+            written = tokenspool.write_part(self.archive, name, tokenspool.tokens_table(
+                _gateway_labels(arrivals, np.ones(len(records), dtype=np.bool_)),
+                records["record"], records["gateway_time"], tokens), self.archive_format)
+            with self._write(_RETRY_SPOOL) as db:
+                db.execute("INSERT INTO token_parts(name, first_arrival, last_arrival, rows, "
+                           "written) VALUES (?, ?, ?, ?, ?)",
+                           (name, arrivals[0][0], arrivals[-1][0], len(records),
+                            written.to_bytes()))
+                _empty_tokens(db, [a[0] for a in arrivals])
+            return len(records)
+
+    def _token_parts(self) -> list[_TokenPart]:
+        """The registered parts of the spool, in arrival order."""
+        return [_TokenPart(str(r[0]), int(r[1]), int(r[2]),
+                           archive_module.WrittenTable.from_bytes(bytes(r[3])))
+                for r in self._query("SELECT name, first_arrival, last_arrival, written "
+                                     "FROM token_parts ORDER BY first_arrival")]
 
     def _verify(self, tokens: npt.NDArray[np.uint8], records: npt.NDArray[np.void],
                 lengths: npt.NDArray[np.int64]) -> BatchResult:
@@ -562,13 +668,16 @@ class Settlement:
 
     def _live(self, tokens: bool = False, room: int = 0) -> tuple[
             npt.NDArray[np.void], npt.NDArray[np.object_], npt.NDArray[np.uint8],
-            list[tuple[int, int, str]]]:
+            list[_Arrival]]:
         """The records not in a closed period, in arrival order, with the
-        gateway of each; with `tokens`, their tokens (one TOKEN_LEN row
-        each, else no rows); and each live batch's (arrival, rows, gateway).
-        The records are the end of an array with `room` free rows before
-        them (periods.with_room; the array is their `base`)."""
-        columns = "arrival, gateway, records" + (", tokens" if tokens else "")
+        gateway of each; with `tokens`, the tokens the batches still hold
+        (one TOKEN_LEN row each, for the batches whose tokens are not in a
+        spooled part; else no rows); and each live batch's (arrival, rows,
+        gateway, holds its tokens). The records are the end of an array with
+        `room` free rows before them (periods.with_room; the array is their
+        `base`)."""
+        columns = "arrival, gateway, records" + (
+            ", tokens, tokens_period IS NOT NULL" if tokens else "")
         # A batch of a closed period has a period and no records (batches_live).
         rows = self._query(f"SELECT {columns} FROM batches WHERE period IS NULL AND "
                            "length(records) > 0 "
@@ -583,12 +692,14 @@ class Settlement:
         token_rows = np.zeros((0, TOKEN_LEN), dtype=np.uint8)
         if tokens:
             joined = b"".join(r[3] for r in rows)
-            if any(len(r[3]) != len(p) * TOKEN_LEN for r, p in zip(rows, parts)):
-                raise StoreUnavailable("settlement store: a live batch's tokens do not match "
-                                       "its records (the store is damaged)")
+            # No tokens: they are in a spooled part (checked by the close).
+            if any(len(r[3]) not in (0, len(p) * TOKEN_LEN) for r, p in zip(rows, parts)):
+                raise StoreUnavailable(_DAMAGED_TOKENS)
             token_rows = np.frombuffer(joined, dtype=np.uint8).reshape(-1, TOKEN_LEN)
-        return records, gateway, token_rows, [(int(r[0]), len(p), str(r[1]))
-                                              for r, p in zip(rows, parts)]
+        return records, gateway, token_rows, [
+            _Arrival(int(r[0]), len(p), str(r[1]), bool(tokens and len(r[3])),
+                     bool(tokens and r[4]))
+            for r, p in zip(rows, parts)]
 
     def _gaps(self) -> list[Finding]:
         """reports.gap_findings over every batch ever applied: the batches
@@ -759,6 +870,8 @@ class Settlement:
                                       "set_fee_schedule (or qrpay settlement fees)")
             step("reading the live records")
             records, gateway, tokens, arrivals = self._live(tokens=True)
+            parts = self._token_parts()
+            _check_spooled(arrivals, parts)
             step("settling and archiving the period")
             inside = records["gateway_time"] < until
             carry = self._carry(chunks=False)   # the fold reads the chunks it needs
@@ -774,8 +887,15 @@ class Settlement:
                 # tables written, the records hashed and the carry packed
                 # while the report is worked out (numpy, pyarrow, zlib and
                 # hashlib let go of the GIL in each).
-                written = [pool.submit(lambda: writer.add("records", _records_table(
-                    closing, archived_gateway, tokens[inside])))]
+                written = [pool.submit(writer.add, "records",
+                                       _records_table(closing, archived_gateway))]
+                # Every live batch's tokens go with this period: those spooled
+                # are linked in, the rest written now.
+                for part in parts:
+                    writer.adopt(part.written, tokenspool.spool_dir(self.archive) / part.name)
+                if len(tokens):
+                    written.append(pool.submit(self._add_tokens, writer, records, tokens,
+                                               arrivals))
                 settled = settle_period(carry, closing, closing_gateway, self._slack,
                                         self._cached_index(number), room=room)
                 # One read: a repayment stored meanwhile is left to the next close.
@@ -826,7 +946,11 @@ class Settlement:
                                [(int(s) if s < 2**63 else int(s) - 2**64, number)
                                 for s in flagged])
                 self._move_repayments(db, moved, number)
-                self._keep_deferred(db, records, tokens, arrivals, inside, number)
+                self._keep_deferred(db, records, arrivals, inside, number)
+                db.executemany("DELETE FROM token_parts WHERE name = ?",
+                               [(part.name,) for part in parts])
+            tokenspool.remove(self.archive, [part.name for part in parts])
+            self._unspooled = 0
             self._db.compact()
         step("closed")
         return PeriodSummary(number, from_time, until, closed_at, report.records,
@@ -969,19 +1093,33 @@ class Settlement:
             shutil.rmtree(folder)   # not committed: no period row names it
         return archive_module.PeriodWriter(self.archive, number, format=self.archive_format)
 
+    def _add_tokens(self, writer: archive_module.PeriodWriter, records: npt.NDArray[np.void],
+                    tokens: npt.NDArray[np.uint8], arrivals: list[_Arrival]) -> None:
+        """Write the tokens the live batches still hold as the period's last
+        tokens table (the batches that hold them, in arrival order)."""
+        holds = np.repeat([a.tokens for a in arrivals], [a.rows for a in arrivals])
+        first = next(a.arrival for a in arrivals if a.tokens)
+        writer.add(tokenspool.part_name(first), tokenspool.tokens_table(
+            _gateway_labels(arrivals, holds), records["record"][holds],
+            records["gateway_time"][holds], tokens))
+
     def _keep_deferred(self, db: Transaction, records: npt.NDArray[np.void],
-                       tokens: npt.NDArray[np.uint8], arrivals: list[tuple[int, int, str]],
-                       inside: npt.NDArray[np.bool_], number: int) -> None:
+                       arrivals: list[_Arrival], inside: npt.NDArray[np.bool_],
+                       number: int) -> None:
         """Empty the live batches of the records just archived; a batch with
-        records scanned at or after the cut keeps those."""
-        at, emptied, partial = 0, [], []
-        for arrival, count, _gateway in arrivals:
+        records scanned at or after the cut keeps those. Every one's tokens
+        went with the period (they are archived by arrival), which a batch
+        that stays notes in its row (tokens_period)."""
+        at, emptied, partial, staying = 0, [], [], []
+        for arrival, count, _gateway, _tokens, archived in arrivals:
             mine = inside[at:at + count]
             if mine.all():
                 emptied.append(arrival)
-            elif mine.any():
-                partial.append((records[at:at + count][~mine].tobytes(),
-                                tokens[at:at + count][~mine].tobytes(), arrival))
+            else:
+                if mine.any():
+                    partial.append((records[at:at + count][~mine].tobytes(), arrival))
+                if not archived:
+                    staying.append(arrival)
             at += count
         # Emptied in place, a row would keep the b-tree page its blobs filled
         # (SQLite merges pages on delete, not on update), and the table would
@@ -996,7 +1134,8 @@ class Settlement:
                               chunk).fetchall()
             db.execute(f"DELETE FROM batches WHERE {where}", chunk)
             db.executemany(insert, [(*row, b"", b"", number) for row in rows])
-        db.executemany("UPDATE batches SET records = ?, tokens = ? WHERE arrival = ?", partial)
+        db.executemany("UPDATE batches SET records = ? WHERE arrival = ?", partial)
+        _empty_tokens(db, staying, number)
 
     def periods(self) -> list[PeriodSummary]:
         """The closed periods, oldest first (clearing read from the archive
@@ -1367,15 +1506,15 @@ def _by_account_then_time(charges: npt.NDArray[np.void]) -> npt.NDArray[np.void]
     return out
 
 
-def _gateway_labels(arrivals: list[tuple[int, int, str]], inside: npt.NDArray[np.bool_]
+def _gateway_labels(arrivals: list[_Arrival], inside: npt.NDArray[np.bool_]
                     ) -> archive_module.Labels:
     """The gateway of each `inside` row, as codes into the gateway ids
     (_live's batches, in order): the archive writes them without a Python
     object per row."""
-    names = sorted({gateway for _a, _c, gateway in arrivals})
+    names = sorted({a.gateway for a in arrivals})
     lookup = {name: i for i, name in enumerate(names)}
-    codes = np.repeat(np.array([lookup[g] for _a, _c, g in arrivals], dtype=np.int32),
-                      [count for _a, count, _g in arrivals])
+    codes = np.repeat(np.array([lookup[a.gateway] for a in arrivals], dtype=np.int32),
+                      [a.rows for a in arrivals])
     return archive_module.Labels(codes[inside], tuple(names))
 
 
@@ -1399,13 +1538,38 @@ def _joined(parts: list[npt.NDArray[np.void]], room: int = 0) -> npt.NDArray[np.
     return out
 
 
-def _records_table(records: npt.NDArray[np.void], gateway: archive_module.Labels,
-                   tokens: npt.NDArray[np.uint8]) -> archive_module.Table:
+def _records_table(records: npt.NDArray[np.void], gateway: archive_module.Labels
+                   ) -> archive_module.Table:
     """A closed period's records as an archive table: the RECORD_DTYPE
-    fields, the gateway and the token of each, in arrival order."""
+    fields and the gateway of each, in arrival order (their tokens are in
+    the tokens tables, by gateway and record number)."""
     rows: archive_module.Table = {name: records[name] for name in RECORD_DTYPE.names or ()}
-    rows["gateway"], rows["token"] = gateway, tokens
+    rows["gateway"] = gateway
     return rows
+
+
+def _check_spooled(arrivals: list[_Arrival], parts: list[_TokenPart]) -> None:
+    """Every live batch without its tokens must lie in a registered part:
+    else they were lost (a damaged store), and nothing is closed."""
+    bare = np.array([a.arrival for a in arrivals if not a.tokens and not a.archived],
+                    dtype=np.int64)
+    first = np.array([p.first_arrival for p in parts], dtype=np.int64)   # ascending
+    # Covered when some part from before it reaches it (the union of the ranges).
+    reach = np.maximum.accumulate(np.array([p.last_arrival for p in parts], dtype=np.int64))
+    at = np.searchsorted(first, bare, side="right") - 1
+    covered = (at >= 0) & (bare <= reach[np.maximum(at, 0)]) if len(parts) else at >= 0
+    if not covered.all():
+        raise StoreUnavailable(f"{_DAMAGED_TOKENS}: batch {int(bare[~covered][0])} holds no "
+                               "tokens and no token part holds them")
+
+
+def _empty_tokens(db: Transaction, arrivals: list[int], period: int | None = None) -> None:
+    """Drop the tokens of these batches from their rows: archived, in a
+    spooled part, or with closed `period`."""
+    for at in range(0, len(arrivals), 500):   # within SQLite's bound on parameters
+        chunk = arrivals[at:at + 500]
+        db.execute(f"UPDATE batches SET tokens = ?, tokens_period = ? "
+                   f"WHERE arrival IN ({','.join('?' * len(chunk))})", (b"", period, *chunk))
 
 
 def _period_tables(settled: Settled, report: Report, clearings: list[OperatorClearing],

@@ -79,10 +79,11 @@ class StoreDatabase(abc.ABC):
         what they are)."""
 
     @abc.abstractmethod
-    def exclusive(self, name: str) -> Any:
+    def exclusive(self, name: str, wait: bool = True) -> Any:
         """A context manager: a lock named `name` held across several
         transactions, one holder at a time in every process using this store
-        (a second caller waits)."""
+        (a second caller waits; without `wait`, it goes on without the lock).
+        It yields whether the lock is held."""
 
     def compact(self) -> None:
         """Give back space after a large write; a failure changes nothing."""
@@ -131,9 +132,9 @@ class SqliteDatabase(StoreDatabase):
             yield db   # sqlite3.Connection: execute and executemany as a Transaction
 
     @contextmanager
-    def exclusive(self, name: str) -> Iterator[None]:
+    def exclusive(self, name: str, wait: bool = True) -> Iterator[bool]:
         if fcntl is None:   # pragma: no cover - not POSIX
-            yield
+            yield True
             return
         path = self._folder / f"{name}.lock"
         try:
@@ -141,8 +142,12 @@ class SqliteDatabase(StoreDatabase):
         except OSError as exc:
             raise StoreUnavailable(f"cannot open {path}: {exc}") from exc
         with handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            yield
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            yield True
 
     def compact(self) -> None:
         # A close wrote tens of MB to the WAL: not left on disk at that size.
