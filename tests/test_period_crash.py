@@ -1,8 +1,11 @@
 """SIGKILL during close_period: the period is closed whole (its row, its
-archive folder, the carry, the live store emptied, the folded repayments
-moved to the archive) or not at all (the live store as it was), and closing
-again gives the same period, on SQLite and on PostgreSQL. Rounds:
-QRPAY_PERIOD_CRASH_ROUNDS (default 16 per backend and store)."""
+archive folder with every token, the carry, the live store emptied, the
+folded repayments moved to the archive, the token parts it linked gone from
+the spool) or not at all (the live store as it was), and closing again gives
+the same period, on SQLite and on PostgreSQL. SIGKILL while a token part is
+written: the part is registered whole or not at all, and the close that
+follows archives every token once. Rounds: QRPAY_PERIOD_CRASH_ROUNDS
+(default 16 per backend and store)."""
 
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from qrpay import GatewayKey, IssuerKey, Scene, TrustStore, archive
+from qrpay import GatewayKey, IssuerKey, Scene, TrustStore, archive, tokenspool
+from qrpay.settlement import Settlement
 import stores
 from stores import copy_store, open_settlement
 from test_settlement import NOW, make_rider
@@ -36,16 +40,20 @@ REPAID = [(5100 + i, 40 + i, NOW + 7_200 if i < 20 else UNTIL - 3_600, f"bank-{i
 pytestmark = pytest.mark.usefixtures("each_store")
 
 
-@pytest.fixture
-def template(tmp_path: Path) -> tuple[Path, int]:
+TOKENS = 3_005   # every record's, the 5 scanned after the cut included
+
+
+@pytest.fixture(params=[700, 1_000_000], ids=["parts", "no-parts"])
+def template(tmp_path: Path, request: pytest.FixtureRequest) -> tuple[Path, int]:
     """A store with 3,000 records of one day over 3 gateways (and a few scanned
-    after the cut) and REPAID, and its total charge."""
+    after the cut) and REPAID, and its total charge; its tokens written to
+    the spool as they came, a part every 700 rows, or none."""
     base = tmp_path / "period-crash"
     issuer = IssuerKey(bytes(range(32)))
     trust = TrustStore()
     trust.add(issuer)
     keys = [GatewayKey(bytes([70 + i]) * 32) for i in range(3)]
-    s = store(base / "template", trust, keys)
+    s = store(base / "template", trust, keys, token_part_rows=request.param)
     s.trust_issuer(issuer.public)
     up = Uploads(keys)
     riders = [make_rider(issuer, 100 + i) for i in range(100)]
@@ -63,10 +71,19 @@ def template(tmp_path: Path) -> tuple[Path, int]:
     return base / "template", total
 
 
-def _worker(directory: Path) -> subprocess.Popen[str]:
+def _worker(directory: Path, *mode: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, str(WORKER), stores.location(directory),
-                             str(UNTIL), str(directory / "archive")],
+                             str(UNTIL), str(directory / "archive"), *mode],
                             stdout=subprocess.PIPE, text=True)
+
+
+def archived_tokens(s: Settlement, number: int) -> int:
+    """How many tokens period `number` holds, each (gateway, record) once."""
+    names = [n for n in archive.table_names(s.archive, number) if tokenspool.is_part(n)]
+    tables = archive.read_period(s.archive, number, names)[0].values()
+    keys = {(g, r) for t in tables for g, r in zip(t["gateway"].tolist(), t["record"].tolist())}
+    assert len(keys) == sum(len(t["record"]) for t in tables)
+    return len(keys)
 
 
 def test_kill_during_close_closes_whole_or_not_at_all(
@@ -108,6 +125,7 @@ def test_kill_during_close_closes_whole_or_not_at_all(
         if closed:
             outcomes["closed"] += 1
             archive.verify_period(s.archive, 1)
+            assert archived_tokens(s, 1) == TOKENS and s._token_parts() == []
             assert s.period_report(1).charged_total + s.report().charged_total == total
             assert s.report().records == 5                # scanned after the cut: still live
             assert live == 5                              # the 20 folded are archived
@@ -118,8 +136,50 @@ def test_kill_during_close_closes_whole_or_not_at_all(
             assert live == 25
             again = s.close_period(UNTIL, SETTLEMENT_KEY, now=UNTIL)
             assert again.number == 1 and again.charged_total + s.report().charged_total == total
-            assert archive.list_periods(s.archive) == [1]
+            assert archive.list_periods(s.archive) == [1] and archived_tokens(s, 1) == TOKENS
         s.close()
     # The rounds must kill inside the close, not only before or after it.
     assert outcomes["closed"] and outcomes["open"], outcomes
+    print(outcomes)
+
+
+def test_kill_while_a_token_part_is_written_loses_no_token(
+        template: tuple[Path, int], tmp_path: Path) -> None:
+    source, total = template
+    rng = random.Random(int(os.environ.get("QRPAY_CRASH_SEED", "0")) or None)
+    copy_store(source, tmp_path / "calibrate")
+    child = _worker(tmp_path / "calibrate", "spool")
+    assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    start = time.perf_counter()
+    assert child.stdout.readline().startswith("spooled")
+    seconds = time.perf_counter() - start
+    child.wait(timeout=60)
+    outcomes = {"written": 0, "not written": 0}
+    round_ = 0
+    while round_ < ROUNDS or (round_ < 2 * ROUNDS
+                              and not (outcomes["written"] and outcomes["not written"])):
+        round_ += 1
+        directory = tmp_path / f"r{round_}"
+        copy_store(source, directory)
+        s = open_settlement(directory)
+        parts_before = len(s._token_parts())
+        s.close()
+        child = _worker(directory, "spool")
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0, seconds * 1.5))
+        child.send_signal(signal.SIGKILL)
+        child.stdout.read()
+        child.wait(timeout=30)
+        s = open_settlement(directory)
+        parts = s._token_parts()
+        outcomes["written" if len(parts) > parts_before else "not written"] += 1
+        for part in parts:   # a registered part is whole
+            archive.read_written(tokenspool.spool_dir(s.archive) / part.name, part.written)
+        closed = s.close_period(UNTIL, SETTLEMENT_KEY, now=UNTIL)
+        assert closed.charged_total + s.report().charged_total == total
+        assert archived_tokens(s, 1) == TOKENS
+        spool = tokenspool.spool_dir(s.archive)   # the close leaves nothing there
+        assert not spool.exists() or os.listdir(spool) == []
+        s.close()
+    assert outcomes["written"] and outcomes["not written"], outcomes
     print(outcomes)

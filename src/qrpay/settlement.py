@@ -949,7 +949,9 @@ class Settlement:
                 self._keep_deferred(db, records, arrivals, inside, number)
                 db.executemany("DELETE FROM token_parts WHERE name = ?",
                                [(part.name,) for part in parts])
-            tokenspool.remove(self.archive, [part.name for part in parts])
+            # Its parts are the period's now; anything else there is what a
+            # killed part left (no part can be written while a close runs).
+            tokenspool.sweep(self.archive, set())
             self._unspooled = 0
             self._db.compact()
         step("closed")

@@ -109,11 +109,3 @@ def sweep(archive_root: Path, registered: set[str]) -> list[str]:
     for name in gone:
         shutil.rmtree(root / name, ignore_errors=True)
     return gone
-
-
-def remove(archive_root: Path, names: list[str]) -> None:
-    """Remove parts their period has adopted (the period's folder keeps the
-    files: they were linked). Best effort: a leftover is swept later."""
-    root = spool_dir(archive_root)
-    for name in names:
-        shutil.rmtree(root / name, ignore_errors=True)
