@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -86,33 +87,50 @@ def archived_tokens(s: Settlement, number: int) -> int:
     return len(keys)
 
 
+def _seconds(source: Path, tmp_path: Path, *mode: str) -> float:
+    """How long the worker's job takes here now (the machine may be
+    loaded): kills are spread over one and a half times that."""
+    copy_store(source, tmp_path / "calibrate")
+    child = _worker(tmp_path / "calibrate", *mode)
+    assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    start = time.perf_counter()
+    assert child.stdout.readline().startswith(("closed", "spooled"))
+    seconds = time.perf_counter() - start
+    child.wait(timeout=60)
+    return seconds
+
+
+def _killed(directory: Path, seconds: float, rng: random.Random, *mode: str) -> str:
+    """Run the worker on `directory` and SIGKILL it at a random moment of
+    its job; what it said."""
+    child = _worker(directory, *mode)
+    assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    time.sleep(rng.uniform(0, seconds * 1.5))
+    child.send_signal(signal.SIGKILL)
+    said = child.stdout.read()
+    child.wait(timeout=30)
+    return said
+
+
+def _rounds(outcomes: dict[str, int], both: tuple[str, str]) -> Iterator[int]:
+    """ROUNDS rounds, and more until both outcomes were seen (at most twice
+    as many)."""
+    round_ = 0
+    while round_ < ROUNDS or (round_ < 2 * ROUNDS and not all(outcomes[o] for o in both)):
+        round_ += 1
+        yield round_
+
+
 def test_kill_during_close_closes_whole_or_not_at_all(
         template: tuple[Path, int], tmp_path: Path) -> None:
     source, total = template
     rng = random.Random(int(os.environ.get("QRPAY_CRASH_SEED", "0")) or None)
     outcomes = {"closed": 0, "open": 0, "finished": 0, "orphan folder": 0}
-    # How long a close takes in a worker now (the machine may be loaded):
-    # kills are spread over twice that.
-    copy_store(source, tmp_path / "calibrate")
-    child = _worker(tmp_path / "calibrate")
-    assert child.stdout is not None and child.stdout.readline().strip() == "ready"
-    start = time.perf_counter()
-    assert child.stdout.readline().startswith("closed")
-    seconds = time.perf_counter() - start
-    child.wait(timeout=60)
-    round_ = 0
-    # Until both outcomes were seen (at most twice the rounds asked for).
-    while round_ < ROUNDS or (round_ < 2 * ROUNDS
-                              and not (outcomes["closed"] and outcomes["open"])):
-        round_ += 1
+    seconds = _seconds(source, tmp_path)
+    for round_ in _rounds(outcomes, ("closed", "open")):
         directory = tmp_path / f"r{round_}"
         copy_store(source, directory)
-        child = _worker(directory)
-        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
-        time.sleep(rng.uniform(0, seconds * 1.5))
-        child.send_signal(signal.SIGKILL)
-        said = child.stdout.read()
-        child.wait(timeout=30)
+        said = _killed(directory, seconds, rng)
         s = open_settlement(directory)
         closed = s.periods()
         # Every repayment is there once, moved or not; none is stored again.
@@ -147,29 +165,15 @@ def test_kill_while_a_token_part_is_written_loses_no_token(
         template: tuple[Path, int], tmp_path: Path) -> None:
     source, total = template
     rng = random.Random(int(os.environ.get("QRPAY_CRASH_SEED", "0")) or None)
-    copy_store(source, tmp_path / "calibrate")
-    child = _worker(tmp_path / "calibrate", "spool")
-    assert child.stdout is not None and child.stdout.readline().strip() == "ready"
-    start = time.perf_counter()
-    assert child.stdout.readline().startswith("spooled")
-    seconds = time.perf_counter() - start
-    child.wait(timeout=60)
+    seconds = _seconds(source, tmp_path, "spool")
     outcomes = {"written": 0, "not written": 0}
-    round_ = 0
-    while round_ < ROUNDS or (round_ < 2 * ROUNDS
-                              and not (outcomes["written"] and outcomes["not written"])):
-        round_ += 1
+    for round_ in _rounds(outcomes, ("written", "not written")):
         directory = tmp_path / f"r{round_}"
         copy_store(source, directory)
         s = open_settlement(directory)
         parts_before = len(s._token_parts())
         s.close()
-        child = _worker(directory, "spool")
-        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
-        time.sleep(rng.uniform(0, seconds * 1.5))
-        child.send_signal(signal.SIGKILL)
-        child.stdout.read()
-        child.wait(timeout=30)
+        _killed(directory, seconds, rng, "spool")
         s = open_settlement(directory)
         parts = s._token_parts()
         outcomes["written" if len(parts) > parts_before else "not written"] += 1
