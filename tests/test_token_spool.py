@@ -231,3 +231,47 @@ def test_a_part_that_cannot_be_written_leaves_the_batch_applied(
     s.close_period(NOW + DAY, SETTLEMENT_KEY, now=NOW + DAY)   # the close writes them
     assert period_tokens(s.archive, 1) == sent and live_token_bytes(s) == 0
     s.close()
+
+
+def test_replicas_writing_parts_while_another_closes_archive_each_token_once(
+        tmp_path: Path, deny_trust: TrustStore, issuer: IssuerKey, keys: list[GatewayKey]
+        ) -> None:
+    """Two store objects (as two replicas would be) ingest from threads with
+    small parts while a third closes: no token is lost or archived twice."""
+    import threading
+    first = store(tmp_path / "s", deny_trust, keys, token_part_rows=3)
+    location = first._db.location if first.directory is None else first.directory
+    second = Settlement(location, deny_trust, archive=first.archive, token_part_rows=2)
+    closer = Settlement(location, deny_trust, archive=first.archive)
+    sent: dict[tuple[str, int], bytes] = {}
+    errors_seen: list[BaseException] = []
+
+    def upload(s: Settlement, gw: int, start: int) -> None:
+        up = Uploads([keys[gw]])
+        try:
+            for b in range(12):
+                at = start + 60 * b
+                riders = [make_rider(issuer, 10 + gw * 40 + (b * 3 + i) % 40) for i in range(3)]
+                rows = [(r.token(at + i, (at - NOW) // 30 + i + 1), 50, Scene.BUS, at + i)
+                        for i, r in enumerate(riders)]
+                recorded = up.record[0] + 1
+                assert s.ingest(up.batch(0, rows, at + 10)).status is IngestStatus.APPLIED
+                for n, row in enumerate(rows):
+                    sent[(keys[gw].public.gateway_id, recorded + n)] = row[0]
+        except BaseException as exc:   # surfaced below
+            errors_seen.append(exc)
+
+    threads = [threading.Thread(target=upload, args=(s, gw, NOW + 1_000 * gw))
+               for gw, s in enumerate((first, second, first))]
+    for t in threads:
+        t.start()
+    closed = closer.close_period(NOW + 500, SETTLEMENT_KEY, now=NOW + DAY)
+    for t in threads:
+        t.join()
+    assert not errors_seen, errors_seen
+    closer.close_period(NOW + DAY, SETTLEMENT_KEY, now=NOW + DAY)
+    archived = [period_tokens(first.archive, n) for n in (closed.number, closed.number + 1)]
+    assert not set(archived[0]) & set(archived[1])   # each token once
+    assert {**archived[0], **archived[1]} == sent
+    for s in (first, second, closer):
+        s.close()
