@@ -781,3 +781,24 @@ def test_a_2d_uint8_array_is_a_fixed_width_bytes_column(tmp_path: Path, fmt: str
     with pytest.raises(InvalidArgument):
         archive.write_period(tmp_path, 2, {"r": {"token": tokens.astype(np.int16)}}, b"",
                              format=fmt)
+
+
+def test_parquet_uses_dictionary_pages_only_for_columns_of_few_values(tmp_path: Path) -> None:
+    pq = pytest.importorskip("pyarrow.parquet")   # in the test extra: never skipped in CI
+    rng = np.random.default_rng(5)
+    rows = 200_000
+    folder = archive.write_period(tmp_path, 1, {"t": {
+        "scene": rng.integers(0, 6, rows).astype(np.uint8),
+        "serial": rng.integers(0, 2**63, rows).astype(np.uint64),
+        "sorted_account": np.sort(rng.integers(0, 150_000, rows)).astype(np.uint64),
+        "name": np.array([f"gw-{i % 7}" for i in range(rows)], dtype=object),
+    }}, b"", format="parquet")
+    meta = pq.ParquetFile(folder / "t.parquet").metadata.row_group(0)
+    encodings = {meta.column(i).path_in_schema: meta.column(i).encodings
+                 for i in range(meta.num_columns)}
+    assert "RLE_DICTIONARY" in encodings["scene"] and "RLE_DICTIONARY" in encodings["name"]
+    # Many distinct values, also when the first rows repeat a few (a sorted column).
+    assert "RLE_DICTIONARY" not in encodings["serial"]
+    assert "RLE_DICTIONARY" not in encodings["sorted_account"]
+    got = archive.read_period(tmp_path, 1)[0]["t"]
+    assert got["sorted_account"][-1] == np.sort(got["sorted_account"])[-1] and len(got["name"]) == rows

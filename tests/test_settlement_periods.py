@@ -651,6 +651,30 @@ def test_folded_repayments_move_to_the_archive_and_stay_stored_once(
     once.close()
 
 
+def test_a_close_that_finds_other_repayments_to_move_closes_nothing(
+        tmp_path: Path, deny_trust: TrustStore, issuer: IssuerKey, keys: list[GatewayKey],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The close deletes the repayments it archives with one statement, after
+    # counting that it names exactly the rows read: a store changed under
+    # it (here: one of them missing from what it read) closes nothing.
+    s = store(tmp_path / "s", deny_trust, keys)
+    s.ingest(_daily_rides(issuer, keys, 1)[0])
+    s.record_repayments([5070, 5071], [10, 20], [NOW + 60, NOW + 120], ["a", "b"])
+    real = Settlement._live_repayments
+
+    def one_short(self: Settlement, cut: int) -> Any:
+        paid, moved = real(self, cut)
+        return paid, {name: column[1:] for name, column in moved.items()}
+    monkeypatch.setattr(Settlement, "_live_repayments", one_short)
+    with pytest.raises(errors.StoreUnavailable, match="2 repayments to move, not the 1"):
+        s.close_period(NOW + DAY, SETTLEMENT_KEY, now=NOW + DAY)
+    monkeypatch.undo()
+    assert s.periods() == [] and len(s._query("SELECT id FROM repayments")) == 2
+    s.close_period(NOW + DAY, SETTLEMENT_KEY, now=NOW + DAY)
+    assert s._query("SELECT id FROM repayments") == [] and len(s.repayments()) == 2
+    s.close()
+
+
 @pytest.mark.sqlite_only
 def test_a_close_leaves_no_wal_behind_unless_someone_reads(
         tmp_path: Path, deny_trust: TrustStore, issuer: IssuerKey, keys: list[GatewayKey]) -> None:

@@ -442,10 +442,14 @@ def _write_parquet(directory: Path, table: str, columns: list[_Column]) -> dict[
     arrays = [arrow(c) for c in columns]
     fixed = [c.name for c in columns if _width(c.kind)]
     other = [c.name for c in columns if not _width(c.kind)]
+    # Dictionary pages only where they pay: a column of many distinct
+    # values (serials, accounts, token ids) would be tried and dropped at
+    # the page limit (a quarter of the time a day's records take to write).
+    dictionary = [c.name for c in columns if not _width(c.kind) and _few_values(c)]
     # Plain files: no pandas metadata and no Arrow schema (each type is one
     # Parquet's own annotations give back: unsigned stays unsigned, bytes
     # are BINARY, str STRING, also when written from Labels), the default
-    # encodings.
+    # encodings (dictionary pages where they pay, above).
     # Fixed-width columns hold random bytes: no compression, no dictionary
     # and no min/max statistics (each would cost time and find nothing).
     (name,) = _files("parquet", table, ())
@@ -455,7 +459,26 @@ def _write_parquet(directory: Path, table: str, columns: list[_Column]) -> dict[
         compression={**{c: "NONE" for c in fixed}, **{c: PARQUET_COMPRESSION for c in other}},
         compression_level={c: PARQUET_COMPRESSION_LEVEL for c in other}
         if PARQUET_COMPRESSION_LEVEL is not None and other else None,
-        use_dictionary=other, write_statistics=other))}
+        use_dictionary=dictionary, write_statistics=other))}
+
+
+_DICTIONARY_SAMPLE = 65_536
+
+
+def _few_values(column: _Column) -> bool:
+    """Whether a sample of the column (spread over all of it) has at most
+    one distinct value in four: then Parquet's dictionary encoding is
+    worth trying on it."""
+    values = column.values
+    if isinstance(values, Labels):
+        return True   # written as a dictionary anyway
+    step = max(1, len(values) // _DICTIONARY_SAMPLE)
+    sample = values[::step]
+    if sample.dtype == object:
+        distinct = len(set(sample.tolist()))
+    else:
+        distinct = len(np.unique(sample))
+    return distinct * 4 <= max(len(sample), 4)
 
 
 _WRITERS = {"npy": _write_npy, "parquet": _write_parquet}

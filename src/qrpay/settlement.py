@@ -963,7 +963,7 @@ class Settlement:
                                "ON CONFLICT DO NOTHING",
                                [(int(s) if s < 2**63 else int(s) - 2**64, number)
                                 for s in flagged])
-                self._move_repayments(db, moved, number)
+                self._move_repayments(db, moved, number, until - self.horizon)
                 self._keep_deferred(db, records, arrivals, inside, number)
                 db.executemany("DELETE FROM token_parts WHERE name = ?",
                                [(part.name,) for part in parts])
@@ -996,15 +996,23 @@ class Settlement:
         return paid, table
 
     def _move_repayments(self, db: Transaction, moved: archive_module.Table,
-                         number: int) -> None:
-        """Delete the repayments archived with period `number` (by id: one
-        stored meanwhile is folded by the next close), keeping a hash of each
-        reference so that it is still stored once (_insert_repayments)."""
+                         number: int, cut: int) -> None:
+        """Delete the repayments archived with period `number` (those
+        _live_repayments read folded or before `cut`: one stored meanwhile
+        has a higher id and is folded by the next close), keeping a hash of
+        each reference so that it is still stored once (_insert_repayments)."""
         ids = moved["id"].tolist()
-        for at in range(0, len(ids), 500):   # within SQLite's bound on parameters
-            chunk = ids[at:at + 500]
-            db.execute(f"DELETE FROM repayments WHERE id IN ({','.join('?' * len(chunk))})",
-                       chunk)
+        where = "id <= ? AND (folded != 0 OR paid_at < ?)"
+        bounds = (max(ids, default=0), cut)
+        # One statement: the rows it names are those read (ids only grow,
+        # and a repayment row never changes), which the count checks.
+        found = db.execute(f"SELECT COUNT(*) FROM repayments WHERE {where}",
+                           bounds).fetchall()[0][0]
+        if found != len(ids):
+            raise StoreUnavailable(f"settlement store: {found} repayments to move, not the "
+                                   f"{len(ids)} read (the store changed under the close); "
+                                   "nothing closed")
+        db.execute(f"DELETE FROM repayments WHERE {where}", bounds)
         db.executemany("INSERT INTO repayment_refs(hash, period) VALUES (?, ?) "
                        "ON CONFLICT DO NOTHING",
                        [(_reference_hash(str(r)), number) for r in moved["reference"] if r])
