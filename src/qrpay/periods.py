@@ -155,7 +155,8 @@ def index_tail(carry: Carry) -> TailIndex:
     at = at.astype(np.int64).reshape(-1)
     latest = np.full(len(serials), -1, dtype=np.int64)
     np.maximum.at(latest, at, tail["gateway_time"].astype(np.int64))
-    return TailIndex(serials, at, latest, _raise_floor(carry.floor, tail))
+    return TailIndex(serials, at, latest, _raise_floor(carry.floor, tail["serial"],
+                                                       tail["counter"], tail["gateway_time"]))
 
 
 def settle_period(carry: Carry, records: npt.NDArray[np.void],
@@ -316,8 +317,10 @@ def carry_forward(carry: Carry, settled: Settled, keep_from: int,
                               result.backwards[settled.new][keep_new]])
     found = np.concatenate([(carry.tail_found | found_now)[keep_tail],
                             result.found_behind[settled.new][keep_new]])
-    floor = _raise_floor(carry.floor, np.concatenate([carry.tail[drop_tail],
-                                                      new_records[drop_new]]))
+    # Three columns of the rows dropped, not the rows (most of a day's records).
+    floor = _raise_floor(carry.floor, *(
+        np.concatenate([carry.tail[name][drop_tail], new_records[name][drop_new]])
+        for name in ("serial", "counter", "gateway_time")))
     charges = (np.concatenate([carry.charges, period_charges(settled)]) if with_charges
                else np.zeros(0, dtype=CHARGE_DTYPE))
     return Carry(tail, gateway, charged, flagged, found, floor, charges, carry.credit)
@@ -345,13 +348,15 @@ def period_charges(settled: Settled) -> npt.NDArray[np.void]:
     return charges
 
 
-def _raise_floor(floor: Floor, dropped: npt.NDArray[np.void]) -> Floor:
-    """The floor with `dropped` (valid records leaving the tail) folded in."""
-    if not len(dropped):
+def _raise_floor(floor: Floor, serial: npt.NDArray[np.uint64], counter: npt.NDArray[Any],
+                 gateway_time: npt.NDArray[Any]) -> Floor:
+    """The floor with the valid records leaving the tail (their serial,
+    counter and gateway time) folded in."""
+    if not len(serial):
         return floor
-    serial = np.concatenate([floor.serial, dropped["serial"]])
-    counter = np.concatenate([floor.counter, dropped["counter"].astype(np.int64)])
-    time = np.concatenate([floor.time, dropped["gateway_time"].astype(np.int64)])
+    serial = np.concatenate([floor.serial, serial])
+    counter = np.concatenate([floor.counter, counter.astype(np.int64)])
+    time = np.concatenate([floor.time, gateway_time.astype(np.int64)])
     order = np.argsort(serial)   # a maximum per serial: any order within one will do
     serial, counter, time = serial[order], counter[order], time[order]
     first = np.flatnonzero(np.r_[True, serial[1:] != serial[:-1]])
