@@ -40,7 +40,9 @@ def day(config: dict[str, Any], retry: Callable[[str, Callable[[], Any]], Any]
     issuer = IssuerKey(bytes.fromhex(config["issuer"]))
     trust = TrustStore()
     trust.add(issuer.public, roles=Role.CREDENTIALS | Role.DENY_LIST)
-    s: Settlement = retry("open", lambda: Settlement(config["directory"], trust))
+    # A part of tokens after every batch: its registration is one more commit.
+    s: Settlement = retry("open", lambda: Settlement(config["directory"], trust,
+                                                     token_part_rows=1))
     got: dict[str, Any] = {}
     got["register"] = retry("register", lambda: s.register_gateway(
         GatewayPublicKey(bytes.fromhex(config["gateway"]))))

@@ -5,8 +5,10 @@ modes: crash right after the StoreUnavailable, retry and go on, and a fault
 that never clears. The commit whose sync failed may or may not be durable.
 Then a fresh connection (this process; the worker is gone, so opening runs
 WAL recovery) repeats the day as docs/SETTLEMENT.md "Failures" says, and the
-store must hold every write exactly once: one gateway, one batch, each
-repayment once, deny-list versions 1..n without a gap."""
+store must hold every write exactly once: one gateway, one batch (its
+tokens in its row or in a part of the archive's spool: the worker writes a
+part after every batch), each repayment once, deny-list versions 1..n
+without a gap."""
 
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from qrpay import (
     DeviceKey, Gateway, GatewayKey, IssuerKey, Role, Scene, TokenGenerator, TrustStore,
 )
 from qrpay.gateway import GatewayPolicy
-from qrpay.settlement import STORE_FILE
+from qrpay import archive, tokenspool
+from qrpay.settlement import STORE_FILE, Settlement
 
 WORKER = Path(worker.__file__)
 NOW = worker.NOW
@@ -61,6 +64,19 @@ def _worker(strace: str, config: Path, mode: str, inject: str | None
         trace += ["-e", f"inject=fdatasync:error=EIO:when={inject}"]
     return subprocess.run([*trace, sys.executable, str(WORKER), str(config), mode],
                           capture_output=True, text=True, timeout=120)
+
+
+def _tokens_kept(directory: Path) -> int:
+    """How many tokens the store keeps for its one batch, in its row or in
+    a registered part (each part read back and checked against its digests)."""
+    s = Settlement(directory)
+    try:
+        [(in_row,)] = s._query("SELECT length(tokens) FROM batches")
+        parts = [archive.read_written(tokenspool.spool_dir(s.archive) / p.name, p.written)
+                 for p in s._token_parts()]
+        return int(in_row) // 204 + sum(len(part["record"]) for part in parts)
+    finally:
+        s.close()
 
 
 def test_a_failed_commit_is_never_stored_twice(tmp_path: Path) -> None:
@@ -103,6 +119,8 @@ def test_a_failed_commit_is_never_stored_twice(tmp_path: Path) -> None:
                 assert db.execute("SELECT COUNT(*) FROM gateways").fetchone()[0] == 1, name
             db.close()
             assert versions == list(range(1, len(versions) + 1)) and len(versions) >= 1, name
+            # The batch's tokens are in its row or in a registered part, whole.
+            assert _tokens_kept(tmp_path / name) == 1, name
             # A repayment whose call failed turned out stored: the hole this closes.
             phantoms += "done" not in run.stdout and (
                 ("repay" in failed and got["repay"] is False)
