@@ -215,6 +215,25 @@ def test_token_part_rows_is_checked(tmp_path: Path) -> None:
             Settlement(tmp_path / "s", token_part_rows=bad)  # type: ignore[arg-type]
 
 
+def test_a_part_that_fails_in_any_way_leaves_the_batch_applied(
+        tmp_path: Path, deny_trust: TrustStore, issuer: IssuerKey, keys: list[GatewayKey],
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not only the archive's own errors: whatever a part raises, the batch
+    # is stored and answered APPLIED.
+    s = store(tmp_path / "s", deny_trust, keys, token_part_rows=1)
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("injected: the part writer breaks")
+    monkeypatch.setattr(tokenspool, "write_part", broken)
+    with caplog.at_level("WARNING", logger="qrpay.settlement"):
+        sent = day(issuer, keys, Uploads(keys), s, NOW, batches=2)
+    assert "RuntimeError: injected" in caplog.text and s._token_parts() == []
+    monkeypatch.undo()
+    s.close_period(NOW + DAY, SETTLEMENT_KEY, now=NOW + DAY)
+    assert period_tokens(s.archive, 1) == sent
+    s.close()
+
+
 def test_a_part_that_cannot_be_written_leaves_the_batch_applied(
         tmp_path: Path, deny_trust: TrustStore, issuer: IssuerKey, keys: list[GatewayKey],
         caplog: pytest.LogCaptureFixture) -> None:

@@ -582,10 +582,10 @@ class Settlement:
             return
         try:
             self.archive_tokens(wait=False)
-        except (StoreUnavailable, ArchiveUnavailable) as exc:
+        except Exception as exc:   # noqa: BLE001 - any: the answer must stay APPLIED
             self._unspooled = 0   # tried again after as many rows, not at every batch
             _log.warning("token part not written (a later one or the close will write "
-                         "them): %s", exc)
+                         "them): %s: %s", type(exc).__name__, exc)
 
     def archive_tokens(self, wait: bool = True) -> int:
         """Write the tokens of the live batches that still hold theirs to the
