@@ -68,6 +68,13 @@ def day(issuer: IssuerKey, keys: list[GatewayKey], up: Uploads, s: Settlement, s
     return sent
 
 
+def raising(error: BaseException) -> Any:
+    """A stand-in for a function or method that raises `error`."""
+    def call(*args: Any) -> None:
+        raise error
+    return call
+
+
 def live_token_bytes(s: Settlement) -> int:
     return int(s._query("SELECT COALESCE(SUM(length(tokens)), 0) FROM batches")[0][0])
 
@@ -166,11 +173,9 @@ def test_a_close_that_failed_at_its_commit_links_the_parts_again(
         monkeypatch: pytest.MonkeyPatch) -> None:
     s = store(tmp_path / "s", deny_trust, keys, token_part_rows=3)
     sent = day(issuer, keys, Uploads(keys), s, NOW, batches=4)
-
-    def fail(*args: Any) -> None:
-        raise errors.StoreUnavailable("injected: the close's transaction fails")
     with monkeypatch.context() as patch:
-        patch.setattr(Settlement, "_move_repayments", fail)
+        patch.setattr(Settlement, "_move_repayments",
+                      raising(errors.StoreUnavailable("injected: the close's transaction fails")))
         with pytest.raises(errors.StoreUnavailable, match="injected"):
             s.close_period(NOW + DAY, SETTLEMENT_KEY, now=NOW + DAY)
     # Nothing closed: the parts are still the store's and the spool's.
@@ -221,10 +226,8 @@ def test_a_part_that_fails_in_any_way_leaves_the_batch_applied(
     # Not only the archive's own errors: whatever a part raises, the batch
     # is stored and answered APPLIED.
     s = store(tmp_path / "s", deny_trust, keys, token_part_rows=1)
-
-    def broken(*args: Any) -> None:
-        raise RuntimeError("injected: the part writer breaks")
-    monkeypatch.setattr(tokenspool, "write_part", broken)
+    monkeypatch.setattr(tokenspool, "write_part",
+                        raising(RuntimeError("injected: the part writer breaks")))
     with caplog.at_level("WARNING", logger="qrpay.settlement"):
         sent = day(issuer, keys, Uploads(keys), s, NOW, batches=2)
     assert "RuntimeError: injected" in caplog.text and s._token_parts() == []

@@ -161,6 +161,10 @@ class WrittenTable(NamedTuple):
     columns: list[tuple[str, str]]   # (name, kind), in order
     files: dict[str, tuple[int, bytes]]   # file name -> (size, BLAKE2b-256)
 
+    def _entry(self) -> _Table:
+        """What the manifest holds of it."""
+        return _Table(self.rows, self.columns, {f: _File(*e) for f, e in self.files.items()})
+
     def to_bytes(self) -> bytes:
         return pack([self.format, self.name, self.rows, [list(c) for c in self.columns],
                      {f: list(entry) for f, entry in self.files.items()}])
@@ -697,9 +701,7 @@ class PeriodWriter:
             entries = {name: _Table(columns[0].rows, [(c.name, c.kind) for c in columns],
                                     self._files[name])
                        for name, columns in self._columns.items()}
-            entries.update({name: _Table(w.rows, w.columns, {f: _File(*e) for f, e in
-                                                            w.files.items()})
-                            for name, w in self._adopted.items()})
+            entries.update({name: w._entry() for name, w in self._adopted.items()})
             summary_file = _write_file(self._temp, SUMMARY, summary)
             _write_file(self._temp, MANIFEST, _manifest_bytes(
                 self.format, self.number, entries, summary_file))
@@ -768,9 +770,7 @@ def write_table(directory: str | os.PathLike[str], name: str, table: Table, *,
 
 def read_written(directory: str | os.PathLike[str], written: WrittenTable) -> Table:
     """A table write_table wrote, each file checked against `written`."""
-    entry = _Table(written.rows, written.columns,
-                   {f: _File(*e) for f, e in written.files.items()})
-    return _LOADERS[written.format](Path(directory), written.name, entry)
+    return _LOADERS[written.format](Path(directory), written.name, written._entry())
 
 
 def _same_or_closed(final: Path, number: int, columns: dict[str, list[_Column]],
@@ -782,9 +782,7 @@ def _same_or_closed(final: Path, number: int, columns: dict[str, list[_Column]],
     adopted = adopted or {}
     # An adopted table is compared by its files' digests, not read back.
     same = set(manifest.tables) == set(columns) | set(adopted) and all(
-        manifest.tables[name] == _Table(w.rows, w.columns, {f: _File(*e) for f, e in
-                                                            w.files.items()})
-        for name, w in adopted.items())
+        manifest.tables[name] == w._entry() for name, w in adopted.items())
     stored, stored_summary = _load(final, manifest, list(columns)) if same else ({}, b"")
     same = same and stored_summary == summary
     for table, cols in columns.items() if same else ():

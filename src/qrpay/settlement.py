@@ -612,16 +612,14 @@ class Settlement:
                         for r, p in zip(rows, parts_of)]
             tokens = np.frombuffer(b"".join(r[3] for r in rows), dtype=np.uint8).reshape(
                 -1, TOKEN_LEN)
-            name = tokenspool.part_name(arrivals[0][0])
-            written = tokenspool.write_part(self.archive, name, tokenspool.tokens_table(
-                _gateway_labels(arrivals, np.ones(len(records), dtype=np.bool_)),
-                records["record"], records["gateway_time"], tokens), self.archive_format)
+            name, table = _tokens_table(arrivals, records, tokens)
+            written = tokenspool.write_part(self.archive, name, table, self.archive_format)
             with self._write(_RETRY_SPOOL) as db:
                 db.execute("INSERT INTO token_parts(name, first_arrival, last_arrival, rows, "
                            "written) VALUES (?, ?, ?, ?, ?)",
-                           (name, arrivals[0][0], arrivals[-1][0], len(records),
+                           (name, arrivals[0].arrival, arrivals[-1].arrival, len(records),
                             written.to_bytes()))
-                _empty_tokens(db, [a[0] for a in arrivals])
+                _empty_tokens(db, [a.arrival for a in arrivals])
             return len(records)
 
     def _token_parts(self) -> list[_TokenPart]:
@@ -911,8 +909,8 @@ class Settlement:
                 for part in parts:
                     writer.adopt(part.written, tokenspool.spool_dir(self.archive) / part.name)
                 if len(tokens):
-                    written.append(pool.submit(self._add_tokens, writer, records, tokens,
-                                               arrivals))
+                    written.append(pool.submit(lambda: writer.add(*_tokens_table(
+                        arrivals, records, tokens))))
                 settled = settle_period(carry, closing, closing_gateway, self._slack,
                                         self._cached_index(number), room=room)
                 # One read: a repayment stored meanwhile is left to the next close.
@@ -1120,16 +1118,6 @@ class Settlement:
         if folder.exists():
             shutil.rmtree(folder)   # not committed: no period row names it
         return archive_module.PeriodWriter(self.archive, number, format=self.archive_format)
-
-    def _add_tokens(self, writer: archive_module.PeriodWriter, records: npt.NDArray[np.void],
-                    tokens: npt.NDArray[np.uint8], arrivals: list[_Arrival]) -> None:
-        """Write the tokens the live batches still hold as the period's last
-        tokens table (the batches that hold them, in arrival order)."""
-        holds = np.repeat([a.tokens for a in arrivals], [a.rows for a in arrivals])
-        first = next(a.arrival for a in arrivals if a.tokens)
-        writer.add(tokenspool.part_name(first), tokenspool.tokens_table(
-            _gateway_labels(arrivals, holds), records["record"][holds],
-            records["gateway_time"][holds], tokens))
 
     def _keep_deferred(self, db: Transaction, records: npt.NDArray[np.void],
                        arrivals: list[_Arrival], inside: npt.NDArray[np.bool_],
@@ -1574,6 +1562,17 @@ def _records_table(records: npt.NDArray[np.void], gateway: archive_module.Labels
     rows: archive_module.Table = {name: records[name] for name in RECORD_DTYPE.names or ()}
     rows["gateway"] = gateway
     return rows
+
+
+def _tokens_table(arrivals: list[_Arrival], records: npt.NDArray[np.void],
+                  tokens: npt.NDArray[np.uint8]) -> tuple[str, archive_module.Table]:
+    """The tokens the live batches that hold theirs (`tokens`, in arrival
+    order) as one tokens table, and its name."""
+    holds = np.repeat([a.tokens for a in arrivals], [a.rows for a in arrivals])
+    first = next(a.arrival for a in arrivals if a.tokens)
+    return tokenspool.part_name(first), tokenspool.tokens_table(
+        _gateway_labels(arrivals, holds), records["record"][holds],
+        records["gateway_time"][holds], tokens)
 
 
 def _check_spooled(arrivals: list[_Arrival], parts: list[_TokenPart]) -> None:
